@@ -1,0 +1,37 @@
+# apilane: `make up` runs the local stack; `make test` sets everything up and runs every test.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: help setup up test lint typecheck pytest bench clean
+
+help:
+	@echo "make up     - the local stack (nats, control plane, discovery, renderer, node-loader, tracing UI)"
+	@echo "make test   - install everything, then lint, type-check and run every test"
+	@echo "make bench  - benchmarks, printed as a table"
+	@echo "make clean  - stop nothing, remove local state (.apilane/)"
+
+setup:
+	@bash tools/setup.sh
+
+up: setup
+	@$(PY) tools/up.py
+
+test: setup lint typecheck pytest
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck:
+	$(VENV)/bin/mypy -p apilane.shared
+
+pytest:
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/run.py
+
+clean:
+	rm -rf .apilane

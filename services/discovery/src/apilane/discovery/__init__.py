@@ -1,0 +1,1 @@
+"""apilane discovery service."""

@@ -1,0 +1,1 @@
+"""apilane node-loader service."""

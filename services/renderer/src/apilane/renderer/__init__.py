@@ -1,0 +1,1 @@
+"""apilane renderer service."""

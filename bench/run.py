@@ -1,0 +1,36 @@
+"""`make bench`: run every bench/bench_*.py in turn and print their tables.
+
+Each benchmark prints its own markdown table (median and p99, and ratios measured side by
+side in one run: the machine is shared and noisy). Select some with `make bench BENCH=apply`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    wanted = os.environ.get("BENCH", "")
+    scripts = sorted(p for p in HERE.glob("bench_*.py") if wanted in p.stem)
+    failures = []
+    for script in scripts:
+        print(f"\n## {script.stem}\n", flush=True)
+        began = time.monotonic()
+        result = subprocess.run([sys.executable, str(script)], check=False)
+        print(f"\n({script.name}: {time.monotonic() - began:.1f}s, exit {result.returncode})", flush=True)
+        if result.returncode != 0:
+            failures.append(script.name)
+    if failures:
+        print(f"\nfailed: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

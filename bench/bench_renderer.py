@@ -1,0 +1,213 @@
+"""Renderer: snapshot-to-patch latency and resident memory, on a real apiserver and NATS.
+
+Runs the service as it runs in production (`python -m apilane.renderer`, its own process,
+leader election on), publishes SNAPSHOTS snapshots one after another into the KV bucket,
+each with a different endpoint set so that each one is a real patch, and times each from
+the KV put to the `applied` render result arriving on the bus. Then publishes as many
+unchanged snapshots (no patch: compare only). Resident memory is the service process's
+VmRSS after the runs (and its peak, VmHWM).
+
+    .venv/bin/python bench/bench_renderer.py          # SNAPSHOTS=200 by default
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from apilane.shared import events, subjects
+from apilane.shared.bus import Bus
+from apilane.shared.events import ApiServerEndpoint, EndpointSnapshot, ServiceEndpoint
+from apilane.shared.testing.kube import ControlPlane
+from apilane.shared.testing.nats import NatsServer
+
+SNAPSHOTS = int(os.environ.get("SNAPSHOTS", "200"))
+TIMEOUT = 30.0
+
+
+def snapshot(cluster: str, generation: int, endpoint_count: int) -> EndpointSnapshot:
+    svc = (
+        ServiceEndpoint(ip="10.96.0.1", port=443, family="IPv4"),
+        ServiceEndpoint(ip="fd00:10:96::1", port=443, family="IPv6"),
+    )
+    ipv4 = [
+        ApiServerEndpoint(ip=f"192.168.{i // 250}.{i % 250 + 1}", port=6443, family="IPv4")
+        for i in range(endpoint_count)
+    ]
+    api = (*ipv4, ApiServerEndpoint(ip="fd00::5:5", port=6443, family="IPv6"))
+    return EndpointSnapshot(
+        cluster=cluster,
+        generation=generation,
+        service_endpoints=svc,
+        apiserver_endpoints=api,
+        digest=events.canonical_digest(svc, api),
+        observed_at=datetime.now(UTC),
+    )
+
+
+def daemonset(namespace: str) -> dict[str, Any]:
+    labels = {"k8s-app": "calico-node"}
+    container = {"image": "quay.io/calico/node:v3.31.0", "env": [{"name": "X", "value": "y"}]}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": "calico-node", "namespace": namespace},
+        "spec": {
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "initContainers": [{"name": "ebpf-bootstrap", **container}],
+                    "containers": [{"name": "calico-node", **container}],
+                },
+            },
+        },
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def start_renderer(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "apilane.renderer"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def measure(plane: ControlPlane, nats: NatsServer, work: Path) -> None:
+    cluster = f"bench-{secrets.token_hex(3)}"
+    namespace = f"bench-{secrets.token_hex(3)}"
+    kube = await plane.client()
+    bus = await Bus.connect([nats.url], name="bench", initial_attempt_deadline=10)
+    await bus.ensure_streams()
+    for ns in (namespace, "apilane"):
+        try:
+            await kube.create(
+                "/api/v1/namespaces",
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+            )
+        except Exception as exc:  # "apilane" may exist from an earlier run on the same plane
+            if "AlreadyExists" not in str(exc):
+                raise
+    await kube.create(f"/apis/apps/v1/namespaces/{namespace}/daemonsets", daemonset(namespace))
+
+    results: asyncio.Queue[events.RenderResult] = asyncio.Queue()
+
+    async def on_result(msg: Any) -> None:
+        event = events.decode(msg.data)
+        if isinstance(event, events.RenderResult):
+            results.put_nowait(event)
+
+    await bus.nc.subscribe(subjects.renders_subject(cluster), cb=on_result)
+    kubeconfig = plane.write_kubeconfig(
+        work / "kubeconfig", user="admin", groups=("system:masters",)
+    )
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        "APILANE_NATS_URL": nats.url,
+        "APILANE_CLUSTER": cluster,
+        "APILANE_TARGET_NAMESPACE": namespace,
+        "APILANE_HTTP_PORT": "0",
+        "APILANE_HTTP_HOST": "127.0.0.1",
+        "APILANE_COALESCE_DURING_ROLLOUT": "false",
+        "APILANE_LOG_LEVEL": "WARNING",
+        "OTEL_SDK_DISABLED": "true",
+    }
+    proc = start_renderer(env, work / "renderer.log")
+    try:
+        key = subjects.snapshot_key(cluster)
+        # Warm-up: the service is up (leader, following the bucket) once it answers this one.
+        await bus.kv_put(subjects.SNAPSHOT_BUCKET, key, snapshot(cluster, 1, 1))
+        first = await asyncio.wait_for(results.get(), timeout=60)
+        assert first.outcome == "applied", first
+
+        def timed_runs(start_generation: int, changing: bool) -> Any:
+            async def run() -> list[float]:
+                latencies = []
+                for offset in range(SNAPSHOTS):
+                    generation = start_generation + offset
+                    count = 2 + offset % 3 if changing else 2 + (SNAPSHOTS - 1) % 3
+                    began = time.perf_counter()
+                    await bus.kv_put(
+                        subjects.SNAPSHOT_BUCKET, key, snapshot(cluster, generation, count)
+                    )
+                    result = await asyncio.wait_for(results.get(), timeout=TIMEOUT)
+                    latencies.append(time.perf_counter() - began)
+                    expected = "applied" if changing else "unchanged"
+                    if result.generation != generation or result.outcome != expected:
+                        raise RuntimeError(
+                            f"unexpected result {result.generation} {result.outcome}: {result.reason}"
+                        )
+                return latencies
+
+            return run()
+
+        patched = await timed_runs(2, changing=True)
+        unchanged = await timed_runs(2 + SNAPSHOTS, changing=False)
+        rss, peak = rss_kib(proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        await bus.drain()
+        await kube.close()
+
+    print(f"renderer: {SNAPSHOTS} snapshots per row, one at a time, service in its own process\n")
+    print("| case | p50 ms | p99 ms | max ms | mean ms |")
+    print("|---|---:|---:|---:|---:|")
+    for name, values in (
+        ("snapshot → applied patch", patched),
+        ("snapshot → unchanged (no patch)", unchanged),
+    ):
+        print(
+            f"| {name} | {percentile(values, 50) * 1000:.1f} | {percentile(values, 99) * 1000:.1f}"
+            f" | {max(values) * 1000:.1f} | {statistics.fmean(values) * 1000:.1f} |"
+        )
+    print(
+        f"\nresident memory of the renderer process: {rss / 1024:.1f} MiB (peak {peak / 1024:.1f} MiB)"
+    )
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="apilane-bench-renderer-") as scratch:
+        work = Path(scratch)
+        nats = NatsServer(store_dir=work / "nats")
+        nats.start()
+        try:
+            with ControlPlane() as plane:
+                asyncio.run(measure(plane, nats, work))
+        finally:
+            nats.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

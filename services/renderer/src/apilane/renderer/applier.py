@@ -1,0 +1,263 @@
+"""Bringing the live DaemonSet to a desired env: read, compare, patch, retry on conflict.
+
+One call to `Applier.apply` is one decision about one snapshot. It reads the live
+DaemonSet, compares, and then either does nothing (unchanged), holds the snapshot (the
+DaemonSet is missing, or our previous rollout is still running), or sends the patch:
+server-side dry run or for real, with the field manager, guarded by the resourceVersion it
+compared against. A 409 means the DaemonSet changed between read and write: read again,
+compare again, and try again, a bounded number of times.
+
+Where the last applied snapshot generation is kept: in annotations on the DaemonSet itself,
+written by the same request that changes the env. That makes the record atomic with the
+change (the render-result stream could miss a result if we stopped between patch and
+publish, and would then let a restart patch twice), keeps it when NATS loses its data, and
+drops it with the DaemonSet (a recreated DaemonSet must be rendered again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from apilane.renderer.render import DesiredEnv, EnvDiff, diff
+from apilane.renderer.settings import FIELD_MANAGER, RendererSettings
+from apilane.shared.events import EndpointSnapshot, RenderOutcome
+from apilane.shared.kube import Conflict, KubeClient, KubeError, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+# The snapshot generation and digest whose env the DaemonSet holds, and the DaemonSet
+# generation that our patch produced (to tell our own rollout from someone else's).
+APPLIED_GENERATION: Final = "apilane.dev/applied-generation"
+APPLIED_DIGEST: Final = "apilane.dev/applied-digest"
+PATCHED_DAEMONSET_GENERATION: Final = "apilane.dev/daemonset-generation"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApplyReport:
+    """What one apply decided, ready to become a RenderResult."""
+
+    outcome: RenderOutcome
+    reason: str = ""
+    daemonset_generation: int | None = None
+    diff: EnvDiff | None = None
+    patch: dict[str, Any] | None = None
+    retryable: bool = False  # failed for a reason that may heal (server unavailable)
+    patched: bool = False  # a real (not dry-run) patch was accepted
+    daemonset: Mapping[str, Any] | None = None  # the object, for Kubernetes Events about it
+
+    @property
+    def diff_text(self) -> str:
+        if self.diff is None:
+            return ""
+        return self.diff.text(generation=self.daemonset_generation)
+
+
+def applied_generation(daemonset: Mapping[str, Any]) -> int:
+    """The snapshot generation recorded on the DaemonSet by our last patch (0: none)."""
+    raw = _annotations(daemonset).get(APPLIED_GENERATION, "")
+    return int(raw) if isinstance(raw, str) and raw.isdigit() else 0
+
+
+def rollout_in_progress(daemonset: Mapping[str, Any]) -> str | None:
+    """Why our own last rollout is still running, or None when it is not (or not ours).
+
+    Only a rollout that our patch started counts: someone else's, or a node that is simply
+    unavailable, must not hold our patches back. A DaemonSet whose status the controller has
+    not written yet gives no evidence either way, and does not hold anything.
+    """
+    metadata = _as_dict(daemonset.get("metadata"))
+    status = _as_dict(daemonset.get("status"))
+    generation = _as_int(metadata.get("generation"))
+    if _annotations(daemonset).get(PATCHED_DAEMONSET_GENERATION) != str(generation):
+        return None
+    if "observedGeneration" not in status:
+        return None
+    observed = _as_int(status.get("observedGeneration"))
+    if observed < generation:
+        return f"the controller has not observed generation {generation} yet (observed {observed})"
+    desired = _as_int(status.get("desiredNumberScheduled"))
+    updated = _as_int(status.get("updatedNumberScheduled"))
+    available = _as_int(status.get("numberAvailable"))
+    if updated < desired or available < desired:
+        return f"rollout of generation {generation}: {updated} updated, {available} available of {desired}"
+    return None
+
+
+class Applier:
+    def __init__(
+        self,
+        kube: KubeClient,
+        settings: RendererSettings,
+        *,
+        _before_patch: Callable[[int], Awaitable[None]] | None = None,  # used in tests
+    ) -> None:
+        self.kube = kube
+        self.settings = settings
+        self._before_patch = _before_patch
+
+    async def get_daemonset(self) -> dict[str, Any] | None:
+        try:
+            return await self.kube.get(self.settings.daemonset_path)
+        except NotFound:
+            return None
+
+    async def apply(
+        self, snapshot: EndpointSnapshot, desired: DesiredEnv, *, may_hold: bool
+    ) -> ApplyReport:
+        """Decide and act for one snapshot. Never raises for API trouble: it is reported."""
+        try:
+            return await self._apply(snapshot, desired, may_hold=may_hold)
+        except Unavailable as exc:
+            return ApplyReport(
+                outcome="failed", reason=f"API server unavailable: {exc}", retryable=True
+            )
+        except KubeError as exc:
+            # Forbidden and Invalid need a person; they are reported, not retried in a loop.
+            return ApplyReport(outcome="failed", reason=f"{type(exc).__name__}: {exc}")
+
+    async def _apply(
+        self, snapshot: EndpointSnapshot, desired: DesiredEnv, *, may_hold: bool
+    ) -> ApplyReport:
+        seen: list[dict[str, Any]] = []  # the last DaemonSet read, for the report
+        report = await self._decide_and_patch(snapshot, desired, may_hold=may_hold, seen=seen)
+        return dataclasses.replace(report, daemonset=seen[-1]) if seen else report
+
+    async def _decide_and_patch(
+        self,
+        snapshot: EndpointSnapshot,
+        desired: DesiredEnv,
+        *,
+        may_hold: bool,
+        seen: list[dict[str, Any]],
+    ) -> ApplyReport:
+        attempts = self.settings.conflict_retries
+        for attempt in range(1, attempts + 1):
+            live = await self.get_daemonset()
+            if live is not None:
+                seen.append(live)
+            if live is None:
+                return ApplyReport(
+                    outcome="waiting",
+                    reason=f"DaemonSet {self.settings.daemonset_ref} does not exist yet;"
+                    " it will be patched when it appears",
+                )
+            generation = _as_int(_as_dict(live.get("metadata")).get("generation"))
+            env_diff = diff(live, desired)
+            if not env_diff.present_containers:
+                return ApplyReport(
+                    outcome="failed",
+                    reason="none of the target containers exists: " + "; ".join(env_diff.problems),
+                    daemonset_generation=generation,
+                    diff=env_diff,
+                )
+            if env_diff.unchanged:
+                return self._unchanged(env_diff, generation)
+            if may_hold and (holding := rollout_in_progress(live)):
+                return ApplyReport(
+                    outcome="waiting",
+                    reason=f"coalescing: {holding}",
+                    daemonset_generation=generation,
+                    diff=env_diff,
+                )
+            patch = env_diff.patch(
+                annotations={
+                    APPLIED_GENERATION: str(snapshot.generation),
+                    APPLIED_DIGEST: snapshot.digest,
+                    # Changing the pod template bumps the generation by exactly one, and the
+                    # resourceVersion below guarantees nobody else changes it in between.
+                    PATCHED_DAEMONSET_GENERATION: str(generation + 1),
+                }
+            )
+            assert patch is not None  # not unchanged, so there is something to send
+            patch["metadata"]["resourceVersion"] = _as_dict(live.get("metadata")).get(
+                "resourceVersion"
+            )
+            if self._before_patch is not None:
+                await self._before_patch(attempt)
+            try:
+                result = await self.kube.patch(
+                    self.settings.daemonset_path,
+                    patch,
+                    patch_type="strategic",
+                    field_manager=FIELD_MANAGER,
+                    dry_run=self.settings.dry_run,
+                )
+            except Conflict as exc:
+                if attempt == attempts:
+                    return ApplyReport(
+                        outcome="failed",
+                        reason=f"the DaemonSet kept changing: {attempts} conflicts in a row ({exc.message})",
+                        daemonset_generation=generation,
+                        diff=env_diff,
+                        patch=patch,
+                        retryable=True,
+                    )
+                delay = min(1.0, 0.05 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+                log.info(
+                    "DaemonSet changed under us, reading it again",
+                    extra={
+                        "daemonset": self.settings.daemonset_ref,
+                        "attempt": attempt,
+                        "delay": round(delay, 3),
+                    },
+                )
+                await asyncio.sleep(delay)
+                continue
+            new_generation = _as_int(_as_dict(result.get("metadata")).get("generation")) or None
+            if self.settings.dry_run:
+                return ApplyReport(
+                    outcome="dry-run",
+                    reason=_with_problems(
+                        "server-side dry run accepted the patch; nothing changed", env_diff
+                    ),
+                    daemonset_generation=generation,
+                    diff=env_diff,
+                    patch=patch,
+                )
+            return ApplyReport(
+                outcome="applied",
+                reason=_with_problems("", env_diff),
+                daemonset_generation=new_generation,
+                diff=env_diff,
+                patch=patch,
+                patched=True,
+            )
+        raise AssertionError("unreachable: the loop returns on its last attempt")
+
+    def _unchanged(self, env_diff: EnvDiff, generation: int) -> ApplyReport:
+        if env_diff.conflicts:
+            # The DaemonSet does not hold what it should, and we may not fix it: say so.
+            return ApplyReport(
+                outcome="failed",
+                reason="; ".join(env_diff.problems),
+                daemonset_generation=generation,
+                diff=env_diff,
+            )
+        return ApplyReport(
+            outcome="unchanged",
+            reason=_with_problems("", env_diff),
+            daemonset_generation=generation,
+            diff=env_diff,
+        )
+
+
+def _with_problems(reason: str, env_diff: EnvDiff) -> str:
+    return "; ".join(part for part in (reason, *env_diff.problems) if part)
+
+
+def _annotations(daemonset: Mapping[str, Any]) -> Mapping[str, Any]:
+    return _as_dict(_as_dict(daemonset.get("metadata")).get("annotations"))
+
+
+def _as_dict(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _as_int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0

@@ -1,0 +1,661 @@
+"""The renderer against a real kube-apiserver and a real nats-server, run in-process.
+
+Each test has its own cluster name (its own KV key and result subject) and its own
+namespace (its own calico-node DaemonSet). The test apiserver runs no controllers, so a
+DaemonSet's status only changes when a test writes it through the status subresource.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import io
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from apilane.renderer import cli, service
+from apilane.renderer.applier import APPLIED_GENERATION
+from apilane.renderer.render import APISERVER_ENDPOINTS, SERVICE_IPS_PORTS
+from apilane.renderer.service import Renderer, lead_and_render
+from apilane.renderer.settings import FIELD_MANAGER, SERVICE_NAME, RendererSettings
+from apilane.shared import events, runtime, subjects
+from apilane.shared.bus import Bus
+from apilane.shared.config import CommonSettings
+from apilane.shared.events import (
+    ApiServerEndpoint,
+    EndpointSnapshot,
+    KubeProxyState,
+    RenderResult,
+    ServiceEndpoint,
+)
+from apilane.shared.kube import KubeClient
+from apilane.shared.leader import LeaderElector
+from apilane.shared.testing.kube import ControlPlane
+
+pytestmark = [pytest.mark.integration, pytest.mark.kube, pytest.mark.nats]
+
+RESULT_TIMEOUT = 10.0
+IMAGE = "quay.io/calico/node:v3.31.0"
+
+
+def snapshot(
+    cluster: str,
+    generation: int,
+    *,
+    services: tuple[str, ...] = ("10.96.0.1",),
+    endpoints: tuple[str, ...] = ("192.168.5.4",),
+    managed_by: str = "",
+) -> EndpointSnapshot:
+    svc = tuple(
+        ServiceEndpoint(ip=ip, port=443, family="IPv6" if ":" in ip else "IPv4") for ip in services
+    )
+    api = tuple(
+        ApiServerEndpoint(ip=ip, port=6443, family="IPv6" if ":" in ip else "IPv4")
+        for ip in endpoints
+    )
+    return EndpointSnapshot(
+        cluster=cluster,
+        generation=generation,
+        service_endpoints=svc,
+        apiserver_endpoints=api,
+        digest=events.canonical_digest(svc, api),
+        observed_at=datetime.now(UTC),
+        kube_proxy=KubeProxyState(present=True, ready=True, managed_by=managed_by),
+    )
+
+
+def calico_node(namespace: str) -> dict[str, Any]:
+    labels = {"k8s-app": "calico-node"}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": "calico-node", "namespace": namespace},
+        "spec": {
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "initContainers": [
+                        {
+                            "name": "ebpf-bootstrap",
+                            "image": IMAGE,
+                            "env": [{"name": "CALICO_CGROUP_PATH", "value": "/run/calico/cgroup"}],
+                        }
+                    ],
+                    "containers": [
+                        {
+                            "name": "calico-node",
+                            "image": IMAGE,
+                            "env": [
+                                {"name": "DATASTORE_TYPE", "value": "kubernetes"},
+                                {
+                                    "name": "NODENAME",
+                                    "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}},
+                                },
+                            ],
+                            "volumeMounts": [{"name": "bpffs", "mountPath": "/sys/fs/bpf"}],
+                        },
+                        {
+                            "name": "csi-sidecar",
+                            "image": "registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.9.0",
+                            "env": [{"name": "SIDECAR", "value": "keep-me"}],
+                        },
+                    ],
+                    "volumes": [{"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf"}}],
+                },
+            },
+        },
+    }
+
+
+def env_of(daemonset: dict[str, Any], kind: str, container: str) -> dict[str, Any]:
+    for entry in daemonset["spec"]["template"]["spec"].get(kind, []):
+        if entry["name"] == container:
+            return {e["name"]: e.get("value", e.get("valueFrom")) for e in entry.get("env", [])}
+    raise AssertionError(f"{kind}[{container}] not found")
+
+
+class Harness:
+    """One test's renderer world: a cluster name, a namespace, results as they arrive."""
+
+    def __init__(self, *, bus: Bus, kube: KubeClient, namespace: str) -> None:
+        self.bus = bus
+        self.kube = kube
+        self.namespace = namespace
+        self.cluster = f"c-{secrets.token_hex(4)}"
+        self.results: asyncio.Queue[RenderResult] = asyncio.Queue()
+        self.warnings: asyncio.Queue[events.ClusterWarning] = asyncio.Queue()
+        self._renderers: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+        self._subs: list[Any] = []
+
+    @property
+    def ds_path(self) -> str:
+        return f"/apis/apps/v1/namespaces/{self.namespace}/daemonsets/calico-node"
+
+    async def subscribe(self) -> None:
+        async def on_result(msg: Any) -> None:
+            event = events.decode(msg.data)
+            assert isinstance(event, RenderResult)
+            self.results.put_nowait(event)
+
+        async def on_warning(msg: Any) -> None:
+            event = events.decode(msg.data)
+            assert isinstance(event, events.ClusterWarning)
+            self.warnings.put_nowait(event)
+
+        self._subs.append(
+            await self.bus.nc.subscribe(subjects.renders_subject(self.cluster), cb=on_result)
+        )
+        self._subs.append(
+            await self.bus.nc.subscribe(subjects.warnings_subject(self.cluster), cb=on_warning)
+        )
+        await self.bus.nc.flush()
+
+    def settings(self, **overrides: Any) -> RendererSettings:
+        values: dict[str, Any] = {
+            "common": CommonSettings(cluster=self.cluster),
+            "target_namespace": self.namespace,
+            "leader_election": False,
+            "coalesce_during_rollout": False,
+        }
+        values.update(overrides)
+        return RendererSettings(**values)
+
+    async def start(
+        self, *, _before_patch: Callable[[int], Awaitable[None]] | None = None, **overrides: Any
+    ) -> Renderer:
+        renderer = Renderer(
+            bus=self.bus,
+            kube=self.kube,
+            settings=self.settings(**overrides),
+            _before_patch=_before_patch,
+        )
+        stop = asyncio.Event()
+        self._renderers.append((stop, asyncio.create_task(renderer.run(stop))))
+        return renderer
+
+    async def stop(self) -> None:
+        for stop, task in self._renderers:
+            stop.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, timeout=10)
+        self._renderers.clear()
+
+    async def close(self) -> None:
+        await self.stop()
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def publish(self, snap: EndpointSnapshot) -> None:
+        await self.bus.kv_put(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(self.cluster), snap)
+
+    async def result(self, timeout: float = RESULT_TIMEOUT) -> RenderResult:
+        return await asyncio.wait_for(self.results.get(), timeout=timeout)
+
+    async def no_more_results(self, within: float = 0.5) -> None:
+        with contextlib.suppress(TimeoutError):
+            extra = await asyncio.wait_for(self.results.get(), timeout=within)
+            raise AssertionError(f"unexpected render result: {extra}")
+
+    async def create_daemonset(self) -> dict[str, Any]:
+        return await self.kube.create(
+            f"/apis/apps/v1/namespaces/{self.namespace}/daemonsets", calico_node(self.namespace)
+        )
+
+    async def daemonset(self) -> dict[str, Any]:
+        return await self.kube.get(self.ds_path)
+
+    async def set_status(self, **status: int) -> None:
+        live = await self.daemonset()
+        body = {
+            "status": {
+                "currentNumberScheduled": 0,
+                "numberMisscheduled": 0,
+                "numberReady": 0,
+                **status,
+            }
+        }
+        body["status"].setdefault("observedGeneration", live["metadata"]["generation"])
+        await self.kube.patch(self.ds_path + "/status", body, patch_type="merge")
+
+
+@pytest.fixture
+async def world(bus: Bus, kube: KubeClient, kube_namespace: str) -> AsyncIterator[Harness]:
+    harness = Harness(bus=bus, kube=kube, namespace=kube_namespace)
+    await harness.subscribe()
+    try:
+        yield harness
+    finally:
+        await harness.close()
+
+
+async def test_the_patch_keeps_other_containers_env_vars_and_images(world: Harness) -> None:
+    before = await world.create_daemonset()
+    await world.start()
+    await world.publish(snapshot(world.cluster, 1))
+
+    result = await world.result()
+    assert result.outcome == "applied", result.reason
+    assert result.daemonset_generation == before["metadata"]["generation"] + 1
+    assert "+KUBERNETES_SERVICE_IPS_PORTS=10.96.0.1:443" in result.diff
+
+    after = await world.daemonset()
+    wanted = {SERVICE_IPS_PORTS: "10.96.0.1:443", APISERVER_ENDPOINTS: "192.168.5.4:6443"}
+    assert env_of(after, "initContainers", "ebpf-bootstrap") == {
+        "CALICO_CGROUP_PATH": "/run/calico/cgroup",
+        **wanted,
+    }
+    main_env = env_of(after, "containers", "calico-node")
+    assert main_env == {
+        "DATASTORE_TYPE": "kubernetes",
+        "NODENAME": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}},
+        **wanted,
+    }
+    # Everything else is exactly as it was.
+    strip = copy.deepcopy(after["spec"]["template"]["spec"])
+    original = copy.deepcopy(before["spec"]["template"]["spec"])
+    for spec in (strip, original):
+        for container in spec["initContainers"] + spec["containers"]:
+            container["env"] = [e for e in container["env"] if e["name"] not in wanted]
+    assert strip == original
+    assert after["metadata"]["annotations"][APPLIED_GENERATION] == "1"
+    managers = {entry["manager"] for entry in after["metadata"]["managedFields"]}
+    assert FIELD_MANAGER in managers
+    for _ in range(50):  # the Kubernetes Event is written off the hot path
+        listed = await world.kube.list(f"/api/v1/namespaces/{world.namespace}/events")
+        if listed["items"]:
+            break
+        await asyncio.sleep(0.05)
+    assert [e["reason"] for e in listed["items"]] == ["ApiServerEndpointsRendered"]
+
+
+async def test_an_unchanged_snapshot_makes_no_new_generation(world: Harness) -> None:
+    await world.create_daemonset()
+    await world.start()
+    await world.publish(snapshot(world.cluster, 1))
+    assert (await world.result()).outcome == "applied"
+    applied = await world.daemonset()
+
+    await world.publish(snapshot(world.cluster, 2))  # same endpoints, newer generation
+    result = await world.result()
+    assert result.outcome == "unchanged"
+    assert result.patch is None
+    now = await world.daemonset()
+    assert now["metadata"]["generation"] == applied["metadata"]["generation"]
+    assert now["metadata"]["resourceVersion"] == applied["metadata"]["resourceVersion"]
+
+
+async def test_dry_run_changes_nothing_and_reports_the_diff(world: Harness) -> None:
+    before = await world.create_daemonset()
+    await world.start(dry_run=True)
+    await world.publish(snapshot(world.cluster, 1, endpoints=("192.168.5.5", "192.168.5.4")))
+
+    result = await world.result()
+    assert result.outcome == "dry-run", result.reason
+    assert "+KUBERNETES_APISERVER_ENDPOINTS=192.168.5.4:6443,192.168.5.5:6443" in result.diff
+    assert "@@ initContainers[ebpf-bootstrap].env @@" in result.diff
+    assert result.patch is not None
+    init = result.patch["spec"]["template"]["spec"]["initContainers"][0]
+    assert init["name"] == "ebpf-bootstrap"
+    after = await world.daemonset()
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    assert SERVICE_IPS_PORTS not in env_of(after, "initContainers", "ebpf-bootstrap")
+
+
+async def test_a_missing_daemonset_is_patched_when_it_appears(world: Harness) -> None:
+    await world.start()
+    await world.publish(snapshot(world.cluster, 1))
+    waiting = await world.result()
+    assert waiting.outcome == "waiting"
+    assert "does not exist" in waiting.reason
+    await world.no_more_results(0.3)  # waits quietly, no error loop
+
+    await world.create_daemonset()
+    applied = await world.result()
+    assert applied.outcome == "applied", applied.reason
+    assert applied.generation == 1
+    live = await world.daemonset()
+    assert env_of(live, "initContainers", "ebpf-bootstrap")[SERVICE_IPS_PORTS] == "10.96.0.1:443"
+
+
+async def test_a_conflicting_concurrent_update_is_retried(world: Harness) -> None:
+    await world.create_daemonset()
+    attempts: list[int] = []
+
+    async def change_it_first(attempt: int) -> None:
+        attempts.append(attempt)
+        if attempt == 1:  # someone else writes between our read and our patch
+            await world.kube.patch(
+                world.ds_path,
+                {"metadata": {"labels": {"touched-by": "someone-else"}}},
+                patch_type="merge",
+            )
+
+    await world.start(_before_patch=change_it_first)
+    await world.publish(snapshot(world.cluster, 1))
+    result = await world.result()
+    assert result.outcome == "applied", result.reason
+    assert attempts == [1, 2]
+    live = await world.daemonset()
+    assert live["metadata"]["labels"]["touched-by"] == "someone-else"
+    assert env_of(live, "containers", "calico-node")[SERVICE_IPS_PORTS] == "10.96.0.1:443"
+
+
+async def test_ipv6_and_dual_stack_are_formatted_like_calico(world: Harness) -> None:
+    await world.create_daemonset()
+    await world.start()
+    await world.publish(
+        snapshot(world.cluster, 1, services=("fd00:10:96::1",), endpoints=("fd00::5:5",))
+    )
+    assert (await world.result()).outcome == "applied"
+    live = await world.daemonset()
+    assert (
+        env_of(live, "initContainers", "ebpf-bootstrap")[SERVICE_IPS_PORTS] == "[fd00:10:96::1]:443"
+    )
+    assert (
+        env_of(live, "initContainers", "ebpf-bootstrap")[APISERVER_ENDPOINTS] == "[fd00::5:5]:6443"
+    )
+
+    dual = snapshot(
+        world.cluster,
+        2,
+        services=("fd00:10:96::1", "10.96.0.1"),
+        endpoints=("fd00::5:5", "192.168.5.5", "192.168.5.4"),
+    )
+    await world.publish(dual)
+    result = await world.result()
+    assert result.outcome == "applied"
+    assert result.env == {
+        SERVICE_IPS_PORTS: "10.96.0.1:443,[fd00:10:96::1]:443",
+        APISERVER_ENDPOINTS: "192.168.5.4:6443,192.168.5.5:6443,[fd00::5:5]:6443",
+    }
+    live = await world.daemonset()
+    assert env_of(live, "containers", "calico-node")[APISERVER_ENDPOINTS] == (
+        "192.168.5.4:6443,192.168.5.5:6443,[fd00::5:5]:6443"
+    )
+
+
+async def test_an_old_generation_is_ignored(world: Harness) -> None:
+    await world.create_daemonset()
+    await world.start()
+    await world.publish(snapshot(world.cluster, 5, endpoints=("192.168.5.5",)))
+    assert (await world.result()).outcome == "applied"
+    applied = await world.daemonset()
+
+    await world.publish(snapshot(world.cluster, 3, endpoints=("192.168.5.3",)))
+    result = await world.result()
+    assert result.outcome == "ignored"
+    assert result.generation == 3
+    now = await world.daemonset()
+    assert now["metadata"]["resourceVersion"] == applied["metadata"]["resourceVersion"]
+
+
+async def test_a_restart_renders_the_latest_snapshot_once_and_does_not_patch_twice(
+    world: Harness,
+) -> None:
+    await world.create_daemonset()
+    await world.start()
+    await world.publish(snapshot(world.cluster, 1))
+    assert (await world.result()).outcome == "applied"
+    await world.publish(snapshot(world.cluster, 2, endpoints=("192.168.5.9",)))
+    assert (await world.result()).outcome == "applied"
+    await world.stop()
+    before = await world.daemonset()
+
+    await world.start()  # a new process: nothing in memory
+    result = await world.result()
+    assert result.generation == 2  # the latest, not the history
+    assert result.outcome == "ignored"  # the DaemonSet's annotation says it holds generation 2
+    await world.no_more_results()
+    after = await world.daemonset()
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+    # And the restarted renderer goes on with new snapshots.
+    await world.publish(snapshot(world.cluster, 3, endpoints=("192.168.5.10",)))
+    assert (await world.result()).outcome == "applied"
+
+
+async def test_a_restart_without_a_record_compares_and_does_not_patch(world: Harness) -> None:
+    await world.create_daemonset()
+    await world.start()
+    await world.publish(snapshot(world.cluster, 1))
+    assert (await world.result()).outcome == "applied"
+    await world.stop()
+    # Someone strips our annotation: the renderer must compare, not blindly patch again.
+    await world.kube.patch(
+        world.ds_path, {"metadata": {"annotations": {APPLIED_GENERATION: None}}}, patch_type="merge"
+    )
+    before = await world.daemonset()
+    await world.start()
+    assert (await world.result()).outcome == "unchanged"
+    await world.no_more_results()
+    after = await world.daemonset()
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+
+async def test_snapshots_during_our_rollout_are_coalesced_into_one_patch(world: Harness) -> None:
+    await world.create_daemonset()
+    await world.start(coalesce_during_rollout=True)
+    await world.publish(snapshot(world.cluster, 1))
+    first = await world.result()
+    assert first.outcome == "applied"
+    # The controller has seen the new generation; no pod is updated yet.
+    await world.set_status(desiredNumberScheduled=3, updatedNumberScheduled=0, numberAvailable=3)
+
+    await world.publish(snapshot(world.cluster, 2, endpoints=("192.168.5.2",)))
+    await world.publish(snapshot(world.cluster, 3, endpoints=("192.168.5.3",)))
+    held = [await world.result(), await world.result()]
+    assert [(r.generation, r.outcome) for r in held] == [(2, "waiting"), (3, "waiting")]
+    assert all("coalescing" in r.reason for r in held)
+    assert (await world.daemonset())["metadata"]["generation"] == first.daemonset_generation
+
+    # The rollout finishes: one patch, with the newest snapshot.
+    await world.set_status(desiredNumberScheduled=3, updatedNumberScheduled=3, numberAvailable=3)
+    final = await world.result()
+    assert (final.generation, final.outcome) == (3, "applied")
+    assert final.daemonset_generation == (first.daemonset_generation or 0) + 1
+    live = await world.daemonset()
+    assert (
+        env_of(live, "initContainers", "ebpf-bootstrap")[APISERVER_ENDPOINTS] == "192.168.5.3:6443"
+    )
+
+
+async def test_malformed_and_unrenderable_snapshots_are_reported_without_a_crash(
+    world: Harness,
+) -> None:
+    before = await world.create_daemonset()
+    await world.start()
+    await world.bus.js.publish(
+        subjects.kv_subject(subjects.SNAPSHOT_BUCKET, world.cluster), b'{"not": "a snapshot"'
+    )
+    warning = await asyncio.wait_for(world.warnings.get(), timeout=RESULT_TIMEOUT)
+    assert warning.reason == events.WarningReason.INVALID_SNAPSHOT
+
+    await world.publish(snapshot(world.cluster, 1, endpoints=()))
+    failed = await world.result()
+    assert failed.outcome == "failed"
+    assert "no usable API server endpoint" in failed.reason
+    assert (await world.daemonset())["metadata"]["resourceVersion"] == before["metadata"][
+        "resourceVersion"
+    ]
+
+    await world.publish(snapshot(world.cluster, 2))
+    assert (await world.result()).outcome == "applied"
+
+
+async def test_externally_managed_kube_proxy_turns_off_felix_cleanup(world: Harness) -> None:
+    await world.create_daemonset()
+    await world.start()
+    await world.publish(
+        snapshot(world.cluster, 1, managed_by="label:app.kubernetes.io/managed-by=Helm")
+    )
+    assert (await world.result()).outcome == "applied"
+    live = await world.daemonset()
+    assert (
+        env_of(live, "containers", "calico-node")["FELIX_BPFKUBEPROXYIPTABLESCLEANUPENABLED"]
+        == "false"
+    )
+    assert "FELIX_BPFKUBEPROXYIPTABLESCLEANUPENABLED" not in env_of(
+        live, "initContainers", "ebpf-bootstrap"
+    )
+
+
+async def test_manifest_cli_prints_env_lines_and_a_snippet_from_the_bus(
+    world: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await world.publish(snapshot(world.cluster, 4, services=("10.96.0.1", "fd00:10:96::1")))
+    url = world.bus.nc.connected_url
+    assert url is not None
+    monkeypatch.setenv("APILANE_TARGET_NAMESPACE", world.namespace)
+    out = io.StringIO()
+    server = f"nats://{url.hostname}:{url.port}"
+    code = await cli.run(["manifest", "--nats-url", server, "--cluster", world.cluster], out=out)
+    assert code == 0
+    text = out.getvalue()
+    assert "KUBERNETES_SERVICE_IPS_PORTS=10.96.0.1:443,[fd00:10:96::1]:443\n" in text
+    assert "KUBERNETES_APISERVER_ENDPOINTS=192.168.5.4:6443\n" in text
+    assert f"kubectl -n {world.namespace} patch daemonset calico-node" in text
+    snippet = yaml.safe_load(text.split("---\n", 1)[1])
+    init = snippet["spec"]["template"]["spec"]["initContainers"][0]
+    assert init["name"] == "ebpf-bootstrap"
+    assert {"name": SERVICE_IPS_PORTS, "value": "10.96.0.1:443,[fd00:10:96::1]:443"} in init["env"]
+
+
+async def test_manifest_cli_reads_a_cluster_straight_from_a_kubeconfig(
+    kubernetes_endpoints: KubeClient,
+    control_plane: ControlPlane,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kube = kubernetes_endpoints
+    service = await kube.get("/api/v1/namespaces/default/services/kubernetes")
+    await kube.create(
+        "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "kubernetes",
+                "labels": {"kubernetes.io/service-name": "kubernetes"},
+            },
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["192.168.5.5"], "conditions": {"ready": True}},
+                {"addresses": ["192.168.5.4"], "conditions": {"ready": True}},
+                {"addresses": ["192.168.5.6"], "conditions": {"ready": False}},
+            ],
+            "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}],
+        },
+    )
+    kubeconfig = control_plane.write_kubeconfig(
+        tmp_path / "kubeconfig", user="admin", groups=("system:masters",)
+    )
+    monkeypatch.delenv("APILANE_NATS_URL", raising=False)
+    out = io.StringIO()
+    code = await cli.run(["manifest", "--kubeconfig", str(kubeconfig), "--format", "env"], out=out)
+    assert code == 0
+    cluster_ips = service["spec"].get("clusterIPs") or [service["spec"]["clusterIP"]]
+    families = {"IPv6" if ":" in ip else "IPv4" for ip in cluster_ips}
+    assert "IPv4" in families
+    lines = dict(line.split("=", 1) for line in out.getvalue().splitlines())
+    assert lines[APISERVER_ENDPOINTS] == "192.168.5.4:6443,192.168.5.5:6443"
+    assert lines[SERVICE_IPS_PORTS].startswith(f"{service['spec']['clusterIP']}:443")
+
+
+async def test_only_the_leader_patches_and_a_follower_takes_over(world: Harness) -> None:
+    await world.create_daemonset()
+    await world.publish(snapshot(world.cluster, 1))
+    stops: list[asyncio.Event] = []
+    tasks: list[asyncio.Task[None]] = []
+    electors: list[LeaderElector] = []
+    for identity in ("renderer-a", "renderer-b"):
+        renderer = Renderer(bus=world.bus, kube=world.kube, settings=world.settings())
+        elector = LeaderElector(
+            world.kube,
+            namespace=world.namespace,
+            name=subjects.renderer_lease(world.cluster),
+            identity=identity,
+            lease_duration=3.0,
+            renew_interval=0.5,
+            retry_interval=0.1,
+        )
+        stop = asyncio.Event()
+        stops.append(stop)
+        electors.append(elector)
+        tasks.append(asyncio.create_task(lead_and_render(renderer, elector, stop)))
+        if identity == "renderer-a":
+            await asyncio.wait_for(elector.wait_until_leader(), timeout=5)
+
+    first = await world.result()
+    assert first.outcome == "applied"
+    await world.no_more_results()  # the follower did nothing
+    assert electors[0].is_leader and not electors[1].is_leader
+
+    stops[0].set()  # the leader stops and releases the Lease
+    await asyncio.wait_for(tasks[0], timeout=10)
+    await asyncio.wait_for(electors[1].wait_until_leader(), timeout=5)
+    takeover = await world.result()
+    assert (takeover.generation, takeover.outcome) == (1, "ignored")  # no second patch
+    await world.publish(snapshot(world.cluster, 2, endpoints=("192.168.5.7",)))
+    assert (await world.result()).outcome == "applied"
+    stops[1].set()
+    await asyncio.wait_for(tasks[1], timeout=10)
+
+
+async def test_the_service_elects_renders_and_serves_probes_and_metrics(
+    world: Harness, control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    await world.create_daemonset()
+    await world.publish(snapshot(world.cluster, 1))
+    url = world.bus.nc.connected_url
+    assert url is not None
+    kubeconfig = control_plane.write_kubeconfig(
+        tmp_path / "kubeconfig", user="admin", groups=("system:masters",)
+    )
+    settings = world.settings(
+        common=CommonSettings(
+            cluster=world.cluster,
+            nats_urls=(f"nats://{url.hostname}:{url.port}",),
+            kubeconfig=str(kubeconfig),
+            http_host="127.0.0.1",
+            http_port=0,
+        ),
+        leader_election=True,
+        lease_namespace=world.namespace,
+    )
+    stop = asyncio.Event()
+    contexts: list[runtime.ServiceContext] = []
+
+    async def body(ctx: runtime.ServiceContext) -> None:
+        contexts.append(ctx)
+        await service.main(ctx, settings)
+
+    task = asyncio.create_task(runtime.serve(SERVICE_NAME, settings.common, body, stopping=stop))
+    try:
+        assert (await world.result()).outcome == "applied"
+        port = contexts[0].http_port
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
+                assert response.status == 200, await response.text()
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+                text = await response.text()
+        assert 'apilane_renderer_renders_total{outcome="applied"} 1.0' in text
+        assert "apilane_renderer_patches_total 1.0" in text
+        assert "apilane_renderer_snapshot_to_patch_seconds_count 1.0" in text
+        lease = await world.kube.get(
+            f"/apis/coordination.k8s.io/v1/namespaces/{world.namespace}/leases/"
+            + subjects.renderer_lease(world.cluster)
+        )
+        assert lease["spec"]["holderIdentity"] == settings.identity
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=15)

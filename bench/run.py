@@ -23,7 +23,10 @@ def main() -> int:
         print(f"\n## {script.stem}\n", flush=True)
         began = time.monotonic()
         result = subprocess.run([sys.executable, str(script)], check=False)
-        print(f"\n({script.name}: {time.monotonic() - began:.1f}s, exit {result.returncode})", flush=True)
+        print(
+            f"\n({script.name}: {time.monotonic() - began:.1f}s, exit {result.returncode})",
+            flush=True,
+        )
         if result.returncode != 0:
             failures.append(script.name)
     if failures:

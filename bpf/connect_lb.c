@@ -1,0 +1,240 @@
+/* apilane connect-time load balancer: cgroup sock_addr programs over the NAT maps in nat.h.
+ *
+ * connect4/6   rewrite a connect() to a service address into one of its backends, chosen at
+ *              random among `count`; IPv4-mapped IPv6 (::ffff:a.b.c.d) uses the IPv4 maps.
+ * sendmsg4/6   the same for unconnected UDP sends.
+ * recvmsg4/6   UDP: a datagram from a translated backend appears to come from the service.
+ * getpeername4/6  the application sees the service address, not the backend.
+ *
+ * A miss, a frontend with count == 0 or a missing backend ordinal leaves the call untouched
+ * (pass-through), unlike Calico's EPERM: our programs never make a destination less reachable
+ * than it is without them, and the loader never programs an empty set (fail static) and repairs
+ * a dangling ordinal from its invariant check.
+ *
+ * Compiled by bcc at load time with -DAPILANE_PIN_DIR="..." and -I<this directory>.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/in.h>
+
+#include "nat.h"
+
+#define APILANE_V4_MAPPED_PREFIX 0x0000ffff /* third word of ::ffff:a.b.c.d, host order */
+
+/* Translate (addr, port, proto) through the IPv4 maps; records the reverse entry for the
+ * socket. Returns 1 and fills *backend when translated. */
+static __always_inline int apilane_nat4(struct bpf_sock_addr *ctx, __u32 addr, __u16 port,
+                                        __u8 proto, struct apilane_be_value4 *backend)
+{
+    struct apilane_fe_key4 fe_key;
+    __builtin_memset(&fe_key, 0, sizeof(fe_key));
+    fe_key.addr = addr;
+    fe_key.port = port;
+    fe_key.proto = proto;
+
+    struct apilane_fe_value *fe = apilane_fe4.lookup(&fe_key);
+    if (!fe || fe->count == 0)
+        return 0;
+
+    struct apilane_be_key be_key = {};
+    be_key.service_id = fe->service_id;
+    be_key.ordinal = bpf_get_prandom_u32() % fe->count;
+    struct apilane_be_value4 *be = apilane_be4.lookup(&be_key);
+    if (!be)
+        return 0;
+    backend->addr = be->addr;
+    backend->port = be->port;
+    backend->pad = 0;
+
+    struct apilane_rev_key4 rev_key;
+    __builtin_memset(&rev_key, 0, sizeof(rev_key));
+    rev_key.cookie = bpf_get_socket_cookie(ctx);
+    rev_key.addr = be->addr;
+    rev_key.port = be->port;
+    struct apilane_rev_value4 rev_value;
+    __builtin_memset(&rev_value, 0, sizeof(rev_value));
+    rev_value.addr = addr;
+    rev_value.port = port;
+    apilane_rev4.update(&rev_key, &rev_value);
+    return 1;
+}
+
+/* Reverse lookup for a backend address seen by this socket; returns 1 and fills *service. */
+static __always_inline int apilane_rev_lookup4(struct bpf_sock_addr *ctx, __u32 addr, __u16 port,
+                                               struct apilane_rev_value4 *service)
+{
+    struct apilane_rev_key4 rev_key;
+    __builtin_memset(&rev_key, 0, sizeof(rev_key));
+    rev_key.cookie = bpf_get_socket_cookie(ctx);
+    rev_key.addr = addr;
+    rev_key.port = port;
+    struct apilane_rev_value4 *found = apilane_rev4.lookup(&rev_key);
+    if (!found)
+        return 0;
+    service->addr = found->addr;
+    service->port = found->port;
+    return 1;
+}
+
+static __always_inline int apilane_nat6(struct bpf_sock_addr *ctx, __u16 port, __u8 proto,
+                                        struct apilane_be_value6 *backend)
+{
+    struct apilane_fe_key6 fe_key;
+    __builtin_memset(&fe_key, 0, sizeof(fe_key));
+    fe_key.addr[0] = ctx->user_ip6[0];
+    fe_key.addr[1] = ctx->user_ip6[1];
+    fe_key.addr[2] = ctx->user_ip6[2];
+    fe_key.addr[3] = ctx->user_ip6[3];
+    fe_key.port = port;
+    fe_key.proto = proto;
+
+    struct apilane_fe_value *fe = apilane_fe6.lookup(&fe_key);
+    if (!fe || fe->count == 0)
+        return 0;
+
+    struct apilane_be_key be_key = {};
+    be_key.service_id = fe->service_id;
+    be_key.ordinal = bpf_get_prandom_u32() % fe->count;
+    struct apilane_be_value6 *be = apilane_be6.lookup(&be_key);
+    if (!be)
+        return 0;
+    __builtin_memcpy(backend, be, sizeof(*backend));
+
+    struct apilane_rev_key6 rev_key;
+    __builtin_memset(&rev_key, 0, sizeof(rev_key));
+    rev_key.cookie = bpf_get_socket_cookie(ctx);
+    __builtin_memcpy(rev_key.addr, be->addr, sizeof(rev_key.addr));
+    rev_key.port = be->port;
+    struct apilane_rev_value6 rev_value;
+    __builtin_memset(&rev_value, 0, sizeof(rev_value));
+    __builtin_memcpy(rev_value.addr, fe_key.addr, sizeof(rev_value.addr));
+    rev_value.port = port;
+    apilane_rev6.update(&rev_key, &rev_value);
+    return 1;
+}
+
+static __always_inline int apilane_is_v4_mapped(struct bpf_sock_addr *ctx)
+{
+    return ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 &&
+           ctx->user_ip6[2] == bpf_htonl(APILANE_V4_MAPPED_PREFIX);
+}
+
+/* connect() and unconnected sendmsg() share the forward translation. */
+static __always_inline void apilane_forward4(struct bpf_sock_addr *ctx)
+{
+    struct apilane_be_value4 backend = {};
+    if (apilane_nat4(ctx, ctx->user_ip4, (__u16)ctx->user_port, (__u8)ctx->protocol, &backend)) {
+        ctx->user_ip4 = backend.addr;
+        ctx->user_port = backend.port;
+    }
+}
+
+static __always_inline void apilane_forward6(struct bpf_sock_addr *ctx)
+{
+    __u16 port = (__u16)ctx->user_port;
+    __u8 proto = (__u8)ctx->protocol;
+    if (apilane_is_v4_mapped(ctx)) {
+        struct apilane_be_value4 backend4 = {};
+        if (apilane_nat4(ctx, ctx->user_ip6[3], port, proto, &backend4)) {
+            ctx->user_ip6[3] = backend4.addr;
+            ctx->user_port = backend4.port;
+        }
+        return;
+    }
+    struct apilane_be_value6 backend6 = {};
+    if (apilane_nat6(ctx, port, proto, &backend6)) {
+        ctx->user_ip6[0] = backend6.addr[0];
+        ctx->user_ip6[1] = backend6.addr[1];
+        ctx->user_ip6[2] = backend6.addr[2];
+        ctx->user_ip6[3] = backend6.addr[3];
+        ctx->user_port = backend6.port;
+    }
+}
+
+/* recvmsg() and getpeername() share the reverse translation. */
+static __always_inline void apilane_reverse4(struct bpf_sock_addr *ctx)
+{
+    struct apilane_rev_value4 service = {};
+    if (apilane_rev_lookup4(ctx, ctx->user_ip4, (__u16)ctx->user_port, &service)) {
+        ctx->user_ip4 = service.addr;
+        ctx->user_port = service.port;
+    }
+}
+
+static __always_inline void apilane_reverse6(struct bpf_sock_addr *ctx)
+{
+    __u16 port = (__u16)ctx->user_port;
+    if (apilane_is_v4_mapped(ctx)) {
+        struct apilane_rev_value4 service4 = {};
+        if (apilane_rev_lookup4(ctx, ctx->user_ip6[3], port, &service4)) {
+            ctx->user_ip6[3] = service4.addr;
+            ctx->user_port = service4.port;
+        }
+        return;
+    }
+    struct apilane_rev_key6 rev_key;
+    __builtin_memset(&rev_key, 0, sizeof(rev_key));
+    rev_key.cookie = bpf_get_socket_cookie(ctx);
+    rev_key.addr[0] = ctx->user_ip6[0];
+    rev_key.addr[1] = ctx->user_ip6[1];
+    rev_key.addr[2] = ctx->user_ip6[2];
+    rev_key.addr[3] = ctx->user_ip6[3];
+    rev_key.port = port;
+    struct apilane_rev_value6 *service6 = apilane_rev6.lookup(&rev_key);
+    if (!service6)
+        return;
+    ctx->user_ip6[0] = service6->addr[0];
+    ctx->user_ip6[1] = service6->addr[1];
+    ctx->user_ip6[2] = service6->addr[2];
+    ctx->user_ip6[3] = service6->addr[3];
+    ctx->user_port = service6->port;
+}
+
+/* Every hook returns 1 ("allow"): we only rewrite addresses, never refuse a call. */
+
+int apilane_connect4(struct bpf_sock_addr *ctx)
+{
+    apilane_forward4(ctx);
+    return 1;
+}
+
+int apilane_connect6(struct bpf_sock_addr *ctx)
+{
+    apilane_forward6(ctx);
+    return 1;
+}
+
+int apilane_sendmsg4(struct bpf_sock_addr *ctx)
+{
+    apilane_forward4(ctx);
+    return 1;
+}
+
+int apilane_sendmsg6(struct bpf_sock_addr *ctx)
+{
+    apilane_forward6(ctx);
+    return 1;
+}
+
+int apilane_recvmsg4(struct bpf_sock_addr *ctx)
+{
+    apilane_reverse4(ctx);
+    return 1;
+}
+
+int apilane_recvmsg6(struct bpf_sock_addr *ctx)
+{
+    apilane_reverse6(ctx);
+    return 1;
+}
+
+int apilane_getpeername4(struct bpf_sock_addr *ctx)
+{
+    apilane_reverse4(ctx);
+    return 1;
+}
+
+int apilane_getpeername6(struct bpf_sock_addr *ctx)
+{
+    apilane_reverse6(ctx);
+    return 1;
+}

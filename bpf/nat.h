@@ -1,0 +1,113 @@
+/* apilane NAT map layouts: the single source of truth.
+ *
+ * The Python adapter (apilane.node_loader.bpfmaps) takes its ctypes key/leaf types from bcc's
+ * types generated from these structs; tests/node_loader/test_bpf_datapath.py checks their sizes
+ * and offsets. Every struct has explicit padding so no byte of a key is left undefined.
+ *
+ * Byte order: addresses AND ports are network byte order (as in struct bpf_sock_addr), so the
+ * programs compare and copy them without conversion. Protocol is the IPPROTO_* number.
+ *
+ * Changing a layout means bumping APILANE_NAT_LAYOUT: the pin names carry it, so a loader with a
+ * new layout never reinterprets an old pinned map.
+ */
+#ifndef APILANE_NAT_H
+#define APILANE_NAT_H
+
+#define APILANE_NAT_LAYOUT "v1"
+
+#ifndef APILANE_PIN_DIR
+#define APILANE_PIN_DIR "/sys/fs/bpf/apilane"
+#endif
+
+#define APILANE_FE_MAX 65536
+#define APILANE_BE_MAX 262144
+#define APILANE_REV_MAX 65536
+
+/* BPF_F_NO_PREALLOC: memory grows with the entries present, not with max_entries. */
+#define APILANE_NAT_MAP_FLAGS 1
+
+/* Frontend: a service address. */
+struct apilane_fe_key4 {
+    __u32 addr;  /* NBO */
+    __u16 port;  /* NBO */
+    __u8 proto;  /* IPPROTO_TCP / IPPROTO_UDP */
+    __u8 pad;
+};
+
+struct apilane_fe_key6 {
+    __u32 addr[4]; /* NBO */
+    __u16 port;    /* NBO */
+    __u8 proto;
+    __u8 pad;
+};
+
+/* Ordinals 0..count-1 of service_id are in the backend map of the same family. */
+struct apilane_fe_value {
+    __u32 service_id;
+    __u32 count;
+    __u32 flags; /* reserved, 0 */
+};
+
+struct apilane_be_key {
+    __u32 service_id;
+    __u32 ordinal;
+};
+
+struct apilane_be_value4 {
+    __u32 addr; /* NBO */
+    __u16 port; /* NBO */
+    __u16 pad;
+};
+
+struct apilane_be_value6 {
+    __u32 addr[4]; /* NBO */
+    __u16 port;    /* NBO */
+    __u16 pad;
+};
+
+/* Reverse translation, per socket: (socket cookie, backend address) -> service address.
+ * Written by connect and sendmsg; read by recvmsg (UDP replies appear to come from the
+ * service) and getpeername (the application sees the service, not the backend). */
+struct apilane_rev_key4 {
+    __u64 cookie;
+    __u32 addr; /* backend, NBO */
+    __u16 port; /* backend, NBO */
+    __u16 pad;
+};
+
+struct apilane_rev_key6 {
+    __u64 cookie;
+    __u32 addr[4]; /* backend, NBO */
+    __u16 port;    /* backend, NBO */
+    __u16 pad;
+    __u32 pad2;
+};
+
+struct apilane_rev_value4 {
+    __u32 addr; /* service, NBO */
+    __u16 port; /* service, NBO */
+    __u16 pad;
+};
+
+struct apilane_rev_value6 {
+    __u32 addr[4]; /* service, NBO */
+    __u16 port;    /* service, NBO */
+    __u16 pad;
+};
+
+#define APILANE_PIN(name) APILANE_PIN_DIR "/" name "_" APILANE_NAT_LAYOUT
+
+BPF_TABLE_PINNED("hash", struct apilane_fe_key4, struct apilane_fe_value, apilane_fe4,
+                 APILANE_FE_MAX, APILANE_PIN("apilane_fe4"), APILANE_NAT_MAP_FLAGS);
+BPF_TABLE_PINNED("hash", struct apilane_fe_key6, struct apilane_fe_value, apilane_fe6,
+                 APILANE_FE_MAX, APILANE_PIN("apilane_fe6"), APILANE_NAT_MAP_FLAGS);
+BPF_TABLE_PINNED("hash", struct apilane_be_key, struct apilane_be_value4, apilane_be4,
+                 APILANE_BE_MAX, APILANE_PIN("apilane_be4"), APILANE_NAT_MAP_FLAGS);
+BPF_TABLE_PINNED("hash", struct apilane_be_key, struct apilane_be_value6, apilane_be6,
+                 APILANE_BE_MAX, APILANE_PIN("apilane_be6"), APILANE_NAT_MAP_FLAGS);
+BPF_TABLE_PINNED("lru_hash", struct apilane_rev_key4, struct apilane_rev_value4, apilane_rev4,
+                 APILANE_REV_MAX, APILANE_PIN("apilane_rev4"));
+BPF_TABLE_PINNED("lru_hash", struct apilane_rev_key6, struct apilane_rev_value6, apilane_rev6,
+                 APILANE_REV_MAX, APILANE_PIN("apilane_rev6"));
+
+#endif /* APILANE_NAT_H */

@@ -1,0 +1,410 @@
+"""`ConnectTimeLB`: compile bpf/connect_lb.c with bcc, attach its cgroup programs, detach them.
+
+Lifecycle and restart behaviour:
+- The NAT maps are pinned by bcc (BPF_TABLE_PINNED in bpf/nat.h) under `pin_dir`; a new process
+  compiling the same source reuses them with their contents. Nothing here ever clears them.
+- Programs are attached through BPF links pinned next to the maps (`<pin_dir>/link_<hook>`),
+  so the data plane keeps running while the loader is down or restarting. On `enable()`, an
+  existing pinned link on the same cgroup is switched to the new program with
+  BPF_LINK_UPDATE: an atomic replace, no window without a program and no duplicate program
+  stacked on the hook. A pinned link on another cgroup (the setting changed) is detached first.
+- `disable()` detaches the links and removes their pins; the maps stay.
+- `close()` releases this process's file descriptors only: pinned maps and links stay.
+
+Safety: the cgroup is a required argument, and the cgroup2 root (the mount point itself) is
+refused unless `allow_root_cgroup=True`, which only production configuration sets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from apilane.node_loader.bpfmaps import BccNatMaps
+from apilane.shared.errors import ApilaneError
+
+DEFAULT_PIN_DIR = Path("/sys/fs/bpf/apilane")
+SOURCE_FILE = "connect_lb.c"
+PROGRAM_PREFIX = "apilane_"
+_BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+_BPF_LINK_TYPE_CGROUP = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    name: str  # e.g. "connect4"; the C function is "apilane_connect4"
+    attach_type: int  # enum bpf_attach_type
+
+    @property
+    def program(self) -> str:
+        return PROGRAM_PREFIX + self.name
+
+
+HOOKS: tuple[Hook, ...] = (
+    Hook("connect4", 10),  # BPF_CGROUP_INET4_CONNECT
+    Hook("connect6", 11),  # BPF_CGROUP_INET6_CONNECT
+    Hook("sendmsg4", 14),  # BPF_CGROUP_UDP4_SENDMSG
+    Hook("sendmsg6", 15),  # BPF_CGROUP_UDP6_SENDMSG
+    Hook("recvmsg4", 19),  # BPF_CGROUP_UDP4_RECVMSG
+    Hook("recvmsg6", 20),  # BPF_CGROUP_UDP6_RECVMSG
+    Hook("getpeername4", 29),  # BPF_CGROUP_INET4_GETPEERNAME
+    Hook("getpeername6", 30),  # BPF_CGROUP_INET6_GETPEERNAME
+)
+
+
+class ProgramError(ApilaneError):
+    """Compiling, loading, attaching or detaching the connect-time programs failed."""
+
+
+class CgroupRefusedError(ProgramError):
+    """The cgroup is not acceptable (not cgroup2, or the root without explicit permission)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AttachedProgram:
+    hook: str
+    program: str  # the name the kernel reports for the attached program
+    program_id: int
+    link_id: int
+
+
+def default_source_dir() -> Path:
+    """bpf/ of this checkout, or $APILANE_BPF_DIR (container images copy bpf/ elsewhere)."""
+    configured = os.environ.get("APILANE_BPF_DIR")
+    if configured:
+        return Path(configured)
+    return Path(__file__).resolve().parents[5] / "bpf"
+
+
+class ConnectTimeLB:
+    """The compiled connect-time load balancer of one node, its pinned maps and links."""
+
+    def __init__(
+        self,
+        *,
+        cgroup_path: Path | str,
+        pin_dir: Path | str = DEFAULT_PIN_DIR,
+        source_dir: Path | str | None = None,
+        allow_root_cgroup: bool = False,
+        use_batch: bool | None = None,
+    ) -> None:
+        self.cgroup_path = Path(cgroup_path)
+        self.pin_dir = Path(pin_dir)
+        self.source_dir = Path(source_dir) if source_dir is not None else default_source_dir()
+        check_cgroup(self.cgroup_path, allow_root_cgroup=allow_root_cgroup)
+        check_pin_dir(self.pin_dir)
+        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        self._bpf = _compile(self.source_dir, self.pin_dir)
+        self._program_fds: dict[str, int] = {}
+        try:
+            for hook in HOOKS:
+                function = self._bpf.load_func(
+                    hook.program.encode(),
+                    _BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                    attach_type=hook.attach_type,
+                )
+                self._program_fds[hook.name] = int(function.fd)
+            self.nat_maps = BccNatMaps(self._bpf, use_batch=use_batch)
+        except Exception as exc:
+            self._bpf.cleanup()
+            raise ProgramError(f"loading {self.source_dir / SOURCE_FILE}: {exc}") from exc
+
+    # --- attach / detach --------------------------------------------------------------------
+
+    def enable(self) -> None:
+        """Attach every hook to the cgroup (or switch existing pinned links to these programs)."""
+        cgroup_id = os.stat(self.cgroup_path).st_ino
+        cgroup_fd = os.open(self.cgroup_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for hook in HOOKS:
+                self._attach(hook, cgroup_fd=cgroup_fd, cgroup_id=cgroup_id)
+        finally:
+            os.close(cgroup_fd)
+
+    def _attach(self, hook: Hook, *, cgroup_fd: int, cgroup_id: int) -> None:
+        pin = self._link_pin(hook)
+        program_fd = self._program_fds[hook.name]
+        existing = _open_pinned(pin)
+        if existing is not None:
+            try:
+                info = _link_info(existing)
+                same_hook = (
+                    info is not None
+                    and info.cgroup_id == cgroup_id
+                    and info.attach_type == hook.attach_type
+                )
+                if same_hook and _libbpf().bpf_link_update(existing, program_fd, None) == 0:
+                    return
+                # Another cgroup, or a link gone defunct (its cgroup was removed): replace it.
+                _libbpf().bpf_link_detach(existing)
+            finally:
+                os.close(existing)
+            pin.unlink(missing_ok=True)
+        link_fd = _libbpf().bpf_link_create(program_fd, cgroup_fd, hook.attach_type, None)
+        if link_fd < 0:
+            raise ProgramError(
+                f"attaching {hook.program} to {self.cgroup_path}: {_strerror(link_fd)}"
+            )
+        try:
+            result = _libbpf().bpf_obj_pin(link_fd, os.fsencode(pin))
+            if result < 0:
+                raise ProgramError(f"pinning the {hook.name} link at {pin}: {_strerror(result)}")
+        finally:
+            os.close(link_fd)
+
+    def disable(self) -> None:
+        """Detach every hook; the maps and their contents stay."""
+        failures = []
+        for hook in HOOKS:
+            pin = self._link_pin(hook)
+            link_fd = _open_pinned(pin)
+            if link_fd is None:
+                continue
+            try:
+                result = _libbpf().bpf_link_detach(link_fd)
+                # ENOLINK: already detached (its cgroup went away). Nothing left to undo.
+                if result < 0 and -result != errno.ENOLINK:
+                    failures.append(f"{hook.name}: {_strerror(result)}")
+                    continue
+            finally:
+                os.close(link_fd)
+            pin.unlink(missing_ok=True)
+        if failures:
+            raise ProgramError("detaching: " + "; ".join(failures))
+
+    def attached_programs(self) -> list[AttachedProgram]:
+        """The hooks attached to this instance's cgroup, as the kernel reports them."""
+        cgroup_id = os.stat(self.cgroup_path).st_ino
+        attached = []
+        for hook in HOOKS:
+            link_fd = _open_pinned(self._link_pin(hook))
+            if link_fd is None:
+                continue
+            try:
+                info = _link_info(link_fd)
+            finally:
+                os.close(link_fd)
+            if info is None or info.cgroup_id != cgroup_id or info.attach_type != hook.attach_type:
+                continue
+            attached.append(
+                AttachedProgram(
+                    hook=hook.name,
+                    program=_program_name(info.program_id, expected=hook.program),
+                    program_id=info.program_id,
+                    link_id=info.link_id,
+                )
+            )
+        return attached
+
+    @property
+    def enabled(self) -> bool:
+        return len(self.attached_programs()) == len(HOOKS)
+
+    def _link_pin(self, hook: Hook) -> Path:
+        return self.pin_dir / f"link_{hook.name}"
+
+    # --- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release this process's descriptors. Pinned maps and links (the data plane) stay."""
+        bpf, self._bpf = self._bpf, None
+        if bpf is not None:
+            bpf.cleanup()
+
+    def __enter__(self) -> ConnectTimeLB:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# --- checks ---------------------------------------------------------------------------------
+
+
+def _mounts() -> list[tuple[Path, str]]:
+    """(mount point, filesystem type) from /proc/self/mountinfo."""
+    mounts = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        before, _, after = line.partition(" - ")
+        fields = before.split()
+        mount_point = fields[4].encode().decode("unicode_escape")
+        mounts.append((Path(mount_point), after.split()[0]))
+    return mounts
+
+
+def _filesystem_of(path: Path) -> tuple[Path, str] | None:
+    """The mount (point, type) that holds `path`: the longest mount point containing it."""
+    resolved = path.resolve()
+    best: tuple[Path, str] | None = None
+    for mount_point, fstype in _mounts():
+        contains = resolved == mount_point or mount_point in resolved.parents
+        if contains and (best is None or len(mount_point.parts) >= len(best[0].parts)):
+            best = (mount_point, fstype)
+    return best
+
+
+def check_cgroup(path: Path, *, allow_root_cgroup: bool) -> None:
+    """A cgroup2 directory, and not the hierarchy's root unless explicitly allowed."""
+    if not (path / "cgroup.procs").is_file():
+        raise CgroupRefusedError(f"{path} is not a cgroup directory")
+    mount = _filesystem_of(path)
+    if mount is None or mount[1] != "cgroup2":
+        raise CgroupRefusedError(f"{path} is not on a cgroup2 (unified) hierarchy")
+    if path.resolve() == mount[0] and not allow_root_cgroup:
+        raise CgroupRefusedError(
+            f"{path} is the root of the cgroup2 hierarchy: attaching there affects every process "
+            "on the machine; only production configuration may allow it (allow_root_cgroup=True)"
+        )
+
+
+def check_pin_dir(path: Path) -> None:
+    anchor = path
+    while not anchor.exists():
+        anchor = anchor.parent
+    mount = _filesystem_of(anchor)
+    if mount is None or mount[1] != "bpf":
+        raise ProgramError(f"{path} is not on a bpf filesystem (mount bpffs at /sys/fs/bpf)")
+
+
+# --- bcc and libbpf -------------------------------------------------------------------------
+
+
+def _compile(source_dir: Path, pin_dir: Path) -> Any:
+    source = source_dir / SOURCE_FILE
+    if not source.is_file():
+        raise ProgramError(f"{source} not found (set APILANE_BPF_DIR)")
+    try:
+        from bcc import BPF
+    except ImportError as exc:
+        raise ProgramError("bcc is not importable: run tools/setup-bpf.sh") from exc
+    pin_text = str(pin_dir).replace("\\", "\\\\").replace('"', '\\"')
+    try:
+        return BPF(
+            src_file=os.fsencode(source),
+            cflags=[f'-DAPILANE_PIN_DIR="{pin_text}"', f"-I{source_dir}"],
+        )
+    except Exception as exc:
+        raise ProgramError(f"compiling {source}: {exc}") from exc
+
+
+_LIBBPF: Any = None
+
+
+def _libbpf() -> Any:
+    global _LIBBPF  # noqa: PLW0603 - loaded once, on first use
+    if _LIBBPF is None:
+        try:
+            lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+        except OSError as exc:
+            raise ProgramError("libbpf.so.1 not found (Debian package libbpf1)") from exc
+        lib.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        lib.bpf_link_update.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        lib.bpf_link_detach.argtypes = [ctypes.c_int]
+        lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+        lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
+        lib.bpf_obj_get_info_by_fd.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_uint32),
+        ]
+        lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
+        _LIBBPF = lib
+    return _LIBBPF
+
+
+def _strerror(result: int) -> str:
+    code = -result if result < 0 else ctypes.get_errno()
+    return f"{errno.errorcode.get(code, code)} ({os.strerror(code)})"
+
+
+def _open_pinned(pin: Path) -> int | None:
+    if not pin.exists():
+        return None
+    fd = _libbpf().bpf_obj_get(os.fsencode(pin))
+    if fd < 0:
+        raise ProgramError(f"opening pinned {pin}: {_strerror(fd)}")
+    return int(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class _LinkInfo:
+    link_id: int
+    program_id: int
+    cgroup_id: int
+    attach_type: int
+
+
+class _BpfLinkInfo(ctypes.Structure):
+    # struct bpf_link_info (uapi/linux/bpf.h), cgroup member of the union; the union is
+    # 8-byte aligned, hence the pad. The tail buffer lets newer kernels write more.
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("cgroup_id", ctypes.c_uint64),
+        ("attach_type", ctypes.c_uint32),
+        ("_tail", ctypes.c_uint8 * 100),
+    ]
+
+
+def _link_info(link_fd: int) -> _LinkInfo | None:
+    info = _BpfLinkInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    if _libbpf().bpf_obj_get_info_by_fd(link_fd, ctypes.byref(info), ctypes.byref(size)) < 0:
+        return None
+    if info.type != _BPF_LINK_TYPE_CGROUP:
+        return None
+    return _LinkInfo(
+        link_id=info.id,
+        program_id=info.prog_id,
+        cgroup_id=info.cgroup_id,
+        attach_type=info.attach_type,
+    )
+
+
+class _BpfProgInfoHead(ctypes.Structure):
+    # The head of struct bpf_prog_info, up to and including `name` (BPF_OBJ_NAME_LEN 16).
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+def _program_name(program_id: int, *, expected: str) -> str:
+    """The attached program's name; the kernel keeps 15 characters, so a matching prefix
+    reports our full function name."""
+    fd = _libbpf().bpf_prog_get_fd_by_id(program_id)
+    if fd < 0:
+        return f"<program {program_id}>"
+    try:
+        info = _BpfProgInfoHead()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        if _libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)) < 0:
+            return f"<program {program_id}>"
+        name = info.name.decode(errors="replace")
+        return expected if name and expected.startswith(name) else name
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)

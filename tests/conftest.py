@@ -3,4 +3,6 @@ this file only loads them. See README "Development" for the safety rules they en
 
 pytest_plugins = [
     "apilane.shared.testing.nats_fixtures",
+    "apilane.shared.testing.kube_fixtures",
+    "apilane.shared.testing.bpf_fixtures",
 ]

@@ -76,6 +76,20 @@ async def test_kv_compare_and_set_rejects_a_stale_revision(bus: Bus) -> None:
     assert entry is not None and entry.revision == rev2
 
 
+async def test_a_deleted_key_reads_as_absent_but_keeps_its_revision_for_cas(bus: Bus) -> None:
+    from apilane.shared.bus import RevisionMismatch
+
+    await bus.kv_put(subjects.SNAPSHOT_BUCKET, "c4", _warning(1))
+    kv = await bus.js.key_value(subjects.SNAPSHOT_BUCKET)
+    await kv.delete("c4")
+    assert await bus.kv_get(subjects.SNAPSHOT_BUCKET, "c4") is None
+    marker = await bus.kv_get(subjects.SNAPSHOT_BUCKET, "c4", include_deleted=True)
+    assert marker is not None and marker.operation == "DEL"
+    with pytest.raises(RevisionMismatch):
+        await bus.kv_put(subjects.SNAPSHOT_BUCKET, "c4", _warning(2), expected_revision=0)
+    await bus.kv_put(subjects.SNAPSHOT_BUCKET, "c4", _warning(2), expected_revision=marker.revision)
+
+
 async def test_kv_watch_catches_up_after_a_server_restart(nats_server: NatsServer) -> None:
     bus = await Bus.connect([nats_server.url], name="t", initial_attempt_deadline=5)
     await bus.ensure_streams()

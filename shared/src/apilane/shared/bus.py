@@ -177,8 +177,13 @@ class Bus:
             raise BusError(f"publish to {subject} failed: {exc}") from exc
         return int(ack.seq)
 
-    async def kv_get(self, bucket: str, key: str) -> KvEntry | None:
-        """The latest value of a key, with its headers, or None when there is none."""
+    async def kv_get(
+        self, bucket: str, key: str, *, include_deleted: bool = False
+    ) -> KvEntry | None:
+        """The latest value of a key, with its headers, or None when there is none.
+
+        A deleted or purged key leaves a marker with a revision of its own; compare-and-set
+        writers need it (`include_deleted=True` returns the marker, `operation` says which)."""
         try:
             raw = await self.js.get_last_msg(_kv_stream(bucket), subjects.kv_subject(bucket, key))
         except NotFoundError:
@@ -187,7 +192,7 @@ class Bus:
             raise BusError(f"reading {bucket}/{key} failed: {exc}") from exc
         headers = dict(raw.headers or {})
         operation = headers.get("KV-Operation", "PUT")
-        if operation != "PUT":
+        if operation != "PUT" and not include_deleted:
             return None
         return KvEntry(
             bucket=bucket,

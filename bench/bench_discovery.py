@@ -1,0 +1,172 @@
+"""Discovery: change-to-publish latency and resident memory, on a real apiserver and NATS.
+
+Runs the service as it runs in production (`python -m apilane.discovery`, its own process,
+leader election on, the default 100 ms coalescing window), then changes the `kubernetes`
+Service's EndpointSlice CHANGES times, one after another, each to a new endpoint set, and
+times each from just before the API write to the new snapshot arriving from the KV bucket.
+Then as many reorder-only updates (the digest does not change: no publish). Resident memory
+is the service process's VmRSS after the runs (and its peak, VmHWM).
+
+    .venv/bin/python bench/bench_discovery.py          # CHANGES=120 by default
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from apilane.shared import events, subjects
+from apilane.shared.bus import Bus
+from apilane.shared.kube import KubeClient, NotFound
+from apilane.shared.testing.kube import ControlPlane, endpoint_slice
+from apilane.shared.testing.nats import NatsServer
+
+CHANGES = int(os.environ.get("CHANGES", "120"))
+WINDOW = os.environ.get("APILANE_COALESCE_WINDOW", "100ms")
+TIMEOUT = 30.0
+SLICES = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    fields = dict(
+        line.split(":", 1)
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if ":" in line
+    )
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+async def put_slice(kube: KubeClient, body: dict[str, Any]) -> None:
+    name = body["metadata"]["name"]
+    try:
+        current = await kube.get(f"{SLICES}/{name}")
+    except NotFound:
+        await kube.create(SLICES, body)
+        return
+    body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+    await kube.replace(f"{SLICES}/{name}", body)
+
+
+async def run(plane: ControlPlane, nats: NatsServer) -> int:
+    cluster = f"bench-{secrets.token_hex(3)}"
+    kube = await plane.client()
+    bus = await Bus.connect([nats.url], name="bench", initial_attempt_deadline=10)
+    await bus.ensure_streams()
+    target = (await kube.get("/api/v1/namespaces/default/services/kubernetes"))["spec"]["ports"][0][
+        "targetPort"
+    ]
+
+    def body(addresses: list[str]) -> dict[str, Any]:
+        return endpoint_slice("kubernetes", addresses=addresses, port=target)
+
+    await put_slice(kube, body(["192.0.2.1", "192.0.2.2"]))
+    env = {
+        **os.environ,
+        "APILANE_CLUSTER": cluster,
+        "APILANE_NATS_URL": nats.url,
+        "KUBECONFIG": str(plane.kubeconfig_path),
+        "APILANE_LEASE_NAMESPACE": "default",
+        "APILANE_POD_NAME": "bench-discovery",
+        "APILANE_HTTP_PORT": "0",
+        "APILANE_HTTP_HOST": "127.0.0.1",
+        "APILANE_LOG_LEVEL": "WARNING",
+        "APILANE_COALESCE_WINDOW": WINDOW,
+        "OTEL_SDK_DISABLED": "true",
+    }
+    proc = subprocess.Popen(  # noqa: ASYNC220 - a bench: started once, before timing
+        [sys.executable, "-m", "apilane.discovery"], env=env, start_new_session=True
+    )
+    seen: dict[str, float] = {}  # apiserver endpoint set → when its snapshot arrived
+    generations: list[int] = []
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        async for entry in bus.watch_kv(
+            subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(cluster), _stop=stop
+        ):
+            snap = events.decode_snapshot(entry.value)
+            key = ",".join(sorted(e.ip for e in snap.apiserver_endpoints))
+            seen.setdefault(key, time.monotonic())
+            generations.append(snap.generation)
+
+    watcher = asyncio.create_task(watch())
+
+    async def wait_for(key: str) -> float:
+        deadline = time.monotonic() + TIMEOUT
+        while key not in seen:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"no snapshot with {key} (service exit code {proc.poll()})")
+            await asyncio.sleep(0.002)
+        return seen[key]
+
+    try:
+        await wait_for("192.0.2.1,192.0.2.2")
+        latencies: list[float] = []
+        for i in range(CHANGES):
+            addresses = ["192.0.2.1", f"198.51.100.{i % 250 + 1}", f"203.0.113.{i // 250 + 1}"]
+            began = time.monotonic()
+            await put_slice(kube, body(addresses))
+            latencies.append(await wait_for(",".join(sorted(addresses))) - began)
+        published = len(generations)
+        # Reorder-only updates: new resourceVersions, same digest, so nothing is published.
+        for _ in range(CHANGES // 4):
+            await put_slice(kube, body(list(reversed(addresses))))
+            await put_slice(kube, body(addresses))
+        await asyncio.sleep(1.0)
+        suppressed_publishes = len(generations) - published
+        rss, peak = rss_kib(proc.pid)
+    finally:
+        stop.set()
+        watcher.cancel()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        await bus.drain()
+        await kube.close()
+
+    ms = [v * 1000 for v in latencies]
+    print(
+        f"discovery, real kube-apiserver + nats-server, coalescing window {WINDOW}, {CHANGES} changes\n"
+    )
+    print("| measure | value |")
+    print("|---|---|")
+    print(f"| change-to-publish p50 | {statistics.median(ms):.1f} ms |")
+    print(f"| change-to-publish p90 | {percentile(ms, 0.90):.1f} ms |")
+    print(f"| change-to-publish p99 | {percentile(ms, 0.99):.1f} ms |")
+    print(f"| change-to-publish max | {max(ms):.1f} ms |")
+    print(
+        f"| p50 minus the coalescing window | {statistics.median(ms) - _seconds(WINDOW) * 1000:.1f} ms |"
+    )
+    print(f"| generations strictly increasing | {generations == sorted(set(generations))} |")
+    print(f"| publishes for {2 * (CHANGES // 4)} reorder-only updates | {suppressed_publishes} |")
+    print(f"| service resident memory (VmRSS) | {rss / 1024:.1f} MiB |")
+    print(f"| service peak resident memory (VmHWM) | {peak / 1024:.1f} MiB |")
+    return 0
+
+
+def _seconds(text: str) -> float:
+    return float(text[:-2]) / 1000 if text.endswith("ms") else float(text.rstrip("s"))
+
+
+def main() -> int:
+    with NatsServer() as nats, ControlPlane() as plane:
+        return asyncio.run(run(plane, nats))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

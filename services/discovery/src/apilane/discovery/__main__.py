@@ -1,0 +1,27 @@
+"""`python -m apilane.discovery` (or `apilane-discovery`) runs the service."""
+
+from __future__ import annotations
+
+import sys
+
+from apilane.shared import runtime
+from apilane.shared.errors import ConfigError
+
+
+def main() -> int:
+    from apilane.discovery import service, settings
+
+    try:
+        loaded = settings.load()
+    except ConfigError as exc:
+        print(f"apilane-discovery: {exc}", file=sys.stderr)
+        return 2
+    return runtime.run(
+        settings.SERVICE_NAME,
+        loaded.common,
+        lambda ctx: service.run(loaded, ctx.stopping, registry=ctx.registry, health=ctx.health),
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

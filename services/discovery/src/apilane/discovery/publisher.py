@@ -1,0 +1,484 @@
+"""When and what discovery publishes: coalescing, no-op suppression, generations, warnings.
+
+The watcher calls `offer(result, change)` for every observed change; `run` turns those into
+KV writes. The rules (issue 3):
+
+- changes within the coalescing window become one publish naming every resourceVersion;
+- a publish happens only when the digest differs from the one in the KV bucket;
+- an empty endpoint set is never published: the last good snapshot stays, a
+  `NoReadyEndpoints` warning goes out instead;
+- the generation only increases, across restarts and leader changes: it is derived from the
+  KV entry and written with compare-and-set on its revision;
+- when NATS is down the latest state stays pending and is retried with backoff, so once
+  NATS is back the latest state is published (intermediate states may be skipped: every
+  snapshot is complete, so nothing is lost by skipping).
+
+The bus and the Kubernetes event recorder are small protocols, so the whole state machine
+runs in tests without NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Final, Protocol
+
+from opentelemetry import trace
+
+from apilane.shared import events, subjects
+from apilane.shared.bus import BusError, KvEntry, RevisionMismatch
+from apilane.shared.events import ClusterWarning, EndpointSnapshot, Finding
+
+from .metrics import DiscoveryMetrics
+from .snapshot import SnapshotResult
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("apilane.discovery")
+
+SOURCE: Final = "discovery"
+# More than this many lost compare-and-set races in a row is not contention, it is a bug
+# (or a key deleted under us); back off and try again later.
+MAX_CAS_ATTEMPTS: Final = 8
+# Pending changes kept for metrics and span links while NATS is down; older ones are
+# dropped from the bookkeeping only (the state itself is always the latest).
+MAX_PENDING_CHANGES: Final = 1024
+
+
+class SnapshotBus(Protocol):
+    """The part of `apilane.shared.bus.Bus` the publisher uses."""
+
+    async def kv_get(
+        self, bucket: str, key: str, *, include_deleted: bool = False
+    ) -> KvEntry | None: ...
+
+    async def kv_put(
+        self,
+        bucket: str,
+        key: str,
+        event: events.Event,
+        *,
+        expected_revision: int | None = None,
+        msg_id: str | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 5.0,
+    ) -> int: ...
+
+    async def publish(
+        self,
+        subject: str,
+        event: events.Event,
+        *,
+        msg_id: str | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 5.0,
+    ) -> int: ...
+
+
+class EventRecorder(Protocol):
+    """Puts a finding onto the object it concerns as a Kubernetes Event.
+
+    Raising means "try again later"; an adapter swallows errors that retrying cannot fix."""
+
+    async def record(self, finding: Finding) -> None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObservedChange:
+    """One watch event that changed discovery's view, with what is needed to time it."""
+
+    object_ref: str  # "EndpointSlice/default/kubernetes-abc"
+    resource_version: str
+    observed_at: float  # wall clock, seconds since the epoch
+    trigger_time: datetime | None = None  # the slice's last-change-trigger-time, when set
+    span_context: trace.SpanContext | None = None
+
+    @property
+    def versioned_ref(self) -> str:
+        return f"{self.object_ref}@{self.resource_version}"
+
+    @property
+    def started_at(self) -> float:
+        """When the change happened: the trigger time when plausible, else when observed."""
+        if self.trigger_time is not None:
+            triggered = self.trigger_time.timestamp()
+            if triggered <= self.observed_at:
+                return triggered
+        return self.observed_at
+
+
+class Outcome(Enum):
+    IDLE = "idle"  # nothing to do
+    PUBLISHED = "published"
+    SUPPRESSED = "suppressed"  # same digest as the KV entry
+    REFUSED_EMPTY = "refused-empty"
+    NOT_LEADER = "not-leader"
+    RETRY = "retry"  # the bus failed; the state stays pending
+
+
+class Publisher:
+    def __init__(
+        self,
+        *,
+        cluster: str,
+        bus: SnapshotBus,
+        metrics: DiscoveryMetrics,
+        recorder: EventRecorder | None = None,
+        coalesce_window: float = 0.1,
+        is_leader: Callable[[], bool] = lambda: True,
+        retry_initial: float = 0.2,
+        retry_max: float = 5.0,
+        event_retry_interval: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cluster = subjects.check_token(cluster, "cluster name")
+        self.key = subjects.snapshot_key(cluster)
+        self.bus = bus
+        self.metrics = metrics
+        self.recorder = recorder
+        self.coalesce_window = coalesce_window
+        self.is_leader = is_leader
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.event_retry_interval = event_retry_interval
+        self.clock = clock
+
+        self.latest: SnapshotResult | None = None  # the newest view offered
+        self.last_published: EndpointSnapshot | None = (
+            None  # what the KV bucket holds, as far as we know
+        )
+        self.last_generation = 0
+        self._dirty = False  # `latest` has not been reconciled with the bucket yet
+        self._changes: list[ObservedChange] = []
+        self._first_change_at: float | None = None  # monotonic, opens the coalescing window
+        self._wakeup = asyncio.Event()
+        self._warned_bus: set[tuple[str, str, str]] = set()
+        self._warned_kube: set[tuple[str, str, str]] = set()
+        self._retry_delay = retry_initial
+        self._events_pending = False
+        self._reconciled: SnapshotResult | None = None  # the last view fully handled
+
+    # -- input
+
+    def offer(self, result: SnapshotResult, change: ObservedChange | None = None) -> None:
+        """A new complete view; never blocks. The publish happens in `run`."""
+        if (
+            not self._dirty
+            and self._reconciled is not None
+            and _same_view(result, self._reconciled)
+            and self.is_leader()
+        ):
+            # Nothing that matters changed (a reordering, a status field we do not read):
+            # the bucket already holds this digest and its warnings are out.
+            self.latest = result
+            if change is not None:
+                self.metrics.suppressed.inc()
+            return
+        self.latest = result
+        self._dirty = True
+        if change is not None:
+            if len(self._changes) >= MAX_PENDING_CHANGES:
+                del self._changes[0]
+            self._changes.append(change)
+        if self._first_change_at is None:
+            self._first_change_at = time.monotonic()
+        self._wakeup.set()
+
+    def wake(self) -> None:
+        """Reconcile again (e.g. this replica just became the leader)."""
+        if self.latest is not None:
+            self._dirty = True
+            self._warned_bus.clear()
+            self._warned_kube.clear()
+        self._wakeup.set()
+
+    @property
+    def pending(self) -> bool:
+        return self._dirty
+
+    # -- the loop
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Publish pending state until `stop` is set."""
+        while not stop.is_set():
+            if not await _wait_either(self._wakeup, stop):
+                break
+            self._wakeup.clear()
+            if self._first_change_at is not None:
+                remaining = self._first_change_at + self.coalesce_window - time.monotonic()
+                if remaining > 0 and await _sleep_unless(stop, remaining):
+                    break
+            outcome = await self.flush()
+            if outcome is Outcome.RETRY:
+                # Newer changes do not cut the backoff short: NATS is down for all of them.
+                delay = self._retry_delay * (0.5 + random.random() / 2)
+                self._retry_delay = min(self._retry_delay * 2, self.retry_max)
+                if await _sleep_unless(stop, delay):
+                    break
+                self._wakeup.set()
+                continue
+            self._retry_delay = self.retry_initial
+            if not self._events_pending or self._wakeup.is_set():
+                continue
+            # Kubernetes Events are best effort but not forgotten: try again later.
+            if not await _wait_either(self._wakeup, stop, timeout=self.event_retry_interval):
+                if stop.is_set():
+                    break
+                self._dirty = self.latest is not None
+                self._wakeup.set()
+
+    async def flush(self) -> Outcome:
+        """Reconcile the latest view with the bucket once (the loop's body; tests call it)."""
+        self._first_change_at = None
+        if not self._dirty or self.latest is None:
+            return Outcome.IDLE
+        if not self.is_leader():
+            # A follower keeps the latest view (to publish if it becomes the leader) but
+            # does not account changes it will never publish.
+            self._changes.clear()
+            self._dirty = False
+            self._reconciled = None
+            return Outcome.NOT_LEADER
+        result = self.latest
+        try:
+            outcome = await self._publish(result)
+        except BusError as exc:
+            self.metrics.publish_failures.inc()
+            log.warning(
+                "publishing the snapshot failed, will retry",
+                extra={"error": str(exc), "cluster": self.cluster},
+            )
+            outcome = Outcome.RETRY
+        # After the snapshot, so a warning carries the generation it was raised at.
+        if not await self._emit_warnings(result) and outcome is not Outcome.RETRY:
+            outcome = Outcome.RETRY
+        if outcome is not Outcome.RETRY:
+            self._reconciled = result
+            if result is self.latest:
+                self._dirty = False  # unless something newer arrived while we were writing
+        return outcome
+
+    async def _publish(self, result: SnapshotResult) -> Outcome:
+        changes = list(self._changes)
+        if not result.apiserver_endpoints or not result.service_endpoints:
+            # Never an empty set: the data plane would drop the API server. The finding
+            # (NoReadyEndpoints / ServiceMissing) goes out as a warning instead.
+            self.metrics.refused_empty.inc()
+            self._forget_changes(changes)
+            log.warning(
+                "not publishing a snapshot without endpoints; the last good one stays",
+                extra={"cluster": self.cluster, "digest": result.digest},
+            )
+            return Outcome.REFUSED_EMPTY
+
+        for _attempt in range(MAX_CAS_ATTEMPTS):
+            entry = await self.bus.kv_get(subjects.SNAPSHOT_BUCKET, self.key, include_deleted=True)
+            if entry is not None and entry.operation != "PUT":
+                # Someone deleted or purged the key: its marker's revision is the CAS base, and
+                # generations stay above every revision the key has had.
+                self.last_generation = max(self.last_generation, entry.revision)
+            current = (
+                _decode_entry(entry) if entry is not None and entry.operation == "PUT" else None
+            )
+            if current is not None:
+                self.last_generation = max(self.last_generation, current.generation)
+                if current.digest == result.digest:
+                    self.last_published = current
+                    self.metrics.suppressed.inc(len(changes))
+                    self._forget_changes(changes)
+                    return Outcome.SUPPRESSED
+            generation = self.last_generation + 1
+            snapshot = self._snapshot(result, generation=generation, changes=changes)
+            links = [trace.Link(c.span_context) for c in changes if c.span_context is not None]
+            with tracer.start_as_current_span(
+                "discovery publish",
+                kind=trace.SpanKind.PRODUCER,
+                links=links[-128:],
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.destination.name": subjects.kv_subject(
+                        subjects.SNAPSHOT_BUCKET, self.key
+                    ),
+                    "apilane.cluster": self.cluster,
+                    "apilane.generation": generation,
+                    "apilane.digest": result.digest,
+                    "apilane.coalesced_changes": len(changes),
+                    "apilane.resource_versions": list(snapshot.resource_versions),
+                },
+            ) as span:
+                try:
+                    revision = await self.bus.kv_put(
+                        subjects.SNAPSHOT_BUCKET,
+                        self.key,
+                        snapshot,
+                        expected_revision=entry.revision if entry is not None else 0,
+                        msg_id=f"{self.cluster}:{generation}:{result.digest}",
+                    )
+                except RevisionMismatch:
+                    span.set_attribute("apilane.cas_lost", True)
+                    continue  # someone else wrote: read again, the generation moves on
+            published_at = self.clock()
+            self.last_generation = generation
+            self.last_published = snapshot
+            self.metrics.publishes.inc()
+            if len(changes) > 1:
+                self.metrics.coalesced.inc(len(changes) - 1)
+            for change in changes:
+                self.metrics.change_to_publish.observe(max(0.0, published_at - change.started_at))
+            self._forget_changes(changes)
+            log.info(
+                "published endpoint snapshot",
+                extra={
+                    "cluster": self.cluster,
+                    "generation": generation,
+                    "revision": revision,
+                    "digest": result.digest,
+                    "endpoints": [f"{e.ip}:{e.port}" for e in result.apiserver_endpoints],
+                    "changes": len(changes),
+                },
+            )
+            return Outcome.PUBLISHED
+        raise BusError(
+            f"compare-and-set on {subjects.SNAPSHOT_BUCKET}/{self.key} lost {MAX_CAS_ATTEMPTS} times in a row"
+        )
+
+    def _snapshot(
+        self, result: SnapshotResult, *, generation: int, changes: list[ObservedChange]
+    ) -> EndpointSnapshot:
+        resource_versions = set(result.resource_versions) | {c.versioned_ref for c in changes}
+        trigger_times = set(result.trigger_times) | {
+            c.trigger_time for c in changes if c.trigger_time is not None
+        }
+        return EndpointSnapshot(
+            cluster=self.cluster,
+            generation=generation,
+            service_endpoints=result.service_endpoints,
+            apiserver_endpoints=result.apiserver_endpoints,
+            digest=result.digest,
+            observed_at=datetime.fromtimestamp(self.clock(), UTC),
+            trigger_times=tuple(sorted(trigger_times)),
+            resource_versions=tuple(sorted(resource_versions)),
+            findings=result.findings,
+            kube_proxy=result.kube_proxy,
+            managed_provider=result.managed_provider,
+        )
+
+    def _forget_changes(self, covered: list[ObservedChange]) -> None:
+        # Changes offered while we were writing stay for the next round.
+        covered_ids = {id(c) for c in covered}
+        self._changes = [c for c in self._changes if id(c) not in covered_ids]
+
+    # -- warnings
+
+    async def _emit_warnings(self, result: SnapshotResult) -> bool:
+        """Emit each finding once while it lasts (again if it goes away and comes back).
+
+        Returns False when a warning could not be published on the bus (retried with the
+        snapshot's backoff); Kubernetes Events that failed are retried on a slower timer."""
+        current = {_finding_key(f): f for f in result.findings}
+        self._warned_bus &= current.keys()
+        self._warned_kube &= current.keys()
+        ok = True
+        for key, finding in sorted(current.items()):
+            if key not in self._warned_bus:
+                warning = ClusterWarning(
+                    cluster=self.cluster,
+                    reason=finding.reason,
+                    message=finding.message,
+                    source=SOURCE,
+                    object_ref=finding.object_ref,
+                    generation=self.last_generation,
+                )
+                digest = hashlib.sha256("\x00".join(key).encode()).hexdigest()[:16]
+                try:
+                    await self.bus.publish(
+                        subjects.warnings_subject(self.cluster),
+                        warning,
+                        msg_id=f"{self.cluster}:warning:{digest}:{self.last_generation}",
+                    )
+                except BusError as exc:
+                    log.warning(
+                        "publishing a warning failed, will retry",
+                        extra={"reason": finding.reason, "error": str(exc)},
+                    )
+                    ok = False
+                else:
+                    self._warned_bus.add(key)
+                    self.metrics.warnings.labels(finding.reason).inc()
+                    log.warning(
+                        "finding",
+                        extra={
+                            "reason": finding.reason,
+                            "object_ref": finding.object_ref,
+                            "detail": finding.message,
+                        },
+                    )
+            if self.recorder is not None and key not in self._warned_kube:
+                try:
+                    await self.recorder.record(finding)
+                except Exception as exc:  # retried on the next round; never stops publishing
+                    log.warning(
+                        "recording a Kubernetes Event failed, will retry",
+                        extra={"reason": finding.reason, "error": str(exc)},
+                    )
+                    ok = False
+                else:
+                    self._warned_kube.add(key)
+        return ok
+
+
+def _same_view(a: SnapshotResult, b: SnapshotResult) -> bool:
+    return (
+        a.digest == b.digest
+        and a.findings == b.findings
+        and a.kube_proxy == b.kube_proxy
+        and a.managed_provider == b.managed_provider
+    )
+
+
+def _finding_key(finding: Finding) -> tuple[str, str, str]:
+    return (finding.reason, finding.object_ref, finding.message)
+
+
+def _decode_entry(entry: KvEntry | None) -> EndpointSnapshot | None:
+    if entry is None:
+        return None
+    try:
+        return events.decode_snapshot(entry.value)
+    except events.MalformedEvent as exc:
+        # Not ours to fix; overwrite it (with CAS) and keep generations from what we know.
+        log.error(
+            "the KV entry is not a snapshot; it will be replaced",
+            extra={"error": str(exc), "revision": entry.revision},
+        )
+        return None
+
+
+async def _wait_either(
+    wakeup: asyncio.Event, stop: asyncio.Event, *, timeout: float | None = None
+) -> bool:
+    """Wait for `wakeup`; False when `stop` came first or `timeout` passed."""
+    if stop.is_set():
+        return False
+    waiters = [asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(stop.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    return wakeup.is_set() and not stop.is_set()
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep; True when `stop` was set meanwhile."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        return False
+    return True

@@ -1,0 +1,410 @@
+"""The publishing state machine, against an in-memory stand-in for the bus's KV semantics.
+
+The stand-in is our own protocol (`SnapshotBus`), not nats-py: the real bus is exercised by
+the integration tests. Here the rules are checked one by one, fast and deterministically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from apilane.discovery.metrics import DiscoveryMetrics
+from apilane.discovery.publisher import ObservedChange, Outcome, Publisher
+from apilane.discovery.snapshot import SnapshotResult, build_snapshot
+from apilane.shared import events, subjects
+from apilane.shared.bus import BusError, KvEntry, RevisionMismatch
+from apilane.shared.events import ClusterWarning, EndpointSnapshot, Finding, WarningReason
+
+pytestmark = [pytest.mark.unit]
+
+KEY = "c1"
+
+
+class MemoryBus:
+    """KV with per-key revisions and compare-and-set, a warnings log, and an outage switch."""
+
+    def __init__(self) -> None:
+        self.revision = 0
+        self.kv: dict[str, tuple[int, bytes]] = {}
+        self.puts: list[EndpointSnapshot] = []
+        self.warnings: list[ClusterWarning] = []
+        self.msg_ids: list[str] = []
+        self.down = False
+        self.before_put: Any = None  # a hook that may write first, to lose a CAS race
+
+    def _check(self) -> None:
+        if self.down:
+            raise BusError("nats: no servers available")
+
+    async def kv_get(
+        self, bucket: str, key: str, *, include_deleted: bool = False
+    ) -> KvEntry | None:
+        self._check()
+        if key not in self.kv:
+            return None
+        revision, value = self.kv[key]
+        return KvEntry(bucket=bucket, key=key, value=value, revision=revision)
+
+    async def kv_put(
+        self,
+        bucket: str,
+        key: str,
+        event: events.Event,
+        *,
+        expected_revision: int | None = None,
+        msg_id: str | None = None,
+        headers: Any = None,
+        timeout: float = 5.0,
+    ) -> int:
+        self._check()
+        if self.before_put is not None:
+            hook, self.before_put = self.before_put, None
+            hook(self)
+        current = self.kv.get(key, (0, b""))[0]
+        if expected_revision is not None and expected_revision != current:
+            raise RevisionMismatch(f"{key} at {current}, expected {expected_revision}")
+        self.revision += 1
+        self.kv[key] = (self.revision, events.encode(event))
+        assert isinstance(event, EndpointSnapshot)
+        self.puts.append(event)
+        self.msg_ids.append(msg_id or "")
+        return self.revision
+
+    async def publish(
+        self,
+        subject: str,
+        event: events.Event,
+        *,
+        msg_id: str | None = None,
+        headers: Any = None,
+        timeout: float = 5.0,
+    ) -> int:
+        self._check()
+        assert subject == subjects.warnings_subject(KEY)
+        assert isinstance(event, ClusterWarning)
+        self.warnings.append(event)
+        return len(self.warnings)
+
+    def seed(self, generation: int, digest: str = "sha256:old") -> None:
+        snapshot = EndpointSnapshot(
+            cluster=KEY,
+            generation=generation,
+            service_endpoints=(),
+            apiserver_endpoints=(),
+            digest=digest,
+            observed_at=datetime.now(UTC),
+        )
+        self.revision += 1
+        self.kv[KEY] = (self.revision, events.encode(snapshot))
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.recorded: list[Finding] = []
+        self.fail = False
+
+    async def record(self, finding: Finding) -> None:
+        if self.fail:
+            raise RuntimeError("apiserver unavailable")
+        self.recorded.append(finding)
+
+
+def view(*ips: str, ds: Any = "ready") -> SnapshotResult:
+    slice_ = {
+        "metadata": {"name": "kubernetes", "namespace": "default", "resourceVersion": "5"},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [ip]} for ip in ips],
+        "ports": [{"name": "https", "port": 6443}],
+    }
+    kube_proxy = None
+    if ds == "ready":
+        kube_proxy = {
+            "metadata": {"name": "kube-proxy"},
+            "status": {"desiredNumberScheduled": 1, "numberReady": 1},
+        }
+    return build_snapshot(
+        service={
+            "metadata": {"name": "kubernetes"},
+            "spec": {
+                "clusterIPs": ["10.96.0.1"],
+                "ports": [{"name": "https", "port": 443, "targetPort": 6443}],
+            },
+        },
+        endpoint_slices=[slice_],
+        kube_proxy=kube_proxy,
+        nodes=[],
+    )
+
+
+def change(
+    rv: str, *, trigger: datetime | None = None, observed_at: float | None = None
+) -> ObservedChange:
+    return ObservedChange(
+        object_ref="EndpointSlice/default/kubernetes",
+        resource_version=rv,
+        observed_at=observed_at if observed_at is not None else datetime.now(UTC).timestamp(),
+        trigger_time=trigger,
+    )
+
+
+@pytest.fixture
+def bus() -> MemoryBus:
+    return MemoryBus()
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def publisher(bus: MemoryBus, registry: CollectorRegistry) -> Publisher:
+    return Publisher(
+        cluster=KEY,
+        bus=bus,
+        metrics=DiscoveryMetrics(registry),
+        coalesce_window=0.05,
+        retry_initial=0.01,
+        retry_max=0.05,
+    )
+
+
+def metric(registry: CollectorRegistry, name: str, labels: dict[str, str] | None = None) -> float:
+    return registry.get_sample_value(name, labels or {}) or 0.0
+
+
+async def test_the_first_publish_is_generation_one_with_compare_and_set(
+    publisher: Publisher, bus: MemoryBus, registry: CollectorRegistry
+) -> None:
+    publisher.offer(view("192.0.2.1"), change("10"))
+    assert await publisher.flush() is Outcome.PUBLISHED
+    [snapshot] = bus.puts
+    assert snapshot.generation == 1
+    assert [e.ip for e in snapshot.apiserver_endpoints] == ["192.0.2.1"]
+    assert bus.msg_ids == [f"{KEY}:1:{snapshot.digest}"]
+    assert "EndpointSlice/default/kubernetes@10" in snapshot.resource_versions
+    assert metric(registry, "apilane_discovery_publishes_total") == 1
+
+
+async def test_a_burst_is_one_publish_naming_every_resource_version(
+    publisher: Publisher, bus: MemoryBus, registry: CollectorRegistry
+) -> None:
+    publisher.offer(view("192.0.2.1"), change("10"))
+    publisher.offer(view("192.0.2.1", "192.0.2.2"), change("11"))
+    publisher.offer(view("192.0.2.1", "192.0.2.3"), change("12"))
+    assert await publisher.flush() is Outcome.PUBLISHED
+    [snapshot] = bus.puts
+    assert [e.ip for e in snapshot.apiserver_endpoints] == ["192.0.2.1", "192.0.2.3"]
+    assert {
+        "EndpointSlice/default/kubernetes@10",
+        "EndpointSlice/default/kubernetes@11",
+        "EndpointSlice/default/kubernetes@12",
+    } <= set(snapshot.resource_versions)
+    assert metric(registry, "apilane_discovery_coalesced_total") == 2
+    assert metric(registry, "apilane_discovery_change_to_publish_seconds_count") == 3
+
+
+async def test_the_run_loop_coalesces_over_the_window(publisher: Publisher, bus: MemoryBus) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(publisher.run(stop))
+    for rv in range(5):
+        publisher.offer(view("192.0.2.1", f"192.0.2.{10 + rv}"), change(str(rv)))
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.15)
+    stop.set()
+    await asyncio.wait_for(task, 2)
+    assert [s.generation for s in bus.puts] == [1]
+    assert [e.ip for e in bus.puts[0].apiserver_endpoints] == ["192.0.2.1", "192.0.2.14"]
+
+
+async def test_the_same_digest_is_not_published_again(
+    publisher: Publisher, bus: MemoryBus, registry: CollectorRegistry
+) -> None:
+    publisher.offer(view("192.0.2.1", "192.0.2.2"), change("10"))
+    await publisher.flush()
+    publisher.offer(view("192.0.2.2", "192.0.2.1"), change("11"))
+    assert not publisher.pending  # known no-op: not even a KV read
+    assert await publisher.flush() is Outcome.IDLE
+    assert len(bus.puts) == 1
+    assert metric(registry, "apilane_discovery_suppressed_total") == 1
+
+
+async def test_a_digest_another_replica_already_published_is_not_published_again(
+    publisher: Publisher, bus: MemoryBus, registry: CollectorRegistry
+) -> None:
+    bus.seed(3, digest=view("192.0.2.1").digest)
+    publisher.offer(view("192.0.2.1"), change("10"))
+    assert await publisher.flush() is Outcome.SUPPRESSED
+    assert bus.puts == []
+    assert publisher.last_generation == 3
+    assert metric(registry, "apilane_discovery_suppressed_total") == 1
+
+
+async def test_an_empty_set_is_never_published_and_warns(
+    publisher: Publisher, bus: MemoryBus, registry: CollectorRegistry
+) -> None:
+    publisher.offer(view("192.0.2.1"), change("10"))
+    await publisher.flush()
+    publisher.offer(view(), change("11"))
+    assert await publisher.flush() is Outcome.REFUSED_EMPTY
+    assert len(bus.puts) == 1
+    assert publisher.last_published is not None
+    assert [e.ip for e in publisher.last_published.apiserver_endpoints] == ["192.0.2.1"]
+    assert [w.reason for w in bus.warnings] == [WarningReason.NO_READY_ENDPOINTS]
+    assert bus.warnings[0].generation == 1
+    assert metric(registry, "apilane_discovery_refused_empty_total") == 1
+
+
+async def test_the_generation_continues_from_the_bucket(
+    publisher: Publisher, bus: MemoryBus
+) -> None:
+    bus.seed(41)
+    publisher.offer(view("192.0.2.1"), change("10"))
+    await publisher.flush()
+    assert bus.puts[-1].generation == 42
+
+
+async def test_a_lost_compare_and_set_rereads_and_moves_past_the_winner(
+    publisher: Publisher, bus: MemoryBus
+) -> None:
+    bus.seed(5)
+    bus.before_put = lambda b: b.seed(9)  # another replica writes generation 9 first
+    publisher.offer(view("192.0.2.1"), change("10"))
+    assert await publisher.flush() is Outcome.PUBLISHED
+    assert bus.puts[-1].generation == 10
+
+
+async def test_a_generation_never_goes_back_even_if_the_bucket_does(
+    publisher: Publisher, bus: MemoryBus
+) -> None:
+    publisher.offer(view("192.0.2.1"), change("10"))
+    await publisher.flush()
+    bus.kv.clear()  # e.g. the key was purged
+    publisher.offer(view("192.0.2.2"), change("11"))
+    await publisher.flush()
+    assert [s.generation for s in bus.puts] == [1, 2]
+
+
+async def test_nats_down_keeps_the_latest_state_and_publishes_it_once_back(
+    publisher: Publisher, bus: MemoryBus
+) -> None:
+    publisher.offer(view("192.0.2.1"), change("10"))
+    await publisher.flush()
+    bus.down = True
+    publisher.offer(view("192.0.2.2"), change("11"))
+    assert await publisher.flush() is Outcome.RETRY
+    publisher.offer(view("192.0.2.3"), change("12"))
+    assert await publisher.flush() is Outcome.RETRY
+    assert publisher.pending
+    bus.down = False
+    assert await publisher.flush() is Outcome.PUBLISHED
+    last = bus.puts[-1]
+    assert (last.generation, [e.ip for e in last.apiserver_endpoints]) == (2, ["192.0.2.3"])
+    assert {"EndpointSlice/default/kubernetes@11", "EndpointSlice/default/kubernetes@12"} <= set(
+        last.resource_versions
+    )
+    assert not publisher.pending
+
+
+async def test_the_run_loop_retries_with_backoff_until_nats_is_back(
+    publisher: Publisher, bus: MemoryBus
+) -> None:
+    bus.down = True
+    stop = asyncio.Event()
+    task = asyncio.create_task(publisher.run(stop))
+    publisher.offer(view("192.0.2.7"), change("10"))
+    await asyncio.sleep(0.2)
+    assert bus.puts == []
+    bus.down = False
+    for _ in range(50):
+        if bus.puts:
+            break
+        await asyncio.sleep(0.02)
+    stop.set()
+    await asyncio.wait_for(task, 2)
+    assert [e.ip for e in bus.puts[0].apiserver_endpoints] == ["192.0.2.7"]
+
+
+async def test_a_follower_publishes_nothing_until_it_leads(
+    bus: MemoryBus, registry: CollectorRegistry
+) -> None:
+    leading = False
+    publisher = Publisher(
+        cluster=KEY, bus=bus, metrics=DiscoveryMetrics(registry), is_leader=lambda: leading
+    )
+    bus.seed(7)
+    publisher.offer(view("192.0.2.1"), change("10"))
+    assert await publisher.flush() is Outcome.NOT_LEADER
+    assert bus.puts == [] and bus.warnings == []
+    leading = True
+    publisher.wake()
+    assert await publisher.flush() is Outcome.PUBLISHED
+    assert bus.puts[-1].generation == 8
+
+
+async def test_warnings_are_emitted_once_while_they_last(
+    publisher: Publisher, bus: MemoryBus
+) -> None:
+    recorder = Recorder()
+    publisher.recorder = recorder
+    for rv in ("1", "2", "3"):
+        publisher.offer(view("192.0.2.1", f"192.0.2.{rv}", ds=None), change(rv))
+        await publisher.flush()
+    assert [w.reason for w in bus.warnings] == [WarningReason.KUBE_PROXY_MISSING]
+    assert [f.reason for f in recorder.recorded] == [WarningReason.KUBE_PROXY_MISSING]
+    publisher.offer(view("192.0.2.1"), change("4"))  # kube-proxy is back
+    await publisher.flush()
+    publisher.offer(view("192.0.2.1", ds=None), change("5"))  # and gone again: warn again
+    await publisher.flush()
+    assert [w.reason for w in bus.warnings] == [WarningReason.KUBE_PROXY_MISSING] * 2
+    assert bus.warnings[0].object_ref == "DaemonSet/kube-system/kube-proxy"
+
+
+async def test_a_failed_kubernetes_event_does_not_hold_up_publishing_and_is_retried(
+    bus: MemoryBus, registry: CollectorRegistry
+) -> None:
+    recorder = Recorder()
+    recorder.fail = True
+    publisher = Publisher(
+        cluster=KEY,
+        bus=bus,
+        metrics=DiscoveryMetrics(registry),
+        recorder=recorder,
+        coalesce_window=0.01,
+        event_retry_interval=0.05,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(publisher.run(stop))
+    publisher.offer(view("192.0.2.1", ds=None), change("1"))
+    await asyncio.sleep(0.1)
+    assert len(bus.puts) == 1 and len(bus.warnings) == 1
+    recorder.fail = False
+    await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.wait_for(task, 2)
+    assert [f.reason for f in recorder.recorded] == [WarningReason.KUBE_PROXY_MISSING]
+    assert len(bus.puts) == 1 and len(bus.warnings) == 1
+
+
+async def test_latency_is_measured_from_the_trigger_time(
+    publisher: Publisher, registry: CollectorRegistry
+) -> None:
+    now = datetime.now(UTC).timestamp()
+    publisher.clock = lambda: now + 0.5
+    publisher.offer(
+        view("192.0.2.1"),
+        change("1", trigger=datetime.fromtimestamp(now - 1.5, UTC), observed_at=now),
+    )
+    await publisher.flush()
+    assert metric(registry, "apilane_discovery_change_to_publish_seconds_sum") == pytest.approx(2.0)
+
+
+def test_a_trigger_time_in_the_future_falls_back_to_the_observation_time() -> None:
+    observed = 1_000.0
+    future = change("1", trigger=datetime.fromtimestamp(2_000.0, UTC), observed_at=observed)
+    assert future.started_at == observed

@@ -5,4 +5,5 @@ pytest_plugins = [
     "apilane.shared.testing.nats_fixtures",
     "apilane.shared.testing.kube_fixtures",
     "apilane.shared.testing.bpf_fixtures",
+    "apilane.shared.testing.otel_fixtures",
 ]

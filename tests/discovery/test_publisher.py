@@ -408,3 +408,34 @@ def test_a_trigger_time_in_the_future_falls_back_to_the_observation_time() -> No
     observed = 1_000.0
     future = change("1", trigger=datetime.fromtimestamp(2_000.0, UTC), observed_at=observed)
     assert future.started_at == observed
+
+
+async def test_a_coalesced_publish_continues_the_first_change_trace_and_links_every_change(
+    publisher: Publisher, bus: MemoryBus, span_exporter: Any
+) -> None:
+    from opentelemetry import trace
+
+    tracer = trace.get_tracer("test")
+    contexts = []
+    for rv, ips in (("10", ("192.0.2.1",)), ("11", ("192.0.2.1", "192.0.2.2"))):
+        with tracer.start_as_current_span(
+            "discovery observe", context=trace.set_span_in_context(trace.INVALID_SPAN)
+        ) as span:
+            contexts.append(span.get_span_context())
+        observed = change(rv)
+        publisher.offer(
+            view(*ips),
+            ObservedChange(
+                object_ref=observed.object_ref,
+                resource_version=rv,
+                observed_at=observed.observed_at,
+                span_context=span.get_span_context(),
+            ),
+        )
+    assert await publisher.flush() is Outcome.PUBLISHED
+    [publish] = [s for s in span_exporter.get_finished_spans() if s.name == "discovery publish"]
+    assert publish.kind == trace.SpanKind.PRODUCER
+    assert publish.context.trace_id == contexts[0].trace_id
+    assert publish.parent is not None and publish.parent.span_id == contexts[0].span_id
+    assert {link.context.span_id for link in publish.links} == {c.span_id for c in contexts}
+    assert publish.attributes["apilane.generation"] == 1

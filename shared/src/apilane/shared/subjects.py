@@ -55,6 +55,11 @@ def node_state_key(cluster: str, node: str) -> str:
     return f"{check_token(cluster, 'cluster name')}.{node_token(node)}"
 
 
+def node_control_subject(cluster: str, node: str) -> str:
+    """Core NATS request/reply to one node-loader (e.g. switching the connect-time LB)."""
+    return f"{PREFIX}.{check_token(cluster, 'cluster name')}.nodes.{node_token(node)}.control"
+
+
 def warnings_subject(cluster: str) -> str:
     return f"{PREFIX}.{check_token(cluster, 'cluster name')}.warnings"
 

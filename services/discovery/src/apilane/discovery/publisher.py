@@ -295,9 +295,16 @@ class Publisher:
                     return Outcome.SUPPRESSED
             generation = self.last_generation + 1
             snapshot = self._snapshot(result, generation=generation, changes=changes)
-            links = [trace.Link(c.span_context) for c in changes if c.span_context is not None]
+            observed = [c.span_context for c in changes if c.span_context is not None]
+            links = [trace.Link(context) for context in observed]
+            # The publish continues the trace of the first change it covers (one change, one
+            # trace); every other change it coalesced is a link.
+            parent = (
+                trace.set_span_in_context(trace.NonRecordingSpan(observed[0])) if observed else None
+            )
             with tracer.start_as_current_span(
                 "discovery publish",
+                context=parent,
                 kind=trace.SpanKind.PRODUCER,
                 links=links[-128:],
                 attributes={

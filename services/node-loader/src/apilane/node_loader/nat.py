@@ -80,7 +80,9 @@ class NatMaps(Protocol):
 
     def update_backends(self, family: Family, items: Mapping[BackendKey, BackendValue]) -> None: ...
 
-    def update_frontends(self, family: Family, items: Mapping[FrontendKey, FrontendValue]) -> None: ...
+    def update_frontends(
+        self, family: Family, items: Mapping[FrontendKey, FrontendValue]
+    ) -> None: ...
 
     def delete_frontends(self, family: Family, keys: Iterable[FrontendKey]) -> None:
         """Deleting a key that is not there is not an error (ENOENT counts as success)."""

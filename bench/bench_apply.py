@@ -1,0 +1,221 @@
+"""Apply latency of one snapshot change, loader cold start and resident memory.
+
+- apply: the reconciler's whole path for one change (validate, plan against the cached
+  view of the maps, write, persist the state file), alternating between two
+  snapshots that differ in one backend, for 1..16 API server endpoints. On MemoryNatMaps
+  always; on the kernel maps (BccNatMaps) when run as root with bcc.
+- cold start (kernel only): a fresh process compiles the programs, attaches them to a
+  test cgroup, and does its first reconcile; plus the resident memory of that process.
+
+Targets (issue 5): apply p99 <= 2 ms for up to 16 endpoints; cold start <= 3 s; RSS <= 150 MB.
+Kernel runs use a dedicated child cgroup and pin dir (never the root cgroup), removed after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from apilane.node_loader.memmaps import MemoryNatMaps
+from apilane.node_loader.nat import NatMaps
+from apilane.node_loader.reconcile import Outcome, Reconciler, StateFile
+from apilane.node_loader.testing import make_snapshot
+
+SIZES = (1, 3, 8, 16)
+ITERATIONS = 2000
+WARMUP = 50
+TARGET_APPLY_P99_MS = 2.0
+TARGET_COLD_START_S = 3.0
+TARGET_RSS_MB = 150.0
+STATE_DIR_BASE = "/dev/shm" if Path("/dev/shm").is_dir() else None  # tmpfs, like /run
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def apply_latencies(
+    maps: NatMaps, endpoints: int, *, iterations: int = ITERATIONS, verify: bool = False
+) -> list[float]:
+    """Seconds per apply; each apply replaces one backend (a real change, real writes)."""
+    base = [f"10.0.{i // 250}.{i % 250 + 1}:6443" for i in range(endpoints - 1)]
+    variants = [(*base, "10.9.0.1:6443"), (*base, "10.9.0.2:6443")]
+    with tempfile.TemporaryDirectory(dir=STATE_DIR_BASE) as state_dir:
+        reconciler = Reconciler(
+            maps=maps,
+            cluster="default",
+            state_file=StateFile(Path(state_dir) / "state.json"),
+            verify_after_apply=verify,
+        )
+        samples = []
+        for generation in range(1, iterations + WARMUP + 1):
+            snapshot = make_snapshot(
+                generation=generation,
+                services=("10.96.0.1:443", "[fd00:96::1]:443")[:1],
+                apiservers=variants[generation % 2],
+            )
+            began = time.perf_counter()
+            result = reconciler.apply(snapshot)
+            elapsed = time.perf_counter() - began
+            if result.outcome is not Outcome.APPLIED:
+                raise RuntimeError(f"apply {generation}: {result.outcome} {result.reason}")
+            if generation > WARMUP:
+                samples.append(elapsed)
+    return samples
+
+
+def row(backend: str, endpoints: int, samples: list[float]) -> str:
+    p50, p99 = statistics.median(samples) * 1000, percentile(samples, 0.99) * 1000
+    verdict = "ok" if p99 <= TARGET_APPLY_P99_MS else "MISSED"
+    return f"| {backend} | {endpoints} | {len(samples)} | {p50:.3f} | {p99:.3f} | <= {TARGET_APPLY_P99_MS} | {verdict} |"
+
+
+def kernel_available() -> str:
+    """Empty when the kernel benchmarks can run, else why not."""
+    if os.geteuid() != 0:
+        return "needs root"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "bcc is not importable (tools/setup-bpf.sh)"
+    return ""
+
+
+def cold_start_child(args: argparse.Namespace) -> None:
+    """Runs in a fresh process: compile, attach, first reconcile; prints JSON."""
+    began = time.perf_counter()
+    from apilane.node_loader.programs import ConnectTimeLB
+
+    imported = time.perf_counter()
+    lb = ConnectTimeLB(cgroup_path=Path(args.cgroup), pin_dir=Path(args.pin_dir))
+    compiled = time.perf_counter()
+    reconciler = Reconciler(
+        maps=lb.nat_maps, cluster="default", state_file=StateFile(Path(args.state_dir) / "s.json")
+    )
+    reconciler.recover()
+    lb.enable()
+    attached = time.perf_counter()
+    result = reconciler.apply(
+        make_snapshot(generation=1, apiservers=("10.0.0.1:6443", "10.0.0.2:6443", "10.0.0.3:6443"))
+    )
+    done = time.perf_counter()
+    status = Path("/proc/self/status").read_text()
+    rss = {
+        line.split(":")[0]: int(line.split()[1])
+        for line in status.splitlines()
+        if line.startswith(("VmRSS", "VmHWM"))
+    }
+    lb.disable()
+    lb.close()
+    print(
+        json.dumps(
+            {
+                "import": imported - began,
+                "compile_load": compiled - imported,
+                "recover_attach": attached - compiled,
+                "first_apply": done - attached,
+                "total_in_process": done - began,
+                "outcome": str(result.outcome),
+                "rss_mb": rss["VmRSS"] / 1024,
+                "hwm_mb": rss["VmHWM"] / 1024,
+            }
+        )
+    )
+
+
+def kernel_benchmarks(lines: list[str]) -> list[str]:
+    from apilane.node_loader.programs import ConnectTimeLB
+    from apilane.shared.testing.bpf import BpfLab
+
+    extra: list[str] = []
+    with BpfLab() as lab:
+        cgroup, pin_dir = lab.child_cgroup(), lab.pin_dir()
+        with ConnectTimeLB(cgroup_path=cgroup, pin_dir=pin_dir) as lb:
+            for endpoints in SIZES:
+                lines.append(
+                    row("kernel (bcc)", endpoints, apply_latencies(lb.nat_maps, endpoints))
+                )
+                lb.nat_maps.clear()
+        cold_pin = lab.pin_dir()
+        with tempfile.TemporaryDirectory(dir=STATE_DIR_BASE) as state_dir:
+            began = time.perf_counter()
+            child = subprocess.run(
+                [sys.executable, __file__, "--cold-start-child", "--cgroup", str(cgroup),
+                 "--pin-dir", str(cold_pin), "--state-dir", state_dir],
+                capture_output=True, text=True, check=False, timeout=120,
+            )  # fmt: skip
+            wall = time.perf_counter() - began
+        if child.returncode != 0:
+            return [f"cold start failed: {child.stderr.strip()[-2000:]}"]
+        figures: dict[str, Any] = json.loads(child.stdout.strip().splitlines()[-1])
+        extra += [
+            "",
+            "| loader cold start (fresh process) | seconds |",
+            "|---|---|",
+            f"| python imports (bcc, loader) | {figures['import']:.3f} |",
+            f"| compile + load (bcc/clang) | {figures['compile_load']:.3f} |",
+            f"| recover maps + attach 8 programs | {figures['recover_attach']:.3f} |",
+            f"| first reconcile | {figures['first_apply']:.4f} |",
+            f"| in-process total (target <= {TARGET_COLD_START_S}) | {figures['total_in_process']:.3f} "
+            f"{'ok' if figures['total_in_process'] <= TARGET_COLD_START_S else 'MISSED'} |",
+            f"| wall clock incl. interpreter start | {wall:.3f} |",
+            "",
+            "| loader resident memory | MB |",
+            "|---|---|",
+            f"| VmRSS after first reconcile (target <= {TARGET_RSS_MB:.0f}) | {figures['rss_mb']:.1f} "
+            f"{'ok' if figures['rss_mb'] <= TARGET_RSS_MB else 'MISSED'} |",
+            f"| VmHWM (peak, during compile) | {figures['hwm_mb']:.1f} |",
+        ]
+    return extra
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cold-start-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cgroup")
+    parser.add_argument("--pin-dir")
+    parser.add_argument("--state-dir")
+    parser.add_argument("--iterations", type=int, default=ITERATIONS)
+    args = parser.parse_args()
+    if args.cold_start_child:
+        cold_start_child(args)
+        return 0
+
+    lines = [
+        "| maps | API server endpoints | applies | p50 ms | p99 ms | target p99 ms | |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for endpoints in SIZES:
+        lines.append(
+            row(
+                "memory",
+                endpoints,
+                apply_latencies(MemoryNatMaps(), endpoints, iterations=args.iterations),
+            )
+        )
+    unavailable = kernel_available()
+    extra: list[str] = []
+    if unavailable:
+        lines.append(f"| kernel (bcc) | - | - | - | - | - | not run: {unavailable} |")
+    else:
+        extra = kernel_benchmarks(lines)
+    print("\n".join(lines + extra))
+    print(
+        "\napply = validate + plan + write + state file (fsync, tmpfs), against the cached view"
+        " of the maps (the periodic audit reads them back, not every apply);"
+        " one backend replaced per apply (fresh service id, make-before-break)."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

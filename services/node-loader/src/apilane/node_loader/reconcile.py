@@ -1,0 +1,440 @@
+"""The reconciler: snapshot → validate → desired → plan → NAT maps, fail static.
+
+It owns the node's NAT maps through the `NatMaps` protocol and remembers the last snapshot
+it applied completely. Rules:
+
+- A snapshot at or below the applied generation is ignored (replays, a lagging KV watch).
+- A snapshot that fails validation, or asks for no backend at all, never reaches the maps:
+  the last good state stays and the result says why.
+- Invariants are checked on the maps before and after every apply; a violation is
+  repaired from the desired state (the plan diffs against what the maps really hold) and
+  reported.
+- The applied generation, digest and snapshot are written to a small JSON file AFTER the
+  maps, atomically (write, fsync, rename). On start `recover()` reads the maps back and
+  re-applies that snapshot if the maps differ from it (a `kill -9` mid-apply, a reboot
+  that emptied bpffs, a foreign write), so the maps are consistent before the loader
+  talks to NATS; the latest KV value is applied after that.
+
+The kernel is not a database we can roll back: a map write that fails halfway leaves a
+consistent (make-before-break) intermediate state, marks the cached view stale, and the
+next apply or audit plans again from a fresh read-back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Final
+
+import msgspec
+from opentelemetry import trace
+
+from apilane.node_loader.desired import InvalidSnapshot, desired_state, target_contents
+from apilane.node_loader.memmaps import FAMILIES, render
+from apilane.node_loader.nat import BackendValue, Family, MapContents, NatMaps
+from apilane.node_loader.plan import (
+    Operation,
+    Plan,
+    Step,
+    Violation,
+    check_invariants,
+    plan,
+    removed_backends,
+    simulate,
+)
+from apilane.shared.errors import ApilaneError
+from apilane.shared.events import EndpointSnapshot, Finding, MapSummary, WarningReason
+
+log = logging.getLogger(__name__)
+
+STATE_FILE_VERSION: Final = 1
+
+
+class Outcome(StrEnum):
+    APPLIED = "applied"  # the maps were written
+    UNCHANGED = "unchanged"  # valid and newer, but the maps already held it
+    IGNORED = "ignored"  # at or below the applied generation
+    REJECTED = "rejected"  # failed validation or empty: maps untouched
+    FAILED = "failed"  # a map operation failed; the maps are consistent but not at target
+
+
+class StateFileError(ApilaneError):
+    """The applied-state file exists but cannot be read or written."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    outcome: Outcome
+    generation: int
+    digest: str
+    reason: str = ""
+    warning_reason: str = ""  # a WarningReason value when the outcome deserves a warning
+    entries_written: int = 0
+    steps: tuple[str, ...] = ()
+    findings: tuple[Finding, ...] = ()
+    held_families: Mapping[str, str] = field(default_factory=dict)
+    violations_before: tuple[Violation, ...] = ()
+    violations_after: tuple[Violation, ...] = ()
+    removed_backends: tuple[BackendValue, ...] = ()
+    timings: Mapping[str, float] = field(default_factory=dict)  # seconds per stage
+    finished_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def repaired(self) -> tuple[Violation, ...]:
+        after = set(self.violations_after)
+        return tuple(v for v in self.violations_before if v not in after)
+
+    @property
+    def wrote_maps(self) -> bool:
+        return self.entries_written > 0
+
+
+class PersistedState(msgspec.Struct, frozen=True, kw_only=True):
+    """What the state file holds: enough to rebuild the desired maps without NATS."""
+
+    version: int = STATE_FILE_VERSION
+    generation: int
+    digest: str
+    applied_at: datetime
+    snapshot: EndpointSnapshot
+
+
+class StateFile:
+    """The applied-state file, replaced atomically so a crash leaves the old or the new one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._decoder = msgspec.json.Decoder(PersistedState)
+
+    def load(self) -> PersistedState | None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateFileError(f"cannot read {self.path}: {exc}") from exc
+        try:
+            state = self._decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise StateFileError(f"{self.path} is not a node-loader state file: {exc}") from exc
+        if state.version > STATE_FILE_VERSION:
+            raise StateFileError(f"{self.path} has version {state.version}, newer than this loader")
+        return state
+
+    def save(self, state: PersistedState) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("wb") as handle:
+                handle.write(msgspec.json.encode(state))
+                handle.flush()
+                os.fsync(handle.fileno())
+            tmp.replace(self.path)
+            directory = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StateFileError(f"cannot write {self.path}: {exc}") from exc
+
+
+def execute_step(maps: NatMaps, step: Step) -> None:
+    """One batch call on the maps."""
+    match step.operation:
+        case Operation.UPDATE_BACKENDS:
+            maps.update_backends(step.family, step.backend_updates or {})
+        case Operation.UPDATE_FRONTENDS:
+            maps.update_frontends(step.family, step.frontend_updates or {})
+        case Operation.DELETE_FRONTENDS:
+            maps.delete_frontends(step.family, step.frontend_deletes)
+        case Operation.DELETE_BACKENDS:
+            maps.delete_backends(step.family, step.backend_deletes)
+
+
+def summarize(contents: Mapping[Family, MapContents]) -> MapSummary:
+    by_family: dict[str, int] = {}
+    services: set[tuple[str, int]] = set()
+    frontends = backends = 0
+    for family, maps in contents.items():
+        frontends += len(maps.frontends)
+        backends += len(maps.backends)
+        by_family[f"{family}.frontends"] = len(maps.frontends)
+        by_family[f"{family}.backends"] = len(maps.backends)
+        services.update((family, v.service_id) for v in maps.frontends.values())
+    return MapSummary(
+        services=len(services), frontends=frontends, backends=backends, by_family=by_family
+    )
+
+
+class Reconciler:
+    """Applies snapshots to one node's NAT maps. Synchronous: each map call is a syscall of
+    microseconds, and the event loop calls it from one task only.
+
+    The plan is made against a cached view of the maps: read back at start (`recover`),
+    after any failed write, and by `audit()` (which the service runs periodically and which
+    repairs drift). `verify_after_apply=True` also reads the maps back after every apply;
+    off by default because a kernel map dump costs milliseconds, more than the apply.
+    """
+
+    def __init__(
+        self,
+        *,
+        maps: NatMaps,
+        cluster: str,
+        state_file: StateFile | None = None,
+        verify_after_apply: bool = False,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
+        self.maps = maps
+        self.cluster = cluster
+        self.state_file = state_file
+        self.verify_after_apply = verify_after_apply
+        self.tracer = tracer or trace.get_tracer("apilane.node_loader")
+        self.applied: PersistedState | None = None
+        self.last_error = ""
+        self.last_result: ApplyResult | None = None
+        self._contents: dict[Family, MapContents] | None = None  # our view of the maps
+
+    @property
+    def applied_generation(self) -> int:
+        return self.applied.generation if self.applied else 0
+
+    @property
+    def applied_digest(self) -> str:
+        return self.applied.digest if self.applied else ""
+
+    def contents(self, *, refresh: bool = False) -> dict[Family, MapContents]:
+        if refresh or self._contents is None:
+            self._contents = {family: self.maps.dump(family) for family in FAMILIES}
+        return self._contents
+
+    def summary(self) -> MapSummary:
+        return summarize(self.contents())
+
+    def dump_lines(self) -> list[str]:
+        return render(self.contents())
+
+    # -- start -----------------------------------------------------------------------------
+
+    def recover(self) -> ApplyResult:
+        """On start: read the maps back, check them, and bring them to the persisted state.
+
+        Runs before the loader talks to NATS, so the data plane is consistent even when
+        NATS is down. Without a state file nothing is changed (there is no desired state
+        to repair from); the first snapshot from NATS then repairs whatever is wrong.
+        """
+        contents = self.contents(refresh=True)
+        violations = check_invariants(contents)
+        persisted: PersistedState | None = None
+        problem = ""
+        if self.state_file is not None:
+            try:
+                persisted = self.state_file.load()
+            except StateFileError as exc:
+                problem = str(exc)
+        if persisted is None:
+            if violations:
+                log.warning(
+                    "NAT maps are inconsistent and there is no applied state to repair from",
+                    extra={"violations": [str(v) for v in violations]},
+                )
+            self.last_error = problem
+            return ApplyResult(
+                outcome=Outcome.UNCHANGED,
+                generation=0,
+                digest="",
+                reason=problem or "no applied state on this node yet",
+                violations_before=tuple(violations),
+                violations_after=tuple(violations),
+            )
+        result = self._apply(persisted.snapshot, trigger="recover")
+        if result.outcome in (Outcome.APPLIED, Outcome.UNCHANGED):
+            self.applied = persisted
+        return result
+
+    # -- apply -----------------------------------------------------------------------------
+
+    def apply(self, snapshot: EndpointSnapshot) -> ApplyResult:
+        """Apply a snapshot from the bus (newer generations only)."""
+        if snapshot.generation <= self.applied_generation:
+            return ApplyResult(
+                outcome=Outcome.IGNORED,
+                generation=snapshot.generation,
+                digest=snapshot.digest,
+                reason=f"generation {snapshot.generation} is not newer than the applied "
+                f"{self.applied_generation}",
+            )
+        return self._apply(snapshot, trigger="snapshot")
+
+    def reapply(self) -> ApplyResult | None:
+        """Bring the maps back to the applied snapshot (an audit found drift)."""
+        if self.applied is None:
+            return None
+        return self._apply(self.applied.snapshot, trigger="repair")
+
+    def audit(self) -> list[Violation]:
+        """Read the maps back and check them; repair from the applied snapshot on drift."""
+        contents = self.contents(refresh=True)
+        violations = check_invariants(contents)
+        drift = False
+        if self.applied is not None:
+            try:
+                desired = desired_state(self.applied.snapshot, cluster=self.cluster)
+            except InvalidSnapshot:
+                desired = None
+            if desired is not None:
+                drift = not plan(target_contents(desired, contents), contents).empty
+        if violations or drift:
+            log.warning(
+                "NAT maps drifted from the applied state; repairing",
+                extra={"violations": [str(v) for v in violations], "drift": drift},
+            )
+            self.reapply()
+        return violations
+
+    def _apply(self, snapshot: EndpointSnapshot, *, trigger: str) -> ApplyResult:
+        timings: dict[str, float] = {}
+        clock = _Stopwatch(timings)
+        with clock("validate"):
+            try:
+                desired = desired_state(snapshot, cluster=self.cluster)
+            except InvalidSnapshot as exc:
+                self.last_error = f"generation {snapshot.generation} rejected: {exc}"
+                result = ApplyResult(
+                    outcome=Outcome.REJECTED,
+                    generation=snapshot.generation,
+                    digest=snapshot.digest,
+                    reason=str(exc),
+                    warning_reason=exc.reason,
+                    timings=timings,
+                )
+                self.last_result = result
+                return result
+
+        with clock("plan"):
+            before = self.contents()
+            violations_before = check_invariants(before)
+            target = target_contents(desired, before)
+            steps = plan(target, before)
+
+        entries = 0
+        with clock("write"):
+            try:
+                entries = self._write(steps)
+            except Exception as exc:
+                # Any failure of the map layer (OSError from bcc, a full map, a bad value):
+                # the maps hold a consistent intermediate state; read them back next time.
+                self._contents = None
+                self.last_error = f"generation {snapshot.generation} failed: {exc}"
+                log.exception("applying the plan to the NAT maps failed")
+                result = ApplyResult(
+                    outcome=Outcome.FAILED,
+                    generation=snapshot.generation,
+                    digest=snapshot.digest,
+                    reason=str(exc),
+                    warning_reason=WarningReason.APPLY_FAILED,
+                    steps=tuple(steps.describe()),
+                    violations_before=tuple(violations_before),
+                    timings=timings,
+                )
+                self.last_result = result
+                return result
+
+        with clock("verify"):
+            after = (
+                self.contents(refresh=True) if self.verify_after_apply else simulate(steps, before)
+            )
+            self._contents = after
+            violations_after = check_invariants(after)
+            mismatched = [f for f in target if after.get(f) != target[f]]
+
+        problem = ""
+        if mismatched:
+            problem = f"maps of {', '.join(mismatched)} differ from the target after the apply"
+        elif violations_after:
+            problem = "; ".join(str(v) for v in violations_after)
+
+        applied_at = datetime.now(UTC)
+        if not mismatched and self.state_file is not None:
+            with clock("persist"):
+                try:
+                    self.state_file.save(
+                        PersistedState(
+                            generation=snapshot.generation,
+                            digest=snapshot.digest,
+                            applied_at=applied_at,
+                            snapshot=snapshot,
+                        )
+                    )
+                except StateFileError as exc:
+                    # The maps are right; only a restart without NATS would miss it.
+                    problem = problem or str(exc)
+                    log.warning("cannot persist the applied state", extra={"error": str(exc)})
+        if not mismatched:
+            self.applied = PersistedState(
+                generation=snapshot.generation,
+                digest=snapshot.digest,
+                applied_at=applied_at,
+                snapshot=snapshot,
+            )
+        self.last_error = problem
+        timings["total"] = sum(timings.values())
+        result = ApplyResult(
+            outcome=(
+                Outcome.FAILED if mismatched else Outcome.APPLIED if entries else Outcome.UNCHANGED
+            ),
+            generation=snapshot.generation,
+            digest=snapshot.digest,
+            reason=problem or (f"{trigger}: {entries} entries written" if entries else trigger),
+            warning_reason=WarningReason.APPLY_FAILED if mismatched else "",
+            entries_written=entries,
+            steps=tuple(steps.describe()),
+            findings=desired.findings,
+            held_families={str(f): reason for f, reason in desired.held.items()},
+            violations_before=tuple(violations_before),
+            violations_after=tuple(violations_after),
+            removed_backends=removed_backends(before, after),
+            timings=timings,
+        )
+        if result.repaired:
+            log.warning(
+                "repaired NAT map invariant violations",
+                extra={
+                    "repaired": [str(v) for v in result.repaired],
+                    "generation": snapshot.generation,
+                },
+            )
+        self.last_result = result
+        return result
+
+    def _write(self, steps: Plan) -> int:
+        # Always one span, also for no writes, so every apply has the same trace shape.
+        with self.tracer.start_as_current_span("map writes") as span:
+            span.set_attribute("entries_written", steps.entries)
+            span.set_attribute("steps", len(steps.steps))
+            for step in steps.steps:
+                execute_step(self.maps, step)
+        return steps.entries
+
+
+class _Stopwatch:
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - began

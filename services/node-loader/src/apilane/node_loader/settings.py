@@ -1,0 +1,88 @@
+"""node-loader settings from APILANE_* variables, validated once at start.
+
+| variable                        | default                  | meaning                                   |
+|---------------------------------|--------------------------|-------------------------------------------|
+| APILANE_NODE_NAME               | the host name            | this node, as in NodeState and subjects   |
+| APILANE_BPF_PIN_DIR             | /sys/fs/bpf/apilane      | where the NAT maps and program links pin  |
+| APILANE_STATE_DIR               | /run/apilane/node-loader | the applied-state file (see below)        |
+| APILANE_CGROUP_PATH             | (required for bpf)       | the cgroup2 directory the programs attach |
+| APILANE_ALLOW_ROOT_CGROUP       | false                    | allow the cgroup2 root (production only)  |
+| APILANE_CONNECT_TIME_LB         | true                     | attach the connect-time programs          |
+| APILANE_DESTROY_STALE_SOCKETS   | true                     | destroy sockets to removed backends       |
+| APILANE_NODE_STATE_INTERVAL     | 30s                      | NodeState heartbeat and map audit period  |
+| APILANE_MAP_BACKEND             | bpf                      | bpf, or memory (scale runs, no root)      |
+
+The applied-state file cannot live *in* the pin dir: bpffs holds only BPF objects. It goes
+to a tmpfs directory by default (/run), which a reboot clears together with bpffs, so a
+stale file never claims a generation that empty maps do not hold. Its name is derived
+from the pin dir, so several loaders on one machine (tests, the local stack) never share
+one. In the DaemonSet, /run/apilane is a hostPath mount like /sys/fs/bpf.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+from apilane.shared import subjects
+from apilane.shared.config import CommonSettings, Env, load_common
+from apilane.shared.errors import ConfigError
+
+MAP_BACKENDS = ("bpf", "memory")
+
+
+class NodeLoaderSettings(msgspec.Struct, frozen=True, kw_only=True):
+    common: CommonSettings
+    node_name: str
+    pin_dir: str = "/sys/fs/bpf/apilane"
+    state_dir: str = "/run/apilane/node-loader"
+    cgroup_path: str = ""
+    allow_root_cgroup: bool = False
+    connect_time_lb: bool = True
+    destroy_stale_sockets: bool = True
+    node_state_interval: float = 30.0
+    map_backend: str = "bpf"
+
+    @property
+    def state_file(self) -> Path:
+        slug = self.pin_dir.strip("/").replace("/", "_") or "root"
+        return Path(self.state_dir) / f"{slug}.state.json"
+
+
+def load(environ: Mapping[str, str] | None = None) -> NodeLoaderSettings:
+    env = Env(environ)
+    common = load_common(environ)
+    node_name = env.str("NODE_NAME", socket.gethostname())
+    try:
+        subjects.node_token(node_name)
+    except ConfigError as exc:
+        raise ConfigError(f"APILANE_NODE_NAME={node_name!r}: {exc}") from exc
+    map_backend = env.choice("MAP_BACKEND", "bpf", MAP_BACKENDS)
+    pin_dir = env.str("BPF_PIN_DIR", "/sys/fs/bpf/apilane")
+    if not pin_dir.startswith("/"):
+        raise ConfigError(f"APILANE_BPF_PIN_DIR={pin_dir!r}: expected an absolute path")
+    state_dir = env.str("STATE_DIR", "/run/apilane/node-loader")
+    if not state_dir.startswith("/"):
+        raise ConfigError(f"APILANE_STATE_DIR={state_dir!r}: expected an absolute path")
+    cgroup_path = env.str("CGROUP_PATH", "")
+    if map_backend == "bpf" and not cgroup_path:
+        # No default on purpose: the wrong cgroup changes every connect() on the machine.
+        raise ConfigError(
+            "APILANE_CGROUP_PATH is required with APILANE_MAP_BACKEND=bpf: the cgroup2 directory "
+            "to attach to (the cgroup2 root only together with APILANE_ALLOW_ROOT_CGROUP=true)"
+        )
+    return NodeLoaderSettings(
+        common=common,
+        node_name=node_name,
+        pin_dir=pin_dir,
+        state_dir=state_dir,
+        cgroup_path=cgroup_path,
+        allow_root_cgroup=env.bool("ALLOW_ROOT_CGROUP", False),
+        connect_time_lb=env.bool("CONNECT_TIME_LB", True),
+        destroy_stale_sockets=env.bool("DESTROY_STALE_SOCKETS", True),
+        node_state_interval=env.seconds("NODE_STATE_INTERVAL", 30.0, low=0.05),
+        map_backend=map_backend,
+    )

@@ -1,0 +1,363 @@
+"""The node-loader service in-process, on MemoryNatMaps, against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import msgspec
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
+
+from apilane.node_loader import settings as loader_settings
+from apilane.node_loader.memmaps import MemoryNatMaps, render_resolved
+from apilane.node_loader.plan import check_invariants
+from apilane.node_loader.service import DataPlane, NodeLoader
+from apilane.node_loader.testing import contents_of, make_snapshot
+from apilane.shared import events, subjects
+from apilane.shared.bus import Bus
+from apilane.shared.events import ClusterWarning, NodeState
+
+pytestmark = [pytest.mark.integration, pytest.mark.nats]
+
+CLUSTER = "default"
+NODE = "node-a.example"
+HA3 = ("10.0.0.1:6443", "10.0.0.2:6443", "10.0.0.3:6443")
+
+
+class Harness:
+    def __init__(self, nats_url: str, tmp_path: Path) -> None:
+        self.settings = loader_settings.load(
+            {
+                "APILANE_NATS_URL": nats_url,
+                "APILANE_CLUSTER": CLUSTER,
+                "APILANE_NODE_NAME": NODE,
+                "APILANE_MAP_BACKEND": "memory",
+                "APILANE_BPF_PIN_DIR": str(tmp_path / "pins"),
+                "APILANE_STATE_DIR": str(tmp_path / "state"),
+                "APILANE_NODE_STATE_INTERVAL": "300ms",
+            }
+        )
+        self.maps = MemoryNatMaps()  # survives loader restarts, like pinned maps
+        self.exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.tracer = provider.get_tracer("test")
+        self.loader: NodeLoader | None = None
+        self.registry = CollectorRegistry()
+
+    @contextlib.asynccontextmanager
+    async def running(self, programs=None) -> AsyncIterator[NodeLoader]:
+        stopping = asyncio.Event()
+        self.registry = CollectorRegistry()
+        self.loader = NodeLoader(
+            settings=self.settings,
+            data_plane=DataPlane(maps=self.maps, programs=programs),
+            registry=self.registry,
+            tracer=self.tracer,
+        )
+        task = asyncio.create_task(self.loader.run(stopping))
+        try:
+            await eventually(lambda: self.loader.first_reconcile_done, what="first reconcile")
+            yield self.loader
+        finally:
+            stopping.set()
+            await asyncio.wait_for(task, timeout=10)
+
+    def resolved(self) -> list[str]:
+        return render_resolved(contents_of(self.maps))
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+
+async def eventually(check: Callable[[], bool], *, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def node_state(bus: Bus) -> NodeState | None:
+    entry = await bus.kv_get(subjects.NODE_STATE_BUCKET, subjects.node_state_key(CLUSTER, NODE))
+    if entry is None:
+        return None
+    decoded = events.decode(entry.value)
+    assert isinstance(decoded, NodeState)
+    return decoded
+
+
+async def wait_node_generation(bus: Bus, generation: int) -> NodeState:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        state = await node_state(bus)
+        if state is not None and state.generation == generation:
+            return state
+        await asyncio.sleep(0.05)
+    raise AssertionError(
+        f"NodeState never reached generation {generation}: {await node_state(bus)}"
+    )
+
+
+async def put(bus: Bus, snapshot) -> int:
+    return await bus.kv_put(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(CLUSTER), snapshot)
+
+
+async def warnings(bus: Bus) -> list[ClusterWarning]:
+    subject = subjects.warnings_subject(CLUSTER)
+    sub = await bus.js.subscribe(subject, ordered_consumer=True)
+    found = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except Exception:
+                break
+            decoded = events.decode(msg.data)
+            assert isinstance(decoded, ClusterWarning)
+            found.append(decoded)
+    finally:
+        await sub.unsubscribe()
+    return found
+
+
+@pytest.fixture
+def harness(nats_server, tmp_path) -> Harness:
+    return Harness(nats_server.url, tmp_path)
+
+
+async def test_latest_value_is_applied_at_start_then_every_new_one(bus, harness):
+    await put(bus, make_snapshot(generation=1))
+    async with harness.running() as loader:
+        assert harness.resolved() == ["IPv4 10.96.0.1:443/6 -> [10.0.0.1:6443]"]
+        ok, checks = loader.health.ready()
+        assert ok, checks
+        assert loader.health.live()[0]
+        state = await wait_node_generation(bus, 1)
+        assert state.maps.frontends == 1 and state.maps.backends == 1
+        assert state.programs_attached == () and state.last_error == ""
+
+        await put(bus, make_snapshot(generation=2, apiservers=HA3))
+        await eventually(lambda: len(harness.resolved()[0].split(",")) == 3, what="three backends")
+        assert harness.resolved() == [
+            "IPv4 10.96.0.1:443/6 -> [10.0.0.1:6443, 10.0.0.2:6443, 10.0.0.3:6443]"
+        ]
+        assert check_invariants(contents_of(harness.maps)) == []
+        state = await wait_node_generation(bus, 2)
+        assert state.applied_at is not None
+        assert harness.metric("apilane_node_applies_total", outcome="applied") == 2
+        assert harness.metric("apilane_node_programming_latency_seconds_count") == 2
+
+
+async def test_without_any_snapshot_the_loader_is_ready_and_waits(bus, harness):
+    async with harness.running() as loader:
+        assert loader.health.ready()[0]
+        assert (await wait_node_generation(bus, 0)).maps.frontends == 0
+        await put(bus, make_snapshot(generation=7))
+        await wait_node_generation(bus, 7)
+        assert harness.resolved() == ["IPv4 10.96.0.1:443/6 -> [10.0.0.1:6443]"]
+
+
+async def test_an_old_generation_replayed_is_ignored(bus, harness):
+    async with harness.running():
+        await put(bus, make_snapshot(generation=5, apiservers=HA3))
+        await wait_node_generation(bus, 5)
+        before = harness.resolved()
+        await put(bus, make_snapshot(generation=4, apiservers=("10.0.0.9:6443",)))
+        await eventually(
+            lambda: harness.metric("apilane_node_snapshots_ignored_total") == 1, what="ignored"
+        )
+        assert harness.resolved() == before
+        assert (await node_state(bus)).generation == 5
+
+
+async def test_invalid_empty_and_malformed_snapshots_leave_the_maps_and_warn(bus, harness):
+    async with harness.running():
+        await put(bus, make_snapshot(generation=1, apiservers=HA3))
+        await wait_node_generation(bus, 1)
+        before, ops = harness.resolved(), harness.maps.operations
+
+        await put(bus, make_snapshot(generation=2, apiservers=()))
+        bad_digest = msgspec.structs.replace(make_snapshot(generation=3), digest="sha256:0")
+        await put(bus, bad_digest)
+        await bus.js.publish(subjects.kv_subject(subjects.SNAPSHOT_BUCKET, CLUSTER), b'{"truncated')
+        await eventually(
+            lambda: (
+                harness.metric("apilane_node_applies_total", outcome="malformed") == 1
+                and harness.metric("apilane_node_applies_total", outcome="rejected") == 2
+            ),
+            what="three refusals",
+        )
+        assert harness.resolved() == before
+        assert harness.maps.operations == ops
+        state = await node_state(bus)
+        assert state.generation == 1
+        assert "generation 3 rejected" in state.last_error
+
+        reasons = sorted((w.reason, w.generation, w.source) for w in await warnings(bus))
+        assert reasons == [
+            ("InvalidSnapshot", 0, f"node-loader/{NODE}"),
+            ("InvalidSnapshot", 3, f"node-loader/{NODE}"),
+            ("NoReadyEndpoints", 2, f"node-loader/{NODE}"),
+        ]
+        # The next good snapshot is applied and clears the error.
+        await put(bus, make_snapshot(generation=4))
+        assert (await wait_node_generation(bus, 4)).last_error == ""
+
+
+async def test_a_restarted_loader_resumes_from_its_state_file(bus, harness):
+    async with harness.running():
+        await put(
+            bus,
+            make_snapshot(
+                generation=3, services=("10.96.0.1:443", "10.96.0.2:443"), apiservers=HA3
+            ),
+        )
+        await wait_node_generation(bus, 3)
+    before, ops = harness.resolved(), harness.maps.operations
+    ids = sorted(v.service_id for v in contents_of(harness.maps)["IPv4"].frontends.values())
+
+    async with harness.running() as loader:
+        assert loader.reconciler.applied_generation == 3
+        # The same KV value again: ignored, not re-written.
+        await eventually(
+            lambda: harness.metric("apilane_node_snapshots_ignored_total") == 1, what="ignored"
+        )
+        assert harness.maps.operations == ops
+        assert harness.resolved() == before
+        assert (
+            sorted(v.service_id for v in contents_of(harness.maps)["IPv4"].frontends.values())
+            == ids
+        )
+        await put(bus, make_snapshot(generation=4, services=("10.96.0.1:443", "10.96.0.2:443")))
+        await wait_node_generation(bus, 4)
+        assert check_invariants(contents_of(harness.maps)) == []
+
+
+async def test_a_restart_while_nats_is_down_keeps_and_repairs_the_maps(nats_server, bus, harness):
+    async with harness.running():
+        await put(bus, make_snapshot(generation=2, apiservers=HA3))
+        await wait_node_generation(bus, 2)
+    expected = harness.resolved()
+    harness.maps.clear()  # a reboot, or a crash that left the maps empty
+    nats_server.stop()
+    try:
+        stopping = asyncio.Event()
+        loader = NodeLoader(
+            settings=harness.settings,
+            data_plane=DataPlane(maps=harness.maps),
+            registry=CollectorRegistry(),
+        )
+        task = asyncio.create_task(loader.run(stopping))
+        await eventually(lambda: loader.maps_loaded, what="maps recovered")
+        assert harness.resolved() == expected  # from the state file, without NATS
+        assert not loader.health.ready()[0]  # no first reconcile from NATS yet
+        stopping.set()
+        await asyncio.wait_for(task, timeout=10)
+    finally:
+        nats_server.start()
+
+
+async def test_nats_restart_keeps_the_data_plane_and_the_loader_catches_up(nats_server, harness):
+    publisher = await Bus.connect([nats_server.url], name="publisher", initial_attempt_deadline=10)
+    await publisher.ensure_streams()
+    try:
+        async with harness.running():
+            await put(publisher, make_snapshot(generation=1, apiservers=HA3))
+            await wait_node_generation(publisher, 1)
+            before = harness.resolved()
+
+            nats_server.stop()
+            await asyncio.sleep(1.5)
+            assert harness.resolved() == before  # NATS down: the maps stay as they are
+            nats_server.start()
+
+            await eventually(lambda: publisher.connected, what="publisher reconnected")
+            await put(publisher, make_snapshot(generation=2, apiservers=("10.0.0.4:6443",)))
+            await eventually(
+                lambda: harness.resolved() == ["IPv4 10.96.0.1:443/6 -> [10.0.0.4:6443]"],
+                what="catch-up after the NATS restart",
+                timeout=30,
+            )
+            await wait_node_generation(publisher, 2)
+    finally:
+        await publisher.drain()
+
+
+async def test_one_trace_from_the_publisher_through_apply_to_the_map_writes(bus, harness):
+    async with harness.running():
+        with harness.tracer.start_as_current_span("discovery publish") as producer:
+            await put(bus, make_snapshot(generation=1, apiservers=HA3))
+        await eventually(
+            lambda: any(
+                s.name == "map writes" and s.attributes.get("entries_written")
+                for s in harness.exporter.get_finished_spans()
+            ),
+            what="map writes span",
+        )
+    spans = {
+        s.name: s
+        for s in harness.exporter.get_finished_spans()
+        if s.context.trace_id == producer.get_span_context().trace_id
+    }
+    consume, apply, writes = spans["node-loader consume"], spans["apply"], spans["map writes"]
+    assert consume.parent.span_id == producer.get_span_context().span_id
+    assert consume.kind.name == "CONSUMER"
+    assert apply.parent.span_id == consume.context.span_id
+    assert writes.parent.span_id == apply.context.span_id
+    assert writes.attributes["entries_written"] == 4
+    assert consume.attributes["apilane.generation"] == 1
+
+
+class RecordingPrograms:
+    """Stands in for ConnectTimeLB's attach/detach (the kernel test covers the real one)."""
+
+    def __init__(self) -> None:
+        self.attached = False
+        self.calls: list[str] = []
+
+    def enable(self) -> None:
+        self.calls.append("enable")
+        self.attached = True
+
+    def disable(self) -> None:
+        self.calls.append("disable")
+        self.attached = False
+
+    def attached_programs(self):
+        return ["apilane_connect4", "apilane_connect6"] if self.attached else []
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+async def test_the_control_subject_switches_the_connect_time_lb_and_keeps_the_maps(bus, harness):
+    programs = RecordingPrograms()
+    await put(bus, make_snapshot(generation=1))
+    async with harness.running(programs=programs) as loader:
+        before = harness.resolved()
+        subject = subjects.node_control_subject(CLUSTER, NODE)
+        reply = await bus.nc.request(subject, b'{"connect_time_lb": false}', timeout=5)
+        state = events.decode(reply.data)
+        assert isinstance(state, NodeState)
+        assert state.connect_time_lb is False and state.programs_attached == ()
+        assert harness.resolved() == before
+        assert loader.health.ready()[0]
+
+        reply = await bus.nc.request(subject, b'{"connect_time_lb": true}', timeout=5)
+        assert events.decode(reply.data).programs_attached == (
+            "apilane_connect4",
+            "apilane_connect6",
+        )
+        reply = await bus.nc.request(subject, b"not json", timeout=5)
+        assert b"bad control request" in reply.data
+    # Stopping the loader never detaches: the data plane outlives the process.
+    assert programs.calls == ["enable", "disable", "enable", "close"]

@@ -16,6 +16,7 @@ setup:
 	@bash tools/setup.sh
 
 up: setup
+	@bash tools/install-tracing-ui.sh >/dev/null
 	@$(PY) tools/up.py
 
 test: setup lint typecheck pytest

@@ -41,6 +41,12 @@ def setup(service_name: str) -> None:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        elif name == "zipkin":
+            # Zipkin's JSON v2 API; the endpoint is OTEL_EXPORTER_ZIPKIN_ENDPOINT (the SDK's
+            # default is http://localhost:9411/api/v2/spans). Used by `make up`'s tracing UI.
+            from opentelemetry.exporter.zipkin.json import ZipkinExporter
+
+            provider.add_span_processor(BatchSpanProcessor(ZipkinExporter()))
         elif name == "console":
             provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
         else:

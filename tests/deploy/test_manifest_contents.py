@@ -1,0 +1,133 @@
+"""deploy/: what the manifests say, checked without an apiserver (the apiserver checks are in
+test_manifests.py): probes, replicas, security settings, host mounts, and that every
+APILANE_* variable they set is read by the service that gets it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.unit]
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+SERVICE_SOURCES = {
+    "apilane-discovery": REPO / "services/discovery/src",
+    "apilane-renderer": REPO / "services/renderer/src",
+    "apilane-node-loader": REPO / "services/node-loader/src",
+}
+
+
+def manifest_files() -> list[Path]:
+    return sorted(DEPLOY.glob("*.yaml"))
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def all_documents() -> list[tuple[Path, dict[str, Any]]]:
+    return [(path, doc) for path in manifest_files() for doc in documents(path)]
+
+
+def by_kind(kind: str) -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for _, doc in all_documents() if doc["kind"] == kind}
+
+
+def test_every_manifest_is_well_formed() -> None:
+    files = manifest_files()
+    assert files, "deploy/ holds no manifests"
+    seen: set[tuple[str, str, str]] = set()
+    for path, doc in all_documents():
+        for field in ("apiVersion", "kind", "metadata"):
+            assert field in doc, f"{path.name}: a document without {field}"
+        meta = doc["metadata"]
+        key = (doc["kind"], meta.get("namespace", ""), meta["name"])
+        assert key not in seen, f"{path.name}: {key} defined twice"
+        seen.add(key)
+        assert meta.get("labels", {}).get("app.kubernetes.io/part-of") == "apilane", (
+            f"{path.name}: {doc['kind']}/{meta['name']} lacks app.kubernetes.io/part-of=apilane"
+        )
+
+
+@pytest.mark.parametrize("name", ["apilane-discovery", "apilane-renderer"])
+def test_controllers_run_two_leader_elected_restricted_replicas(name: str) -> None:
+    deployment = by_kind("Deployment")[name]
+    spec = deployment["spec"]
+    assert spec["replicas"] == 2
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == name
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    [container] = pod["containers"]
+    env = {item["name"]: item for item in container["env"]}
+    assert env["APILANE_LEADER_ELECTION"]["value"] == "true"
+    assert env["APILANE_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["OTEL_SERVICE_NAME"]["value"] == name
+    port = int(env["APILANE_HTTP_PORT"]["value"])
+    assert port == 8080
+    [declared] = container["ports"]
+    assert declared["containerPort"] == port
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+
+
+def test_node_loader_runs_privileged_on_every_node() -> None:
+    daemonset = by_kind("DaemonSet")["apilane-node-loader"]
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    assert pod.get("hostPID", False) is False
+    assert pod["automountServiceAccountToken"] is False
+    assert {"operator": "Exists"} in pod["tolerations"], "must tolerate every taint"
+    [container] = pod["containers"]
+    assert container["securityContext"]["privileged"] is True
+    env = {item["name"]: item for item in container["env"]}
+    assert env["APILANE_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert env["APILANE_ALLOW_ROOT_CGROUP"]["value"] == "true"
+    assert env["APILANE_MAP_BACKEND"]["value"] == "bpf"
+    port = int(env["APILANE_HTTP_PORT"]["value"])
+    assert container["ports"][0]["containerPort"] == port
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["port"] == "http"
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert host_paths == {
+        "bpffs": "/sys/fs/bpf",
+        "cgroup": "/sys/fs/cgroup",
+        "lib-modules": "/lib/modules",
+        "usr-src": "/usr/src",
+        "run-apilane": "/run/apilane",
+    }
+    for read_only in ("cgroup", "lib-modules", "usr-src"):
+        assert mounts[read_only]["readOnly"] is True
+    assert env["APILANE_CGROUP_PATH"]["value"] == mounts["cgroup"]["mountPath"]
+
+
+def test_every_apilane_variable_is_read_by_its_service() -> None:
+    """A variable the code never reads is a setting that silently does nothing."""
+    config = by_kind("ConfigMap")["apilane-config"]["data"]
+    workloads = {**by_kind("Deployment"), **by_kind("DaemonSet")}
+    for name, source in SERVICE_SOURCES.items():
+        pod = workloads[name]["spec"]["template"]["spec"]
+        names = set(config) | {item["name"] for c in pod["containers"] for item in c["env"]}
+        code = source_text(source) + source_text(REPO / "shared/src/apilane/shared")
+        for variable in sorted(n for n in names if n.startswith("APILANE_")):
+            assert reads_variable(code, variable), f"{name}: nothing reads {variable}"
+
+
+def source_text(root: Path) -> str:
+    return "\n".join(p.read_text() for p in root.rglob("*.py") if "testing" not in p.parts)
+
+
+def reads_variable(code: str, variable: str) -> bool:
+    """`Env` reads drop the APILANE_ prefix (env.int("HTTP_PORT", ...)); accept both forms."""
+    short = variable.removeprefix("APILANE_")
+    return variable in code or re.search(rf"""\(\s*["']{re.escape(short)}["']""", code) is not None

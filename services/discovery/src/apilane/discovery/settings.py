@@ -13,7 +13,7 @@ from apilane.shared import subjects
 from apilane.shared.config import CommonSettings, Env, load_common
 from apilane.shared.errors import ConfigError
 
-SERVICE_NAME: Final = "discovery"
+SERVICE_NAME: Final = "apilane-discovery"
 
 
 @dataclass(frozen=True, kw_only=True)

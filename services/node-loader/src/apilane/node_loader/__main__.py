@@ -10,17 +10,20 @@ from apilane.shared import runtime
 from apilane.shared.config import describe
 from apilane.shared.errors import ConfigError
 
+# service.name in traces and "service" in every log line.
+SERVICE_NAME = "apilane-node-loader"
+
 
 def main() -> int:
     try:
         loaded = settings.load()
     except ConfigError as exc:
-        print(f"node-loader: {exc}", file=sys.stderr)
+        print(f"{SERVICE_NAME}: {exc}", file=sys.stderr)
         return 2
-    runtime.setup_logging("node-loader", loaded.common.log_level)
+    runtime.setup_logging(SERVICE_NAME, loaded.common.log_level)
     runtime.log.info("settings", extra={"settings": describe(loaded)})
     return runtime.run(
-        "node-loader", loaded.common, functools.partial(service.main, settings=loaded)
+        SERVICE_NAME, loaded.common, functools.partial(service.main, settings=loaded)
     )
 
 

@@ -102,3 +102,36 @@ def test_ports_and_addresses_are_stored_in_network_byte_order(lb: ConnectTimeLB)
     assert bytes(key) == bytes([10, 96, 0, 1, 0x01, 0xBB, 6, 0])
     assert (value.service_id, value.count, value.flags) == (5, 1, 0)
     maps.clear()
+
+
+def _many_backends(count: int) -> dict[BackendKey, BackendValue]:
+    return {
+        BackendKey(1 + n // 100, n % 100): BackendValue(f"198.18.{n // 250}.{n % 250 + 1}", 8000)
+        for n in range(count)
+    }
+
+
+def test_more_entries_than_one_batch_are_written_read_back_and_deleted(maps: BccNatMaps) -> None:
+    # Writes go in chunks of 8192 elements and read-backs through an 8192-element buffer.
+    backends = _many_backends(20_000)
+    maps.update_backends("IPv4", backends)
+    assert maps.dump("IPv4").backends == backends
+    maps.delete_backends("IPv4", iter(backends))  # a one-shot iterator is fine too
+    assert maps.dump("IPv4").backends == {}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        BackendValue("fd00::1", 80),  # wrong family
+        BackendValue("198.18.0.1", 65536),  # port out of range
+        BackendValue("198.18.0.1", -1),
+    ],
+)
+def test_one_bad_value_at_the_end_of_a_large_write_writes_nothing(
+    maps: BccNatMaps, bad: BackendValue
+) -> None:
+    items = {**_many_backends(10_000), BackendKey(999, 0): bad}
+    with pytest.raises(MapWriteError, match="backend"):
+        maps.update_backends("IPv4", items)
+    assert maps.dump("IPv4").backends == {}

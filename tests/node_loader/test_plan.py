@@ -311,3 +311,22 @@ def test_apply_step_to_matches_simulate():
     for step in steps.steps:
         apply_step_to(step, fe, be)
     assert contents(fe, be) == simulate(steps, actual)["IPv4"]
+
+
+def test_removed_backends_follow_counts_not_stale_ordinals_and_shared_ids():
+    # Id 1 is shared by two frontends (a violation the reconciler repairs): ordinals below
+    # either count are reachable. Ordinal 2 of id 2 is beyond its count: never reachable.
+    before = {
+        "IPv4": contents(
+            {FE_A: FrontendValue(1, 1), FE_B: FrontendValue(1, 2), FE6: FrontendValue(2, 1)},
+            {
+                BackendKey(1, 0): B1,
+                BackendKey(1, 1): B2,
+                BackendKey(2, 0): B3,
+                BackendKey(2, 2): B6,
+                BackendKey(9, 0): BackendValue("10.0.0.9", 6443),  # orphan
+            },
+        )
+    }
+    after = {"IPv4": contents()}
+    assert removed_backends(before, after) == (B1, B2, B3)

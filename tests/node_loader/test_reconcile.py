@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import msgspec
 import pytest
@@ -387,3 +388,39 @@ def _canonical(host_ports):
         return int(ipaddress.ip_address(host.strip("[]"))), int(port)
 
     return sorted(host_ports, key=key)
+
+
+def test_the_state_file_directory_is_recreated_when_removed_between_applies(state_file):
+    reconciler = Reconciler(maps=MemoryNatMaps(), cluster="default", state_file=state_file)
+    reconciler.apply(make_snapshot(generation=1))
+    shutil.rmtree(state_file.path.parent)  # e.g. /run cleaned under a running loader
+    result = reconciler.apply(make_snapshot(generation=2, apiservers=HA3))
+    assert result.outcome is Outcome.APPLIED and result.reason.startswith("snapshot")
+    saved = state_file.load()
+    assert saved is not None and saved.generation == 2
+
+
+def test_a_state_file_that_cannot_be_written_is_reported_and_leaves_no_temporary(tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    maps = MemoryNatMaps()
+    reconciler = Reconciler(
+        maps=maps, cluster="default", state_file=StateFile(blocker / "state.json")
+    )
+    result = reconciler.apply(make_snapshot(generation=1))
+    assert result.outcome is Outcome.APPLIED  # the maps are right; only the file failed
+    assert "cannot write" in result.reason and reconciler.last_error == result.reason
+    assert [p.name for p in tmp_path.iterdir()] == ["not-a-directory"]
+
+
+def test_each_apply_reports_the_invariants_of_the_maps_it_started_from(maps):
+    reconciler = Reconciler(maps=maps, cluster="default")
+    reconciler.apply(make_snapshot(generation=1, apiservers=HA3))
+    assert reconciler.apply(make_snapshot(generation=2)).violations_before == ()
+    # Drift the cached view cannot see: the audit reads the maps back, reports and repairs.
+    [key] = contents_of(maps)["IPv4"].backends
+    maps.delete_backends("IPv4", [key])
+    assert [v.kind for v in reconciler.audit()] == ["count-mismatch", "dangling-ordinal"]
+    third = reconciler.apply(make_snapshot(generation=3, apiservers=HA3))
+    assert third.violations_before == () and third.violations_after == ()
+    assert check_invariants(contents_of(maps)) == []

@@ -12,6 +12,7 @@ decoders are built once, at import. Decoding is the only way in from the bus, an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from datetime import UTC, datetime
@@ -208,7 +209,10 @@ def canonical_digest(
     return "sha256:" + hashlib.sha256(canonical).hexdigest()
 
 
+@functools.lru_cache(maxsize=4096)
 def _ip_key(ip: str) -> str:
+    # Cached: every consumer re-checks the digest of every snapshot, and the same handful of
+    # addresses recurs in each one; parsing them costs more than the hashing.
     # Normalise textual forms (e.g. "fd00::0:1" and "fd00::1") so they hash alike.
     try:
         return ipaddress.ip_address(ip).compressed

@@ -5,8 +5,14 @@ leaf types are bcc's, generated from that header when the program is compiled, a
 codecs below are derived from those types (field order, offsets, sizes) at start.
 
 Writes use the kernel's batch operations (BPF_MAP_UPDATE_BATCH / DELETE_BATCH, Linux >= 5.6)
-when the map supports them, and fall back to one syscall per element otherwise, or to find the
+when the map supports them, and fall back to one syscall per element otherwise, or for the
 element a failed batch stopped at. Deleting a key that is not there succeeds (ENOENT).
+
+Encoding is the hot path of a large reconcile (100k entries: more time than the syscalls),
+so every write packs all its elements into one buffer with `map()` over C functions (no
+per-element Python frame, no intermediate row tuples), and the batch calls point into that
+buffer. Only when the fast path raises does a slow path look for the culprit to name it;
+either way nothing reaches the kernel before every element is encoded.
 
 `bcc` is imported lazily (only via the `bpf` object handed in), so the pure core and its tests
 run on machines without it.
@@ -20,9 +26,11 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from itertools import repeat
+from operator import attrgetter
+from typing import Any, Literal, NoReturn
 
 from apilane.node_loader.memmaps import MapWriteError
 from apilane.node_loader.nat import (
@@ -42,13 +50,19 @@ TABLE_NAMES: dict[Family, tuple[str, str]] = {
 }
 REVERSE_TABLE_NAMES: dict[Family, str] = {"IPv4": "apilane_rev4", "IPv6": "apilane_rev6"}
 
-# Address fields: packed as raw bytes (network order), not integers. Ports are integers that
-# callers convert with socket.htons/ntohs.
+# Address fields: packed as raw bytes (network order), not integers.
 _BYTE_FIELDS = frozenset({"addr"})
+# Integer fields the C side keeps in network byte order (struct bpf_sock_addr's user_port).
+_NETWORK_ORDER_FIELDS = frozenset({"port"})
 _ADDRESS_FAMILY: dict[Family, int] = {"IPv4": socket.AF_INET, "IPv6": socket.AF_INET6}
 # errno values meaning "this map or kernel has no batch operations".
 _BATCH_UNSUPPORTED = frozenset({errno.EINVAL, errno.EOPNOTSUPP, 524})  # 524: kernel ENOTSUPP
-_BATCH_CHUNK = 8192
+_BATCH_CHUNK = 8192  # elements per batch syscall, and per read-back buffer
+# What the bulk encoders raise on a value that does not fit (then the slow path names it).
+_ENCODE_ERRORS = (struct.error, OSError, TypeError, ValueError, OverflowError)
+_IP, _PORT, _PROTO = attrgetter("ip"), attrgetter("port"), attrgetter("proto")
+_SERVICE_ID, _ORDINAL = attrgetter("service_id"), attrgetter("ordinal")
+_COUNT, _FLAGS = attrgetter("count"), attrgetter("flags")
 
 
 class MapReadError(ApilaneError):
@@ -68,12 +82,21 @@ class StructCodec:
     The `struct` format is derived from the ctypes type (fields by offset, gaps as pad bytes),
     so the layout still has a single source: nat.h -> bcc -> here. A codec for a subset of the
     fields treats the others (the pads) as zero bytes. Address fields (`addr`) are raw bytes in
-    network order; integer fields are native, so callers pass ports through `socket.htons`.
+    network order. Integer fields are native, unless `byte_order="network"`: then the codec
+    packs big-endian and callers pass plain port numbers (a struct whose only multi-byte
+    integers are network-order ports; checked here). `struct` does the byte swap and the
+    range check in C, which a per-element `socket.htons` call costs more than the rest.
     """
 
     _INT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
-    def __init__(self, ctype: type[ctypes.Structure], names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        ctype: type[ctypes.Structure],
+        names: Sequence[str] | None = None,
+        *,
+        byte_order: Literal["native", "network"] = "native",
+    ) -> None:
         self.ctype = ctype
         self.size = ctypes.sizeof(ctype)
         self.fields = layout_of(ctype)
@@ -81,7 +104,8 @@ class StructCodec:
         unknown = selected - {f.name for f in self.fields}
         if unknown:
             raise ApilaneError(f"{ctype.__name__} has no field {sorted(unknown)}")
-        fmt = ["="]  # native byte order, no implicit alignment: offsets come from ctypes
+        # "=" native, "!" network (big-endian); neither aligns: offsets come from ctypes.
+        fmt = ["!" if byte_order == "network" else "="]
         position = 0
         chosen = []
         for field in self.fields:
@@ -92,6 +116,9 @@ class StructCodec:
             if field.name in _BYTE_FIELDS or field.size not in self._INT_CODES:
                 fmt.append(f"{field.size}s")
             else:
+                swapped = byte_order == "network" and field.size > 1
+                if swapped and field.name not in _NETWORK_ORDER_FIELDS:
+                    raise ApilaneError(f"{ctype.__name__}.{field.name} is not in network order")
                 fmt.append(self._INT_CODES[field.size])
             position = field.offset + field.size
             chosen.append(field.name)
@@ -102,17 +129,11 @@ class StructCodec:
             raise ApilaneError(f"codec for {ctype.__name__}: {self.struct.size} != {self.size}")
         self.names = tuple(chosen)
 
-    def pack_array(self, rows: Sequence[Sequence[Any]]) -> ctypes.Array[Any]:
-        """An array of the ctypes type; each row holds the values of `names`, in order.
-        Raises struct.error when a value does not fit its field."""
-        pack = self.struct.pack
-        buffer = b"".join([pack(*row) for row in rows])
-        return (self.ctype * len(rows)).from_buffer_copy(buffer)
-
     def unpack_buffer(self, buffer: bytes) -> Iterator[tuple[Any, ...]]:
         return self.struct.iter_unpack(buffer)
 
     def unpack(self, instance: Any) -> dict[str, Any]:
+        """Field values of one element: a ctypes instance or its bytes."""
         return dict(zip(self.names, self.struct.unpack(bytes(instance)), strict=True))
 
 
@@ -147,6 +168,11 @@ _BACKEND_KEY_FIELDS = ("service_id", "ordinal")
 _BACKEND_VALUE_FIELDS = ("addr", "port")
 
 
+def _byte_order(fields: Sequence[str]) -> Literal["native", "network"]:
+    """Structs holding a port (and otherwise only bytes) are packed in network order."""
+    return "network" if _NETWORK_ORDER_FIELDS.intersection(fields) else "native"
+
+
 class BccNatMaps:
     """`NatMaps` over the pinned kernel maps of a compiled bcc module (see programs.py).
 
@@ -173,12 +199,13 @@ class BccNatMaps:
         self, bpf: Any, name: str, key_fields: Sequence[str], value_fields: Sequence[str]
     ) -> _Table:
         table = bpf.get_table(name.encode())
+        key = StructCodec(table.Key, key_fields, byte_order=_byte_order(key_fields))
+        leaf = StructCodec(table.Leaf, value_fields, byte_order=_byte_order(value_fields))
+        # The encoders below pass field values positionally, in this order.
+        if key.names != tuple(key_fields) or leaf.names != tuple(value_fields):
+            raise ApilaneError(f"{name}: fields {key.names}/{leaf.names} are not in nat.h order")
         return _Table(
-            name=name,
-            table=table,
-            key=StructCodec(table.Key, key_fields),
-            leaf=StructCodec(table.Leaf, value_fields),
-            batch=self._use_batch is not False,
+            name=name, table=table, key=key, leaf=leaf, batch=self._use_batch is not False
         )
 
     # --- reads -------------------------------------------------------------------------------
@@ -188,9 +215,7 @@ class BccNatMaps:
         be_table = self._backends[family]
         fe_keys, fe_values = self._read_all(fe_table)
         frontends = {
-            FrontendKey(_ip_text(addr), socket.ntohs(port), proto): FrontendValue(
-                service_id, count, flags
-            )
+            FrontendKey(_ip_text(addr), port, proto): FrontendValue(service_id, count, flags)
             for (addr, port, proto), (service_id, count, flags) in zip(
                 fe_table.key.unpack_buffer(fe_keys),
                 fe_table.leaf.unpack_buffer(fe_values),
@@ -199,7 +224,7 @@ class BccNatMaps:
         }
         be_keys, be_values = self._read_all(be_table)
         backends = {
-            BackendKey(service_id, ordinal): BackendValue(_ip_text(addr), socket.ntohs(port))
+            BackendKey(service_id, ordinal): BackendValue(_ip_text(addr), port)
             for (service_id, ordinal), (addr, port) in zip(
                 be_table.key.unpack_buffer(be_keys),
                 be_table.leaf.unpack_buffer(be_values),
@@ -225,78 +250,75 @@ class BccNatMaps:
 
     def update_frontends(self, family: Family, items: Mapping[FrontendKey, FrontendValue]) -> None:
         table = self._frontends[family]
-        key_rows = [_frontend_key_row(family, key) for key in items]
-        value_rows = [(v.service_id, v.count, v.flags) for v in items.values()]
-        keys = _encode(table.key, key_rows, "frontend key")
-        values = _encode(table.leaf, value_rows, "frontend value (service id, count, flags)")
+        keys = _frontend_keys(table.key, family, items.keys())
+        values = _frontend_values(table.leaf, items.values())
         self._update(table, keys, values)
 
     def update_backends(self, family: Family, items: Mapping[BackendKey, BackendValue]) -> None:
         table = self._backends[family]
-        key_rows = [(key.service_id, key.ordinal) for key in items]
-        pton, address_family, htons = socket.inet_pton, _ADDRESS_FAMILY[family], socket.htons
-        try:  # the hot path of a large reconcile: no per-element function of ours
-            value_rows = [(pton(address_family, v.ip), htons(v.port)) for v in items.values()]
-        except (OSError, TypeError, ValueError, OverflowError):
-            value_rows = [
-                (_ip_bytes(family, v.ip, "backend"), _port_nbo(v.port, "backend"))
-                for v in items.values()
-            ]
-        keys = _encode(table.key, key_rows, "backend key (service id, ordinal)")
-        values = _encode(table.leaf, value_rows, "backend value")
+        keys = _backend_keys(table.key, items.keys())
+        values = _backend_values(table.leaf, family, items.values())
         self._update(table, keys, values)
 
     def delete_frontends(self, family: Family, keys: Iterable[FrontendKey]) -> None:
         table = self._frontends[family]
-        rows = [_frontend_key_row(family, key) for key in keys]
-        self._delete(table, _encode(table.key, rows, "frontend key"))
+        self._delete(table, _frontend_keys(table.key, family, _collection(keys)))
 
     def delete_backends(self, family: Family, keys: Iterable[BackendKey]) -> None:
         table = self._backends[family]
-        rows = [(key.service_id, key.ordinal) for key in keys]
-        self._delete(table, _encode(table.key, rows, "backend key (service id, ordinal)"))
+        self._delete(table, _backend_keys(table.key, _collection(keys)))
 
-    def _update(self, table: _Table, keys: list[Any], values: list[Any]) -> None:
-        for key_array, value_array in zip(keys, values, strict=True):
+    def _update(self, table: _Table, keys: _Packed, values: _Packed) -> None:
+        lib = _lib()
+        position = 0
+        while position < keys.count:  # every pass advances by at least one element
             if table.batch:
-                try:
-                    table.table.items_update_batch(key_array, value_array)
+                chunk = min(_BATCH_CHUNK, keys.count - position)
+                done = ctypes.c_uint32(chunk)
+                result = lib.bpf_update_batch(
+                    table.fd, keys.at(position), values.at(position), ctypes.byref(done)
+                )
+                if result == 0:
+                    position += chunk
                     if self.batch_supported is None:
                         self.batch_supported = True
                     continue
-                except Exception:
-                    if ctypes.get_errno() in _BATCH_UNSUPPORTED:
-                        self._batch_refused(table)
-                # Per element: finds the entry the batch stopped at (updates are idempotent).
-            lib = _lib()
-            for key, value in zip(key_array, value_array, strict=True):
-                if lib.bpf_update_elem(table.fd, ctypes.byref(key), ctypes.byref(value), 0) < 0:
-                    code = ctypes.get_errno()
-                    raise MapWriteError(
-                        f"{table.name}: update {table.key.unpack(key)} failed: "
-                        f"{errno.errorcode.get(code, code)} ({os.strerror(code)})"
-                    )
+                if _errno_of(result) in _BATCH_UNSUPPORTED:
+                    self._batch_refused(table)
+                else:  # the kernel wrote `done` elements and stopped at the next one
+                    position += min(done.value, chunk - 1)
+            # One element by itself: names the culprit if it fails again.
+            if lib.bpf_update_elem(table.fd, keys.at(position), values.at(position), 0) < 0:
+                code = ctypes.get_errno()
+                raise MapWriteError(
+                    f"{table.name}: update {table.key.unpack(keys.element(position))} failed: "
+                    f"{errno.errorcode.get(code, code)} ({os.strerror(code)})"
+                )
+            position += 1
 
-    def _delete(self, table: _Table, keys: list[Any]) -> None:
-        for key_array in keys:
+    def _delete(self, table: _Table, keys: _Packed) -> None:
+        lib = _lib()
+        position = 0
+        while position < keys.count:  # every pass advances by at least one element
             if table.batch:
-                try:
-                    table.table.items_delete_batch(key_array)
+                chunk = min(_BATCH_CHUNK, keys.count - position)
+                done = ctypes.c_uint32(chunk)
+                result = lib.bpf_delete_batch(table.fd, keys.at(position), ctypes.byref(done))
+                if result == 0:
+                    position += chunk
                     continue
-                except Exception:
-                    # ENOENT stops a batch at a missing key; finish one by one.
-                    if ctypes.get_errno() in _BATCH_UNSUPPORTED:
-                        self._batch_refused(table)
-            lib = _lib()
-            for key in key_array:
-                if lib.bpf_delete_elem(table.fd, ctypes.byref(key)) < 0:
-                    code = ctypes.get_errno()
-                    if code == errno.ENOENT:
-                        continue
+                if _errno_of(result) in _BATCH_UNSUPPORTED:
+                    self._batch_refused(table)
+                else:  # ENOENT stops a batch at a missing key: skip past it, then go on
+                    position += min(done.value, chunk - 1)
+            if lib.bpf_delete_elem(table.fd, keys.at(position)) < 0:
+                code = ctypes.get_errno()
+                if code != errno.ENOENT:
                     raise MapWriteError(
-                        f"{table.name}: delete {table.key.unpack(key)} failed: "
-                        f"{errno.errorcode.get(code, code)} ({os.strerror(code)})"
+                        f"{table.name}: delete {table.key.unpack(keys.element(position))} "
+                        f"failed: {errno.errorcode.get(code, code)} ({os.strerror(code)})"
                     )
+            position += 1
 
     def _batch_refused(self, table: _Table) -> None:
         if self._use_batch:
@@ -325,54 +347,154 @@ class _BatchRefused(Exception):
     pass
 
 
-def _encode(codec: StructCodec, rows: list[tuple[Any, ...]], what: str) -> list[Any]:
-    """All rows as ctypes arrays of at most _BATCH_CHUNK elements; MapWriteError if any value
-    does not fit its field (nothing has been written yet)."""
-    chunks = []
-    for start in range(0, len(rows), _BATCH_CHUNK):
-        chunk = rows[start : start + _BATCH_CHUNK]
-        try:
-            chunks.append(codec.pack_array(chunk))
-        except struct.error as exc:
-            culprit = next((row for row in chunk if not _fits(codec, row)), None)
-            raise MapWriteError(f"{what} {culprit} does not fit the map: {exc}") from exc
-    return chunks
+@dataclass(frozen=True, slots=True)
+class _Packed:
+    """`count` encoded elements of `size` bytes, back to back, in memory the kernel reads."""
+
+    buffer: ctypes.Array[ctypes.c_char]
+    count: int
+    size: int
+
+    @classmethod
+    def of(cls, data: bytes, size: int) -> _Packed:
+        return cls(ctypes.create_string_buffer(data, len(data)), len(data) // size, size)
+
+    def at(self, index: int) -> Any:
+        """A pointer to element `index`."""
+        return ctypes.byref(self.buffer, index * self.size)
+
+    def element(self, index: int) -> bytes:
+        return ctypes.string_at(ctypes.addressof(self.buffer) + index * self.size, self.size)
 
 
-def _fits(codec: StructCodec, row: tuple[Any, ...]) -> bool:
+def _frontend_keys(codec: StructCodec, family: Family, keys: Collection[FrontendKey]) -> _Packed:
+    address_family, pton = _ADDRESS_FAMILY[family], socket.inet_pton
     try:
-        codec.struct.pack(*row)
-    except struct.error:
-        return False
-    return True
+        data = b"".join(
+            map(
+                codec.struct.pack,
+                map(pton, repeat(address_family), map(_IP, keys)),
+                map(_PORT, keys),
+                map(_PROTO, keys),
+            )
+        )
+    except _ENCODE_ERRORS:
+        _explain(codec, (_frontend_key_row(family, key) for key in keys), "frontend key")
+    return _Packed.of(data, codec.size)
+
+
+def _frontend_values(codec: StructCodec, values: Collection[FrontendValue]) -> _Packed:
+    try:
+        data = b"".join(
+            map(
+                codec.struct.pack,
+                map(_SERVICE_ID, values),
+                map(_COUNT, values),
+                map(_FLAGS, values),
+            )
+        )
+    except _ENCODE_ERRORS:
+        _explain(
+            codec,
+            ((v.service_id, v.count, v.flags) for v in values),
+            "frontend value (service id, count, flags)",
+        )
+    return _Packed.of(data, codec.size)
+
+
+def _backend_keys(codec: StructCodec, keys: Collection[BackendKey]) -> _Packed:
+    try:
+        data = b"".join(map(codec.struct.pack, map(_SERVICE_ID, keys), map(_ORDINAL, keys)))
+    except _ENCODE_ERRORS:
+        _explain(
+            codec, ((k.service_id, k.ordinal) for k in keys), "backend key (service id, ordinal)"
+        )
+    return _Packed.of(data, codec.size)
+
+
+def _backend_values(
+    codec: StructCodec, family: Family, values: Collection[BackendValue]
+) -> _Packed:
+    address_family, pton = _ADDRESS_FAMILY[family], socket.inet_pton
+    try:
+        data = b"".join(
+            map(
+                codec.struct.pack,
+                map(pton, repeat(address_family), map(_IP, values)),
+                map(_PORT, values),
+            )
+        )
+    except _ENCODE_ERRORS:
+        _explain(
+            codec,
+            ((_ip_bytes(family, v.ip, "backend"), _port(v.port, "backend")) for v in values),
+            "backend value",
+        )
+    return _Packed.of(data, codec.size)
+
+
+def _explain(codec: StructCodec, rows: Iterable[tuple[Any, ...]], what: str) -> NoReturn:
+    """The slow path after a bulk encoder failed: find the first bad element and raise a
+    MapWriteError naming it (`rows` raises it itself for a bad address or port)."""
+    for row in rows:
+        try:
+            codec.struct.pack(*row)
+        except struct.error as exc:
+            raise MapWriteError(f"{what} {row} does not fit the map: {exc}") from exc
+    raise MapWriteError(f"a {what} does not fit the map")
+
+
+def _collection(items: Iterable[Any]) -> Collection[Any]:
+    """The encoders go over their input once per field: a one-shot iterator is listed first."""
+    return items if isinstance(items, Collection) else list(items)
+
+
+def _errno_of(result: int) -> int:
+    return -result if result < 0 else ctypes.get_errno()
 
 
 def _lookup_batch(table: _Table) -> tuple[bytes, bytes]:
-    """BPF_MAP_LOOKUP_BATCH over the whole map into one buffer per side (libbcc's call; bcc's
-    own generator yields element by element, which costs more than the syscall)."""
+    """BPF_MAP_LOOKUP_BATCH over the whole map, as packed keys and values (libbcc's call;
+    bcc's own generator yields element by element, which costs more than the syscall).
+
+    Read through a buffer of at most _BATCH_CHUNK elements rather than one sized for
+    max_entries: that one was megabytes, zero-filled on every read-back, and glibc kept it
+    in the heap afterwards (resident memory that the loader never needed again)."""
     lib = _lib()
     capacity = int(table.table.max_entries)
     key_size, value_size = table.key.size, table.leaf.size
-    keys = ctypes.create_string_buffer(key_size * capacity)
-    values = ctypes.create_string_buffer(value_size * capacity)
+    room = min(capacity, _BATCH_CHUNK)
+    keys = ctypes.create_string_buffer(key_size * room)
+    values = ctypes.create_string_buffer(value_size * room)
     in_token, out_token = ctypes.c_uint32(0), ctypes.c_uint32(0)  # htab: a bucket index
+    key_parts: list[bytes] = []
+    value_parts: list[bytes] = []
     total = 0
     first = True
     while total < capacity:
-        count = ctypes.c_uint32(capacity - total)
+        count = ctypes.c_uint32(room)
         result = lib.bpf_lookup_batch(
             table.fd,
             None if first else ctypes.byref(in_token),
             ctypes.byref(out_token),
-            ctypes.byref(keys, key_size * total),
-            ctypes.byref(values, value_size * total),
+            keys,
+            values,
             ctypes.byref(count),
         )
         code = ctypes.get_errno()
-        total += count.value
+        if count.value:
+            total += count.value
+            key_parts.append(keys.raw[: key_size * count.value])
+            value_parts.append(values.raw[: value_size * count.value])
         if result != 0:
             if code == errno.ENOENT:
                 break  # the whole map has been read
+            if code == errno.ENOSPC and room < capacity:
+                # One hash bucket holds more elements than the buffer: retry it, larger.
+                room = min(capacity, room * 2)
+                keys = ctypes.create_string_buffer(key_size * room)
+                values = ctypes.create_string_buffer(value_size * room)
+                continue
             if code in _BATCH_UNSUPPORTED:
                 raise _BatchRefused
             raise MapReadError(f"reading {table.name}: {os.strerror(code)}")
@@ -380,7 +502,7 @@ def _lookup_batch(table: _Table) -> tuple[bytes, bytes]:
             break
         first = False
         in_token.value = out_token.value
-    return keys.raw[: key_size * total], values.raw[: value_size * total]
+    return b"".join(key_parts), b"".join(value_parts)
 
 
 def _lib() -> Any:
@@ -390,7 +512,7 @@ def _lib() -> Any:
 
 
 def _frontend_key_row(family: Family, key: FrontendKey) -> tuple[bytes, int, int]:
-    return (_ip_bytes(family, key.ip, "frontend"), _port_nbo(key.port, "frontend"), key.proto)
+    return (_ip_bytes(family, key.ip, "frontend"), _port(key.port, "frontend"), key.proto)
 
 
 def _ip_bytes(family: Family, ip: str, what: str) -> bytes:
@@ -400,11 +522,10 @@ def _ip_bytes(family: Family, ip: str, what: str) -> bytes:
         raise MapWriteError(f"{what} address {ip!r} is not an {family} address") from exc
 
 
-def _port_nbo(port: int, what: str) -> int:
-    """The port as the native integer whose bytes are the port in network order."""
+def _port(port: int, what: str) -> int:
     if not isinstance(port, int) or not 0 <= port <= 0xFFFF:
         raise MapWriteError(f"{what} port {port!r} does not fit in 16 bits")
-    return socket.htons(port)
+    return port
 
 
 def _ip_text(packed: bytes) -> str:

@@ -521,10 +521,19 @@ class ApiServer:
                     f"kube-apiserver at {self.url} exited with {self.proc.returncode}:\n{tail(self.log_path)}"
                 )
             try:
-                with urllib.request.urlopen(
-                    self.url + "/readyz", context=context, timeout=2
-                ) as response:
-                    if response.status == 200:
+                # /readyz passes before the bootstrap controller has created the `kubernetes`
+                # Service; everything built on this harness needs that Service, so wait for it.
+                with (
+                    urllib.request.urlopen(
+                        self.url + "/readyz", context=context, timeout=2
+                    ) as response,
+                    urllib.request.urlopen(
+                        self.url + "/api/v1/namespaces/default/services/kubernetes",
+                        context=context,
+                        timeout=2,
+                    ) as service,
+                ):
+                    if response.status == 200 and service.status == 200:
                         return
             except urllib.error.HTTPError as exc:
                 last = f"HTTP {exc.code}"

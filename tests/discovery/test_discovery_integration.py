@@ -356,7 +356,7 @@ async def test_reordering_only_publishes_nothing(
         ),
     ],
 )
-async def test_dual_stack_family_mismatch_is_published_with_a_warning(  # noqa: PLR0917 - fixtures
+async def test_dual_stack_family_mismatch_is_published_with_a_warning(
     control_plane: ControlPlane,
     nats_server: NatsServer,
     bus: Bus,

@@ -15,9 +15,9 @@ from prometheus_client import CollectorRegistry
 
 from apilane.discovery.metrics import DiscoveryMetrics
 from apilane.discovery.publisher import ObservedChange, Outcome, Publisher
-from apilane.discovery.snapshot import SnapshotResult, build_snapshot
 from apilane.shared import events, subjects
 from apilane.shared.bus import BusError, KvEntry, RevisionMismatch
+from apilane.shared.endpoints import SnapshotResult, build_snapshot
 from apilane.shared.events import ClusterWarning, EndpointSnapshot, Finding, WarningReason
 
 pytestmark = [pytest.mark.unit]

@@ -538,6 +538,9 @@ async def test_manifest_cli_reads_a_cluster_straight_from_a_kubeconfig(
 ) -> None:
     kube = kubernetes_endpoints
     service = await kube.get("/api/v1/namespaces/default/services/kubernetes")
+    # The slice port is the Service's numeric targetPort (the apiserver's secure port), as the
+    # endpoint reconciler writes it: a numeric targetPort selects by number only (issue 3).
+    target_port = service["spec"]["ports"][0]["targetPort"]
     await kube.create(
         "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
         {
@@ -553,7 +556,7 @@ async def test_manifest_cli_reads_a_cluster_straight_from_a_kubeconfig(
                 {"addresses": ["192.168.5.4"], "conditions": {"ready": True}},
                 {"addresses": ["192.168.5.6"], "conditions": {"ready": False}},
             ],
-            "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}],
+            "ports": [{"name": "https", "port": target_port, "protocol": "TCP"}],
         },
     )
     kubeconfig = control_plane.write_kubeconfig(
@@ -567,7 +570,7 @@ async def test_manifest_cli_reads_a_cluster_straight_from_a_kubeconfig(
     families = {"IPv6" if ":" in ip else "IPv4" for ip in cluster_ips}
     assert "IPv4" in families
     lines = dict(line.split("=", 1) for line in out.getvalue().splitlines())
-    assert lines[APISERVER_ENDPOINTS] == "192.168.5.4:6443,192.168.5.5:6443"
+    assert lines[APISERVER_ENDPOINTS] == f"192.168.5.4:{target_port},192.168.5.5:{target_port}"
     assert lines[SERVICE_IPS_PORTS].startswith(f"{service['spec']['clusterIP']}:443")
 
 

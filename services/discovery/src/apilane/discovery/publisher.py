@@ -34,10 +34,10 @@ from opentelemetry import trace
 
 from apilane.shared import events, subjects
 from apilane.shared.bus import BusError, KvEntry, RevisionMismatch
+from apilane.shared.endpoints import SnapshotResult
 from apilane.shared.events import ClusterWarning, EndpointSnapshot, Finding
 
 from .metrics import DiscoveryMetrics
-from .snapshot import SnapshotResult
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("apilane.discovery")
@@ -358,22 +358,13 @@ class Publisher:
     def _snapshot(
         self, result: SnapshotResult, *, generation: int, changes: list[ObservedChange]
     ) -> EndpointSnapshot:
-        resource_versions = set(result.resource_versions) | {c.versioned_ref for c in changes}
-        trigger_times = set(result.trigger_times) | {
-            c.trigger_time for c in changes if c.trigger_time is not None
-        }
-        return EndpointSnapshot(
+        return result.to_event(
             cluster=self.cluster,
             generation=generation,
-            service_endpoints=result.service_endpoints,
-            apiserver_endpoints=result.apiserver_endpoints,
-            digest=result.digest,
             observed_at=datetime.fromtimestamp(self.clock(), UTC),
-            trigger_times=tuple(sorted(trigger_times)),
-            resource_versions=tuple(sorted(resource_versions)),
-            findings=result.findings,
-            kube_proxy=result.kube_proxy,
-            managed_provider=result.managed_provider,
+            # A change may name an object the view no longer has (a deleted slice).
+            more_resource_versions=(c.versioned_ref for c in changes),
+            more_trigger_times=(c.trigger_time for c in changes if c.trigger_time is not None),
         )
 
     def _forget_changes(self, covered: list[ObservedChange]) -> None:

@@ -17,6 +17,12 @@ from prometheus_client import CollectorRegistry
 
 from apilane.shared import kube_events
 from apilane.shared.bus import Bus, BusError
+from apilane.shared.endpoints import (
+    TRIGGER_TIME_ANNOTATION,
+    SnapshotInputs,
+    build_snapshot,
+    parse_trigger_time,
+)
 from apilane.shared.events import Finding
 from apilane.shared.kube import KubeClient
 from apilane.shared.leader import LeaderElector
@@ -26,7 +32,6 @@ from apilane.shared.watching import WatchEvent
 from .metrics import DiscoveryMetrics
 from .publisher import ObservedChange, Publisher
 from .settings import SERVICE_NAME, DiscoverySettings
-from .snapshot import TRIGGER_TIME_ANNOTATION, SnapshotInputs, build_snapshot, parse_trigger_time
 from .watcher import ClusterWatcher, WatchTarget, targets_for
 
 log = logging.getLogger(__name__)

@@ -15,12 +15,13 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import TextIO
 
 from apilane.renderer import manifest, render
 from apilane.renderer.settings import RendererSettings
 from apilane.renderer.settings import load as load_settings
-from apilane.shared import events, subjects
+from apilane.shared import endpoints, events, subjects
 from apilane.shared.bus import Bus, BusError
 from apilane.shared.errors import ApilaneError
 from apilane.shared.kube import KubeClient, KubeError, NotFound
@@ -134,12 +135,14 @@ async def _from_kube(kubeconfig: str | None, cluster: str) -> events.EndpointSna
             kube_proxy = None  # not there, or not readable: nothing to say about it
     finally:
         await kube.close()
-    return manifest.snapshot_from_objects(
-        cluster=cluster,
+    # Nodes are not read: the managed-provider finding does not change what is rendered.
+    result = endpoints.build_snapshot(
         service=service,
         endpoint_slices=slices.get("items") or [],
         kube_proxy=kube_proxy,
+        nodes=(),
     )
+    return result.to_event(cluster=cluster, generation=0, observed_at=datetime.now(UTC))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""From the raw API objects to the canonical endpoint state: a pure function, no I/O.
+"""The API server's endpoints from the raw API objects: a pure function, no I/O.
 
 `build_snapshot` takes the `kubernetes` Service, its EndpointSlices, the kube-proxy
-DaemonSet and the Nodes exactly as the API server sent them (plain dicts) and returns what
-discovery would publish, with every problem it noticed as a typed `Finding`. The input comes
-from outside the process, so every field may be missing or of the wrong type: a bad entry is
-rejected with a finding, never with an exception.
+DaemonSet and the Nodes exactly as the API server sent them (plain dicts) and returns the
+canonical endpoint state, with every problem it noticed as a typed `Finding`. Discovery
+publishes it; `apilane-render manifest --kubeconfig` renders it straight away; both must
+apply the same rules, so they live here once. The input comes from outside the process, so
+every field may be missing or of the wrong type: a bad entry is rejected with a finding,
+never with an exception.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Final, NotRequired, TypedDict, TypeGuard
 from apilane.shared import events
 from apilane.shared.events import (
     ApiServerEndpoint,
+    EndpointSnapshot,
     Family,
     Finding,
     KubeProxyState,
@@ -138,7 +141,7 @@ class SnapshotInputs:
 
 @dataclass(frozen=True, kw_only=True)
 class SnapshotResult:
-    """Everything discovery derives from one view of the API objects."""
+    """Everything derived from one view of the API objects."""
 
     service_endpoints: tuple[ServiceEndpoint, ...]
     apiserver_endpoints: tuple[ApiServerEndpoint, ...]
@@ -161,6 +164,31 @@ class SnapshotResult:
         for endpoint in self.apiserver_endpoints:
             grouped.setdefault(endpoint.family, []).append(endpoint)
         return {family: tuple(items) for family, items in grouped.items()}
+
+    def to_event(
+        self,
+        *,
+        cluster: str,
+        generation: int,
+        observed_at: datetime,
+        more_resource_versions: Iterable[str] = (),
+        more_trigger_times: Iterable[datetime] = (),
+    ) -> EndpointSnapshot:
+        """The wire event for this view; `more_*` adds what the caller saw besides the objects
+        (e.g. the resource versions of deletions coalesced into it)."""
+        return EndpointSnapshot(
+            cluster=cluster,
+            generation=generation,
+            service_endpoints=self.service_endpoints,
+            apiserver_endpoints=self.apiserver_endpoints,
+            digest=self.digest,
+            observed_at=observed_at,
+            trigger_times=tuple(sorted({*self.trigger_times, *more_trigger_times})),
+            resource_versions=tuple(sorted({*self.resource_versions, *more_resource_versions})),
+            findings=self.findings,
+            kube_proxy=self.kube_proxy,
+            managed_provider=self.managed_provider,
+        )
 
 
 def build_snapshot(

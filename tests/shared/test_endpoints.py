@@ -1,4 +1,4 @@
-"""Table tests for the pure snapshot function: one case per rule of issue 3."""
+"""Table tests for apilane.shared.endpoints, the pure extraction: one case per rule of issue 3."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from apilane.discovery.snapshot import SnapshotInputs, build_snapshot
+from apilane.shared.endpoints import SnapshotInputs, build_snapshot
 from apilane.shared.events import WarningReason
 
 pytestmark = [pytest.mark.unit]
@@ -221,6 +221,12 @@ def test_a_missing_service_is_a_finding() -> None:
             [{"name": "https", "port": 6443}, {"name": "metrics", "port": 9000}],
             [6443],
             id="by-number-ignores-other-ports",
+        ),
+        pytest.param(
+            [{"name": "https", "port": 443, "targetPort": 6443}],
+            [{"name": "https", "port": 7443}],
+            [],
+            id="a-numeric-targetPort-does-not-match-by-the-service-port-name",
         ),
         pytest.param(
             [{"name": "https", "port": 443, "targetPort": "api"}],
@@ -640,6 +646,34 @@ def test_trigger_times_and_resource_versions_are_collected() -> None:
     when = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
     assert result.trigger_times == (when,)
     assert result.slice_trigger_times == {"EndpointSlice/default/a": when}
+
+
+def test_the_wire_event_carries_the_view_plus_what_the_caller_adds() -> None:
+    result = snap(
+        slices=[eps("a", endpoint("192.0.2.1"), rv="11", trigger="2025-01-02T03:04:05Z")],
+        nodes=[node("n1", labels={"eks.amazonaws.com/nodegroup": "ng"})],
+    )
+    observed = datetime(2025, 1, 2, 3, 4, 6, tzinfo=UTC)
+    earlier = datetime(2025, 1, 2, 3, 4, 0, tzinfo=UTC)
+    event = result.to_event(
+        cluster="c1",
+        generation=4,
+        observed_at=observed,
+        more_resource_versions=["EndpointSlice/default/gone@9", "EndpointSlice/default/a@11"],
+        more_trigger_times=[earlier],
+    )
+    assert (event.cluster, event.generation, event.observed_at) == ("c1", 4, observed)
+    assert event.service_endpoints == result.service_endpoints
+    assert event.apiserver_endpoints == result.apiserver_endpoints
+    assert event.digest == result.digest
+    assert event.findings == result.findings
+    assert (event.kube_proxy, event.managed_provider) == (result.kube_proxy, "eks")
+    assert event.resource_versions == (
+        "EndpointSlice/default/a@11",
+        "EndpointSlice/default/gone@9",
+        "Service/default/kubernetes@7",
+    )
+    assert event.trigger_times == (earlier, datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC))
 
 
 def test_digest_changes_with_content_but_not_with_conditions() -> None:

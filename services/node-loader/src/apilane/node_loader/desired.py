@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from apilane.node_loader import addresses
 from apilane.node_loader.nat import (
+    FAMILIES,
     PROTO_TCP,
     PROTO_UDP,
     BackendKey,
@@ -42,7 +43,6 @@ from apilane.shared import events
 from apilane.shared.errors import ApilaneError
 from apilane.shared.events import EndpointSnapshot, Finding, WarningReason
 
-FAMILIES: tuple[Family, ...] = ("IPv4", "IPv6")
 FIRST_SERVICE_ID = 1
 MAX_SERVICE_ID = 0xFFFFFFFF
 _PROTOCOLS = {"TCP": PROTO_TCP, "UDP": PROTO_UDP}

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from apilane.node_loader import addresses
 from apilane.node_loader.nat import (
+    FAMILIES,
     BackendKey,
     BackendValue,
     Family,
@@ -22,7 +23,6 @@ from apilane.node_loader.nat import (
 )
 from apilane.shared.errors import ApilaneError
 
-FAMILIES: tuple[Family, ...] = ("IPv4", "IPv6")
 # The kernel maps' default size (bpf/nat.h); a scale run may ask for more.
 DEFAULT_MAX_ENTRIES = 65536
 _U32_MAX = 0xFFFFFFFF

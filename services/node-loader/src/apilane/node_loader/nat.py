@@ -14,6 +14,8 @@ from typing import Literal, Protocol
 
 Family = Literal["IPv4", "IPv6"]
 
+FAMILIES: tuple[Family, ...] = ("IPv4", "IPv6")
+
 PROTO_TCP = 6
 PROTO_UDP = 17
 

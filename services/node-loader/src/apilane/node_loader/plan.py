@@ -23,6 +23,7 @@ from enum import StrEnum
 
 from apilane.node_loader import addresses
 from apilane.node_loader.nat import (
+    FAMILIES,
     BackendKey,
     BackendValue,
     Family,
@@ -30,8 +31,6 @@ from apilane.node_loader.nat import (
     FrontendValue,
     MapContents,
 )
-
-FAMILIES: tuple[Family, ...] = ("IPv4", "IPv6")
 
 
 class Phase(StrEnum):

@@ -37,8 +37,8 @@ import msgspec
 from opentelemetry import trace
 
 from apilane.node_loader.desired import InvalidSnapshot, desired_state, target_contents
-from apilane.node_loader.memmaps import FAMILIES, render
-from apilane.node_loader.nat import BackendValue, Family, MapContents, NatMaps
+from apilane.node_loader.memmaps import render
+from apilane.node_loader.nat import FAMILIES, BackendValue, Family, MapContents, NatMaps
 from apilane.node_loader.plan import (
     Operation,
     Plan,

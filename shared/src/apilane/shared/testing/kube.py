@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from apilane.shared.kube import KubeClient, NotFound
-from apilane.shared.testing.procs import ComponentMissing, free_port, tail
+from apilane.shared.testing.procs import ComponentMissing, end_process, free_port, tail
 
 log = logging.getLogger(__name__)
 
@@ -135,16 +135,7 @@ def start_process(argv: Sequence[str], *, log_path: Path) -> subprocess.Popen[by
 
 def stop_process(proc: subprocess.Popen[bytes] | None, *, grace: float = STOP_GRACE) -> None:
     """SIGTERM the pid we started, SIGKILL after `grace` seconds."""
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=grace)
+    end_process(proc, grace=grace)
 
 
 def kill_process(proc: subprocess.Popen[bytes] | None) -> None:

@@ -41,9 +41,9 @@ def port_open(host: str, port: int) -> bool:
     return False
 
 
-def end_process(proc: subprocess.Popen[bytes], *, grace: float = 5.0) -> None:
+def end_process(proc: subprocess.Popen[bytes] | None, *, grace: float = 5.0) -> None:
     """SIGTERM the process we started (by its pid), then SIGKILL after `grace` seconds."""
-    if proc.poll() is not None:
+    if proc is None or proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGTERM)

@@ -90,6 +90,22 @@ async def test_a_deleted_key_reads_as_absent_but_keeps_its_revision_for_cas(bus:
     await bus.kv_put(subjects.SNAPSHOT_BUCKET, "c4", _warning(2), expected_revision=marker.revision)
 
 
+async def test_requests_are_answered_and_a_failing_handler_answers_an_error(bus: Bus) -> None:
+    from apilane.shared.bus import BusError
+
+    async def handler(payload: bytes) -> bytes:
+        if payload == b"boom":
+            raise ValueError("no")
+        return payload.upper()
+
+    await bus.serve_requests("apilane.test.echo", handler)
+    assert await bus.request("apilane.test.echo", b"hi") == b"HI"
+    assert b"ValueError: no" in await bus.request("apilane.test.echo", b"boom")
+    assert await bus.request("apilane.test.echo", b"again") == b"AGAIN"
+    with pytest.raises(BusError):
+        await bus.request("apilane.test.nobody", b"x", timeout=0.5)
+
+
 async def test_kv_watch_catches_up_after_a_server_restart(nats_server: NatsServer) -> None:
     bus = await Bus.connect([nats_server.url], name="t", initial_attempt_deadline=5)
     await bus.ensure_streams()

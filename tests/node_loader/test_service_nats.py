@@ -345,19 +345,19 @@ async def test_the_control_subject_switches_the_connect_time_lb_and_keeps_the_ma
     async with harness.running(programs=programs) as loader:
         before = harness.resolved()
         subject = subjects.node_control_subject(CLUSTER, NODE)
-        reply = await bus.nc.request(subject, b'{"connect_time_lb": false}', timeout=5)
-        state = events.decode(reply.data)
+        reply = await bus.request(subject, b'{"connect_time_lb": false}', timeout=5)
+        state = events.decode(reply)
         assert isinstance(state, NodeState)
         assert state.connect_time_lb is False and state.programs_attached == ()
         assert harness.resolved() == before
         assert loader.health.ready()[0]
 
-        reply = await bus.nc.request(subject, b'{"connect_time_lb": true}', timeout=5)
-        assert events.decode(reply.data).programs_attached == (
+        reply = await bus.request(subject, b'{"connect_time_lb": true}', timeout=5)
+        assert events.decode(reply).programs_attached == (
             "apilane_connect4",
             "apilane_connect6",
         )
-        reply = await bus.nc.request(subject, b"not json", timeout=5)
-        assert b"bad control request" in reply.data
+        reply = await bus.request(subject, b"not json", timeout=5)
+        assert b"bad control request" in reply
     # Stopping the loader never detaches: the data plane outlives the process.
     assert programs.calls == ["enable", "disable", "enable", "close"]

@@ -10,13 +10,14 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import msgspec
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -303,6 +304,34 @@ class Bus:
         except (NatsError, TimeoutError, OSError):
             return False  # unreachable: nothing to catch up with yet
         return int(info.state.last_seq) > last_seq
+
+    async def serve_requests(
+        self, subject: str, handler: Callable[[bytes], Awaitable[bytes]]
+    ) -> Subscription:
+        """Answer core NATS requests on `subject` with `handler(payload)`.
+
+        For operator actions that want an answer now (not JetStream: nothing to replay). A
+        handler that raises is answered with a JSON error and logged; it never kills the
+        subscription.
+        """
+
+        async def on_request(msg: Msg) -> None:
+            try:
+                reply = await handler(msg.data or b"")
+            except Exception as exc:
+                log.exception("request handler failed", extra={"subject": subject})
+                reply = msgspec.json.encode({"error": f"{type(exc).__name__}: {exc}"})
+            if msg.reply:
+                await msg.respond(reply)
+
+        return await self.nc.subscribe(subject, cb=on_request)
+
+    async def request(self, subject: str, payload: bytes, *, timeout: float = 2.0) -> bytes:
+        try:
+            response = await self.nc.request(subject, payload, timeout=timeout)
+        except (NatsError, TimeoutError) as exc:
+            raise BusError(f"request to {subject} failed: {exc}") from exc
+        return response.data or b""
 
     async def drain(self) -> None:
         """Finish in-flight work and close; safe to call twice or when never connected."""

@@ -555,28 +555,26 @@ class NodeLoader:
     # -- control -----------------------------------------------------------------------------
 
     async def _serve_control(self) -> Any:
-        """Core request/reply on the node's control subject (no JetStream: a switch is an
-        operator action, and the reply says whether it worked)."""
+        """Request/reply on the node's control subject: a switch is an operator action, and the
+        reply (the node state afterwards) says whether it worked."""
         assert self.bus is not None
         decoder = msgspec.json.Decoder(ControlRequest)
 
-        async def on_request(msg: Any) -> None:
+        async def on_request(data: bytes) -> bytes:
             try:
-                request = decoder.decode(msg.data) if msg.data else ControlRequest()
+                request = decoder.decode(data) if data else ControlRequest()
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                await msg.respond(msgspec.json.encode({"error": f"bad control request: {exc}"}))
-                return
+                return msgspec.json.encode({"error": f"bad control request: {exc}"})
             if (
                 request.connect_time_lb is not None
                 and request.connect_time_lb != self.connect_time_lb
             ):
                 self.set_connect_time_lb(request.connect_time_lb)
                 await self.write_node_state()
-            await msg.respond(events.encode(self.node_state()))
+            return events.encode(self.node_state())
 
-        # The Bus adapter has no request/reply API; its public NATS client serves this one.
-        return await self.bus.nc.subscribe(
-            subjects.node_control_subject(self.cluster, self.node), cb=on_request
+        return await self.bus.serve_requests(
+            subjects.node_control_subject(self.cluster, self.node), on_request
         )
 
     def set_connect_time_lb(self, enabled: bool) -> None:

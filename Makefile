@@ -26,7 +26,7 @@ lint:
 	$(VENV)/bin/ruff format --check .
 
 typecheck:
-	$(VENV)/bin/mypy -p apilane.shared
+	$(VENV)/bin/mypy -p apilane.shared -p apilane.discovery -p apilane.renderer -p apilane.node_loader
 
 pytest:
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

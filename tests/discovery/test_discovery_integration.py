@@ -12,9 +12,12 @@ import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import pytest
+from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry
 
 from apilane.discovery import service
@@ -23,7 +26,8 @@ from apilane.shared import events, subjects
 from apilane.shared.bus import Bus
 from apilane.shared.config import CommonSettings
 from apilane.shared.events import ClusterWarning, EndpointSnapshot, WarningReason
-from apilane.shared.kube import KubeClient, NotFound
+from apilane.shared.kube import KubeClient, KubeError, NotFound
+from apilane.shared.runtime import Health, start_http
 from apilane.shared.testing.kube import ControlPlane, endpoint_slice
 from apilane.shared.testing.nats import NatsServer
 from apilane.shared.watching import WATCH_RESTARTS
@@ -70,11 +74,16 @@ def settings_for(
 
 @contextlib.asynccontextmanager
 async def running(
-    settings: DiscoverySettings, registry: CollectorRegistry | None = None
+    settings: DiscoverySettings,
+    registry: CollectorRegistry | None = None,
+    *,
+    health: Health | None = None,
 ) -> AsyncIterator[service.DiscoveryService]:
     stop = asyncio.Event()
     started: asyncio.Future[service.DiscoveryService] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(service.run(settings, stop, registry=registry, started=started))
+    task = asyncio.create_task(
+        service.run(settings, stop, registry=registry, health=health, started=started)
+    )
     try:
         done, _ = await asyncio.wait(
             [started, task], timeout=WAIT, return_when=asyncio.FIRST_COMPLETED
@@ -573,7 +582,10 @@ async def test_kube_proxy_missing_not_ready_and_externally_managed_by_each_marke
             assert warning.object_ref == f"DaemonSet/{ns}/kube-proxy"
         snapshot, _ = await read_snapshot(bus, settings.cluster)
         events_list = await wait_events(kube, ns, WarningReason.EXTERNALLY_MANAGED_KUBE_PROXY)
-    assert snapshot is not None and snapshot.generation == 1  # warnings, never new generations
+    # Missing and not-ready are warnings only; each change of the external-management marker
+    # is a new generation, because the renderer acts on it.
+    assert snapshot is not None and snapshot.generation == 1 + len(markers)
+    assert snapshot.kube_proxy.managed_by.startswith("annotation:argocd.argoproj.io/tracking-id")
     assert {e["involvedObject"]["kind"] for e in events_list} == {"DaemonSet"}
     assert len(events_list) == len(markers)
 
@@ -705,3 +717,406 @@ async def test_a_nats_restart_while_changes_happen_loses_nothing(
     assert last.generation > first.generation
     rvs = {rv for rv in last.resource_versions if rv.startswith(f"EndpointSlice/{ns}/a@")}
     assert len(rvs) >= 2  # the publish names the changes made while NATS was down
+
+
+# -- managed control plane: cluster-scoped Nodes -------------------------------------------------
+
+NODES = "/api/v1/nodes"
+EKS_NODEGROUP = "eks.amazonaws.com/nodegroup"
+CONTROL_PLANE_ROLE = "node-role.kubernetes.io/control-plane"
+MANAGED = WarningReason.MANAGED_CONTROL_PLANE
+
+
+class ClusterNodes:
+    """The Nodes one test makes. Nodes are cluster-scoped and the control plane is shared by
+    the session: unique names, deleted (with their Events) when the test ends."""
+
+    def __init__(self, kube: KubeClient) -> None:
+        self.kube = kube
+        self.prefix = f"n-{secrets.token_hex(4)}"
+        self.names: set[str] = set()
+
+    def name(self, role: str) -> str:
+        return f"{self.prefix}-{role}"
+
+    async def create(
+        self, role: str, *, labels: dict[str, str] | None = None, provider_id: str = ""
+    ) -> dict[str, Any]:
+        """A Node as the API accepts it without a kubelet (nothing in the harness runs one)."""
+        name = self.name(role)
+        self.names.add(name)
+        return await self.kube.create(
+            NODES,
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": name, "labels": labels or {}},
+                "spec": {"providerID": provider_id} if provider_id else {},
+            },
+        )
+
+    async def label(self, name: str, labels: dict[str, str | None]) -> dict[str, Any]:
+        return await self.kube.patch(
+            f"{NODES}/{name}", {"metadata": {"labels": labels}}, patch_type="merge"
+        )
+
+    async def heartbeat(self, name: str, beat: int) -> dict[str, Any]:
+        """What a kubelet writes all the time: a Ready condition, then an annotation."""
+        at = datetime.now(UTC) + timedelta(seconds=beat)  # distinct even within one second
+        stamp = at.strftime("%Y-%m-%dT%H:%M:%SZ")
+        await self.kube.patch(
+            f"{NODES}/{name}/status",
+            {
+                "status": {
+                    "conditions": [
+                        {
+                            "type": "Ready",
+                            "status": "True",
+                            "reason": "KubeletReady",
+                            "message": "kubelet is posting ready status",
+                            "lastHeartbeatTime": stamp,
+                            "lastTransitionTime": stamp,
+                        }
+                    ]
+                }
+            },
+            patch_type="merge",
+        )
+        return await self.kube.patch(
+            f"{NODES}/{name}",
+            {"metadata": {"annotations": {"apilane.test/heartbeat": stamp}}},
+            patch_type="merge",
+        )
+
+    async def delete(self, name: str) -> None:
+        await self.kube.delete(f"{NODES}/{name}")
+
+    async def cleanup(self) -> None:
+        for name in sorted(self.names):
+            with contextlib.suppress(NotFound):
+                await self.delete(name)
+        for event in await node_events(self.kube, self.names):
+            with contextlib.suppress(KubeError):
+                await self.kube.delete(
+                    f"/api/v1/namespaces/default/events/{event['metadata']['name']}"
+                )
+
+
+@pytest.fixture
+async def cluster_nodes(kube: KubeClient) -> AsyncIterator[ClusterNodes]:
+    # The managed-control-plane rule looks at every Node: a leftover would change the outcome.
+    leftovers = [node["metadata"]["name"] for node in (await kube.list(NODES))["items"]]
+    assert not leftovers, f"Nodes left over by another test: {leftovers}"
+    nodes = ClusterNodes(kube)
+    try:
+        yield nodes
+    finally:
+        await nodes.cleanup()
+
+
+async def node_events(
+    kube: KubeClient, names: set[str], reason: str | None = None
+) -> list[dict[str, Any]]:
+    """Events about these Nodes (a cluster-scoped object's Events live in "default")."""
+    listing = await kube.list("/api/v1/namespaces/default/events")
+    return [
+        event
+        for event in listing["items"]
+        if event["involvedObject"].get("kind") == "Node"
+        and event["involvedObject"].get("name") in names
+        and (reason is None or event.get("reason") == reason)
+    ]
+
+
+async def wait_node_events(
+    kube: KubeClient, name: str, reason: str, *, count: int = 1, timeout: float = WAIT
+) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    found: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        found = await node_events(kube, {name}, reason)
+        if len(found) >= count:
+            return found
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{len(found)} {reason} Events on Node/{name}, expected {count}")
+
+
+async def stored_warnings(bus: Bus, cluster: str) -> list[ClusterWarning]:
+    """The warnings the events stream kept for this cluster: what a durable consumer reads
+    (a core subscription also sees publishes JetStream dropped as duplicates)."""
+    subject = subjects.warnings_subject(cluster)
+    info = await bus.js.stream_info(subjects.EVENTS_STREAM)
+    stored: list[ClusterWarning] = []
+    for sequence in range(info.state.first_seq, info.state.last_seq + 1):
+        try:
+            raw = await bus.js.get_msg(subjects.EVENTS_STREAM, seq=sequence)
+        except NotFoundError:
+            continue  # deleted from the stream
+        if raw.subject != subject or raw.data is None:
+            continue
+        event = events.decode(raw.data)
+        assert isinstance(event, ClusterWarning)
+        stored.append(event)
+    return stored
+
+
+def managed_findings(snapshot: EndpointSnapshot) -> list[events.Finding]:
+    return [finding for finding in snapshot.findings if finding.reason == MANAGED]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(
+            (
+                {EKS_NODEGROUP: "ng-1", "eks.amazonaws.com/capacityType": "ON_DEMAND"},
+                "",
+                "eks",
+                f"label:{EKS_NODEGROUP}",
+            ),
+            id="eks-node-group-labels",
+        ),
+        pytest.param(
+            ({}, "aws:///us-east-1a/i-0123456789abcdef0", "aws", "providerID:aws://"),
+            id="aws-provider-id",
+        ),
+    ],
+)
+async def test_a_managed_control_plane_is_published_warned_and_recorded_on_the_node(
+    control_plane: ControlPlane,
+    nats_server: NatsServer,
+    bus: Bus,
+    kube: KubeClient,
+    own_service: str,
+    cluster_nodes: ClusterNodes,
+    case: tuple[dict[str, str], str, str, str],
+) -> None:
+    labels, provider_id, provider, marker = case
+    ns = own_service
+    node = await cluster_nodes.create("worker", labels=labels, provider_id=provider_id)
+    name = node["metadata"]["name"]
+    settings = settings_for(control_plane, nats_server, ns)
+    warnings = await Warnings().start(bus, settings.cluster)
+    await put_slice(kube, ns, endpoint_slice("a", service="apiserver", addresses=["192.0.2.1"]))
+    async with running(settings):
+        snapshot = await wait_snapshot(bus, settings.cluster, ips("192.0.2.1"))
+        warning = await warnings.wait_for(MANAGED)
+        recorded = await wait_node_events(kube, name, MANAGED)
+        stored = await stored_warnings(bus, settings.cluster)
+
+    assert snapshot.managed_provider == provider
+    [finding] = managed_findings(snapshot)
+    assert finding.object_ref == f"Node/{name}"
+    assert finding.detail == {"provider": provider, "marker": marker, "node": name}
+
+    assert warning.cluster == settings.cluster
+    assert warning.source == "discovery"
+    assert warning.object_ref == f"Node/{name}"
+    assert warning.generation == snapshot.generation
+    assert f"look like {provider} ({marker} on node {name})" in warning.message
+    assert [w.reason for w in stored].count(MANAGED) == 1
+
+    [event] = recorded
+    assert event["type"] == "Warning"
+    assert event["message"] == warning.message
+    assert event["count"] == 1
+    assert event["source"]["component"] == service.COMPONENT
+    involved = event["involvedObject"]
+    assert (involved["apiVersion"], involved["kind"], involved["name"]) == ("v1", "Node", name)
+    assert involved["uid"] == node["metadata"]["uid"]
+
+
+async def test_the_managed_control_plane_warning_is_emitted_once_while_it_lasts(
+    control_plane: ControlPlane,
+    nats_server: NatsServer,
+    bus: Bus,
+    kube: KubeClient,
+    own_service: str,
+    cluster_nodes: ClusterNodes,
+) -> None:
+    ns = own_service
+    settings = settings_for(control_plane, nats_server, ns)
+    warnings = await Warnings().start(bus, settings.cluster)
+    await put_slice(kube, ns, endpoint_slice("a", service="apiserver", addresses=["192.0.2.1"]))
+    registry = CollectorRegistry()
+
+    def managed_warnings() -> int:
+        return warnings.reasons().count(MANAGED)
+
+    async with running(settings, registry) as discovery:
+        publisher = discovery.publisher
+        first = await wait_snapshot(bus, settings.cluster, ips("192.0.2.1"))
+        assert first.managed_provider == ""
+        assert not managed_findings(first)
+
+        # The condition appears while discovery runs.
+        node = await cluster_nodes.create("eks", labels={EKS_NODEGROUP: "ng-1"})
+        name = node["metadata"]["name"]
+        await warnings.wait_for(MANAGED, containing=name)
+        await wait_node_events(kube, name, MANAGED)
+        await wait_until(lambda: not publisher.pending)
+
+        # Heartbeats (status, annotations) and a label the rule does not read: the watch sees
+        # every one of them, none of them is a change.
+        updated = node
+        for beat in range(3):
+            updated = await cluster_nodes.heartbeat(name, beat)
+        updated = await cluster_nodes.label(name, {"topology.kubernetes.io/zone": "us-east-1a"})
+        last_version = updated["metadata"]["resourceVersion"]
+        node_cache = discovery.watcher.caches["Node"]
+        await wait_until(
+            lambda: (
+                (node_cache.get("", name) or {}).get("metadata", {}).get("resourceVersion")
+                == last_version
+            )
+        )
+        await asyncio.sleep(10 * settings.coalesce_window)
+        assert managed_warnings() == 1
+        [event] = await node_events(kube, {name}, MANAGED)
+        assert event["count"] == 1
+        assert await generations(bus, settings.cluster) == [first.generation]
+
+        # The condition goes away (the Node is deleted) ...
+        await cluster_nodes.delete(name)
+        await wait_until(
+            lambda: (
+                publisher.latest is not None
+                and publisher.latest.managed_provider == ""
+                and not publisher.pending
+            )
+        )
+        assert managed_warnings() == 1
+
+        # ... and comes back: a new warning, and an Event on the new Node (a new uid).
+        again = await cluster_nodes.create("eks", labels={EKS_NODEGROUP: "ng-1"})
+        await wait_until(lambda: managed_warnings() == 2)
+        recorded = await wait_node_events(kube, name, MANAGED, count=2)
+        await wait_until(lambda: not publisher.pending)
+        await asyncio.sleep(10 * settings.coalesce_window)
+        stored = await stored_warnings(bus, settings.cluster)
+
+    assert managed_warnings() == 2
+    assert {e["involvedObject"]["uid"] for e in recorded} == {
+        node["metadata"]["uid"],
+        again["metadata"]["uid"],
+    }
+    assert all(e["count"] == 1 for e in recorded)
+    # The stream keeps both: the recurrence is not mistaken for a retried duplicate.
+    assert [w.reason for w in stored].count(MANAGED) == 2
+    # Warnings only, never a new generation: the endpoints did not change.
+    assert await generations(bus, settings.cluster) == [first.generation]
+    assert (registry.get_sample_value("apilane_discovery_publishes_total") or 0) == 1
+
+
+async def test_a_cloud_provider_id_counts_only_when_no_node_is_a_control_plane_node(
+    control_plane: ControlPlane,
+    nats_server: NatsServer,
+    bus: Bus,
+    kube: KubeClient,
+    own_service: str,
+    cluster_nodes: ClusterNodes,
+) -> None:
+    """kubeadm on EC2 has aws:// providerIDs too, but runs its API server on its own
+    control-plane nodes; provider labels are decisive whatever the roles."""
+    ns = own_service
+    control = await cluster_nodes.create(
+        "cp", labels={CONTROL_PLANE_ROLE: ""}, provider_id="aws:///us-east-1a/i-0c0c0c0c0c0c0c0c0"
+    )
+    worker = await cluster_nodes.create(
+        "worker", provider_id="aws:///us-east-1b/i-0a0a0a0a0a0a0a0a0"
+    )
+    control_name, worker_name = control["metadata"]["name"], worker["metadata"]["name"]
+    settings = settings_for(control_plane, nats_server, ns)
+    warnings = await Warnings().start(bus, settings.cluster)
+    await put_slice(kube, ns, endpoint_slice("a", service="apiserver", addresses=["192.0.2.1"]))
+
+    def latest_provider(discovery: service.DiscoveryService) -> str | None:
+        latest = discovery.publisher.latest
+        return None if latest is None or discovery.publisher.pending else latest.managed_provider
+
+    async with running(settings) as discovery:
+        first = await wait_snapshot(bus, settings.cluster, ips("192.0.2.1"))
+        await wait_until(lambda: not discovery.publisher.pending)
+        await asyncio.sleep(10 * settings.coalesce_window)
+        assert first.managed_provider == ""
+        assert not managed_findings(first)
+        assert MANAGED not in warnings.reasons()
+
+        # Without the control-plane node, the worker's providerID alone says "managed".
+        await cluster_nodes.delete(control_name)
+        by_provider_id = await warnings.wait_for(MANAGED)
+        assert by_provider_id.object_ref == f"Node/{worker_name}"
+        assert "providerID:aws://" in by_provider_id.message
+        await wait_until(lambda: latest_provider(discovery) == "aws")
+
+        # The legacy role label makes a control-plane node too: not managed any more.
+        await cluster_nodes.label(worker_name, {"node-role.kubernetes.io/master": ""})
+        await wait_until(lambda: latest_provider(discovery) == "")
+
+        # A provider label is decisive even on a control-plane node.
+        await cluster_nodes.label(worker_name, {EKS_NODEGROUP: "ng-1"})
+        by_label = await warnings.wait_for(MANAGED, containing=f"label:{EKS_NODEGROUP}")
+        await wait_until(lambda: latest_provider(discovery) == "eks")
+
+    assert by_label.object_ref == f"Node/{worker_name}"
+    assert warnings.reasons().count(MANAGED) == 2
+    assert await generations(bus, settings.cluster) == [first.generation]
+
+
+# -- health ------------------------------------------------------------------------------------
+
+
+async def test_readiness_follows_the_watches_and_the_nats_connection(
+    control_plane: ControlPlane,
+    nats_server: NatsServer,
+    bus: Bus,
+    kube: KubeClient,
+    own_service: str,
+) -> None:
+    ns = own_service
+    settings = settings_for(control_plane, nats_server, ns)
+    await put_slice(kube, ns, endpoint_slice("a", service="apiserver", addresses=["192.0.2.1"]))
+    health = Health()
+    runner, port = await start_http("127.0.0.1", 0, health, CollectorRegistry())
+
+    async def probe(path: str) -> tuple[int, dict[str, Any]]:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}{path}") as response,
+        ):
+            return response.status, await response.json()
+
+    async def wait_probe(path: str, status: int, checks: dict[str, bool]) -> None:
+        deadline = time.monotonic() + WAIT
+        last: tuple[int, dict[str, Any]] = (0, {})
+        while time.monotonic() < deadline:
+            last = await probe(path)
+            if last[0] == status and checks.items() <= last[1]["checks"].items():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{path}: wanted {status} with {checks}, last {last}")
+
+    await asyncio.to_thread(nats_server.stop)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(settings, stop, health=health))
+    try:
+        # Starting without NATS: nothing connected, nothing listed, so not ready.
+        await asyncio.sleep(0.5)
+        assert not task.done()
+        await wait_probe("/readyz", 503, {"nats-connected": False, "watches-listed": False})
+
+        await asyncio.to_thread(nats_server.start)
+        await wait_probe("/readyz", 200, {"nats-connected": True, "watches-listed": True})
+        await wait_snapshot(bus, settings.cluster, ips("192.0.2.1"))
+        await wait_probe("/healthz", 200, {"tasks-running": True})
+
+        # NATS goes away: not ready (the watches still are); back: ready again.
+        await asyncio.to_thread(nats_server.stop)
+        await wait_probe("/readyz", 503, {"nats-connected": False, "watches-listed": True})
+        await wait_probe("/healthz", 200, {"tasks-running": True})
+        await asyncio.to_thread(nats_server.start)
+        await wait_probe("/readyz", 200, {"nats-connected": True, "watches-listed": True})
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=15)
+        await runner.cleanup()

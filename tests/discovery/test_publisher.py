@@ -439,3 +439,42 @@ async def test_a_coalesced_publish_continues_the_first_change_trace_and_links_ev
     assert publish.parent is not None and publish.parent.span_id == contexts[0].span_id
     assert {link.context.span_id for link in publish.links} == {c.span_id for c in contexts}
     assert publish.attributes["apilane.generation"] == 1
+
+
+def with_kube_proxy(labels: dict[str, str], *, ready: bool = True) -> SnapshotResult:
+    return build_snapshot(
+        service={
+            "metadata": {"name": "kubernetes"},
+            "spec": {
+                "clusterIPs": ["10.96.0.1"],
+                "ports": [{"name": "https", "port": 443, "targetPort": 6443}],
+            },
+        },
+        endpoint_slices=[
+            {
+                "metadata": {"name": "kubernetes", "namespace": "default", "resourceVersion": "5"},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": ["192.0.2.1"]}],
+                "ports": [{"name": "https", "port": 6443}],
+            }
+        ],
+        kube_proxy={
+            "metadata": {"name": "kube-proxy", "labels": labels},
+            "status": {"desiredNumberScheduled": 2, "numberReady": 2 if ready else 1},
+        },
+        nodes=[],
+    )
+
+
+async def test_kube_proxy_becoming_externally_managed_is_a_new_generation_but_readiness_is_not(
+    publisher: Publisher, bus: MemoryBus
+) -> None:
+    publisher.offer(with_kube_proxy({}), change("1"))
+    assert await publisher.flush() is Outcome.PUBLISHED
+    publisher.offer(with_kube_proxy({}, ready=False), change("2"))
+    assert await publisher.flush() is Outcome.SUPPRESSED  # a warning, nothing to re-render
+    publisher.offer(with_kube_proxy({"app.kubernetes.io/managed-by": "Helm"}), change("3"))
+    assert await publisher.flush() is Outcome.PUBLISHED
+    assert [s.generation for s in bus.puts] == [1, 2]
+    assert bus.puts[0].digest == bus.puts[1].digest
+    assert bus.puts[1].kube_proxy.managed_by == "label:app.kubernetes.io/managed-by=Helm"

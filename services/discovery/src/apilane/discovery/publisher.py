@@ -23,6 +23,7 @@ import asyncio
 import hashlib
 import logging
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -160,6 +161,8 @@ class Publisher:
         self._wakeup = asyncio.Event()
         self._warned_bus: set[tuple[str, str, str]] = set()
         self._warned_kube: set[tuple[str, str, str]] = set()
+        # One id per appearance of a finding, for the warning's JetStream message id.
+        self._warning_ids: dict[tuple[str, str, str], str] = {}
         self._retry_delay = retry_initial
         self._events_pending = False
         self._reconciled: SnapshotResult | None = None  # the last view fully handled
@@ -196,6 +199,7 @@ class Publisher:
             self._dirty = True
             self._warned_bus.clear()
             self._warned_kube.clear()
+            self._warning_ids.clear()  # announce again, not a duplicate JetStream drops
         self._wakeup.set()
 
     @property
@@ -288,7 +292,7 @@ class Publisher:
             )
             if current is not None:
                 self.last_generation = max(self.last_generation, current.generation)
-                if current.digest == result.digest:
+                if _same_data_plane_inputs(current, result):
                     self.last_published = current
                     self.metrics.suppressed.inc(len(changes))
                     self._forget_changes(changes)
@@ -382,6 +386,12 @@ class Publisher:
         current = {_finding_key(f): f for f in result.findings}
         self._warned_bus &= current.keys()
         self._warned_kube &= current.keys()
+        # The duplicate window must drop a retried publish of a warning, but not the same
+        # finding coming back after it went away (it would have the same text and, when the
+        # endpoints did not change meanwhile, the same generation).
+        self._warning_ids = {
+            key: self._warning_ids.get(key) or secrets.token_hex(6) for key in current
+        }
         ok = True
         for key, finding in sorted(current.items()):
             if key not in self._warned_bus:
@@ -398,7 +408,10 @@ class Publisher:
                     await self.bus.publish(
                         subjects.warnings_subject(self.cluster),
                         warning,
-                        msg_id=f"{self.cluster}:warning:{digest}:{self.last_generation}",
+                        msg_id=(
+                            f"{self.cluster}:warning:{digest}:{self.last_generation}"
+                            f":{self._warning_ids[key]}"
+                        ),
                     )
                 except BusError as exc:
                     log.warning(
@@ -437,6 +450,16 @@ def _same_view(a: SnapshotResult, b: SnapshotResult) -> bool:
         and a.findings == b.findings
         and a.kube_proxy == b.kube_proxy
         and a.managed_provider == b.managed_provider
+    )
+
+
+def _same_data_plane_inputs(published: EndpointSnapshot, result: SnapshotResult) -> bool:
+    """Whether the bucket already holds everything consumers act on: the endpoints (digest)
+    and whether kube-proxy is managed by something else (the renderer then switches Felix's
+    kube-proxy clean-up off). Other findings are warnings only, never a new generation."""
+    return (
+        published.digest == result.digest
+        and published.kube_proxy.managed_by == result.kube_proxy.managed_by
     )
 
 

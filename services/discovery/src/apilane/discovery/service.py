@@ -211,14 +211,17 @@ async def run(
     )
     client = await KubeClient.from_config(settings.common.kubeconfig or None)
     bus: Bus | None = None
+    service: DiscoveryService | None = None
+    if health is not None:
+        # Before connecting: the probes are served from the start, and while NATS is not
+        # there yet (nothing watched either) they must say "not ready", not "no checks".
+        health.add_ready("watches-listed", lambda: service is not None and service.watcher.synced)
+        health.add_ready("nats-connected", lambda: bus is not None and bus.connected)
     try:
         bus = await _until_stopped(_connect_bus(settings), stop)
         if bus is None:
             return
         service = DiscoveryService(settings, client=client, bus=bus, metrics=metrics)
-        if health is not None:
-            health.add_ready("watches-listed", lambda: service.watcher.synced)
-            health.add_ready("nats-connected", lambda: service.bus.connected)
         if started is not None and not started.done():
             started.set_result(service)
         await _serve(service, stop, health)

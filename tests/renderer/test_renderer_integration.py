@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import copy
 import io
+import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -23,9 +24,10 @@ import yaml
 
 from apilane.renderer import cli, service
 from apilane.renderer.applier import APPLIED_GENERATION
-from apilane.renderer.render import APISERVER_ENDPOINTS, SERVICE_IPS_PORTS
+from apilane.renderer.render import APISERVER_ENDPOINTS, MANAGED_ENV_ANNOTATION, SERVICE_IPS_PORTS
 from apilane.renderer.service import Renderer, lead_and_render
 from apilane.renderer.settings import FIELD_MANAGER, SERVICE_NAME, RendererSettings
+from apilane.renderer.settings import load as load_settings
 from apilane.shared import events, runtime, subjects
 from apilane.shared.bus import Bus
 from apilane.shared.config import CommonSettings
@@ -44,6 +46,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.kube, pytest.mark.nats]
 
 RESULT_TIMEOUT = 10.0
 IMAGE = "quay.io/calico/node:v3.31.0"
+INSTALLER = "kubectl-client-side-apply"  # the field manager that creates the DaemonSet
+HELM = "label:app.kubernetes.io/managed-by=Helm"
+IPTABLES_CLEANUP = "FELIX_BPFKUBEPROXYIPTABLESCLEANUPENABLED"
+HEALTHZ_PORT = "FELIX_BPFKUBEPROXYHEALTHZPORT"
 
 
 def snapshot(
@@ -72,7 +78,9 @@ def snapshot(
     )
 
 
-def calico_node(namespace: str) -> dict[str, Any]:
+def calico_node(namespace: str, *, main_env: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+    """A calico-node DaemonSet as an installer writes it; `main_env` adds variables to the
+    calico-node container, as a person would by hand."""
     labels = {"k8s-app": "calico-node"}
     return {
         "apiVersion": "apps/v1",
@@ -100,6 +108,7 @@ def calico_node(namespace: str) -> dict[str, Any]:
                                     "name": "NODENAME",
                                     "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}},
                                 },
+                                *main_env,
                             ],
                             "volumeMounts": [{"name": "bpffs", "mountPath": "/sys/fs/bpf"}],
                         },
@@ -206,9 +215,13 @@ class Harness:
             extra = await asyncio.wait_for(self.results.get(), timeout=within)
             raise AssertionError(f"unexpected render result: {extra}")
 
-    async def create_daemonset(self) -> dict[str, Any]:
+    async def create_daemonset(
+        self, *, main_env: tuple[dict[str, Any], ...] = ()
+    ) -> dict[str, Any]:
         return await self.kube.create(
-            f"/apis/apps/v1/namespaces/{self.namespace}/daemonsets", calico_node(self.namespace)
+            f"/apis/apps/v1/namespaces/{self.namespace}/daemonsets",
+            calico_node(self.namespace, main_env=main_env),
+            field_manager=INSTALLER,
         )
 
     async def daemonset(self) -> dict[str, Any]:
@@ -509,6 +522,153 @@ async def test_externally_managed_kube_proxy_turns_off_felix_cleanup(world: Harn
     )
 
 
+async def test_coexistence_env_is_removed_when_kube_proxy_is_no_longer_managed_elsewhere(
+    world: Harness,
+) -> None:
+    # A person tuned the healthz port by hand before apilane ever ran.
+    before = await world.create_daemonset(main_env=({"name": HEALTHZ_PORT, "value": "10257"},))
+    await world.start()
+    await world.publish(snapshot(world.cluster, 1, managed_by=HELM))
+    added = await world.result()
+    assert added.outcome == "applied", added.reason
+    main_env = env_of(await world.daemonset(), "containers", "calico-node")
+    assert (main_env[IPTABLES_CLEANUP], main_env[HEALTHZ_PORT]) == ("false", "0")
+
+    await world.publish(snapshot(world.cluster, 2))  # kube-proxy is not managed elsewhere now
+    removed = await world.result()
+    assert removed.outcome == "applied", removed.reason
+    assert f"-{IPTABLES_CLEANUP}=false\n" in removed.diff
+    assert f"+{IPTABLES_CLEANUP}" not in removed.diff
+    assert f"-{HEALTHZ_PORT}=0\n+{HEALTHZ_PORT}=10257\n" in removed.diff
+    after = await world.daemonset()
+    assert env_of(after, "containers", "calico-node") == {
+        "DATASTORE_TYPE": "kubernetes",
+        "NODENAME": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}},
+        HEALTHZ_PORT: "10257",  # the person's value, given back
+        SERVICE_IPS_PORTS: "10.96.0.1:443",
+        APISERVER_ENDPOINTS: "192.168.5.4:6443",
+    }
+    # Apart from the endpoint variables, the pod template is exactly as the installer wrote it.
+    endpoints = {SERVICE_IPS_PORTS, APISERVER_ENDPOINTS}
+    now, original = after["spec"]["template"]["spec"], before["spec"]["template"]["spec"]
+    for spec in (now, original):
+        for container in spec["initContainers"] + spec["containers"]:
+            container["env"] = [e for e in container["env"] if e["name"] not in endpoints]
+    assert now == original
+    record = json.loads(after["metadata"]["annotations"][MANAGED_ENV_ANNOTATION])
+    assert record == {
+        "calico-node": {SERVICE_IPS_PORTS: None, APISERVER_ENDPOINTS: None},
+        "ebpf-bootstrap": {SERVICE_IPS_PORTS: None, APISERVER_ENDPOINTS: None},
+    }
+
+    await world.publish(snapshot(world.cluster, 3))  # and that is stable
+    assert (await world.result()).outcome == "unchanged"
+
+
+async def test_a_variable_a_person_set_before_apilane_managed_it_is_never_deleted(
+    world: Harness,
+) -> None:
+    await world.create_daemonset(main_env=({"name": IPTABLES_CLEANUP, "value": "false"},))
+    await world.start()
+    await world.publish(snapshot(world.cluster, 1, managed_by=HELM))
+    assert (await world.result()).outcome == "applied"
+    main_env = env_of(await world.daemonset(), "containers", "calico-node")
+    assert (main_env[IPTABLES_CLEANUP], main_env[HEALTHZ_PORT]) == ("false", "0")
+
+    await world.publish(snapshot(world.cluster, 2))
+    result = await world.result()
+    assert result.outcome == "applied", result.reason
+    assert f" {IPTABLES_CLEANUP}=false  (not set by apilane; left as is)" in result.diff
+    main_env = env_of(await world.daemonset(), "containers", "calico-node")
+    assert main_env[IPTABLES_CLEANUP] == "false"  # the person's, still there
+    assert HEALTHZ_PORT not in main_env  # apilane's, gone
+
+
+async def test_a_variable_another_field_manager_changed_since_is_left_alone(
+    world: Harness,
+) -> None:
+    await world.create_daemonset()
+    await world.start()
+    await world.publish(snapshot(world.cluster, 1, managed_by=HELM))
+    assert (await world.result()).outcome == "applied"
+    # A person overrides apilane's value with `kubectl edit`: the variable is theirs now.
+    await world.kube.patch(
+        world.ds_path,
+        {
+            "spec": {
+                "template": {
+                    "spec": {
+                        "containers": [
+                            {
+                                "name": "calico-node",
+                                "env": [{"name": HEALTHZ_PORT, "value": "10300"}],
+                            }
+                        ]
+                    }
+                }
+            }
+        },
+        field_manager="kubectl-edit",
+    )
+
+    await world.publish(snapshot(world.cluster, 2))
+    result = await world.result()
+    assert result.outcome == "applied", result.reason
+    assert "set by kubectl-edit since apilane set it; left as is" in result.diff
+    live = await world.daemonset()
+    main_env = env_of(live, "containers", "calico-node")
+    assert main_env[HEALTHZ_PORT] == "10300"
+    assert IPTABLES_CLEANUP not in main_env
+    assert HEALTHZ_PORT not in live["metadata"]["annotations"][MANAGED_ENV_ANNOTATION]
+
+
+async def test_variables_set_before_the_record_existed_are_found_in_managed_fields(
+    world: Harness,
+) -> None:
+    """A DaemonSet patched by a renderer from before the record: its field manager created the
+    entries, and that is enough to release them."""
+    await world.create_daemonset(main_env=({"name": "FELIX_LOGSEVERITYSCREEN", "value": "info"},))
+    await world.start()
+    await world.publish(snapshot(world.cluster, 1, managed_by=HELM))
+    assert (await world.result()).outcome == "applied"
+    await world.stop()
+    await world.kube.patch(
+        world.ds_path,
+        {"metadata": {"annotations": {MANAGED_ENV_ANNOTATION: None}}},
+        patch_type="merge",
+    )
+
+    await world.start()
+    assert (await world.result()).outcome == "ignored"  # generation 1 is applied already
+    await world.publish(snapshot(world.cluster, 2))
+    result = await world.result()
+    assert result.outcome == "applied", result.reason
+    main_env = env_of(await world.daemonset(), "containers", "calico-node")
+    assert IPTABLES_CLEANUP not in main_env and HEALTHZ_PORT not in main_env
+    assert main_env["FELIX_LOGSEVERITYSCREEN"] == "info"
+
+
+async def test_dry_run_reports_a_removal_and_changes_nothing(world: Harness) -> None:
+    await world.create_daemonset()
+    await world.start()
+    await world.publish(snapshot(world.cluster, 1, managed_by=HELM))
+    assert (await world.result()).outcome == "applied"
+    await world.stop()
+    before = await world.daemonset()
+
+    await world.start(dry_run=True)
+    assert (await world.result()).outcome == "ignored"
+    await world.publish(snapshot(world.cluster, 2))
+    result = await world.result()
+    assert result.outcome == "dry-run", result.reason
+    assert f"-{IPTABLES_CLEANUP}=false\n" in result.diff
+    assert result.patch is not None
+    main = result.patch["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": IPTABLES_CLEANUP, "$patch": "delete"} in main["env"]
+    after = await world.daemonset()
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+
 async def test_manifest_cli_prints_env_lines_and_a_snippet_from_the_bus(
     world: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -647,8 +807,15 @@ async def test_the_service_elects_renders_and_serves_probes_and_metrics(
         assert (await world.result()).outcome == "applied"
         port = contexts[0].http_port
         async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
-                assert response.status == 200, await response.text()
+            # The first snapshot is rendered before the loop follows the bucket and reports
+            # ready, so the result can arrive a moment before readiness.
+            for _ in range(100):
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
+                    ready, body = response.status, await response.text()
+                if ready == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert ready == 200, body
             async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
                 text = await response.text()
         assert 'apilane_renderer_renders_total{outcome="applied"} 1.0' in text
@@ -662,3 +829,49 @@ async def test_the_service_elects_renders_and_serves_probes_and_metrics(
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=15)
+
+
+async def test_readiness_is_false_while_nats_is_unreachable_at_start(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    from apilane.shared.testing.procs import free_port
+
+    kubeconfig = control_plane.write_kubeconfig(
+        tmp_path / "kubeconfig", user="admin", groups=("system:masters",)
+    )
+    settings = load_settings(
+        {
+            "APILANE_CLUSTER": "unreachable",
+            # Nothing listens here: the renderer keeps retrying the first connect.
+            "APILANE_NATS_URL": f"nats://127.0.0.1:{free_port()}",
+            "APILANE_HTTP_HOST": "127.0.0.1",
+            "APILANE_HTTP_PORT": "0",
+            "APILANE_LEADER_ELECTION": "false",
+            "KUBECONFIG": str(kubeconfig),
+        }
+    )
+    stop = asyncio.Event()
+    contexts: list[runtime.ServiceContext] = []
+
+    async def body(ctx: runtime.ServiceContext) -> None:
+        contexts.append(ctx)
+        await service.main(ctx, settings)
+
+    task = asyncio.create_task(runtime.serve(SERVICE_NAME, settings.common, body, stopping=stop))
+    try:
+        for _ in range(100):
+            if contexts and contexts[0].http_port:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{contexts[0].http_port}/readyz") as response:
+                assert response.status == 503
+                assert (await response.json())["checks"] == {"nats": False, "renderer": False}
+            async with http.get(f"http://127.0.0.1:{contexts[0].http_port}/healthz") as response:
+                assert response.status == 200
+    finally:
+        stop.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(task, timeout=15)

@@ -68,3 +68,33 @@ def test_json_logs_carry_the_extra_context() -> None:
     assert line["service"] == "discovery"
     assert line["generation"] == 7
     assert line["level"] == "WARNING"
+
+
+async def test_a_main_stuck_after_the_stop_signal_is_cancelled_after_the_grace_period() -> None:
+    settings = load_common({"APILANE_HTTP_HOST": "127.0.0.1", "APILANE_HTTP_PORT": "0"})
+    stopping = asyncio.Event()
+    cancelled: list[bool] = []
+
+    async def stuck(ctx: ServiceContext) -> None:
+        try:
+            await asyncio.sleep(3600)  # e.g. waiting for a NATS that never comes
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.1, stopping.set)
+    began = loop.time()
+    await serve("test", settings, stuck, stopping=stopping, stop_grace=0.3)
+    assert cancelled == [True]
+    assert loop.time() - began < 2
+
+
+async def test_an_error_in_main_is_raised_by_serve() -> None:
+    settings = load_common({"APILANE_HTTP_HOST": "127.0.0.1", "APILANE_HTTP_PORT": "0"})
+
+    async def broken(ctx: ServiceContext) -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await serve("test", settings, broken, stopping=asyncio.Event())

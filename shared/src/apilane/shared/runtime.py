@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,11 +146,16 @@ async def start_http(
 async def serve(
     name: str,
     settings: CommonSettings,
-    main: Callable[[ServiceContext], Awaitable[None]],
+    main: Callable[[ServiceContext], Coroutine[Any, Any, None]],
     *,
     stopping: asyncio.Event | None = None,
+    stop_grace: float = 10.0,
 ) -> None:
-    """Run `main` with probes and metrics until it returns or a stop signal arrives."""
+    """Run `main` with probes and metrics until it returns or a stop signal arrives.
+
+    After a stop signal `main` has `stop_grace` seconds to return by itself (drain, release
+    its lease); then it is cancelled, so a service stuck waiting for a dependency that never
+    came (NATS, the API server) still stops promptly."""
     ctx = ServiceContext(
         name=name, settings=settings, stopping=stopping or asyncio.Event(), health=Health()
     )
@@ -162,16 +167,38 @@ async def serve(
         settings.http_host, settings.http_port, ctx.health, ctx.registry
     )
     log.info("service started", extra={"http_port": ctx.http_port})
+    body = asyncio.create_task(main(ctx))
     try:
-        await main(ctx)
+        await _until_done_or_stopped(body, ctx.stopping, grace=stop_grace)
     finally:
         await runner.cleanup()
         tracing.shutdown()
         log.info("service stopped")
 
 
+async def _until_done_or_stopped(
+    body: asyncio.Task[None], stopping: asyncio.Event, *, grace: float
+) -> None:
+    stop_wait = asyncio.create_task(stopping.wait())
+    try:
+        await asyncio.wait({body, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop_wait.cancel()
+    if not body.done():
+        done, _ = await asyncio.wait({body}, timeout=grace)
+        if not done:
+            log.warning(
+                "did not stop within the grace period; cancelling", extra={"grace_s": grace}
+            )
+            body.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await body
+            return
+    await body  # re-raises what main raised
+
+
 def run(
-    name: str, settings: CommonSettings, main: Callable[[ServiceContext], Awaitable[None]]
+    name: str, settings: CommonSettings, main: Callable[[ServiceContext], Coroutine[Any, Any, None]]
 ) -> int:
     """The body of every `__main__`: logs, tracing, then `serve` in a fresh event loop."""
     setup_logging(name, settings.log_level)

@@ -11,7 +11,9 @@ Where the last applied snapshot generation is kept: in annotations on the Daemon
 written by the same request that changes the env. That makes the record atomic with the
 change (the render-result stream could miss a result if we stopped between patch and
 publish, and would then let a restart patch twice), keeps it when NATS loses its data, and
-drops it with the DaemonSet (a recreated DaemonSet must be rendered again).
+drops it with the DaemonSet (a recreated DaemonSet must be rendered again). The record of
+which env variables apilane set (render.MANAGED_ENV_ANNOTATION, so it can remove them when
+they are no longer wanted) travels in the same patch for the same reasons.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ class Applier:
                     " it will be patched when it appears",
                 )
             generation = _as_int(_as_dict(live.get("metadata")).get("generation"))
-            env_diff = diff(live, desired)
+            env_diff = diff(live, desired, field_manager=FIELD_MANAGER)
             if not env_diff.present_containers:
                 return ApplyReport(
                     outcome="failed",

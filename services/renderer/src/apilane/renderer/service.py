@@ -430,6 +430,8 @@ class Renderer:
                 f" {snapshot.generation}: "
                 + ", ".join(f"{k}={v}" for k, v in sorted(report_env(report).items()))
             )
+            if removed := report_removed(report):
+                message += "; removed " + ", ".join(removed)
         else:
             reason, type_ = "ApiServerEndpointsNotRendered", "Warning"
             message = f"snapshot generation {snapshot.generation} not applied: {report.reason}"
@@ -544,8 +546,21 @@ async def _set_when_any(target: asyncio.Event, *sources: asyncio.Event) -> None:
 async def main(ctx: ServiceContext, settings: RendererSettings) -> None:
     """The service body for `runtime.serve`: connect, elect, render until stopped."""
     log.info("starting", extra={"settings": config.describe(settings)})
+    # Probes are served from the start: until NATS and the renderer exist, not ready.
+    started: dict[str, Any] = {}
+    ctx.health.add_live("event-loop", lambda: True)
+    ctx.health.add_ready("nats", lambda: "bus" in started and started["bus"].connected)
+    # A follower is ready (it can take over); a leader once it follows the bucket.
+    ctx.health.add_ready(
+        "renderer",
+        lambda: (
+            "renderer" in started
+            and (started["renderer"].running or not _leading(started["elector"]))
+        ),
+    )
     kube = await KubeClient.from_config(settings.common.kubeconfig or None)
     bus = await Bus.connect(settings.common.nats_urls, name=SERVICE_NAME)
+    started["bus"] = bus
     try:
         await bus.ensure_streams()
         renderer = Renderer(bus=bus, kube=kube, settings=settings, registry=ctx.registry)
@@ -557,10 +572,7 @@ async def main(ctx: ServiceContext, settings: RendererSettings) -> None:
                 name=subjects.renderer_lease(settings.cluster),
                 identity=settings.identity,
             )
-        ctx.health.add_live("event-loop", lambda: True)
-        ctx.health.add_ready("nats", lambda: bus.connected)
-        # A follower is ready (it can take over); a leader once it follows the bucket.
-        ctx.health.add_ready("renderer", lambda: renderer.running or not _leading(elector))
+        started.update(renderer=renderer, elector=elector)
         await lead_and_render(renderer, elector, ctx.stopping)
     finally:
         await bus.drain()
@@ -571,7 +583,14 @@ def report_env(report: ApplyReport) -> dict[str, str]:
     """The values a report's patch sets, by variable name (the same in every container)."""
     if report.diff is None:
         return {}
-    return {change.name: change.new for change in report.diff.changes}
+    return {change.name: change.new for change in report.diff.changes if change.new is not None}
+
+
+def report_removed(report: ApplyReport) -> list[str]:
+    """The variables a report's patch deletes (apilane had added them and needs them no more)."""
+    if report.diff is None:
+        return []
+    return sorted({change.name for change in report.diff.removals})
 
 
 def _leading(elector: LeaderElector | None) -> bool:

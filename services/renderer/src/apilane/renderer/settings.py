@@ -27,13 +27,15 @@ from collections.abc import Mapping
 
 import msgspec
 
+from apilane.renderer import render
 from apilane.renderer.render import RenderOptions
 from apilane.shared import config
 from apilane.shared.config import CommonSettings, Env
 from apilane.shared.errors import ConfigError
 
 SERVICE_NAME = "apilane-renderer"
-FIELD_MANAGER = "apilane-renderer"
+# Also how render recognises, in managedFields, the env entries the renderer created.
+FIELD_MANAGER = render.FIELD_MANAGER
 
 
 class RendererSettings(msgspec.Struct, frozen=True, kw_only=True):

@@ -7,13 +7,19 @@
  * Byte order: addresses AND ports are network byte order (as in struct bpf_sock_addr), so the
  * programs compare and copy them without conversion. Protocol is the IPPROTO_* number.
  *
- * Changing a layout means bumping APILANE_NAT_LAYOUT: the pin names carry it, so a loader with a
- * new layout never reinterprets an old pinned map.
+ * Changing a layout means bumping its version: the pin names carry it, so a loader with a new
+ * layout never reinterprets an old pinned map. The NAT maps (APILANE_NAT_LAYOUT) and the reverse
+ * maps (APILANE_REV_LAYOUT) are versioned apart: a new reverse layout keeps the NAT maps' pins
+ * and contents, so an upgraded loader does not start from empty NAT maps. The loader removes
+ * the pins of superseded layouts (programs.py).
  */
 #ifndef APILANE_NAT_H
 #define APILANE_NAT_H
 
 #define APILANE_NAT_LAYOUT "v1"
+/* v2: the value names the frontend (key and id) and the backend's ordinal, for the staleness
+ * check in connect_lb.c. */
+#define APILANE_REV_LAYOUT "v2"
 
 #ifndef APILANE_PIN_DIR
 #define APILANE_PIN_DIR "/sys/fs/bpf/apilane"
@@ -65,9 +71,15 @@ struct apilane_be_value6 {
     __u16 pad;
 };
 
-/* Reverse translation, per socket: (socket cookie, backend address) -> service address.
- * Written by connect and sendmsg; read by recvmsg (UDP replies appear to come from the
- * service) and getpeername (the application sees the service, not the backend). */
+/* Reverse translation, per socket: (socket cookie, backend address) -> the service it was
+ * chosen for. Written by connect and sendmsg; read by recvmsg (UDP replies appear to come from
+ * the service) and getpeername (the application sees the service, not the backend).
+ *
+ * The value holds the frontend's key, so a reader can check that the translation still holds:
+ * the frontend still exists and (addr, port) is still among its backends. `service_id` and
+ * `ordinal` say where the backend was when last confirmed; they are a hint checked first (one
+ * lookup), and the full set is searched only when the hint no longer matches (see
+ * apilane_rev_current4 in connect_lb.c). */
 struct apilane_rev_key4 {
     __u64 cookie;
     __u32 addr; /* backend, NBO */
@@ -84,18 +96,19 @@ struct apilane_rev_key6 {
 };
 
 struct apilane_rev_value4 {
-    __u32 addr; /* service, NBO */
-    __u16 port; /* service, NBO */
-    __u16 pad;
+    struct apilane_fe_key4 frontend; /* the service address, port and protocol */
+    __u32 service_id;
+    __u32 ordinal;
 };
 
 struct apilane_rev_value6 {
-    __u32 addr[4]; /* service, NBO */
-    __u16 port;    /* service, NBO */
-    __u16 pad;
+    struct apilane_fe_key6 frontend;
+    __u32 service_id;
+    __u32 ordinal;
 };
 
 #define APILANE_PIN(name) APILANE_PIN_DIR "/" name "_" APILANE_NAT_LAYOUT
+#define APILANE_REV_PIN(name) APILANE_PIN_DIR "/" name "_" APILANE_REV_LAYOUT
 
 BPF_TABLE_PINNED("hash", struct apilane_fe_key4, struct apilane_fe_value, apilane_fe4,
                  APILANE_FE_MAX, APILANE_PIN("apilane_fe4"), APILANE_NAT_MAP_FLAGS);
@@ -106,8 +119,8 @@ BPF_TABLE_PINNED("hash", struct apilane_be_key, struct apilane_be_value4, apilan
 BPF_TABLE_PINNED("hash", struct apilane_be_key, struct apilane_be_value6, apilane_be6,
                  APILANE_BE_MAX, APILANE_PIN("apilane_be6"), APILANE_NAT_MAP_FLAGS);
 BPF_TABLE_PINNED("lru_hash", struct apilane_rev_key4, struct apilane_rev_value4, apilane_rev4,
-                 APILANE_REV_MAX, APILANE_PIN("apilane_rev4"));
+                 APILANE_REV_MAX, APILANE_REV_PIN("apilane_rev4"));
 BPF_TABLE_PINNED("lru_hash", struct apilane_rev_key6, struct apilane_rev_value6, apilane_rev6,
-                 APILANE_REV_MAX, APILANE_PIN("apilane_rev6"));
+                 APILANE_REV_MAX, APILANE_REV_PIN("apilane_rev6"));
 
 #endif /* APILANE_NAT_H */

@@ -8,16 +8,20 @@ every test starts from empty maps and attached programs.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
+import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from apilane.node_loader.bpfmaps import StructCodec, layout_of
+from apilane.node_loader.bpfmaps import REVERSE_TABLE_NAMES, StructCodec, layout_of
 from apilane.node_loader.nat import (
     PROTO_UDP,
     BackendKey,
@@ -26,7 +30,7 @@ from apilane.node_loader.nat import (
     FrontendKey,
     FrontendValue,
 )
-from apilane.node_loader.programs import HOOKS, ConnectTimeLB
+from apilane.node_loader.programs import HOOKS, ConnectTimeLB, remove_superseded_pins
 from apilane.node_loader.sockets import Destination, destroy_connected
 from apilane.shared.testing.bpf import (
     SERVICE_VIP4,
@@ -85,6 +89,27 @@ class Datapath:
             if key.service_id == service_id and key.ordinal >= len(backends)
         ]
         maps.delete_backends(family, stale)
+
+    def reverse_entries(self, family: Family, sock: socket.socket) -> dict[tuple[str, int], Any]:
+        """The socket's reverse-translation entries: backend (ip, port) -> (service id, ordinal)
+        of the hint. Mapped IPv6 sockets use the IPv4 map."""
+        table = self.lb._bpf.get_table(REVERSE_TABLE_NAMES[family].encode())
+        key_codec = StructCodec(table.Key)
+        hint_codec = StructCodec(table.Leaf, ["service_id", "ordinal"])
+        cookie = _socket_cookie(sock)
+        entries = {}
+        for key, value in table.items():
+            fields = key_codec.unpack(key)
+            if fields["cookie"] != cookie:
+                continue
+            address_family = socket.AF_INET if family == "IPv4" else socket.AF_INET6
+            backend = (
+                socket.inet_ntop(address_family, fields["addr"]),
+                socket.ntohs(fields["port"]),
+            )
+            hint = hint_codec.unpack(value)
+            entries[backend] = (hint["service_id"], hint["ordinal"])
+        return entries
 
 
 @pytest.fixture(scope="module")
@@ -288,10 +313,10 @@ def test_bcc_generated_types_match_the_nat_h_layout(datapath: Datapath) -> None:
                         {"service_id": 0, "count": 4, "flags": 8}),
         "apilane_be4": (8, {"service_id": 0, "ordinal": 4}, 8, {"addr": 0, "port": 4, "pad": 6}),
         "apilane_be6": (8, {"service_id": 0, "ordinal": 4}, 20, {"addr": 0, "port": 16, "pad": 18}),
-        "apilane_rev4": (16, {"cookie": 0, "addr": 8, "port": 12, "pad": 14}, 8,
-                         {"addr": 0, "port": 4, "pad": 6}),
-        "apilane_rev6": (32, {"cookie": 0, "addr": 8, "port": 24, "pad": 26, "pad2": 28}, 20,
-                         {"addr": 0, "port": 16, "pad": 18}),
+        "apilane_rev4": (16, {"cookie": 0, "addr": 8, "port": 12, "pad": 14}, 16,
+                         {"frontend": 0, "service_id": 8, "ordinal": 12}),
+        "apilane_rev6": (32, {"cookie": 0, "addr": 8, "port": 24, "pad": 26, "pad2": 28}, 28,
+                         {"frontend": 0, "service_id": 20, "ordinal": 24}),
     }  # fmt: skip
     bpf = datapath.lb._bpf
     for name, (key_size, key_offsets, leaf_size, leaf_offsets) in expected.items():
@@ -303,6 +328,196 @@ def test_bcc_generated_types_match_the_nat_h_layout(datapath: Datapath) -> None:
         # The byte codecs are derived from the same types and agree on the size.
         assert StructCodec(table.Key).size == key_size
         assert StructCodec(table.Leaf).size == leaf_size
+    # A reverse entry names its frontend with the frontend map's own key type.
+    for family in ("4", "6"):
+        reverse = bpf.get_table(f"apilane_rev{family}".encode()).Leaf
+        frontend = bpf.get_table(f"apilane_fe{family}".encode()).Key
+        nested = {field[0]: field[1] for field in reverse._fields_}["frontend"]
+        assert layout_of(nested) == layout_of(frontend)
+
+
+# --- reverse translation holds only while the backend is in the service's current set ------
+
+
+@dataclass(frozen=True)
+class ReverseCase:
+    """A service as one client socket family sees it."""
+
+    family: Family  # of the maps
+    vip: str  # the service address the client uses
+    mapped: bool = False  # an AF_INET6 socket using IPv4 addresses as ::ffff:a.b.c.d
+
+    def ip(self, backend: Any) -> str:
+        """The backend's address in the maps (and as the backend itself reports it)."""
+        return str(backend.ipv4 if self.family == "IPv4" else backend.ipv6)
+
+    def seen(self, backend: Any) -> str:
+        """The backend's address as the client socket reports it."""
+        return f"::ffff:{self.ip(backend)}" if self.mapped else self.ip(backend)
+
+
+_REVERSE_CASES = {
+    "IPv4": ReverseCase("IPv4", SERVICE_VIP4),
+    "IPv6": ReverseCase("IPv6", SERVICE_VIP6),
+    "mapped": ReverseCase("IPv4", MAPPED_VIP4, mapped=True),
+}
+
+
+def _remove_backend(dp: Datapath, family: Family, how: str, *, kept: str) -> None:
+    """Take the UDP service's only backend (service id 1) out of the maps, as `how` says."""
+    if how == "new id":  # what the reconciler does: the new set under a fresh id, then break
+        dp.program(family, [kept], service_id=2, proto=PROTO_UDP)
+        dp.lb.nat_maps.delete_backends(family, [BackendKey(1, 0)])
+    elif how == "same id":  # the ordinal rewritten in place under the same id
+        dp.program(family, [kept], service_id=1, proto=PROTO_UDP)
+    else:  # the service is gone
+        vip = SERVICE_VIP4 if family == "IPv4" else SERVICE_VIP6
+        dp.lb.nat_maps.delete_frontends(family, [FrontendKey(vip, SERVICE_PORT, PROTO_UDP)])
+        dp.lb.nat_maps.delete_backends(family, [BackendKey(1, 0)])
+
+
+@pytest.mark.parametrize(
+    ("case", "how"),
+    [
+        ("IPv4", "new id"),
+        ("IPv4", "same id"),
+        ("IPv4", "frontend deleted"),
+        ("IPv6", "new id"),
+        ("mapped", "new id"),
+    ],
+)
+def test_a_datagram_from_a_removed_backend_shows_its_real_source(
+    dp: Datapath, case: str, how: str
+) -> None:
+    c = _REVERSE_CASES[case]
+    kept, removed = dp.topology.backends[0], dp.topology.backends[1]
+    dp.program(c.family, [c.ip(removed)], proto=PROTO_UDP)
+
+    with _client_udp_socket(dp, c.vip) as sock:
+        assert _exchange(sock, (c.vip, SERVICE_PORT)) == ([c.vip, SERVICE_PORT], c.ip(removed))
+        assert dp.reverse_entries(c.family, sock).keys() == {(c.ip(removed), BACKEND_PORT)}
+
+        _remove_backend(dp, c.family, how, kept=c.ip(kept))
+        # A datagram from the removed backend (its answer to one sent to its real address).
+        source, server = _exchange(sock, (c.seen(removed), BACKEND_PORT))
+
+        assert source == [c.seen(removed), BACKEND_PORT]
+        assert server == c.ip(removed)
+        assert dp.reverse_entries(c.family, sock) == {}
+
+
+@pytest.mark.parametrize("case", ["IPv4", "IPv6", "mapped"])
+def test_getpeername_reports_the_backend_once_it_left_the_service(dp: Datapath, case: str) -> None:
+    # Decided: the translation no longer holds, so a connected socket reports where it really
+    # sends (the removed backend), as recvmsg reports where its datagrams come from. The two
+    # agree; reporting the VIP would hide that the socket no longer reaches the service.
+    c = _REVERSE_CASES[case]
+    kept, removed = dp.topology.backends[0], dp.topology.backends[1]
+    dp.program(c.family, [c.ip(removed)], proto=PROTO_UDP)
+
+    with _client_udp_socket(dp, c.vip) as sock:
+        sock.connect((c.vip, SERVICE_PORT))
+        assert _peer(sock) == [c.vip, SERVICE_PORT]
+
+        _remove_backend(dp, c.family, "new id", kept=c.ip(kept))
+
+        assert _peer(sock) == [c.seen(removed), BACKEND_PORT]
+        assert dp.reverse_entries(c.family, sock) == {}
+        # Still connected to the removed backend (socket destruction is the loader's business):
+        # its answers show their real source, the address getpeername reports.
+        assert _exchange(sock, None) == ([c.seen(removed), BACKEND_PORT], c.ip(removed))
+
+
+@pytest.mark.parametrize("case", ["IPv4", "IPv6"])
+def test_a_backend_still_in_a_changed_set_keeps_its_translation(dp: Datapath, case: str) -> None:
+    c = _REVERSE_CASES[case]
+    other, backend = dp.topology.backends[0], dp.topology.backends[1]
+    dp.program(c.family, [c.ip(backend)], proto=PROTO_UDP)
+
+    with _client_udp_socket(dp, c.vip) as sock:
+        sock.connect((c.vip, SERVICE_PORT))
+        assert _exchange(sock, None) == ([c.vip, SERVICE_PORT], c.ip(backend))
+        entry = (c.ip(backend), BACKEND_PORT)
+        assert dp.reverse_entries(c.family, sock) == {entry: (1, 0)}
+
+        # The reconciler's way: the new set (the backend now at ordinal 1) under a fresh id.
+        dp.program(c.family, [c.ip(other), c.ip(backend)], service_id=2, proto=PROTO_UDP)
+        dp.lb.nat_maps.delete_backends(c.family, [BackendKey(1, 0)])
+
+        assert _peer(sock) == [c.vip, SERVICE_PORT]
+        assert _exchange(sock, None) == ([c.vip, SERVICE_PORT], c.ip(backend))
+        # The hint was refreshed to the backend's place in the current set.
+        assert dp.reverse_entries(c.family, sock) == {entry: (2, 1)}
+
+
+def test_pins_of_a_superseded_layout_are_removed(dp: Datapath) -> None:
+    old_layout = dp.pin_dir / "apilane_rev4_v1"
+    subprocess.run(
+        ["bpftool", "map", "create", str(old_layout), "type", "lru_hash",
+         "key", "16", "value", "8", "entries", "16", "name", "apilane_rev4"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    current = sorted(p.name for p in dp.pin_dir.glob("apilane_*") if p != old_layout)
+    try:
+        removed = remove_superseded_pins(dp.lb._bpf, dp.pin_dir)
+    finally:
+        old_layout.unlink(missing_ok=True)
+
+    assert removed == ["apilane_rev4_v1"]
+    assert sorted(p.name for p in dp.pin_dir.glob("apilane_*")) == current
+    assert "apilane_rev4_v2" in current
+
+
+# A child process in the load balancer's cgroup, inside the client namespace (nsenter), makes
+# the socket and hands it over: a socket keeps the cgroup and namespace it was made in, and the
+# hooks run for the socket's cgroup, so the test drives it directly across map changes.
+_MAKE_SOCKET = """
+import os, socket, sys
+cgroup, family, channel = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
+    procs.write(str(os.getpid()))
+made = socket.socket(family, socket.SOCK_DGRAM)
+socket.send_fds(socket.socket(fileno=channel), [b"socket"], [made.fileno()])
+"""
+
+
+@contextlib.contextmanager
+def _client_udp_socket(dp: Datapath, service: str) -> Iterator[socket.socket]:
+    family = socket.AF_INET6 if ":" in service else socket.AF_INET
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with ours, theirs:
+        ours.settimeout(10.0)
+        subprocess.run(
+            ["nsenter", f"--net={dp.topology.client.path}", sys.executable, "-c", _MAKE_SOCKET,
+             str(dp.cgroup), str(int(family)), str(theirs.fileno())],
+            pass_fds=[theirs.fileno()], check=True, timeout=30,
+        )  # fmt: skip
+        _, fds, _, _ = socket.recv_fds(ours, 16, 1)
+    with socket.socket(fileno=fds[0]) as sock:
+        sock.settimeout(3.0)
+        yield sock
+
+
+def _exchange(sock: socket.socket, to: tuple[str, int] | None) -> tuple[list[Any], str]:
+    """Send one datagram (to `to`, or to the connected peer) and read the answer: its source as
+    the socket reports it, and the server address the backend says it is."""
+    if to is None:
+        sock.send(b"hello")
+    else:
+        sock.sendto(b"hello", to)
+    data, source = sock.recvfrom(4096)
+    return [source[0], source[1]], json.loads(data)["server"][0]
+
+
+def _peer(sock: socket.socket) -> list[Any]:
+    peer = sock.getpeername()
+    return [peer[0], peer[1]]
+
+
+def _socket_cookie(sock: socket.socket) -> int:
+    so_cookie = getattr(socket, "SO_COOKIE", 57)  # Linux; Python 3.11 lacks the constant
+    cookie: int = int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, so_cookie, 8), sys.byteorder)
+    return cookie
 
 
 def _kernel_attached(cgroup: Path) -> list[tuple[str, str]]:

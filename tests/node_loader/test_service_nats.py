@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from apilane.node_loader import settings as loader_settings
 from apilane.node_loader.memmaps import MemoryNatMaps, render_resolved
 from apilane.node_loader.plan import check_invariants
+from apilane.node_loader.reconcile import PersistedState, StateFile
 from apilane.node_loader.service import DataPlane, NodeLoader
 from apilane.node_loader.testing import contents_of, make_snapshot
 from apilane.shared import events, subjects
@@ -33,17 +35,16 @@ HA3 = ("10.0.0.1:6443", "10.0.0.2:6443", "10.0.0.3:6443")
 
 class Harness:
     def __init__(self, nats_url: str, tmp_path: Path) -> None:
-        self.settings = loader_settings.load(
-            {
-                "APILANE_NATS_URL": nats_url,
-                "APILANE_CLUSTER": CLUSTER,
-                "APILANE_NODE_NAME": NODE,
-                "APILANE_MAP_BACKEND": "memory",
-                "APILANE_BPF_PIN_DIR": str(tmp_path / "pins"),
-                "APILANE_STATE_DIR": str(tmp_path / "state"),
-                "APILANE_NODE_STATE_INTERVAL": "300ms",
-            }
-        )
+        self.env = {
+            "APILANE_NATS_URL": nats_url,
+            "APILANE_CLUSTER": CLUSTER,
+            "APILANE_NODE_NAME": NODE,
+            "APILANE_MAP_BACKEND": "memory",
+            "APILANE_BPF_PIN_DIR": str(tmp_path / "pins"),
+            "APILANE_STATE_DIR": str(tmp_path / "state"),
+            "APILANE_NODE_STATE_INTERVAL": "300ms",
+        }
+        self.settings = loader_settings.load(self.env)
         self.maps = MemoryNatMaps()  # survives loader restarts, like pinned maps
         self.exporter = InMemorySpanExporter()
         provider = TracerProvider()
@@ -69,6 +70,14 @@ class Harness:
         finally:
             stopping.set()
             await asyncio.wait_for(task, timeout=10)
+
+    def configure(self, **env: str) -> None:
+        """Change APILANE_* variables for the next start (a DaemonSet edit)."""
+        self.env.update(env)
+        self.settings = loader_settings.load(self.env)
+
+    def persisted(self) -> PersistedState | None:
+        return StateFile(self.settings.state_file).load()
 
     def resolved(self) -> list[str]:
         return render_resolved(contents_of(self.maps))
@@ -361,3 +370,94 @@ async def test_the_control_subject_switches_the_connect_time_lb_and_keeps_the_ma
         assert b"bad control request" in reply
     # Stopping the loader never detaches: the data plane outlives the process.
     assert programs.calls == ["enable", "disable", "enable", "close"]
+
+
+async def wait_node_state(bus: Bus, check: Callable[[NodeState], bool]) -> NodeState:
+    """The NodeState the running loader writes (it replaces the last one written before)."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        state = await node_state(bus)
+        if state is not None and check(state):
+            return state
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"NodeState never matched: {await node_state(bus)}")
+
+
+async def switch_lb(bus: Bus, enabled: bool) -> NodeState:
+    request = b'{"connect_time_lb": %s}' % (b"true" if enabled else b"false")
+    reply = events.decode(
+        await bus.request(subjects.node_control_subject(CLUSTER, NODE), request, timeout=5)
+    )
+    assert isinstance(reply, NodeState)
+    assert reply.connect_time_lb is enabled and reply.last_error == "", reply
+    return reply
+
+
+async def test_a_live_switch_holds_across_restarts_until_switched_back(bus, harness, caplog):
+    caplog.set_level(logging.INFO, logger="apilane.node_loader.service")
+    # Switched off before any snapshot was applied: the state file keeps the switch alone.
+    async with harness.running(programs=RecordingPrograms()):
+        await switch_lb(bus, False)
+    recorded = harness.persisted()
+    assert recorded is not None and recorded.applied is None
+    assert recorded.lb_switch is not None and recorded.lb_switch.enabled is False
+    assert recorded.lb_switch.env_value is True
+
+    programs = RecordingPrograms()
+    caplog.clear()
+    async with harness.running(programs=programs) as loader:
+        assert programs.calls == ["disable"]  # never attached, not even for a moment
+        assert loader.connect_time_lb is False
+        reported = loader.node_state()
+        assert reported.connect_time_lb is False and reported.programs_attached == ()
+        # A snapshot applied now is saved together with the switch.
+        await put(bus, make_snapshot(generation=1, apiservers=HA3))
+        await wait_node_generation(bus, 1)
+    [decided] = [r for r in caplog.records if r.msg.startswith("connect-time load balancer")]
+    assert decided.getMessage() == "connect-time load balancer off (live switch)"
+    assert "until the variable changes or the LB is switched back" in decided.rule
+    recorded = harness.persisted()
+    assert recorded is not None and recorded.generation == 1
+    assert recorded.lb_switch is not None and recorded.lb_switch.enabled is False
+    maps = harness.resolved()
+
+    programs = RecordingPrograms()
+    async with harness.running(programs=programs) as loader:
+        assert programs.calls == ["disable"] and loader.reconciler.applied_generation == 1
+        assert harness.resolved() == maps  # the maps are untouched by any of it
+        # Switched back to what APILANE_CONNECT_TIME_LB says: the record is cleared.
+        state = await switch_lb(bus, True)
+        assert state.programs_attached == ("apilane_connect4", "apilane_connect6")
+    recorded = harness.persisted()
+    assert recorded is not None and recorded.lb_switch is None and recorded.generation == 1
+
+    programs = RecordingPrograms()
+    async with harness.running(programs=programs) as loader:
+        assert programs.calls == ["enable"] and loader.connect_time_lb is True
+
+
+async def test_a_changed_variable_wins_over_an_earlier_live_switch(bus, harness, caplog):
+    caplog.set_level(logging.INFO, logger="apilane.node_loader.service")
+    await put(bus, make_snapshot(generation=1))
+    async with harness.running(programs=RecordingPrograms()):
+        await switch_lb(bus, False)
+
+    # The operator then edits the DaemonSet: APILANE_CONNECT_TIME_LB=false. The variable is
+    # the newer decision; the switch record is dropped.
+    harness.configure(APILANE_CONNECT_TIME_LB="false")
+    programs = RecordingPrograms()
+    caplog.clear()
+    async with harness.running(programs=programs) as loader:
+        assert programs.calls == ["disable"] and loader.connect_time_lb is False
+    [decided] = [r for r in caplog.records if r.msg.startswith("connect-time load balancer")]
+    assert decided.getMessage() == "connect-time load balancer off (env)"
+    assert "APILANE_CONNECT_TIME_LB changed from on to off" in decided.rule
+    recorded = harness.persisted()
+    assert recorded is not None and recorded.lb_switch is None and recorded.generation == 1
+
+    # And back to true: the old switch does not come back to life.
+    harness.configure(APILANE_CONNECT_TIME_LB="true")
+    programs = RecordingPrograms()
+    async with harness.running(programs=programs) as loader:
+        assert programs.calls == ["enable"] and loader.connect_time_lb is True
+        await wait_node_state(bus, lambda s: s.connect_time_lb and bool(s.programs_attached))

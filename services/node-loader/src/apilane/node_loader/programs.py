@@ -10,6 +10,12 @@ Lifecycle and restart behaviour:
   stacked on the hook. A pinned link on another cgroup (the setting changed) is detached first.
 - `disable()` detaches the links and removes their pins; the maps stay.
 - `close()` releases this process's file descriptors only: pinned maps and links stay.
+- A map's pin name carries its layout version (bpf/nat.h). After compiling, pins of the same
+  map under another version (a superseded layout) are removed: nothing will read them again,
+  and a preallocated LRU map would otherwise hold its memory for the node's lifetime. Programs
+  still attached with the old layout keep their reference, so the data plane is unaffected
+  until `enable()` replaces them.
+- Removing all of it from a node (links, maps, state file) is uninstall.py's job.
 
 Safety: the cgroup is a required argument, and the cgroup2 root (the mount point itself) is
 refused unless `allow_root_cgroup=True`, which only production configuration sets.
@@ -26,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from apilane.node_loader.bpfmaps import BccNatMaps
+from apilane.node_loader.bpfmaps import REVERSE_TABLE_NAMES, TABLE_NAMES, BccNatMaps
 from apilane.shared.errors import ApilaneError
 
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/apilane")
@@ -114,6 +120,7 @@ class ConnectTimeLB:
         except Exception as exc:
             self._bpf.cleanup()
             raise ProgramError(f"loading {self.source_dir / SOURCE_FILE}: {exc}") from exc
+        self.removed_pins = remove_superseded_pins(self._bpf, self.pin_dir)
         release_free_heap()
 
     # --- attach / detach --------------------------------------------------------------------
@@ -163,19 +170,10 @@ class ConnectTimeLB:
         """Detach every hook; the maps and their contents stay."""
         failures = []
         for hook in HOOKS:
-            pin = self._link_pin(hook)
-            link_fd = _open_pinned(pin)
-            if link_fd is None:
-                continue
             try:
-                result = _libbpf().bpf_link_detach(link_fd)
-                # ENOLINK: already detached (its cgroup went away). Nothing left to undo.
-                if result < 0 and -result != errno.ENOLINK:
-                    failures.append(f"{hook.name}: {_strerror(result)}")
-                    continue
-            finally:
-                os.close(link_fd)
-            pin.unlink(missing_ok=True)
+                detach_pinned_link(self._link_pin(hook))
+            except ProgramError as exc:
+                failures.append(f"{hook.name}: {exc}")
         if failures:
             raise ProgramError("detaching: " + "; ".join(failures))
 
@@ -208,7 +206,7 @@ class ConnectTimeLB:
         return len(self.attached_programs()) == len(HOOKS)
 
     def _link_pin(self, hook: Hook) -> Path:
-        return self.pin_dir / f"link_{hook.name}"
+        return self.pin_dir / link_pin_name(hook)
 
     # --- lifetime ---------------------------------------------------------------------------
 
@@ -228,6 +226,85 @@ class ConnectTimeLB:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def link_pin_name(hook: Hook) -> str:
+    """The name of a hook's pinned link in the pin dir."""
+    return f"link_{hook.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class DetachedLink:
+    program: str  # the program the link held ("" when it was already defunct)
+    program_id: int
+    cgroup_id: int  # the inode of the cgroup it was attached to (0 when unknown)
+
+
+def detach_pinned_link(pin: Path) -> DetachedLink | None:
+    """Detach the BPF link pinned at `pin` and remove the pin; None when there is no pin.
+
+    Detaching (not only unpinning) takes the program off the cgroup even if some process
+    still holds a descriptor of the link. An already defunct link (its cgroup was removed)
+    counts as detached."""
+    link_fd = _open_pinned(pin)
+    if link_fd is None:
+        return None
+    try:
+        info = _link_info(link_fd)
+        # Named before the detach: afterwards the program may be gone.
+        detached = (
+            DetachedLink(
+                program=_program_name(info.program_id, expected=_hook_program(info.attach_type)),
+                program_id=info.program_id,
+                cgroup_id=info.cgroup_id,
+            )
+            if info is not None
+            else DetachedLink(program="", program_id=0, cgroup_id=0)
+        )
+        result = _libbpf().bpf_link_detach(link_fd)
+        if result < 0 and -result != errno.ENOLINK:
+            raise ProgramError(f"detaching the link pinned at {pin}: {_strerror(result)}")
+    finally:
+        os.close(link_fd)
+    pin.unlink(missing_ok=True)
+    return detached
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupProgram:
+    hook: str
+    program: str  # the kernel's name for it (15 characters at most, or our full name)
+    program_id: int
+
+
+def programs_on_cgroup(cgroup_path: Path) -> list[CgroupProgram]:
+    """Every program attached directly to the cgroup at one of apilane's hooks, whoever
+    attached it and however (link or legacy attach). Read-only: BPF_PROG_QUERY."""
+    cgroup_fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    found = []
+    try:
+        for hook in HOOKS:
+            capacity = 64
+            ids = (ctypes.c_uint32 * capacity)()
+            count = ctypes.c_uint32(capacity)
+            flags = ctypes.c_uint32(0)
+            result = _libbpf().bpf_prog_query(
+                cgroup_fd, hook.attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(count)
+            )
+            if result < 0:
+                raise ProgramError(
+                    f"querying {hook.name} programs of {cgroup_path}: {_strerror(result)}"
+                )
+            for program_id in ids[: count.value]:
+                name = _program_name(program_id, expected=hook.program)
+                found.append(CgroupProgram(hook=hook.name, program=name, program_id=program_id))
+    finally:
+        os.close(cgroup_fd)
+    return found
+
+
+def _hook_program(attach_type: int) -> str:
+    return next((h.program for h in HOOKS if h.attach_type == attach_type), "")
 
 
 # --- checks ---------------------------------------------------------------------------------
@@ -299,6 +376,49 @@ def _compile(source_dir: Path, pin_dir: Path) -> Any:
         raise ProgramError(f"compiling {source}: {exc}") from exc
 
 
+def _map_names() -> list[str]:
+    names = [name for pair in TABLE_NAMES.values() for name in pair]
+    return names + list(REVERSE_TABLE_NAMES.values())
+
+
+def remove_superseded_pins(bpf: Any, pin_dir: Path) -> list[str]:
+    """Unlink `<map>_<version>` pins in `pin_dir` that are not the maps `bpf` uses (their
+    layout was superseded); returns the names removed. The pin name is never parsed: a pin is
+    superseded when it holds another map than the one bcc opened for that name."""
+    removed = []
+    for name in _map_names():
+        current = _map_id(int(bpf.get_table(name.encode()).map_fd))
+        for pin in sorted(pin_dir.glob(f"{name}_*")):
+            try:
+                fd = _open_pinned(pin)
+            except ProgramError:
+                continue  # not a BPF object: not ours to remove
+            if fd is None:
+                continue
+            try:
+                pinned = _map_id(fd)
+            finally:
+                os.close(fd)
+            if current is not None and pinned is not None and pinned != current:
+                with contextlib.suppress(FileNotFoundError):
+                    pin.unlink()
+                    removed.append(pin.name)
+    return removed
+
+
+def _map_id(fd: int) -> int | None:
+    """The kernel id of the map behind `fd` (None when `fd` is no map)."""
+    try:
+        info = Path(f"/proc/self/fdinfo/{fd}").read_text()
+    except OSError:
+        return None
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key == "map_id":
+            return int(value)
+    return None
+
+
 def release_free_heap() -> None:
     """Give the memory the compiler freed back to the kernel (glibc's malloc_trim).
 
@@ -337,6 +457,14 @@ def _libbpf() -> Any:
             ctypes.POINTER(ctypes.c_uint32),
         ]
         lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
+        lib.bpf_prog_query.argtypes = [
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_uint32,
+            ctypes.POINTER(ctypes.c_uint32),
+            ctypes.POINTER(ctypes.c_uint32),
+            ctypes.POINTER(ctypes.c_uint32),
+        ]
         _LIBBPF = lib
     return _LIBBPF
 

@@ -13,7 +13,8 @@ it applied completely. Rules:
   maps, atomically (write, fsync, rename). On start `recover()` reads the maps back and
   re-applies that snapshot if the maps differ from it (a `kill -9` mid-apply, a reboot
   that emptied bpffs, a foreign write), so the maps are consistent before the loader
-  talks to NATS; the latest KV value is applied after that.
+  talks to NATS; the latest KV value is applied after that. The same file keeps the
+  operator's live connect-time LB switch (`record_lb_switch`; precedence in settings.py).
 
 The kernel is not a database we can roll back: a map write that fails halfway leaves a
 consistent (make-before-break) intermediate state, marks the cached view stale, and the
@@ -23,6 +24,7 @@ next apply or audit plans again from a fresh read-back.
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import time
@@ -49,6 +51,7 @@ from apilane.node_loader.plan import (
     removed_backends,
     simulate,
 )
+from apilane.node_loader.settings import LiveLbSwitch
 from apilane.shared.errors import ApilaneError
 from apilane.shared.events import EndpointSnapshot, Finding, MapSummary, WarningReason
 
@@ -96,14 +99,49 @@ class ApplyResult:
         return self.entries_written > 0
 
 
-class PersistedState(msgspec.Struct, frozen=True, kw_only=True):
-    """What the state file holds: enough to rebuild the desired maps without NATS."""
+class AppliedState(msgspec.Struct, frozen=True, kw_only=True):
+    """The last snapshot applied completely: enough to rebuild the desired maps without NATS."""
 
-    version: int = STATE_FILE_VERSION
     generation: int
     digest: str
     applied_at: datetime
     snapshot: EndpointSnapshot
+
+
+class PersistedState(msgspec.Struct, frozen=True, kw_only=True):
+    """What the state file holds: the applied state (absent while no snapshot was applied)
+    and the live connect-time LB switch (absent unless an operator switched it). Both
+    optional fields were added compatibly: a file without them reads as before."""
+
+    version: int = STATE_FILE_VERSION
+    generation: int = 0
+    digest: str = ""
+    applied_at: datetime | None = None
+    snapshot: EndpointSnapshot | None = None
+    lb_switch: LiveLbSwitch | None = None
+
+    @classmethod
+    def of(cls, applied: AppliedState | None, lb_switch: LiveLbSwitch | None) -> PersistedState:
+        if applied is None:
+            return cls(lb_switch=lb_switch)
+        return cls(
+            generation=applied.generation,
+            digest=applied.digest,
+            applied_at=applied.applied_at,
+            snapshot=applied.snapshot,
+            lb_switch=lb_switch,
+        )
+
+    @property
+    def applied(self) -> AppliedState | None:
+        if self.snapshot is None or self.applied_at is None:
+            return None
+        return AppliedState(
+            generation=self.generation,
+            digest=self.digest,
+            applied_at=self.applied_at,
+            snapshot=self.snapshot,
+        )
 
 
 class StateFile:
@@ -145,6 +183,19 @@ class StateFile:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise StateFileError(f"cannot write {self.path}: {exc}") from exc
+
+    def remove(self) -> None:
+        """Delete the file (and a temporary file a crash left behind). FileNotFoundError
+        when there was no state file."""
+        for leftover in self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise StateFileError(f"cannot remove {self.path}: {exc}") from exc
 
     def _write(self, tmp: str, data: bytes) -> None:
         """Write, fsync, rename over the state file, fsync the directory."""
@@ -216,7 +267,12 @@ class Reconciler:
         self.state_file = state_file
         self.verify_after_apply = verify_after_apply
         self.tracer = tracer or trace.get_tracer("apilane.node_loader")
-        self.applied: PersistedState | None = None
+        self.applied: AppliedState | None = None
+        # The operator's live connect-time LB switch, saved with every applied state.
+        self.lb_switch: LiveLbSwitch | None = None
+        # The applied state the file held at start, kept for saves made before `applied` is
+        # set (a switch recorded while recovery failed must not erase it from the file).
+        self._file_applied: AppliedState | None = None
         self.last_error = ""
         self.last_result: ApplyResult | None = None
         self._contents: dict[Family, MapContents] | None = None  # our view of the maps
@@ -260,7 +316,10 @@ class Reconciler:
                 persisted = self.state_file.load()
             except StateFileError as exc:
                 problem = str(exc)
-        if persisted is None:
+        self.lb_switch = persisted.lb_switch if persisted is not None else None
+        recorded = persisted.applied if persisted is not None else None
+        self._file_applied = recorded
+        if recorded is None:
             if violations:
                 log.warning(
                     "NAT maps are inconsistent and there is no applied state to repair from",
@@ -275,10 +334,24 @@ class Reconciler:
                 violations_before=tuple(violations),
                 violations_after=tuple(violations),
             )
-        result = self._apply(persisted.snapshot, trigger="recover")
+        result = self._apply(recorded.snapshot, trigger="recover")
         if result.outcome in (Outcome.APPLIED, Outcome.UNCHANGED):
-            self.applied = persisted
+            self.applied = recorded
         return result
+
+    def record_lb_switch(self, switch: LiveLbSwitch | None) -> None:
+        """Keep (or, with None, drop) the live connect-time LB switch in the state file, next
+        to the applied state. Raises StateFileError; the switch is remembered either way."""
+        self.lb_switch = switch
+        if self.state_file is None:
+            return
+        applied = self.applied or self._file_applied
+        if applied is None and switch is None:
+            # Nothing applied and nothing to keep: no file rather than an empty one.
+            with contextlib.suppress(FileNotFoundError):
+                self.state_file.remove()
+            return
+        self.state_file.save(PersistedState.of(applied, switch))
 
     # -- apply -----------------------------------------------------------------------------
 
@@ -382,29 +455,22 @@ class Reconciler:
         elif violations_after:
             problem = "; ".join(str(v) for v in violations_after)
 
-        applied_at = datetime.now(UTC)
-        if not mismatched and self.state_file is not None:
-            with clock("persist"):
-                try:
-                    self.state_file.save(
-                        PersistedState(
-                            generation=snapshot.generation,
-                            digest=snapshot.digest,
-                            applied_at=applied_at,
-                            snapshot=snapshot,
-                        )
-                    )
-                except StateFileError as exc:
-                    # The maps are right; only a restart without NATS would miss it.
-                    problem = problem or str(exc)
-                    log.warning("cannot persist the applied state", extra={"error": str(exc)})
         if not mismatched:
-            self.applied = PersistedState(
+            applied = AppliedState(
                 generation=snapshot.generation,
                 digest=snapshot.digest,
-                applied_at=applied_at,
+                applied_at=datetime.now(UTC),
                 snapshot=snapshot,
             )
+            if self.state_file is not None:
+                with clock("persist"):
+                    try:
+                        self.state_file.save(PersistedState.of(applied, self.lb_switch))
+                    except StateFileError as exc:
+                        # The maps are right; only a restart without NATS would miss it.
+                        problem = problem or str(exc)
+                        log.warning("cannot persist the applied state", extra={"error": str(exc)})
+            self.applied = applied
         self.last_error = problem
         timings["total"] = sum(timings.values())
         result = ApplyResult(

@@ -4,15 +4,19 @@ Start-up order (the data plane first, the bus second):
 1. open the maps (compile and load the programs for `bpf`, or in-memory maps);
 2. `Reconciler.recover()`: read the maps back, check invariants, bring them to the
    persisted applied state (no NATS needed);
-3. attach the connect-time programs if the setting says so, detach them if not;
+3. decide the connect-time LB setting (APILANE_CONNECT_TIME_LB, or the operator's live switch
+   recorded in the state file: precedence in settings.py), then attach the connect-time
+   programs if it says on, detach them if off;
 4. connect to NATS (retrying for as long as it takes), apply the latest KV value, then
    watch the snapshot key and apply every new revision.
 
 Stopping (SIGTERM) keeps the maps pinned and the programs attached: every connect() on
 the node depends on them, and a loader restart or upgrade must not open a window without
 translation. The programs are detached only when the connect-time LB is switched off
-(setting at start, or live through the node's control subject). With NATS down, nothing
-changes in the data plane; the KV watch resubscribes and catches up when NATS is back.
+(setting at start, or live through the node's control subject; a live switch is persisted
+and holds across restarts). With NATS down, nothing changes in the data plane; the KV watch
+resubscribes and catches up when NATS is back. Removing apilane from a node is
+`python -m apilane.node_loader uninstall` (uninstall.py).
 """
 
 from __future__ import annotations
@@ -33,8 +37,18 @@ from opentelemetry import trace
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from apilane.node_loader.nat import BackendValue, NatMaps
-from apilane.node_loader.reconcile import ApplyResult, Outcome, Reconciler, StateFile
-from apilane.node_loader.settings import NodeLoaderSettings
+from apilane.node_loader.reconcile import (
+    ApplyResult,
+    Outcome,
+    Reconciler,
+    StateFile,
+    StateFileError,
+)
+from apilane.node_loader.settings import (
+    LiveLbSwitch,
+    NodeLoaderSettings,
+    resolve_connect_time_lb,
+)
 from apilane.shared import events, subjects, tracing
 from apilane.shared.bus import Bus, BusError, KvEntry
 from apilane.shared.events import ClusterWarning, EndpointSnapshot, NodeState, WarningReason
@@ -87,8 +101,9 @@ def open_data_plane(settings: NodeLoaderSettings) -> DataPlane:
 
 class ControlRequest(msgspec.Struct, frozen=True, kw_only=True):
     """A request on the node's control subject; the reply is the node's NodeState.
-    An empty request only asks for the state. A live switch lasts until the next restart,
-    which returns to APILANE_CONNECT_TIME_LB."""
+    An empty request only asks for the state. A live switch is persisted in the state file
+    and holds across loader restarts until APILANE_CONNECT_TIME_LB changes or the LB is
+    switched back (settings.py has the precedence rule)."""
 
     connect_time_lb: bool | None = None
 
@@ -175,6 +190,7 @@ class NodeLoader:
         self.maps_loaded = False
         self.first_reconcile_done = False
         self.programs_error = ""
+        self.switch_error = ""  # a live switch that could not be persisted
         self._heartbeat = time.monotonic()
         self._initial_revision = 0
         self._retry: EndpointSnapshot | None = None  # a snapshot whose map write failed
@@ -235,7 +251,38 @@ class NodeLoader:
             },
         )
         self.maps_loaded = True
+        self._decide_lb_setting()
         self._apply_lb_setting()
+
+    def _decide_lb_setting(self) -> None:
+        """APILANE_CONNECT_TIME_LB or the persisted live switch: see settings.py."""
+        env_value = self.settings.connect_time_lb
+        recorded = self.reconciler.lb_switch
+        decision = resolve_connect_time_lb(env_value=env_value, switch=recorded)
+        self.connect_time_lb = decision.enabled
+        log.info(
+            "connect-time load balancer %s (%s)",
+            "on" if decision.enabled else "off",
+            decision.source,
+            extra={
+                "connect_time_lb": decision.enabled,
+                "source": decision.source,
+                "rule": decision.rule,
+                "env_connect_time_lb": env_value,
+                "live_switch": msgspec.to_builtins(recorded) if recorded else None,
+            },
+        )
+        if decision.keep_switch != recorded:
+            self._record_switch(decision.keep_switch)
+
+    def _record_switch(self, switch: LiveLbSwitch | None) -> None:
+        try:
+            self.reconciler.record_lb_switch(switch)
+            self.switch_error = ""
+        except StateFileError as exc:
+            # Applied live all the same; only a restart would fall back to the variable.
+            self.switch_error = f"persisting the connect-time LB switch: {exc}"
+            log.warning("cannot persist the connect-time LB switch", extra={"error": str(exc)})
 
     def _apply_lb_setting(self) -> None:
         programs = self.data_plane.programs
@@ -500,7 +547,9 @@ class NodeLoader:
 
     def node_state(self) -> NodeState:
         applied = self.reconciler.applied
-        errors = [e for e in (self.reconciler.last_error, self.programs_error) if e]
+        errors = [
+            e for e in (self.reconciler.last_error, self.programs_error, self.switch_error) if e
+        ]
         return NodeState(
             cluster=self.cluster,
             node=self.node,
@@ -578,10 +627,20 @@ class NodeLoader:
         )
 
     def set_connect_time_lb(self, enabled: bool) -> None:
-        """Switch the connect-time LB live: programs attached or detached, maps kept."""
-        log.warning("switching the connect-time load balancer", extra={"enabled": enabled})
+        """Switch the connect-time LB live: programs attached or detached, maps kept. The
+        choice is persisted; switching back to APILANE_CONNECT_TIME_LB clears the record."""
+        env_value = self.settings.connect_time_lb
+        log.warning(
+            "switching the connect-time load balancer",
+            extra={"enabled": enabled, "env_connect_time_lb": env_value},
+        )
         self.connect_time_lb = enabled
         self._apply_lb_setting()
+        self._record_switch(
+            None
+            if enabled == env_value
+            else LiveLbSwitch(enabled=enabled, env_value=env_value, switched_at=datetime.now(UTC))
+        )
 
 
 def _aware(moment: datetime) -> datetime:
@@ -612,7 +671,8 @@ async def main(
             "map_backend": settings.map_backend,
             "pin_dir": settings.pin_dir,
             "state_file": str(settings.state_file),
-            "connect_time_lb": settings.connect_time_lb,
+            # The value in force is logged after recovery: a live switch may override this.
+            "env_connect_time_lb": settings.connect_time_lb,
             "open_ms": round((time.perf_counter() - began) * 1000, 1),
         },
     )

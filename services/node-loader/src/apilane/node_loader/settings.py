@@ -17,12 +17,32 @@ to a tmpfs directory by default (/run), which a reboot clears together with bpff
 stale file never claims a generation that empty maps do not hold. Its name is derived
 from the pin dir, so several loaders on one machine (tests, the local stack) never share
 one. In the DaemonSet, /run/apilane is a hostPath mount like /sys/fs/bpf.
+
+The connect-time LB: APILANE_CONNECT_TIME_LB against the live switch
+----------------------------------------------------------------------
+An operator can switch the connect-time LB live, by a request on the node's control
+subject (`{"connect_time_lb": false}`). That choice is kept in the applied-state file
+together with the APILANE_CONNECT_TIME_LB value in force when it was made, so it survives
+loader restarts and upgrades. At start, the precedence is (`resolve_connect_time_lb`):
+
+1. no live switch recorded: APILANE_CONNECT_TIME_LB;
+2. a live switch recorded while APILANE_CONNECT_TIME_LB had the value it has now: the live
+   switch wins (the operator acted after the configuration was written);
+3. a live switch recorded under a different APILANE_CONNECT_TIME_LB: the variable wins and
+   the recorded switch is dropped (the configuration was changed after the operator acted,
+   so the newer decision holds; changing the variable back later does not revive it).
+
+Switching live back to the APILANE_CONNECT_TIME_LB value clears the record: the node
+follows the variable again. A reboot clears the state file (tmpfs) and with it the switch:
+for a lasting choice, set the variable.
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import msgspec
@@ -50,6 +70,61 @@ class NodeLoaderSettings(msgspec.Struct, frozen=True, kw_only=True):
     def state_file(self) -> Path:
         slug = self.pin_dir.strip("/").replace("/", "_") or "root"
         return Path(self.state_dir) / f"{slug}.state.json"
+
+
+class LiveLbSwitch(msgspec.Struct, frozen=True, kw_only=True):
+    """A live connect-time LB switch, as persisted in the applied-state file."""
+
+    enabled: bool
+    env_value: bool  # APILANE_CONNECT_TIME_LB when the switch was made
+    switched_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LbDecision:
+    """The connect-time LB setting a loader starts with, and why (see the module docstring)."""
+
+    enabled: bool
+    source: str  # "env" or "live switch"
+    rule: str  # the precedence rule that decided, for the start-up log
+    keep_switch: LiveLbSwitch | None  # the switch record to keep; None drops any record
+
+
+def resolve_connect_time_lb(*, env_value: bool, switch: LiveLbSwitch | None) -> LbDecision:
+    """Precedence between APILANE_CONNECT_TIME_LB and a persisted live switch."""
+    if switch is None or switch.enabled == env_value == switch.env_value:
+        # No record, or one that asks for what the variable says anyway (nothing to keep).
+        return LbDecision(
+            enabled=env_value,
+            source="env",
+            rule="no live switch recorded: APILANE_CONNECT_TIME_LB applies",
+            keep_switch=None,
+        )
+    if switch.env_value != env_value:
+        return LbDecision(
+            enabled=env_value,
+            source="env",
+            rule=(
+                f"APILANE_CONNECT_TIME_LB changed from {_onoff(switch.env_value)} to "
+                f"{_onoff(env_value)} after the live switch to {_onoff(switch.enabled)} "
+                f"at {switch.switched_at.isoformat()}: the variable applies, the switch is dropped"
+            ),
+            keep_switch=None,
+        )
+    return LbDecision(
+        enabled=switch.enabled,
+        source="live switch",
+        rule=(
+            f"live switch to {_onoff(switch.enabled)} at {switch.switched_at.isoformat()} "
+            f"overrides APILANE_CONNECT_TIME_LB={_onoff(env_value)} until the variable changes "
+            "or the LB is switched back"
+        ),
+        keep_switch=switch,
+    )
+
+
+def _onoff(value: bool) -> str:
+    return "on" if value else "off"
 
 
 def load(environ: Mapping[str, str] | None = None) -> NodeLoaderSettings:

@@ -51,7 +51,7 @@ class RendererSettings(msgspec.Struct, frozen=True, kw_only=True):
     lease_namespace: str = "apilane"
     leader_election: bool = True
     conflict_retries: int = 5
-    identity: str = msgspec.field(default_factory=lambda: _default_identity({}))
+    identity: str = msgspec.field(default_factory=lambda: _default_identity(Env({})))
 
     @property
     def cluster(self) -> str:
@@ -98,13 +98,13 @@ def load(environ: Mapping[str, str] | None = None) -> RendererSettings:
         lease_namespace=_dns_label(env, "LEASE_NAMESPACE", "apilane"),
         leader_election=env.bool("LEADER_ELECTION", True),
         conflict_retries=env.int("CONFLICT_RETRIES", 5, low=1, high=100),
-        identity=_default_identity(env.environ),
+        identity=_default_identity(env),
     )
 
 
-def _default_identity(environ: Mapping[str, str]) -> str:
+def _default_identity(env: Env) -> str:
     """The Lease holder name: the pod's name in a cluster, else host and process."""
-    named = (environ.get(config.PREFIX + "POD_NAME") or environ.get("HOSTNAME") or "").strip()
+    named = (env.raw("POD_NAME") or env.environ.get("HOSTNAME") or "").strip()
     return named or f"{socket.gethostname()}-{os.getpid()}"
 
 

@@ -6,7 +6,7 @@ programs run and miss), and a client in a second cgroup without programs connect
 (baseline). Rounds alternate between the two clients. Bounded: --count connects per target.
 Target (issue 5): VIP / direct <= 1.10.
 
-    sudo .venv/bin/python bench/bench_connect.py [--count 2000] [--json]
+    sudo .venv/bin/python bench/bench_connect.py [--count 6000] [--json]
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def run(count: int) -> list[dict[str, object]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=2000, help="connects per path (<= 20000)")
+    parser.add_argument("--count", type=int, default=6000, help="connects per path (<= 20000)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     load_before = _load_average()

@@ -28,6 +28,7 @@ from apilane.node_loader.memmaps import MemoryNatMaps
 from apilane.node_loader.nat import NatMaps
 from apilane.node_loader.reconcile import Outcome, Reconciler, StateFile
 from apilane.node_loader.testing import make_snapshot
+from apilane.shared.testing.benchstats import load_average, percentile, resident_kib
 
 SIZES = (1, 3, 8, 16)
 ITERATIONS = 2000
@@ -36,11 +37,6 @@ TARGET_APPLY_P99_MS = 2.0
 TARGET_COLD_START_S = 3.0
 TARGET_RSS_MB = 150.0
 STATE_DIR_BASE = "/dev/shm" if Path("/dev/shm").is_dir() else None  # tmpfs, like /run
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def apply_latencies(
@@ -86,11 +82,6 @@ def _met(value: float, target: float) -> str:
     return "met" if value <= target else "MISSED"
 
 
-def load_average() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} CPUs)"
-
-
 def kernel_available() -> str:
     """Empty when the kernel benchmarks can run, else why not."""
     if os.geteuid() != 0:
@@ -120,12 +111,8 @@ def cold_start_child(args: argparse.Namespace) -> None:
         make_snapshot(generation=1, apiservers=("10.0.0.1:6443", "10.0.0.2:6443", "10.0.0.3:6443"))
     )
     done = time.perf_counter()
-    status = Path("/proc/self/status").read_text()
-    rss = {
-        line.split(":")[0]: int(line.split()[1])
-        for line in status.splitlines()
-        if line.startswith(("VmRSS", "VmHWM"))
-    }
+    rss_kib, peak_kib = resident_kib()
+    rss = {"VmRSS": rss_kib, "VmHWM": peak_kib}
     lb.disable()
     lb.close()
     print(

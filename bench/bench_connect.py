@@ -13,22 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 
 from apilane.node_loader.nat import BackendKey, BackendValue, FrontendKey, FrontendValue
 from apilane.node_loader.programs import ConnectTimeLB
+from apilane.shared.testing.benchstats import load_average, percentile
 from apilane.shared.testing.bpf import SERVICE_VIP4, BpfLab, check_bpf_environment
 
 BACKEND_PORT = 8080
 SERVICE_PORT = 443
 ROUNDS = 10
 TARGET_RATIO = 1.10
-
-
-def _percentile(values: list[int], fraction: float) -> float:
-    ordered = sorted(values)
-    return float(ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))])
 
 
 def run(count: int) -> list[dict[str, object]]:
@@ -71,7 +66,7 @@ def run(count: int) -> list[dict[str, object]]:
             "path": path,
             "connects": len(values),
             "median_us": statistics.median(values) / 1000,
-            "p99_us": _percentile(values, 0.99) / 1000,
+            "p99_us": percentile(values, 0.99) / 1000,
             "ratio_to_direct": statistics.median(values) / baseline,
         }
         for path, values in samples.items()
@@ -83,7 +78,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=6000, help="connects per path (<= 20000)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    load_before = _load_average()
+    load_before = load_average()
     rows = run(max(ROUNDS, min(args.count, 20_000)))
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -104,13 +99,8 @@ def main() -> None:
     print()
     print(
         f"target (issue 5): connect() through the VIP / directly to the backend (medians, "
-        f"measured in one run) <= {TARGET_RATIO}. load average after: {_load_average()}"
+        f"measured in one run) <= {TARGET_RATIO}. load average after: {load_average()}"
     )
-
-
-def _load_average() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} CPUs)"
 
 
 if __name__ == "__main__":

@@ -19,33 +19,20 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from apilane.shared import events, subjects
 from apilane.shared.bus import Bus
 from apilane.shared.kube import KubeClient, NotFound
+from apilane.shared.testing.benchstats import percentile, resident_kib
 from apilane.shared.testing.kube import ControlPlane, endpoint_slice
 from apilane.shared.testing.nats import NatsServer
+from apilane.shared.testing.procs import end_process
 
 CHANGES = int(os.environ.get("CHANGES", "120"))
 WINDOW = os.environ.get("APILANE_COALESCE_WINDOW", "100ms")
 TIMEOUT = 30.0
 SLICES = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def rss_kib(pid: int) -> tuple[int, int]:
-    fields = dict(
-        line.split(":", 1)
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-        if ":" in line
-    )
-    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
 async def put_slice(kube: KubeClient, body: dict[str, Any]) -> None:
@@ -126,16 +113,11 @@ async def run(plane: ControlPlane, nats: NatsServer) -> int:
             await put_slice(kube, body(addresses))
         await asyncio.sleep(1.0)
         suppressed_publishes = len(generations) - published
-        rss, peak = rss_kib(proc.pid)
+        rss, peak = resident_kib(proc.pid)
     finally:
         stop.set()
         watcher.cancel()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        end_process(proc, grace=10)
         await bus.drain()
         await kube.close()
 

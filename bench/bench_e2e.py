@@ -28,6 +28,7 @@ from pathlib import Path
 from apilane.shared import events, subjects
 from apilane.shared.bus import Bus
 from apilane.shared.kube import KubeClient
+from apilane.shared.testing.benchstats import load_average, percentile
 from apilane.shared.testing.bpf import BpfLab, check_bpf_environment
 from apilane.shared.testing.kube import (
     ControlPlane,
@@ -43,11 +44,6 @@ MANY_NODES = int(os.environ.get("NODES", "50"))
 WINDOW = os.environ.get("COALESCE_WINDOW", "100ms")
 SLICES = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
 WAIT = 120.0
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def wait_nodes(
@@ -176,11 +172,8 @@ async def main() -> int:
                 await run(2, plane=plane, lab=lab, workdir=workdir),
                 await run(MANY_NODES, plane=plane, lab=lab, workdir=workdir),
             ]
-    load = os.getloadavg()
     print(f"End-to-end programming latency, EndpointSlice write → map write, {CHANGES} changes")
-    print(
-        f"(load average {load[0]:.1f} on {os.cpu_count()} CPUs; includes discovery's {WINDOW} coalescing window)\n"
-    )
+    print(f"(load average {load_average()}; includes discovery's {WINDOW} coalescing window)\n")
     print("| node-loaders | samples | p50 ms | p99 ms | BPF node p50 ms | BPF node p99 ms |")
     print("|---:|---:|---:|---:|---:|---:|")
     for row in rows:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
 from apilane.node_loader.bpfmaps import BccNatMaps
 from apilane.node_loader.nat import BackendKey, BackendValue, FrontendKey, FrontendValue
 from apilane.node_loader.programs import ConnectTimeLB
+from apilane.shared.testing.benchstats import load_average, percentile
 from apilane.shared.testing.bpf import BpfLab, check_bpf_environment
 
 BACKENDS_PER_SERVICE = 100
@@ -44,11 +44,6 @@ def _entries(
                 f"172.{16 + n // 65536 % 16}.{n // 256 % 256}.{n % 256}", 6443
             )
     return frontends, backends
-
-
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def run(sizes: list[int], runs: int) -> list[dict[str, object]]:
@@ -83,7 +78,7 @@ def run(sizes: list[int], runs: int) -> list[dict[str, object]]:
                                 "mode": mode,
                                 "phase": phase,
                                 "median_ms": median * 1000,
-                                "p99_ms": _percentile(durations, 0.99) * 1000,
+                                "p99_ms": percentile(durations, 0.99) * 1000,
                                 "entries_per_s": count / median if median else 0.0,
                                 "batch_used": maps.batch_supported is not False
                                 and use_batch is not False,
@@ -102,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
     if max(args.sizes) > 200_000:
         parser.error("sizes above 200000 do not fit the backend map (262144 entries)")
-    load_before = _load_average()
+    load_before = load_average()
     rows = run(args.sizes, max(1, min(args.runs, 50)))
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -124,13 +119,8 @@ def main() -> None:
     print(
         f"target (issue 5): batch reconcile >= {TARGET_ENTRIES_PER_S:,} entries/s, graded on the"
         " batch update phase (encode + write of backends, then frontends, into empty maps)."
-        f" p99 over {args.runs} runs per size. load average after: {_load_average()}"
+        f" p99 over {args.runs} runs per size. load average after: {load_average()}"
     )
-
-
-def _load_average() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} CPUs)"
 
 
 if __name__ == "__main__":

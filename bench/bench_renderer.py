@@ -27,8 +27,10 @@ from typing import Any
 from apilane.shared import events, subjects
 from apilane.shared.bus import Bus
 from apilane.shared.events import ApiServerEndpoint, EndpointSnapshot, ServiceEndpoint
+from apilane.shared.testing.benchstats import percentile, resident_kib
 from apilane.shared.testing.kube import ControlPlane
 from apilane.shared.testing.nats import NatsServer
+from apilane.shared.testing.procs import end_process
 
 SNAPSHOTS = int(os.environ.get("SNAPSHOTS", "200"))
 TIMEOUT = 30.0
@@ -72,20 +74,6 @@ def daemonset(namespace: str) -> dict[str, Any]:
             },
         },
     }
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
-    return ordered[index]
-
-
-def rss_kib(pid: int) -> tuple[int, int]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
 def start_renderer(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -169,14 +157,9 @@ async def measure(plane: ControlPlane, nats: NatsServer, work: Path) -> None:
 
         patched = await timed_runs(2, changing=True)
         unchanged = await timed_runs(2 + SNAPSHOTS, changing=False)
-        rss, peak = rss_kib(proc.pid)
+        rss, peak = resident_kib(proc.pid)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        end_process(proc, grace=10)
         await bus.drain()
         await kube.close()
 
@@ -188,7 +171,7 @@ async def measure(plane: ControlPlane, nats: NatsServer, work: Path) -> None:
         ("snapshot → unchanged (no patch)", unchanged),
     ):
         print(
-            f"| {name} | {percentile(values, 50) * 1000:.1f} | {percentile(values, 99) * 1000:.1f}"
+            f"| {name} | {percentile(values, 0.50) * 1000:.1f} | {percentile(values, 0.99) * 1000:.1f}"
             f" | {max(values) * 1000:.1f} | {statistics.fmean(values) * 1000:.1f} |"
         )
     print(

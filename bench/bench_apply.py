@@ -27,8 +27,8 @@ from typing import Any
 from apilane.node_loader.memmaps import MemoryNatMaps
 from apilane.node_loader.nat import NatMaps
 from apilane.node_loader.reconcile import Outcome, Reconciler, StateFile
-from apilane.node_loader.testing import make_snapshot
 from apilane.shared.testing.benchstats import load_average, percentile, resident_kib
+from apilane.shared.testing.snapshots import make_snapshot
 
 SIZES = (1, 3, 8, 16)
 ITERATIONS = 2000

@@ -20,39 +20,29 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from apilane.shared import events, subjects
 from apilane.shared.bus import Bus
-from apilane.shared.events import ApiServerEndpoint, EndpointSnapshot, ServiceEndpoint
+from apilane.shared.events import EndpointSnapshot
 from apilane.shared.testing.benchstats import percentile, resident_kib
 from apilane.shared.testing.kube import ControlPlane
 from apilane.shared.testing.nats import NatsServer
 from apilane.shared.testing.procs import end_process
+from apilane.shared.testing.snapshots import make_snapshot
 
 SNAPSHOTS = int(os.environ.get("SNAPSHOTS", "200"))
 TIMEOUT = 30.0
 
 
 def snapshot(cluster: str, generation: int, endpoint_count: int) -> EndpointSnapshot:
-    svc = (
-        ServiceEndpoint(ip="10.96.0.1", port=443, family="IPv4"),
-        ServiceEndpoint(ip="fd00:10:96::1", port=443, family="IPv6"),
-    )
-    ipv4 = [
-        ApiServerEndpoint(ip=f"192.168.{i // 250}.{i % 250 + 1}", port=6443, family="IPv4")
-        for i in range(endpoint_count)
-    ]
-    api = (*ipv4, ApiServerEndpoint(ip="fd00::5:5", port=6443, family="IPv6"))
-    return EndpointSnapshot(
+    ipv4 = [f"192.168.{i // 250}.{i % 250 + 1}:6443" for i in range(endpoint_count)]
+    return make_snapshot(
         cluster=cluster,
         generation=generation,
-        service_endpoints=svc,
-        apiserver_endpoints=api,
-        digest=events.canonical_digest(svc, api),
-        observed_at=datetime.now(UTC),
+        services=("10.96.0.1:443", "[fd00:10:96::1]:443"),
+        apiservers=(*ipv4, "[fd00::5:5]:6443"),
     )
 
 

@@ -23,9 +23,9 @@ from apilane.node_loader.nat import (
     FrontendValue,
     MapContents,
 )
-from apilane.node_loader.testing import make_snapshot
 from apilane.shared import events
 from apilane.shared.events import ApiServerEndpoint, EndpointSnapshot, ServiceEndpoint
+from apilane.shared.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.unit]
 

@@ -23,12 +23,13 @@ from apilane.node_loader.desired import desired_state, target_contents
 from apilane.node_loader.memmaps import render_resolved
 from apilane.node_loader.plan import check_invariants, dangling_references
 from apilane.node_loader.programs import ConnectTimeLB
-from apilane.node_loader.testing import contents_of, make_snapshot
+from apilane.node_loader.testing import contents_of
 from apilane.shared import events, subjects
 from apilane.shared.bus import Bus
 from apilane.shared.events import NodeState
 from apilane.shared.testing.bpf import SERVICE_VIP4, BpfLab
 from apilane.shared.testing.procs import end_process, tail
+from apilane.shared.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.bpf, pytest.mark.nats]
 

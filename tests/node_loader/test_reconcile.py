@@ -14,7 +14,8 @@ from apilane.node_loader.memmaps import MapWriteError, MemoryNatMaps, render, re
 from apilane.node_loader.nat import BackendKey, BackendValue, FrontendKey, FrontendValue
 from apilane.node_loader.plan import check_invariants, dangling_references
 from apilane.node_loader.reconcile import Outcome, Reconciler, StateFile
-from apilane.node_loader.testing import check_nat_maps_contract, contents_of, make_snapshot
+from apilane.node_loader.testing import check_nat_maps_contract, contents_of
+from apilane.shared.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.unit]
 

@@ -21,10 +21,11 @@ from apilane.node_loader.memmaps import MemoryNatMaps, render_resolved
 from apilane.node_loader.plan import check_invariants
 from apilane.node_loader.reconcile import PersistedState, StateFile
 from apilane.node_loader.service import DataPlane, NodeLoader
-from apilane.node_loader.testing import contents_of, make_snapshot
+from apilane.node_loader.testing import contents_of
 from apilane.shared import events, subjects
 from apilane.shared.bus import Bus
 from apilane.shared.events import ClusterWarning, NodeState
+from apilane.shared.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.nats]
 

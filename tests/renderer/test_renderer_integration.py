@@ -14,7 +14,6 @@ import io
 import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +30,16 @@ from apilane.renderer.settings import load as load_settings
 from apilane.shared import events, runtime, subjects
 from apilane.shared.bus import Bus
 from apilane.shared.config import CommonSettings
+from apilane.shared.envformat import IpPort
 from apilane.shared.events import (
-    ApiServerEndpoint,
     EndpointSnapshot,
     KubeProxyState,
     RenderResult,
-    ServiceEndpoint,
 )
 from apilane.shared.kube import KubeClient
 from apilane.shared.leader import LeaderElector
 from apilane.shared.testing.kube import ControlPlane
+from apilane.shared.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube, pytest.mark.nats]
 
@@ -60,20 +59,11 @@ def snapshot(
     endpoints: tuple[str, ...] = ("192.168.5.4",),
     managed_by: str = "",
 ) -> EndpointSnapshot:
-    svc = tuple(
-        ServiceEndpoint(ip=ip, port=443, family="IPv6" if ":" in ip else "IPv4") for ip in services
-    )
-    api = tuple(
-        ApiServerEndpoint(ip=ip, port=6443, family="IPv6" if ":" in ip else "IPv4")
-        for ip in endpoints
-    )
-    return EndpointSnapshot(
+    return make_snapshot(
         cluster=cluster,
         generation=generation,
-        service_endpoints=svc,
-        apiserver_endpoints=api,
-        digest=events.canonical_digest(svc, api),
-        observed_at=datetime.now(UTC),
+        services=[str(IpPort.of(ip, 443)) for ip in services],
+        apiservers=[str(IpPort.of(ip, 6443)) for ip in endpoints],
         kube_proxy=KubeProxyState(present=True, ready=True, managed_by=managed_by),
     )
 

@@ -4,9 +4,6 @@ and a snapshot builder with a correct digest."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from datetime import UTC, datetime
-
 from apilane.node_loader.nat import (
     PROTO_TCP,
     PROTO_UDP,
@@ -17,44 +14,7 @@ from apilane.node_loader.nat import (
     FrontendValue,
     MapContents,
     NatMaps,
-    family_of,
 )
-from apilane.shared import events
-from apilane.shared.events import ApiServerEndpoint, EndpointSnapshot, ServiceEndpoint
-
-
-def make_snapshot(
-    *,
-    generation: int,
-    services: Iterable[str] = ("10.96.0.1:443",),
-    apiservers: Iterable[str] = ("10.0.0.1:6443",),
-    cluster: str = "default",
-    protocol: events.Protocol = "TCP",
-    trigger_times: tuple[datetime, ...] = (),
-) -> EndpointSnapshot:
-    """A valid snapshot from "ip:port" strings ("[fd00::1]:443" for IPv6)."""
-    service_endpoints = tuple(
-        ServiceEndpoint(ip=ip, port=port, family=family_of(ip), protocol=protocol)
-        for ip, port in map(_split, services)
-    )
-    apiserver_endpoints = tuple(
-        ApiServerEndpoint(ip=ip, port=port, family=family_of(ip))
-        for ip, port in map(_split, apiservers)
-    )
-    return EndpointSnapshot(
-        cluster=cluster,
-        generation=generation,
-        service_endpoints=service_endpoints,
-        apiserver_endpoints=apiserver_endpoints,
-        digest=events.canonical_digest(service_endpoints, apiserver_endpoints),
-        observed_at=datetime.now(UTC),
-        trigger_times=trigger_times,
-    )
-
-
-def _split(host_port: str) -> tuple[str, int]:
-    host, _, port = host_port.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def _empty(maps: NatMaps, family: Family) -> bool:

@@ -41,7 +41,13 @@ from apilane.node_loader.nat import (
 )
 from apilane.shared import events
 from apilane.shared.errors import ApilaneError
-from apilane.shared.events import EndpointSnapshot, Finding, WarningReason
+from apilane.shared.events import (
+    ApiServerEndpoint,
+    EndpointSnapshot,
+    Finding,
+    ServiceEndpoint,
+    WarningReason,
+)
 
 FIRST_SERVICE_ID = 1
 MAX_SERVICE_ID = 0xFFFFFFFF
@@ -104,28 +110,19 @@ def validate(snapshot: EndpointSnapshot, *, cluster: str | None = None) -> None:
         problems.append(
             f"schema version {snapshot.schema_version} is newer than {events.SCHEMA_VERSION}"
         )
-    seen_service: set[tuple[str, int, str]] = set()
-    for endpoint in snapshot.service_endpoints:
-        key = _check_endpoint(
-            "service endpoint", endpoint.ip, endpoint.port, endpoint.family, problems
-        )
-        if key is not None:
-            if (key, endpoint.port, endpoint.protocol) in seen_service:
-                problems.append(
-                    f"duplicate service endpoint {key}:{endpoint.port}/{endpoint.protocol}"
-                )
-            seen_service.add((key, endpoint.port, endpoint.protocol))
-    seen_api: set[tuple[str, int, str]] = set()
-    for api_endpoint in snapshot.apiserver_endpoints:
-        key = _check_endpoint(
-            "API server endpoint", api_endpoint.ip, api_endpoint.port, api_endpoint.family, problems
-        )
-        if key is not None:
-            if (key, api_endpoint.port, api_endpoint.protocol) in seen_api:
-                problems.append(
-                    f"duplicate API server endpoint {key}:{api_endpoint.port}/{api_endpoint.protocol}"
-                )
-            seen_api.add((key, api_endpoint.port, api_endpoint.protocol))
+    groups: tuple[tuple[str, tuple[ServiceEndpoint | ApiServerEndpoint, ...]], ...] = (
+        ("service endpoint", snapshot.service_endpoints),
+        ("API server endpoint", snapshot.apiserver_endpoints),
+    )
+    for label, endpoints in groups:
+        seen: set[tuple[str, int, str]] = set()
+        for endpoint in endpoints:
+            key = _check_endpoint(label, endpoint.ip, endpoint.port, endpoint.family, problems)
+            if key is None:
+                continue
+            if (key, endpoint.port, endpoint.protocol) in seen:
+                problems.append(f"duplicate {label} {key}:{endpoint.port}/{endpoint.protocol}")
+            seen.add((key, endpoint.port, endpoint.protocol))
     if problems:
         raise InvalidSnapshot(problems)
     if not snapshot.apiserver_endpoints or not snapshot.service_endpoints:

@@ -22,11 +22,12 @@ up: setup
 test: setup lint typecheck pytest
 
 lint:
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 typecheck:
-	$(VENV)/bin/mypy -p apilane.shared -p apilane.discovery -p apilane.renderer -p apilane.node_loader
+	$(VENV)/bin/mypy -p apilane.model -p apilane.runtime -p apilane.kube -p apilane.testing -p apilane.discovery -p apilane.renderer -p apilane.node_loader
 
 pytest:
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -27,8 +27,8 @@ from typing import Any
 from apilane.node_loader.memmaps import MemoryNatMaps
 from apilane.node_loader.nat import NatMaps
 from apilane.node_loader.reconcile import Outcome, Reconciler, StateFile
-from apilane.shared.testing.benchstats import load_average, percentile, resident_kib
-from apilane.shared.testing.snapshots import make_snapshot
+from apilane.testing.benchstats import load_average, percentile, resident_kib
+from apilane.testing.snapshots import make_snapshot
 
 SIZES = (1, 3, 8, 16)
 ITERATIONS = 2000
@@ -133,7 +133,7 @@ def cold_start_child(args: argparse.Namespace) -> None:
 
 def kernel_benchmarks(lines: list[str]) -> list[str]:
     from apilane.node_loader.programs import ConnectTimeLB
-    from apilane.shared.testing.bpf import BpfLab
+    from apilane.testing.bpf import BpfLab
 
     extra: list[str] = []
     with BpfLab() as lab:

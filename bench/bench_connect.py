@@ -17,8 +17,8 @@ import statistics
 
 from apilane.node_loader.nat import BackendKey, BackendValue, FrontendKey, FrontendValue
 from apilane.node_loader.programs import ConnectTimeLB
-from apilane.shared.testing.benchstats import load_average, percentile
-from apilane.shared.testing.bpf import SERVICE_VIP4, BpfLab, check_bpf_environment
+from apilane.testing.benchstats import load_average, percentile
+from apilane.testing.bpf import SERVICE_VIP4, BpfLab, check_bpf_environment
 
 BACKEND_PORT = 8080
 SERVICE_PORT = 443

@@ -21,13 +21,13 @@ import sys
 import time
 from typing import Any
 
-from apilane.shared import events, subjects
-from apilane.shared.bus import Bus
-from apilane.shared.kube import KubeClient, NotFound
-from apilane.shared.testing.benchstats import percentile, resident_kib
-from apilane.shared.testing.kube import ControlPlane, endpoint_slice
-from apilane.shared.testing.nats import NatsServer
-from apilane.shared.testing.procs import end_process
+from apilane.kube.client import KubeClient, NotFound
+from apilane.model import events, subjects
+from apilane.runtime.bus import Bus
+from apilane.testing.benchstats import percentile, resident_kib
+from apilane.testing.kube import ControlPlane, endpoint_slice
+from apilane.testing.nats import NatsServer
+from apilane.testing.procs import end_process
 
 CHANGES = int(os.environ.get("CHANGES", "120"))
 WINDOW = os.environ.get("APILANE_COALESCE_WINDOW", "100ms")

@@ -25,18 +25,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from apilane.shared import events, subjects
-from apilane.shared.bus import Bus
-from apilane.shared.kube import KubeClient
-from apilane.shared.testing.benchstats import load_average, percentile
-from apilane.shared.testing.bpf import BpfLab, check_bpf_environment
-from apilane.shared.testing.kube import (
+from apilane.kube.client import KubeClient
+from apilane.model import events, subjects
+from apilane.runtime.bus import Bus
+from apilane.testing.benchstats import load_average, percentile
+from apilane.testing.bpf import BpfLab, check_bpf_environment
+from apilane.testing.kube import (
     ControlPlane,
     delete_kubernetes_endpoint_slices,
     endpoint_slice,
 )
-from apilane.shared.testing.nats import NatsServer
-from apilane.shared.testing.stack import ServiceProcesses, base_environment
+from apilane.testing.nats import NatsServer
+from apilane.testing.stack import ServiceProcesses, base_environment
 
 CHANGES = int(os.environ.get("CHANGES", "50"))
 MANY_NODES = int(os.environ.get("NODES", "50"))

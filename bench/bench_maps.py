@@ -21,8 +21,8 @@ import time
 from apilane.node_loader.bpfmaps import BccNatMaps
 from apilane.node_loader.nat import BackendKey, BackendValue, FrontendKey, FrontendValue
 from apilane.node_loader.programs import ConnectTimeLB
-from apilane.shared.testing.benchstats import load_average, percentile
-from apilane.shared.testing.bpf import BpfLab, check_bpf_environment
+from apilane.testing.benchstats import load_average, percentile
+from apilane.testing.bpf import BpfLab, check_bpf_environment
 
 BACKENDS_PER_SERVICE = 100
 TARGET_ENTRIES_PER_S = 500_000

@@ -23,14 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from apilane.shared import events, subjects
-from apilane.shared.bus import Bus
-from apilane.shared.events import EndpointSnapshot
-from apilane.shared.testing.benchstats import percentile, resident_kib
-from apilane.shared.testing.kube import ControlPlane
-from apilane.shared.testing.nats import NatsServer
-from apilane.shared.testing.procs import end_process
-from apilane.shared.testing.snapshots import make_snapshot
+from apilane.model import events, subjects
+from apilane.model.events import EndpointSnapshot
+from apilane.runtime.bus import Bus
+from apilane.testing.benchstats import percentile, resident_kib
+from apilane.testing.kube import ControlPlane
+from apilane.testing.nats import NatsServer
+from apilane.testing.procs import end_process
+from apilane.testing.snapshots import make_snapshot
 
 SNAPSHOTS = int(os.environ.get("SNAPSHOTS", "200"))
 TIMEOUT = 30.0

@@ -1,9 +1,9 @@
-"""Fixtures for real components live in apilane.shared.testing (importable, tested);
+"""Fixtures for real components live in apilane.testing (importable, tested);
 this file only loads them. See README "Development" for the safety rules they enforce."""
 
 pytest_plugins = [
-    "apilane.shared.testing.nats_fixtures",
-    "apilane.shared.testing.kube_fixtures",
-    "apilane.shared.testing.bpf_fixtures",
-    "apilane.shared.testing.otel_fixtures",
+    "apilane.testing.nats_fixtures",
+    "apilane.testing.kube_fixtures",
+    "apilane.testing.bpf_fixtures",
+    "apilane.testing.otel_fixtures",
 ]

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import msgspec
 
-from apilane.shared import events, subjects
-from apilane.shared.bus import Bus, BusError
-from apilane.shared.kube import KubeClient, KubeError, NotFound
+from apilane.kube.client import KubeClient, KubeError, NotFound
+from apilane.model import events, subjects
+from apilane.runtime.bus import Bus, BusError
 
 REPO = Path(__file__).resolve().parents[1]
 STACK_FILE = REPO / ".apilane" / "stack.json"

@@ -14,7 +14,7 @@
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="${1:-${repo_root}/.venv}"
+venv="$(realpath -m "${1:-${repo_root}/.venv}")"
 packages=(python3-bpfcc linux-headers-amd64 bpftool iproute2)
 
 say() { printf 'setup-bpf: %s\n' "$*"; }

@@ -283,7 +283,7 @@ class Stack:
         )
 
     def start_nats(self) -> None:
-        from apilane.shared.testing.nats import NatsServer
+        from apilane.testing.nats import NatsServer
 
         say(f"starting nats-server (JetStream) on 127.0.0.1:{self.ports['nats']}")
         self.nats = NatsServer(
@@ -292,7 +292,7 @@ class Stack:
         self.nats.start()
 
     def start_control_plane(self) -> None:
-        from apilane.shared.testing.kube import ControlPlane
+        from apilane.testing.kube import ControlPlane
 
         say("starting etcd + kube-apiserver")
         # The harness makes its work directory with tempfile: keep it under .apilane/.
@@ -315,7 +315,7 @@ class Stack:
             )
 
     async def seed(self) -> None:
-        from apilane.shared.kube import Conflict, KubeClient
+        from apilane.kube.client import Conflict, KubeClient
 
         say("seeding the demo cluster: calico-node, kube-proxy, 3 API server endpoints, RBAC")
         kube = await KubeClient.from_config(str(self.kubeconfigs["admin"]))

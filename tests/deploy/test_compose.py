@@ -26,7 +26,7 @@ BUILT = {
     "renderer": "services/renderer",
     "node-loader": "services/node-loader",
 }
-SHARED_SOURCE = REPO / "shared/src/apilane/shared"
+LIBRARY_SOURCES = [REPO / "shared" / name / "src" for name in ("model", "runtime", "kube")]
 
 
 def compose() -> dict[str, Any]:
@@ -163,7 +163,7 @@ def test_http_port_matches_healthcheck_and_image(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(BUILT))
 def test_every_apilane_variable_is_read_by_its_service(name: str) -> None:
-    code = source_text(REPO / BUILT[name] / "src") + source_text(SHARED_SOURCE)
+    code = source_text(REPO / BUILT[name] / "src") + "".join(map(source_text, LIBRARY_SOURCES))
     for variable in sorted(v for v in environment(name) if v.startswith("APILANE_")):
         assert reads_variable(code, variable), f"{name}: nothing reads {variable}"
 

@@ -118,7 +118,10 @@ def test_every_apilane_variable_is_read_by_its_service() -> None:
     for name, source in SERVICE_SOURCES.items():
         pod = workloads[name]["spec"]["template"]["spec"]
         names = set(config) | {item["name"] for c in pod["containers"] for item in c["env"]}
-        code = source_text(source) + source_text(REPO / "shared/src/apilane/shared")
+        code = source_text(source) + "".join(
+            source_text(REPO / "shared" / library / "src")
+            for library in ("model", "runtime", "kube")
+        )
         for variable in sorted(n for n in names if n.startswith("APILANE_")):
             assert reads_variable(code, variable), f"{name}: nothing reads {variable}"
 

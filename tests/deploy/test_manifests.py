@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from apilane.shared.kube import Conflict, KubeClient, NotFound
+from apilane.kube.client import Conflict, KubeClient, NotFound
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube]
 

@@ -22,15 +22,15 @@ from prometheus_client import CollectorRegistry
 
 from apilane.discovery import service
 from apilane.discovery.settings import DiscoverySettings
-from apilane.shared import events, subjects
-from apilane.shared.bus import Bus
-from apilane.shared.config import CommonSettings
-from apilane.shared.events import ClusterWarning, EndpointSnapshot, WarningReason
-from apilane.shared.kube import KubeClient, KubeError, NotFound
-from apilane.shared.runtime import Health, start_http
-from apilane.shared.testing.kube import ControlPlane, endpoint_slice
-from apilane.shared.testing.nats import NatsServer
-from apilane.shared.watching import WATCH_RESTARTS
+from apilane.kube.client import KubeClient, KubeError, NotFound
+from apilane.kube.watch import WATCH_RESTARTS
+from apilane.model import events, subjects
+from apilane.model.events import ClusterWarning, EndpointSnapshot, WarningReason
+from apilane.runtime.bus import Bus
+from apilane.runtime.config import CommonSettings
+from apilane.runtime.serve import Health, start_http
+from apilane.testing.kube import ControlPlane, endpoint_slice
+from apilane.testing.nats import NatsServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube, pytest.mark.nats]
 

@@ -15,10 +15,10 @@ from prometheus_client import CollectorRegistry
 
 from apilane.discovery.metrics import DiscoveryMetrics
 from apilane.discovery.publisher import ObservedChange, Outcome, Publisher
-from apilane.shared import events, subjects
-from apilane.shared.bus import BusError, KvEntry, RevisionMismatch
-from apilane.shared.endpoints import SnapshotResult, build_snapshot
-from apilane.shared.events import ClusterWarning, EndpointSnapshot, Finding, WarningReason
+from apilane.model import events, subjects
+from apilane.model.endpoints import SnapshotResult, build_snapshot
+from apilane.model.events import ClusterWarning, EndpointSnapshot, Finding, WarningReason
+from apilane.runtime.bus import BusError, KvEntry, RevisionMismatch
 
 pytestmark = [pytest.mark.unit]
 

@@ -23,14 +23,14 @@ from typing import Any
 
 import pytest
 
-from apilane.shared import envformat, events, subjects
-from apilane.shared.bus import Bus
-from apilane.shared.kube import KubeClient
-from apilane.shared.testing.bpf import BpfLab, Topology
-from apilane.shared.testing.kube import ControlPlane, endpoint_slice
-from apilane.shared.testing.nats import NatsServer
-from apilane.shared.testing.otlp import OtlpReceiver, ReceivedSpan, dump
-from apilane.shared.testing.stack import ServiceProcesses, base_environment
+from apilane.kube.client import KubeClient
+from apilane.model import envformat, events, subjects
+from apilane.runtime.bus import Bus
+from apilane.testing.bpf import BpfLab, Topology
+from apilane.testing.kube import ControlPlane, endpoint_slice
+from apilane.testing.nats import NatsServer
+from apilane.testing.otlp import OtlpReceiver, ReceivedSpan, dump
+from apilane.testing.stack import ServiceProcesses, base_environment
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kube, pytest.mark.nats, pytest.mark.bpf]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from apilane.shared.testing.bpf import (
+from apilane.testing.bpf import (
     BPFFS,
     NETNS_DIR,
     SERVICE_VIP4,

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from apilane.shared.kube import Forbidden, KubeClient
-from apilane.shared.testing.kube import (
+from apilane.kube.client import Forbidden, KubeClient
+from apilane.kube.watch import ObjectCache, list_then_watch
+from apilane.testing.kube import (
     KUBERNETES_SERVICE,
     KUBERNETES_SLICES,
     ControlPlane,
@@ -21,8 +22,7 @@ from apilane.shared.testing.kube import (
     endpoint_slice,
     find_kube_binaries,
 )
-from apilane.shared.testing.procs import ComponentMissing
-from apilane.shared.watching import ObjectCache, list_then_watch
+from apilane.testing.procs import ComponentMissing
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube]
 

@@ -7,9 +7,9 @@ import asyncio
 import nats
 import pytest
 
-from apilane.shared import events, subjects
-from apilane.shared.bus import Bus
-from apilane.shared.testing.nats import NatsCluster, NatsServer
+from apilane.model import events, subjects
+from apilane.runtime.bus import Bus
+from apilane.testing.nats import NatsCluster, NatsServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.nats]
 
@@ -65,7 +65,7 @@ async def test_kv_watch_yields_the_current_value_first_then_updates(bus: Bus) ->
 
 
 async def test_kv_compare_and_set_rejects_a_stale_revision(bus: Bus) -> None:
-    from apilane.shared.bus import RevisionMismatch
+    from apilane.runtime.bus import RevisionMismatch
 
     rev = await bus.kv_put(subjects.SNAPSHOT_BUCKET, "c2", _warning(1), expected_revision=0)
     with pytest.raises(RevisionMismatch):
@@ -77,7 +77,7 @@ async def test_kv_compare_and_set_rejects_a_stale_revision(bus: Bus) -> None:
 
 
 async def test_a_deleted_key_reads_as_absent_but_keeps_its_revision_for_cas(bus: Bus) -> None:
-    from apilane.shared.bus import RevisionMismatch
+    from apilane.runtime.bus import RevisionMismatch
 
     await bus.kv_put(subjects.SNAPSHOT_BUCKET, "c4", _warning(1))
     kv = await bus.js.key_value(subjects.SNAPSHOT_BUCKET)
@@ -91,7 +91,7 @@ async def test_a_deleted_key_reads_as_absent_but_keeps_its_revision_for_cas(bus:
 
 
 async def test_requests_are_answered_and_a_failing_handler_answers_an_error(bus: Bus) -> None:
-    from apilane.shared.bus import BusError
+    from apilane.runtime.bus import BusError
 
     async def handler(payload: bytes) -> bytes:
         if payload == b"boom":

@@ -32,7 +32,7 @@ from apilane.node_loader.nat import (
 )
 from apilane.node_loader.programs import HOOKS, ConnectTimeLB, remove_superseded_pins
 from apilane.node_loader.sockets import Destination, destroy_connected
-from apilane.shared.testing.bpf import (
+from apilane.testing.bpf import (
     SERVICE_VIP4,
     SERVICE_VIP6,
     Agent,

@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
+from apilane.model.errors import ApilaneError
 from apilane.node_loader.bpfmaps import StructCodec
-from apilane.shared.errors import ApilaneError
 
 pytestmark = [pytest.mark.unit]
 

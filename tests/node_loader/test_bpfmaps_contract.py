@@ -12,7 +12,7 @@ from apilane.node_loader.memmaps import MapWriteError, MemoryNatMaps
 from apilane.node_loader.nat import BackendKey, BackendValue, FrontendKey, FrontendValue
 from apilane.node_loader.programs import ConnectTimeLB
 from apilane.node_loader.testing import check_nat_maps_contract
-from apilane.shared.testing.bpf import BpfLab
+from apilane.testing.bpf import BpfLab
 
 pytestmark = [pytest.mark.integration, pytest.mark.bpf]
 

@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
+from apilane.model import events
+from apilane.model.events import ApiServerEndpoint, EndpointSnapshot, ServiceEndpoint
 from apilane.node_loader.desired import (
     DigestMismatch,
     EmptySnapshot,
@@ -23,9 +25,7 @@ from apilane.node_loader.nat import (
     FrontendValue,
     MapContents,
 )
-from apilane.shared import events
-from apilane.shared.events import ApiServerEndpoint, EndpointSnapshot, ServiceEndpoint
-from apilane.shared.testing.snapshots import make_snapshot
+from apilane.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.unit]
 

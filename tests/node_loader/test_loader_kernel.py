@@ -19,17 +19,17 @@ from pathlib import Path
 
 import pytest
 
+from apilane.model import events, subjects
+from apilane.model.events import NodeState
 from apilane.node_loader.desired import desired_state, target_contents
 from apilane.node_loader.memmaps import render_resolved
 from apilane.node_loader.plan import check_invariants, dangling_references
 from apilane.node_loader.programs import ConnectTimeLB
 from apilane.node_loader.testing import contents_of
-from apilane.shared import events, subjects
-from apilane.shared.bus import Bus
-from apilane.shared.events import NodeState
-from apilane.shared.testing.bpf import SERVICE_VIP4, BpfLab
-from apilane.shared.testing.procs import end_process, tail
-from apilane.shared.testing.snapshots import make_snapshot
+from apilane.runtime.bus import Bus
+from apilane.testing.bpf import SERVICE_VIP4, BpfLab
+from apilane.testing.procs import end_process, tail
+from apilane.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.bpf, pytest.mark.nats]
 
@@ -92,8 +92,8 @@ class LoaderProcess:
 
 @pytest.fixture
 def kernel_lab() -> Iterator[BpfLab]:
-    from apilane.shared.testing.bpf import check_bpf_environment
-    from apilane.shared.testing.procs import ComponentMissing
+    from apilane.testing.bpf import check_bpf_environment
+    from apilane.testing.procs import ComponentMissing
 
     try:
         root = check_bpf_environment()

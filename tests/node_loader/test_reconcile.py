@@ -15,7 +15,7 @@ from apilane.node_loader.nat import BackendKey, BackendValue, FrontendKey, Front
 from apilane.node_loader.plan import check_invariants, dangling_references
 from apilane.node_loader.reconcile import Outcome, Reconciler, StateFile
 from apilane.node_loader.testing import check_nat_maps_contract, contents_of
-from apilane.shared.testing.snapshots import make_snapshot
+from apilane.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.unit]
 

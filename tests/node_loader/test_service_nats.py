@@ -16,16 +16,16 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
+from apilane.model import events, subjects
+from apilane.model.events import ClusterWarning, NodeState
 from apilane.node_loader import settings as loader_settings
 from apilane.node_loader.memmaps import MemoryNatMaps, render_resolved
 from apilane.node_loader.plan import check_invariants
 from apilane.node_loader.reconcile import PersistedState, StateFile
 from apilane.node_loader.service import DataPlane, NodeLoader
 from apilane.node_loader.testing import contents_of
-from apilane.shared import events, subjects
-from apilane.shared.bus import Bus
-from apilane.shared.events import ClusterWarning, NodeState
-from apilane.shared.testing.snapshots import make_snapshot
+from apilane.runtime.bus import Bus
+from apilane.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.nats]
 

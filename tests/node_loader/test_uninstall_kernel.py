@@ -18,8 +18,8 @@ from apilane.node_loader import settings as loader_settings
 from apilane.node_loader.programs import HOOKS, ConnectTimeLB, programs_on_cgroup
 from apilane.node_loader.reconcile import Reconciler, StateFile
 from apilane.node_loader.settings import NodeLoaderSettings
-from apilane.shared.testing.bpf import SERVICE_VIP4, BpfLab
-from apilane.shared.testing.snapshots import make_snapshot
+from apilane.testing.bpf import SERVICE_VIP4, BpfLab
+from apilane.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.bpf]
 

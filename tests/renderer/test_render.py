@@ -8,6 +8,13 @@ from typing import Any
 
 import pytest
 
+from apilane.model.events import (
+    ApiServerEndpoint,
+    EndpointSnapshot,
+    KubeProxyState,
+    ServiceEndpoint,
+    canonical_digest,
+)
 from apilane.renderer.render import (
     APISERVER_ENDPOINTS,
     FIELD_MANAGER,
@@ -20,13 +27,6 @@ from apilane.renderer.render import (
     format_managed_env,
     parse_managed_env,
     render,
-)
-from apilane.shared.events import (
-    ApiServerEndpoint,
-    EndpointSnapshot,
-    KubeProxyState,
-    ServiceEndpoint,
-    canonical_digest,
 )
 
 pytestmark = [pytest.mark.unit]

@@ -21,25 +21,26 @@ import aiohttp
 import pytest
 import yaml
 
+from apilane.kube.client import KubeClient
+from apilane.kube.leader import LeaderElector
+from apilane.model import events, subjects
+from apilane.model.envformat import IpPort
+from apilane.model.events import (
+    EndpointSnapshot,
+    KubeProxyState,
+    RenderResult,
+)
 from apilane.renderer import cli, service
 from apilane.renderer.applier import APPLIED_GENERATION
 from apilane.renderer.render import APISERVER_ENDPOINTS, MANAGED_ENV_ANNOTATION, SERVICE_IPS_PORTS
 from apilane.renderer.service import Renderer, lead_and_render
 from apilane.renderer.settings import FIELD_MANAGER, SERVICE_NAME, RendererSettings
 from apilane.renderer.settings import load as load_settings
-from apilane.shared import events, runtime, subjects
-from apilane.shared.bus import Bus
-from apilane.shared.config import CommonSettings
-from apilane.shared.envformat import IpPort
-from apilane.shared.events import (
-    EndpointSnapshot,
-    KubeProxyState,
-    RenderResult,
-)
-from apilane.shared.kube import KubeClient
-from apilane.shared.leader import LeaderElector
-from apilane.shared.testing.kube import ControlPlane
-from apilane.shared.testing.snapshots import make_snapshot
+from apilane.runtime import serve
+from apilane.runtime.bus import Bus
+from apilane.runtime.config import CommonSettings
+from apilane.testing.kube import ControlPlane
+from apilane.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube, pytest.mark.nats]
 
@@ -786,13 +787,13 @@ async def test_the_service_elects_renders_and_serves_probes_and_metrics(
         lease_namespace=world.namespace,
     )
     stop = asyncio.Event()
-    contexts: list[runtime.ServiceContext] = []
+    contexts: list[serve.ServiceContext] = []
 
-    async def body(ctx: runtime.ServiceContext) -> None:
+    async def body(ctx: serve.ServiceContext) -> None:
         contexts.append(ctx)
         await service.main(ctx, settings)
 
-    task = asyncio.create_task(runtime.serve(SERVICE_NAME, settings.common, body, stopping=stop))
+    task = asyncio.create_task(serve.serve(SERVICE_NAME, settings.common, body, stopping=stop))
     try:
         assert (await world.result()).outcome == "applied"
         port = contexts[0].http_port
@@ -824,7 +825,7 @@ async def test_the_service_elects_renders_and_serves_probes_and_metrics(
 async def test_readiness_is_false_while_nats_is_unreachable_at_start(
     control_plane: ControlPlane, tmp_path: Path
 ) -> None:
-    from apilane.shared.testing.procs import free_port
+    from apilane.testing.procs import free_port
 
     kubeconfig = control_plane.write_kubeconfig(
         tmp_path / "kubeconfig", user="admin", groups=("system:masters",)
@@ -841,13 +842,13 @@ async def test_readiness_is_false_while_nats_is_unreachable_at_start(
         }
     )
     stop = asyncio.Event()
-    contexts: list[runtime.ServiceContext] = []
+    contexts: list[serve.ServiceContext] = []
 
-    async def body(ctx: runtime.ServiceContext) -> None:
+    async def body(ctx: serve.ServiceContext) -> None:
         contexts.append(ctx)
         await service.main(ctx, settings)
 
-    task = asyncio.create_task(runtime.serve(SERVICE_NAME, settings.common, body, stopping=stop))
+    task = asyncio.create_task(serve.serve(SERVICE_NAME, settings.common, body, stopping=stop))
     try:
         for _ in range(100):
             if contexts and contexts[0].http_port:

@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-from apilane.shared import events
+from apilane.model import events
 
 pytestmark = [pytest.mark.unit]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from apilane.shared import runtime
-from apilane.shared.errors import ConfigError
+from apilane.model.errors import ConfigError
+from apilane.runtime import serve
 
 
 def main() -> int:
@@ -16,7 +16,7 @@ def main() -> int:
     except ConfigError as exc:
         print(f"apilane-discovery: {exc}", file=sys.stderr)
         return 2
-    return runtime.run(
+    return serve.run(
         settings.SERVICE_NAME,
         loaded.common,
         lambda ctx: service.run(loaded, ctx.stopping, registry=ctx.registry, health=ctx.health),

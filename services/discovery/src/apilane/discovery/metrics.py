@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from apilane.shared import watching
+from apilane.kube import watch
 
 # Latency buckets from 5 ms (a change coalesced on its own) to 2 min (NATS was down).
 LATENCY_BUCKETS = (
@@ -88,7 +88,7 @@ class _WatchRestarts(Collector):
             "Watch restarts of discovery's four watches, by resource and reason.",
             labels=["resource", "reason"],
         )
-        for metric in watching.WATCH_RESTARTS.collect():
+        for metric in watch.WATCH_RESTARTS.collect():
             for sample in metric.samples:
                 if not sample.name.endswith("_total"):
                     continue

@@ -33,10 +33,10 @@ from typing import Final, Protocol
 
 from opentelemetry import trace
 
-from apilane.shared import events, subjects
-from apilane.shared.bus import BusError, KvEntry, RevisionMismatch
-from apilane.shared.endpoints import SnapshotResult
-from apilane.shared.events import ClusterWarning, EndpointSnapshot, Finding
+from apilane.model import events, subjects
+from apilane.model.endpoints import SnapshotResult
+from apilane.model.events import ClusterWarning, EndpointSnapshot, Finding
+from apilane.runtime.bus import BusError, KvEntry, RevisionMismatch
 
 from .metrics import DiscoveryMetrics
 
@@ -53,7 +53,7 @@ MAX_PENDING_CHANGES: Final = 1024
 
 
 class SnapshotBus(Protocol):
-    """The part of `apilane.shared.bus.Bus` the publisher uses."""
+    """The part of `apilane.runtime.bus.Bus` the publisher uses."""
 
     async def kv_get(
         self, bucket: str, key: str, *, include_deleted: bool = False

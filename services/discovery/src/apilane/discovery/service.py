@@ -1,6 +1,6 @@
 """discovery's I/O wiring: watches → pure snapshot → publisher, under a leader Lease.
 
-`run(settings, stop)` is the whole service; `__main__` runs it under `apilane.shared.runtime`
+`run(settings, stop)` is the whole service; `__main__` runs it under `apilane.runtime.serve`
 and tests run it in-process.
 """
 
@@ -15,19 +15,19 @@ from typing import Any, Final
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
-from apilane.shared import kube_events
-from apilane.shared.bus import Bus, BusError
-from apilane.shared.endpoints import (
+from apilane.kube import recorder
+from apilane.kube.client import KubeClient
+from apilane.kube.leader import LeaderElector
+from apilane.kube.watch import WatchEvent
+from apilane.model.endpoints import (
     TRIGGER_TIME_ANNOTATION,
     SnapshotInputs,
     build_snapshot,
     parse_trigger_time,
 )
-from apilane.shared.events import Finding
-from apilane.shared.kube import KubeClient
-from apilane.shared.leader import LeaderElector
-from apilane.shared.runtime import Health
-from apilane.shared.watching import WatchEvent
+from apilane.model.events import Finding
+from apilane.runtime.bus import Bus, BusError
+from apilane.runtime.serve import Health
 
 from .metrics import DiscoveryMetrics
 from .publisher import ObservedChange, Publisher
@@ -182,7 +182,7 @@ class _KubeEventRecorder:
         involved = self.watcher.get(kind, namespace, name) or {
             "metadata": {"name": name, **({"namespace": namespace} if namespace else {})}
         }
-        recorded = await kube_events.record_event(
+        recorded = await recorder.record_event(
             self.client,
             involved=involved,
             reason=finding.reason,

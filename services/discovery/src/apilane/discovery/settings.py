@@ -1,4 +1,4 @@
-"""discovery's settings, read once at start from APILANE_* (see `apilane.shared.config`)."""
+"""discovery's settings, read once at start from APILANE_* (see `apilane.runtime.config`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from apilane.shared import subjects
-from apilane.shared.config import CommonSettings, Env, load_common
-from apilane.shared.errors import ConfigError
+from apilane.model import subjects
+from apilane.model.errors import ConfigError
+from apilane.runtime.config import CommonSettings, Env, load_common
 
 SERVICE_NAME: Final = "apilane-discovery"
 

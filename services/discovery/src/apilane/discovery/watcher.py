@@ -1,7 +1,7 @@
 """The four watches discovery needs, each a `list_then_watch` into an `ObjectCache`.
 
 The watches themselves (list, LISTED, watch with bookmarks, 410 → relist, backoff on
-outages) are `apilane.shared.watching`; this module only says what to watch, keeps the parts
+outages) are `apilane.kube.watch`; this module only says what to watch, keeps the parts
 of each object discovery reads (so a Node heartbeat is not a change), and tells the service
 when its view changed.
 """
@@ -16,8 +16,8 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
-from apilane.shared.kube import KubeClient
-from apilane.shared.watching import ObjectCache, WatchEvent, list_then_watch
+from apilane.kube.client import KubeClient
+from apilane.kube.watch import ObjectCache, WatchEvent, list_then_watch
 
 from .settings import DiscoverySettings
 

@@ -12,10 +12,10 @@ import functools
 import sys
 from collections.abc import Sequence
 
+from apilane.model.errors import ConfigError
 from apilane.node_loader import service, settings, uninstall
-from apilane.shared import runtime
-from apilane.shared.config import describe
-from apilane.shared.errors import ConfigError
+from apilane.runtime import serve
+from apilane.runtime.config import describe
 
 # service.name in traces and "service" in every log line.
 SERVICE_NAME = "apilane-node-loader"
@@ -42,11 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if command == "uninstall":
         return uninstall.main(loaded, out=sys.stdout, err=sys.stderr)
-    runtime.setup_logging(SERVICE_NAME, loaded.common.log_level)
-    runtime.log.info("settings", extra={"settings": describe(loaded)})
-    return runtime.run(
-        SERVICE_NAME, loaded.common, functools.partial(service.main, settings=loaded)
-    )
+    serve.setup_logging(SERVICE_NAME, loaded.common.log_level)
+    serve.log.info("settings", extra={"settings": describe(loaded)})
+    return serve.run(SERVICE_NAME, loaded.common, functools.partial(service.main, settings=loaded))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from itertools import repeat
 from operator import attrgetter
 from typing import Any, Literal, NoReturn
 
+from apilane.model.errors import ApilaneError
 from apilane.node_loader.memmaps import MapWriteError
 from apilane.node_loader.nat import (
     BackendKey,
@@ -41,7 +42,6 @@ from apilane.node_loader.nat import (
     FrontendValue,
     MapContents,
 )
-from apilane.shared.errors import ApilaneError
 
 # Map names as declared in bpf/nat.h.
 TABLE_NAMES: dict[Family, tuple[str, str]] = {

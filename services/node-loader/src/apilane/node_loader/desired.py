@@ -27,6 +27,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from apilane.model import events
+from apilane.model.errors import ApilaneError
+from apilane.model.events import (
+    ApiServerEndpoint,
+    EndpointSnapshot,
+    Finding,
+    ServiceEndpoint,
+    WarningReason,
+)
 from apilane.node_loader import addresses
 from apilane.node_loader.nat import (
     FAMILIES,
@@ -38,15 +47,6 @@ from apilane.node_loader.nat import (
     FrontendKey,
     FrontendValue,
     MapContents,
-)
-from apilane.shared import events
-from apilane.shared.errors import ApilaneError
-from apilane.shared.events import (
-    ApiServerEndpoint,
-    EndpointSnapshot,
-    Finding,
-    ServiceEndpoint,
-    WarningReason,
 )
 
 FIRST_SERVICE_ID = 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from apilane.model.errors import ApilaneError
 from apilane.node_loader import addresses
 from apilane.node_loader.nat import (
     FAMILIES,
@@ -21,7 +22,6 @@ from apilane.node_loader.nat import (
     FrontendValue,
     MapContents,
 )
-from apilane.shared.errors import ApilaneError
 
 # The kernel maps' default size (bpf/nat.h); a scale run may ask for more.
 DEFAULT_MAX_ENTRIES = 65536

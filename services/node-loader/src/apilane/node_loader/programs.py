@@ -32,8 +32,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from apilane.model.errors import ApilaneError
 from apilane.node_loader.bpfmaps import REVERSE_TABLE_NAMES, TABLE_NAMES, BccNatMaps
-from apilane.shared.errors import ApilaneError
 
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/apilane")
 SOURCE_FILE = "connect_lb.c"

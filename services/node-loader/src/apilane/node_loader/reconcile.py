@@ -38,6 +38,8 @@ from typing import Final
 import msgspec
 from opentelemetry import trace
 
+from apilane.model.errors import ApilaneError
+from apilane.model.events import EndpointSnapshot, Finding, MapSummary, WarningReason
 from apilane.node_loader.desired import InvalidSnapshot, desired_state, target_contents
 from apilane.node_loader.memmaps import render
 from apilane.node_loader.nat import FAMILIES, BackendValue, Family, MapContents, NatMaps
@@ -52,8 +54,6 @@ from apilane.node_loader.plan import (
     simulate,
 )
 from apilane.node_loader.settings import LiveLbSwitch
-from apilane.shared.errors import ApilaneError
-from apilane.shared.events import EndpointSnapshot, Finding, MapSummary, WarningReason
 
 log = logging.getLogger(__name__)
 

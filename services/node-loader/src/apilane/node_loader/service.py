@@ -36,6 +36,8 @@ import msgspec
 from opentelemetry import trace
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from apilane.model import events, subjects
+from apilane.model.events import ClusterWarning, EndpointSnapshot, NodeState, WarningReason
 from apilane.node_loader.nat import BackendValue, NatMaps
 from apilane.node_loader.reconcile import (
     ApplyResult,
@@ -49,10 +51,9 @@ from apilane.node_loader.settings import (
     NodeLoaderSettings,
     resolve_connect_time_lb,
 )
-from apilane.shared import events, subjects, tracing
-from apilane.shared.bus import Bus, BusError, KvEntry
-from apilane.shared.events import ClusterWarning, EndpointSnapshot, NodeState, WarningReason
-from apilane.shared.runtime import Health
+from apilane.runtime import tracing
+from apilane.runtime.bus import Bus, BusError, KvEntry
+from apilane.runtime.serve import Health
 
 log = logging.getLogger(__name__)
 

@@ -47,9 +47,9 @@ from pathlib import Path
 
 import msgspec
 
-from apilane.shared import subjects
-from apilane.shared.config import CommonSettings, Env, load_common
-from apilane.shared.errors import ConfigError
+from apilane.model import subjects
+from apilane.model.errors import ConfigError
+from apilane.runtime.config import CommonSettings, Env, load_common
 
 MAP_BACKENDS = ("bpf", "memory")
 

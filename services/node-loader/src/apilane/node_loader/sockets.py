@@ -23,7 +23,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from apilane.shared.errors import ApilaneError
+from apilane.model.errors import ApilaneError
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from apilane.model.errors import ApilaneError
 from apilane.node_loader.bpfmaps import REVERSE_TABLE_NAMES, TABLE_NAMES
 from apilane.node_loader.programs import (
     HOOKS,
@@ -44,7 +45,6 @@ from apilane.node_loader.programs import (
 )
 from apilane.node_loader.reconcile import StateFile, StateFileError
 from apilane.node_loader.settings import NodeLoaderSettings
-from apilane.shared.errors import ApilaneError
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 1

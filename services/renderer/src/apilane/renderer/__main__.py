@@ -6,8 +6,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from apilane.shared import runtime
-from apilane.shared.errors import ConfigError
+from apilane.model.errors import ConfigError
+from apilane.runtime import serve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"apilane-renderer: {exc}", file=sys.stderr)
         return 2
-    return runtime.run(
+    return serve.run(
         settings.SERVICE_NAME,
         loaded.common,
         lambda ctx: service.main(ctx, loaded),

@@ -26,10 +26,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from apilane.kube.client import Conflict, KubeClient, KubeError, NotFound, Unavailable
+from apilane.model.events import EndpointSnapshot, RenderOutcome
 from apilane.renderer.render import DesiredEnv, EnvDiff, diff
 from apilane.renderer.settings import FIELD_MANAGER, RendererSettings
-from apilane.shared.events import EndpointSnapshot, RenderOutcome
-from apilane.shared.kube import Conflict, KubeClient, KubeError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 

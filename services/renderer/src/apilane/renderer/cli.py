@@ -18,13 +18,13 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
+from apilane.kube.client import KubeClient, KubeError, NotFound
+from apilane.model import endpoints, events, subjects
+from apilane.model.errors import ApilaneError
 from apilane.renderer import manifest, render
 from apilane.renderer.settings import RendererSettings
 from apilane.renderer.settings import load as load_settings
-from apilane.shared import endpoints, events, subjects
-from apilane.shared.bus import Bus, BusError
-from apilane.shared.errors import ApilaneError
-from apilane.shared.kube import KubeClient, KubeError, NotFound
+from apilane.runtime.bus import Bus, BusError
 
 
 class CliError(ApilaneError):

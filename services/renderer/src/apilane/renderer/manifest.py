@@ -1,7 +1,7 @@
 """For manifest installs: the two env lines and a DaemonSet snippet, pure.
 
 The snapshot they are rendered from comes from the bus, or, with `--kubeconfig`, from
-`apilane.shared.endpoints.build_snapshot` over the API objects (see cli.py): the same rules
+`apilane.model.endpoints.build_snapshot` over the API objects (see cli.py): the same rules
 discovery publishes by.
 """
 

@@ -18,10 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from apilane.shared import envformat
-from apilane.shared.envformat import EnvFormatError, IpPort
-from apilane.shared.errors import ApilaneError
-from apilane.shared.events import EndpointSnapshot
+from apilane.model import envformat
+from apilane.model.envformat import EnvFormatError, IpPort
+from apilane.model.errors import ApilaneError
+from apilane.model.events import EndpointSnapshot
 
 SERVICE_IPS_PORTS: Final = "KUBERNETES_SERVICE_IPS_PORTS"
 APISERVER_ENDPOINTS: Final = "KUBERNETES_APISERVER_ENDPOINTS"

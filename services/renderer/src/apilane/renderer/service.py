@@ -29,17 +29,18 @@ from typing import Any, Final, Literal
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from apilane.kube.client import KubeClient, KubeError
+from apilane.kube.leader import LeaderElector
+from apilane.kube.recorder import record_event
+from apilane.kube.watch import list_then_watch
+from apilane.model import events, subjects
+from apilane.model.events import EndpointSnapshot, RenderOutcome, RenderResult, WarningReason
 from apilane.renderer import render as rendering
 from apilane.renderer.applier import Applier, ApplyReport, applied_generation
 from apilane.renderer.settings import SERVICE_NAME, RendererSettings
-from apilane.shared import config, events, subjects, tracing
-from apilane.shared.bus import Bus, BusError, KvEntry
-from apilane.shared.events import EndpointSnapshot, RenderOutcome, RenderResult, WarningReason
-from apilane.shared.kube import KubeClient, KubeError
-from apilane.shared.kube_events import record_event
-from apilane.shared.leader import LeaderElector
-from apilane.shared.runtime import ServiceContext
-from apilane.shared.watching import list_then_watch
+from apilane.runtime import config, tracing
+from apilane.runtime.bus import Bus, BusError, KvEntry
+from apilane.runtime.serve import ServiceContext
 
 log = logging.getLogger(__name__)
 

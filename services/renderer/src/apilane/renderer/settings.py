@@ -27,11 +27,11 @@ from collections.abc import Mapping
 
 import msgspec
 
+from apilane.model.errors import ConfigError
 from apilane.renderer import render
 from apilane.renderer.render import RenderOptions
-from apilane.shared import config
-from apilane.shared.config import CommonSettings, Env
-from apilane.shared.errors import ConfigError
+from apilane.runtime import config
+from apilane.runtime.config import CommonSettings, Env
 
 SERVICE_NAME = "apilane-renderer"
 # Also how render recognises, in managedFields, the env entries the renderer created.

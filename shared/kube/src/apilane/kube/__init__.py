@@ -1,0 +1,1 @@
+"""apilane's Kubernetes adapter: client, list-then-watch, leader election, Events."""

@@ -1,0 +1,1 @@
+"""apilane's service runtime: the bus adapter, settings, tracing and the service lifecycle."""

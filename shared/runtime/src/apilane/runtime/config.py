@@ -1,0 +1,160 @@
+"""Settings from the environment, validated once at start.
+
+Every variable is `APILANE_<NAME>`; Kubernetes access comes from `KUBECONFIG` or the
+in-cluster service account, tracing from the standard `OTEL_*` variables (read by
+`tracing`). A bad value stops the service at start with a `ConfigError` that names the
+variable, never later in the middle of an event.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import msgspec
+
+from apilane.model import subjects
+from apilane.model.errors import ConfigError
+
+PREFIX = "APILANE_"
+T = TypeVar("T")
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """What every service reads."""
+
+    cluster: str = "default"
+    nats_urls: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    kubeconfig: str = ""  # empty: in-cluster config
+    http_host: str = "0.0.0.0"
+    http_port: int = 8080
+    log_level: str = "INFO"
+
+
+def _identity(value: str) -> str:
+    return value
+
+
+class Env:
+    """Typed reads of APILANE_* variables that name the variable in every error."""
+
+    def __init__(self, environ: Mapping[builtins.str, builtins.str] | None = None) -> None:
+        self.environ = dict(os.environ if environ is None else environ)
+
+    def raw(self, name: builtins.str) -> builtins.str | None:
+        value = self.environ.get(PREFIX + name)
+        return None if value is None or value.strip() == "" else value.strip()
+
+    def _parse(
+        self,
+        name: builtins.str,
+        default: T,
+        parse: Callable[[builtins.str], T],
+        expected: builtins.str,
+    ) -> T:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            return parse(value)
+        except (ValueError, ConfigError) as exc:
+            raise ConfigError(f"{PREFIX}{name}={value!r}: expected {expected} ({exc})") from exc
+
+    def str(self, name: builtins.str, default: builtins.str) -> builtins.str:
+        return self._parse(name, default, _identity, "a string")
+
+    def token(self, name: builtins.str, default: builtins.str) -> builtins.str:
+        return self._parse(
+            name, default, lambda v: subjects.check_token(v, name.lower()), "a simple name"
+        )
+
+    def int(
+        self,
+        name: builtins.str,
+        default: builtins.int,
+        *,
+        low: builtins.int | None = None,
+        high: builtins.int | None = None,
+    ) -> builtins.int:
+        def parse(value: builtins.str) -> builtins.int:
+            number = int(value, 10)
+            if (low is not None and number < low) or (high is not None and number > high):
+                raise ValueError(f"out of range [{low}, {high}]")
+            return number
+
+        return self._parse(name, default, parse, "an integer")
+
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
+        def parse(value: builtins.str) -> builtins.bool:
+            lowered = value.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("not a boolean")
+
+        return self._parse(name, default, parse, "true or false")
+
+    def seconds(
+        self, name: builtins.str, default: builtins.float, *, low: builtins.float = 0.0
+    ) -> builtins.float:
+        """A duration: `100ms`, `2s`, `5m`, `1h`, or a bare number of seconds."""
+
+        def parse(value: builtins.str) -> builtins.float:
+            match = _DURATION.match(value)
+            if not match:
+                raise ValueError("not a duration")
+            seconds = float(match.group(1)) * _UNITS[match.group(2)]
+            if seconds < low:
+                raise ValueError(f"below {low}s")
+            return seconds
+
+        return self._parse(name, default, parse, "a duration like 100ms, 2s or 5m")
+
+    def list(
+        self, name: builtins.str, default: tuple[builtins.str, ...]
+    ) -> tuple[builtins.str, ...]:
+        def parse(value: builtins.str) -> tuple[builtins.str, ...]:
+            items = tuple(part.strip() for part in value.split(","))
+            if any(not item for item in items):
+                raise ValueError("empty entry")
+            return items
+
+        return self._parse(name, default, parse, "a comma-separated list")
+
+    def choice(
+        self, name: builtins.str, default: builtins.str, choices: tuple[builtins.str, ...]
+    ) -> builtins.str:
+        def parse(value: builtins.str) -> builtins.str:
+            if value not in choices:
+                raise ValueError(f"not one of {', '.join(choices)}")
+            return value
+
+        return self._parse(name, default, parse, "one of " + ", ".join(choices))
+
+
+def load_common(environ: Mapping[str, str] | None = None) -> CommonSettings:
+    env = Env(environ)
+    urls = env.list("NATS_URL", ("nats://127.0.0.1:4222",))
+    for url in urls:
+        if not re.match(r"^(nats|tls|ws|wss)://[^\s/]+$", url):
+            raise ConfigError(f"{PREFIX}NATS_URL: {url!r} is not a nats://host:port URL")
+    return CommonSettings(
+        cluster=env.token("CLUSTER", "default"),
+        nats_urls=urls,
+        kubeconfig=(env.environ.get("KUBECONFIG") or "").strip(),
+        http_host=env.str("HTTP_HOST", "0.0.0.0"),
+        http_port=env.int("HTTP_PORT", 8080, low=0, high=65535),
+        log_level=env.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+    )
+
+
+def describe(settings: Any) -> dict[str, Any]:
+    """Settings as a dict for the start-up log line."""
+    return dict(msgspec.to_builtins(settings))

@@ -1,1 +1,0 @@
-"""apilane common library (no service imports this package's siblings)."""

@@ -1,0 +1,856 @@
+"""A real Kubernetes control plane for tests: etcd plus kube-apiserver on loopback.
+
+Binaries come from `tools/install-kube-binaries.sh` (built from the Go module proxy at a
+pinned release, cached outside the repository) or from $KUBEBUILDER_ASSETS (the envtest
+convention). Nothing here is mocked: certificates are generated per control plane, etcd and
+the apiserver run as child processes on free loopback ports, and every process is ended by
+the pid we started, never by name.
+
+`ControlPlane` is one apiserver with `--endpoint-reconciler-type=none`, so tests own the
+EndpointSlices of Service default/kubernetes. `HAControlPlane` runs N apiservers on one etcd
+with the lease endpoint reconciler; EndpointSlice validation rejects loopback addresses, so
+each apiserver lives in a network namespace of its own with an address from the benchmarking
+range 198.18.0.0/15 that exists only on our veth pairs.
+
+Forcing 410 Gone: the apiserver's watch cache starts at etcd's current revision, so after
+`restart_apiserver(expire_watches=True)` (stop, write one key straight into etcd outside
+/registry to move the revision on, compact, start) any watch resumed from an older
+resourceVersion gets 410 "too old resource version" and must relist.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import contextlib
+import ctypes
+import datetime
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from apilane.kube.client import KubeClient, NotFound
+from apilane.testing.procs import ComponentMissing, end_process, free_port, tail
+
+log = logging.getLogger(__name__)
+
+KUBE_VERSION = "v1.34.4"
+ETCD_VERSION = "v3.6.4"
+SERVICE_CIDRS = "10.96.0.0/16,fd00:10:96::/108"
+SERVICE_IPS = ("10.96.0.1", "fd00:10:96::1")
+KUBERNETES_SANS = (
+    "kubernetes",
+    "kubernetes.default",
+    "kubernetes.default.svc",
+    "kubernetes.default.svc.cluster.local",
+    "localhost",
+)
+SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
+READY_TIMEOUT = 90.0
+STOP_GRACE = 10.0
+
+# Start times of every control plane started in this process, for the closing report:
+# (what, seconds). kube_fixtures prints them in the pytest terminal summary.
+START_TIMES: list[tuple[str, float]] = []
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("APILANE_CACHE") or os.path.join(Path.home(), ".cache", "apilane")
+    return Path(base) / f"kube-{KUBE_VERSION}-etcd-{ETCD_VERSION}"
+
+
+def find_kube_binaries() -> Path:
+    """The directory holding `kube-apiserver` and `etcd`: $KUBEBUILDER_ASSETS first, then the
+    cache of tools/install-kube-binaries.sh. Raises ComponentMissing saying how to get them."""
+    candidates: list[tuple[str, Path]] = []
+    assets = os.environ.get("KUBEBUILDER_ASSETS", "").strip()
+    if assets:
+        candidates.append(("KUBEBUILDER_ASSETS", Path(assets)))
+    candidates.append(("cache", cache_dir()))
+    for origin, directory in candidates:
+        if all(os.access(directory / name, os.X_OK) for name in ("kube-apiserver", "etcd")):
+            return directory
+        if origin == "KUBEBUILDER_ASSETS":
+            raise ComponentMissing(
+                f"KUBEBUILDER_ASSETS={assets} does not contain executable kube-apiserver and etcd"
+            )
+    raise ComponentMissing(
+        f"kube-apiserver and etcd not found in {cache_dir()}: run `make setup` "
+        "(or `bash tools/install-kube-binaries.sh`), or point KUBEBUILDER_ASSETS at a "
+        "directory holding both"
+    )
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _die_with_parent() -> None:
+    # If the test runner is killed outright, its children must not outlive it.
+    PR_SET_PDEATHSIG = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+# PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process. Tests
+# often restart components from short-lived threads (asyncio.to_thread), so every child is
+# forked from this one long-lived thread instead.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(
+    max_workers=1, thread_name_prefix="apilane-spawner"
+)
+
+
+def start_process(argv: Sequence[str], *, log_path: Path) -> subprocess.Popen[bytes]:
+    def spawn() -> subprocess.Popen[bytes]:
+        with open(log_path, "ab") as log_file:
+            return subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only a prctl, safe before exec
+            )
+
+    return _SPAWNER.submit(spawn).result()
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, *, grace: float = STOP_GRACE) -> None:
+    """SIGTERM the pid we started, SIGKILL after `grace` seconds."""
+    end_process(proc, grace=grace)
+
+
+def kill_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGKILL the pid we started: a crash, no graceful shutdown."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=STOP_GRACE)
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _pem_cert(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    cert_path: Path
+    key_path: Path
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert_path.read_bytes()
+
+    @property
+    def key_pem(self) -> bytes:
+        return self.key_path.read_bytes()
+
+
+class Pki:
+    """A throwaway CA (ECDSA P-256: fast to generate) that issues server and client certs."""
+
+    def __init__(self, directory: Path, *, common_name: str = "apilane-test-ca") -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        now = datetime.datetime.now(datetime.UTC)
+        self._cert = (
+            x509.CertificateBuilder()
+            .subject_name(self._name)
+            .issuer_name(self._name)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=7))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()), critical=False
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        self.ca_path = directory / "ca.crt"
+        self.ca_path.write_bytes(_pem_cert(self._cert))
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self.ca_path.read_bytes()
+
+    def issue(
+        self,
+        name: str,
+        *,
+        common_name: str,
+        organizations: Sequence[str] = (),
+        dns_names: Sequence[str] = (),
+        ip_addresses: Sequence[str] = (),
+        server: bool = False,
+        client: bool = False,
+    ) -> KeyPair:
+        key = ec.generate_private_key(ec.SECP256R1())
+        attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org) for org in organizations]
+        attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+        now = datetime.datetime.now(datetime.UTC)
+        usages = []
+        if server:
+            usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+        if client:
+            usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name(attributes))
+            .issuer_name(self._name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=7))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                critical=False,
+            )
+        )
+        alt_names: list[x509.GeneralName] = [x509.DNSName(dns) for dns in dns_names]
+        alt_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
+        if alt_names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        cert = builder.sign(self._key, hashes.SHA256())
+        pair = KeyPair(self.directory / f"{name}.crt", self.directory / f"{name}.key")
+        pair.cert_path.write_bytes(_pem_cert(cert))
+        pair.key_path.write_bytes(_pem_key(key))
+        pair.key_path.chmod(0o600)
+        return pair
+
+    def service_account_keys(self) -> tuple[Path, Path]:
+        """(private, public) PEM files for signing and verifying service-account tokens."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        private = self.directory / "sa.key"
+        public = self.directory / "sa.pub"
+        private.write_bytes(_pem_key(key))
+        private.chmod(0o600)
+        public.write_bytes(
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        return private, public
+
+    def kubeconfig(
+        self,
+        path: Path,
+        *,
+        server: str,
+        user: str = "admin",
+        groups: Sequence[str] = ("system:masters",),
+    ) -> Path:
+        """Write a kubeconfig for `user` in `groups` (a client certificate embedded inline)."""
+        pair = self.issue(f"user-{user}", common_name=user, organizations=groups, client=True)
+
+        def b64(data: bytes) -> str:
+            return base64.b64encode(data).decode()
+
+        document = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "apilane-test",
+                    "cluster": {"server": server, "certificate-authority-data": b64(self.ca_pem)},
+                }
+            ],
+            "users": [
+                {
+                    "name": user,
+                    "user": {
+                        "client-certificate-data": b64(pair.cert_pem),
+                        "client-key-data": b64(pair.key_pem),
+                    },
+                }
+            ],
+            "contexts": [
+                {"name": "apilane-test", "context": {"cluster": "apilane-test", "user": user}}
+            ],
+            "current-context": "apilane-test",
+        }
+        path.write_text(yaml.safe_dump(document, sort_keys=False))
+        path.chmod(0o600)
+        return path
+
+
+# --------------------------------------------------------------------------- etcd
+
+
+class Etcd:
+    """One etcd member. Clients reach it over plain HTTP on `client_hosts` (loopback by
+    default); `put`, `revision` and `compact` use etcd's JSON gateway, no etcdctl needed."""
+
+    def __init__(
+        self, *, binary_dir: Path, data_dir: Path, client_hosts: Sequence[str] = ("127.0.0.1",)
+    ) -> None:
+        self.binary = binary_dir / "etcd"
+        self.data_dir = data_dir
+        self.client_hosts = tuple(client_hosts)
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.log_path = data_dir.parent / "etcd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    def url_on(self, host: str) -> str:
+        return f"http://{host}:{self.client_port}"
+
+    def start(self) -> float:
+        started = time.monotonic()
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        listen = ",".join(
+            f"http://{_bracket(host)}:{self.client_port}" for host in self.client_hosts
+        )
+        self.proc = start_process(
+            [
+                str(self.binary),
+                "--name=apilane",
+                f"--data-dir={self.data_dir}",
+                f"--listen-client-urls={listen}",
+                f"--advertise-client-urls={self.url}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=apilane={peer}",
+                "--initial-cluster-state=new",
+                # Test data is disposable: skipping fsync makes etcd (and so the apiserver) fast.
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+            log_path=self.log_path,
+        )
+        self._wait_healthy()
+        return time.monotonic() - started
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"etcd exited with {self.proc.returncode}:\n{tail(self.log_path)}"
+                )
+            with (
+                contextlib.suppress(OSError, ValueError),
+                urllib.request.urlopen(self.url + "/health", timeout=1) as response,
+            ):
+                if json.loads(response.read()).get("health") == "true":
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"etcd not healthy after 30 s:\n{tail(self.log_path)}")
+
+    def _call(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+        request = urllib.request.Request(
+            self.url + endpoint,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            result: dict[str, Any] = json.loads(response.read())
+            return result
+
+    def put(self, key: str, value: str) -> int:
+        """Write one key (outside /registry!); returns the new revision."""
+        if key.startswith("/registry"):
+            raise ValueError("never write the apiserver's own keys behind its back")
+        result = self._call(
+            "/v3/kv/put",
+            {
+                "key": base64.b64encode(key.encode()).decode(),
+                "value": base64.b64encode(value.encode()).decode(),
+            },
+        )
+        return int(result["header"]["revision"])
+
+    def revision(self) -> int:
+        result = self._call(
+            "/v3/kv/range", {"key": base64.b64encode(b"/apilane-test/revision").decode()}
+        )
+        return int(result["header"]["revision"])
+
+    def compact(self, revision: int | None = None) -> int:
+        """Compact etcd's history up to `revision` (default: now); returns that revision."""
+        target = revision if revision is not None else self.revision()
+        self._call("/v3/kv/compaction", {"revision": str(target), "physical": True})
+        return target
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+# --------------------------------------------------------------------------- kube-apiserver
+
+
+@dataclass
+class ApiServer:
+    """One kube-apiserver process; `netns` runs it inside a network namespace."""
+
+    binary_dir: Path
+    work_dir: Path
+    etcd_url: str
+    pki: Pki
+    serving: KeyPair
+    sa_private: Path
+    sa_public: Path
+    bind_address: str = "127.0.0.1"
+    port: int = 0
+    reconciler: str = "none"
+    netns: str | None = None
+    extra_args: tuple[str, ...] = ()
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    admin: KeyPair | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if not self.port:
+            self.port = free_port(self.bind_address) if self.netns is None else 6443
+        self.log_path = self.work_dir / f"kube-apiserver-{self.bind_address}.log"
+        self.admin = self.pki.issue(
+            f"probe-{self.bind_address}",
+            common_name="apilane-probe",
+            organizations=("system:masters",),
+            client=True,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"https://{_bracket(self.bind_address)}:{self.port}"
+
+    def argv(self) -> list[str]:
+        argv = [
+            str(self.binary_dir / "kube-apiserver"),
+            f"--etcd-servers={self.etcd_url}",
+            f"--bind-address={self.bind_address}",
+            f"--advertise-address={self.bind_address}",
+            f"--secure-port={self.port}",
+            f"--tls-cert-file={self.serving.cert_path}",
+            f"--tls-private-key-file={self.serving.key_path}",
+            f"--client-ca-file={self.pki.ca_path}",
+            f"--service-account-issuer={SA_ISSUER}",
+            f"--service-account-key-file={self.sa_public}",
+            f"--service-account-signing-key-file={self.sa_private}",
+            f"--service-cluster-ip-range={SERVICE_CIDRS}",
+            "--authorization-mode=Node,RBAC",
+            f"--endpoint-reconciler-type={self.reconciler}",
+            f"--cert-dir={self.work_dir / 'cert-dir'}",
+            "--allow-privileged=true",
+            "--profiling=false",
+            "--v=1",
+        ]
+        argv += list(self.extra_args)
+        if self.netns is not None:
+            # `ip netns exec` execs the apiserver in place: the pid we hold is the apiserver's.
+            argv = ["ip", "netns", "exec", self.netns, *argv]
+        return argv
+
+    def start(self) -> None:
+        self.proc = start_process(self.argv(), log_path=self.log_path)
+
+    def wait_ready(self, *, timeout: float = READY_TIMEOUT) -> None:
+        assert self.admin is not None
+        context = ssl.create_default_context(cafile=str(self.pki.ca_path))
+        context.load_cert_chain(str(self.admin.cert_path), str(self.admin.key_path))
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"kube-apiserver at {self.url} exited with {self.proc.returncode}:\n{tail(self.log_path)}"
+                )
+            try:
+                # /readyz passes before the bootstrap controller has created the `kubernetes`
+                # Service; everything built on this harness needs that Service, so wait for it.
+                with (
+                    urllib.request.urlopen(
+                        self.url + "/readyz", context=context, timeout=2
+                    ) as response,
+                    urllib.request.urlopen(
+                        self.url + "/api/v1/namespaces/default/services/kubernetes",
+                        context=context,
+                        timeout=2,
+                    ) as service,
+                ):
+                    if response.status == 200 and service.status == 200:
+                        return
+            except urllib.error.HTTPError as exc:
+                last = f"HTTP {exc.code}"
+            except (OSError, ssl.SSLError) as exc:
+                last = str(exc)
+            time.sleep(0.1)
+        raise TimeoutError(
+            f"kube-apiserver at {self.url} not ready after {timeout:.0f} s ({last}):\n{tail(self.log_path)}"
+        )
+
+    def stop(self, *, graceful: bool = True) -> None:
+        if graceful:
+            stop_process(self.proc)
+        else:
+            kill_process(self.proc)
+        self.proc = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+# --------------------------------------------------------------------------- control planes
+
+
+class ControlPlane:
+    """etcd + one kube-apiserver on loopback; RBAC on, dual-stack service CIDRs, no endpoint
+    reconciler (tests own the kubernetes Service's EndpointSlices).
+
+    Use as a context manager, or `start()`/`stop()`. `client()` gives an admin KubeClient."""
+
+    def __init__(self, *, extra_apiserver_args: Sequence[str] = ()) -> None:
+        self.binary_dir = find_kube_binaries()
+        self.work_dir = Path(tempfile.mkdtemp(prefix="apilane-kube-"))
+        self.pki = Pki(self.work_dir / "pki")
+        self.sa_private, self.sa_public = self.pki.service_account_keys()
+        self.serving = self.pki.issue(
+            "apiserver",
+            common_name="kube-apiserver",
+            dns_names=KUBERNETES_SANS,
+            ip_addresses=("127.0.0.1", "::1", *SERVICE_IPS),
+            server=True,
+        )
+        self.etcd = Etcd(binary_dir=self.binary_dir, data_dir=self.work_dir / "etcd")
+        self.apiserver = ApiServer(
+            binary_dir=self.binary_dir,
+            work_dir=self.work_dir,
+            etcd_url=self.etcd.url,
+            pki=self.pki,
+            serving=self.serving,
+            sa_private=self.sa_private,
+            sa_public=self.sa_public,
+            extra_args=tuple(extra_apiserver_args),
+        )
+        self.kubeconfig_path = self.work_dir / "admin.kubeconfig"
+        self.timings: dict[str, float] = {}
+
+    @property
+    def url(self) -> str:
+        return self.apiserver.url
+
+    def start(self) -> ControlPlane:
+        started = time.monotonic()
+        try:
+            self.timings["etcd"] = self.etcd.start()
+            api_started = time.monotonic()
+            self.apiserver.start()
+            self.apiserver.wait_ready()
+            self.timings["kube-apiserver"] = time.monotonic() - api_started
+            self.pki.kubeconfig(self.kubeconfig_path, server=self.url)
+        except BaseException:
+            self.stop()
+            raise
+        self.timings["total"] = time.monotonic() - started
+        START_TIMES.append(("kube control plane (etcd + kube-apiserver)", self.timings["total"]))
+        log.info(
+            "kube control plane ready",
+            extra={"url": self.url, **{f"{k}_s": round(v, 2) for k, v in self.timings.items()}},
+        )
+        return self
+
+    async def client(self) -> KubeClient:
+        return await KubeClient.from_config(str(self.kubeconfig_path))
+
+    def write_kubeconfig(self, path: Path, *, user: str, groups: Sequence[str] = ()) -> Path:
+        """A kubeconfig for another identity (e.g. to test RBAC with a restricted user)."""
+        return self.pki.kubeconfig(path, server=self.url, user=user, groups=groups)
+
+    def restart_apiserver(self, *, graceful: bool = True, expire_watches: bool = False) -> float:
+        """Stop and start the apiserver on the same port and etcd; returns the seconds it was
+        away. With `expire_watches`, etcd's revision is moved on and compacted while the
+        apiserver is down, so every watch resumed from an older resourceVersion gets 410."""
+        started = time.monotonic()
+        self.apiserver.stop(graceful=graceful)
+        if expire_watches:
+            self.expire_history()
+        self.apiserver.start()
+        self.apiserver.wait_ready()
+        return time.monotonic() - started
+
+    def expire_history(self) -> int:
+        """Move etcd's revision on by one write outside /registry and compact up to it."""
+        revision = self.etcd.put("/apilane-test/revision-bump", str(time.time()))
+        return self.compact_etcd(revision)
+
+    def compact_etcd(self, revision: int | None = None) -> int:
+        return self.etcd.compact(revision)
+
+    def stop(self) -> None:
+        self.apiserver.stop()
+        self.etcd.stop()
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def __enter__(self) -> ControlPlane:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _run(argv: Sequence[str]) -> None:
+    result = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
+
+
+def _pick_test_subnet() -> ipaddress.IPv4Network:
+    """A /24 from 198.18.0.0/15 (RFC 2544 benchmarking) that no interface or route uses yet."""
+    used = subprocess.run(
+        ["ip", "-4", "-o", "addr"], capture_output=True, text=True, check=False
+    ).stdout
+    used += subprocess.run(
+        ["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True, check=False
+    ).stdout
+    for _ in range(64):
+        subnet = ipaddress.ip_network(
+            f"198.{18 + secrets.randbelow(2)}.{secrets.randbelow(256)}.0/24"
+        )
+        prefix = str(subnet.network_address).rsplit(".", 1)[0] + "."
+        if prefix not in used:
+            return ipaddress.IPv4Network(subnet)
+    raise RuntimeError("no free /24 left in 198.18.0.0/15")
+
+
+class HAControlPlane:
+    """N kube-apiservers on one etcd with `--endpoint-reconciler-type=lease` (needs root).
+
+    Apiserver i runs in network namespace `alkube-<run>-<i>` behind a veth pair: the host side
+    has .4i+1/30, the namespace side .4i+2/30 (its bind and advertise address, port 6443).
+    etcd listens on loopback and on every host-side address. The namespaces have no default
+    route, so the apiservers can reach nothing but etcd."""
+
+    def __init__(self, count: int = 3) -> None:
+        if os.geteuid() != 0:
+            raise ComponentMissing("HAControlPlane needs root (network namespaces)")
+        if not 1 <= count <= 8:
+            raise ValueError("count must be between 1 and 8")
+        self.count = count
+        self.run_id = secrets.token_hex(3)
+        self.binary_dir = find_kube_binaries()
+        self.work_dir = Path(tempfile.mkdtemp(prefix="apilane-kube-ha-"))
+        self.subnet = _pick_test_subnet()
+        base = int(self.subnet.network_address)
+        self.netns = [f"alkube-{self.run_id}-{i}" for i in range(count)]
+        self.host_links = [f"al{self.run_id}h{i}" for i in range(count)]
+        self.ns_links = [f"al{self.run_id}n{i}" for i in range(count)]
+        self.host_addresses = [str(ipaddress.IPv4Address(base + 4 * i + 1)) for i in range(count)]
+        self.addresses = [str(ipaddress.IPv4Address(base + 4 * i + 2)) for i in range(count)]
+        self.pki = Pki(self.work_dir / "pki")
+        self.sa_private, self.sa_public = self.pki.service_account_keys()
+        self.serving = self.pki.issue(
+            "apiserver",
+            common_name="kube-apiserver",
+            dns_names=KUBERNETES_SANS,
+            ip_addresses=("127.0.0.1", "::1", *SERVICE_IPS, *self.addresses),
+            server=True,
+        )
+        self.etcd: Etcd | None = None
+        self.apiservers: list[ApiServer] = []
+        self.kubeconfig_paths: list[Path] = []
+        self._created_netns: list[str] = []
+        self._created_links: list[str] = []
+        self.timings: dict[str, float] = {}
+
+    def setup_network(self) -> None:
+        """Namespaces and veth pairs (done by `start`; public for the cleanup test)."""
+        for i in range(self.count):
+            ns, host_link, ns_link = self.netns[i], self.host_links[i], self.ns_links[i]
+            _run(["ip", "netns", "add", ns])
+            self._created_netns.append(ns)
+            _run(
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    host_link,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    ns_link,
+                    "netns",
+                    ns,
+                ]
+            )
+            self._created_links.append(host_link)
+            _run(["ip", "addr", "add", f"{self.host_addresses[i]}/30", "dev", host_link])
+            _run(["ip", "link", "set", host_link, "up"])
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            _run(["ip", "-n", ns, "addr", "add", f"{self.addresses[i]}/30", "dev", ns_link])
+            _run(["ip", "-n", ns, "link", "set", ns_link, "up"])
+
+    def start(self) -> HAControlPlane:
+        started = time.monotonic()
+        try:
+            self.setup_network()
+            self.etcd = Etcd(
+                binary_dir=self.binary_dir,
+                data_dir=self.work_dir / "etcd",
+                client_hosts=("127.0.0.1", *self.host_addresses),
+            )
+            self.timings["etcd"] = self.etcd.start()
+            for i in range(self.count):
+                self.apiservers.append(
+                    ApiServer(
+                        binary_dir=self.binary_dir,
+                        work_dir=self.work_dir,
+                        etcd_url=self.etcd.url_on(self.host_addresses[i]),
+                        pki=self.pki,
+                        serving=self.serving,
+                        sa_private=self.sa_private,
+                        sa_public=self.sa_public,
+                        bind_address=self.addresses[i],
+                        reconciler="lease",
+                        netns=self.netns[i],
+                    )
+                )
+            api_started = time.monotonic()
+            for apiserver in self.apiservers:
+                apiserver.start()
+            for i, apiserver in enumerate(self.apiservers):
+                apiserver.wait_ready()
+                self.kubeconfig_paths.append(
+                    self.pki.kubeconfig(
+                        self.work_dir / f"admin-{i}.kubeconfig", server=apiserver.url
+                    )
+                )
+            self.timings["kube-apiservers"] = time.monotonic() - api_started
+        except BaseException:
+            self.stop()
+            raise
+        self.timings["total"] = time.monotonic() - started
+        START_TIMES.append(
+            (f"HA kube control plane ({self.count} apiservers)", self.timings["total"])
+        )
+        log.info("HA kube control plane ready", extra={"addresses": self.addresses, **self.timings})
+        return self
+
+    async def client(self, index: int = 0) -> KubeClient:
+        return await KubeClient.from_config(str(self.kubeconfig_paths[index]))
+
+    def stop_apiserver(self, index: int, *, graceful: bool = True) -> None:
+        self.apiservers[index].stop(graceful=graceful)
+
+    def stop(self) -> None:
+        for apiserver in self.apiservers:
+            apiserver.stop()
+        if self.etcd is not None:
+            self.etcd.stop()
+        for ns in reversed(self._created_netns):
+            # Deleting the namespace destroys its veth end, which removes the pair.
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        for link in self._created_links:
+            if Path(f"/sys/class/net/{link}").exists():
+                subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
+        self._created_netns.clear()
+        self._created_links.clear()
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def __enter__(self) -> HAControlPlane:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- API helpers
+
+KUBERNETES_SERVICE = "/api/v1/namespaces/default/services/kubernetes"
+KUBERNETES_SLICES = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
+
+
+async def delete_kubernetes_endpoint_slices(client: KubeClient) -> int:
+    """Delete every EndpointSlice of Service default/kubernetes (tests own them); returns how
+    many there were."""
+    listing = await client.list(
+        KUBERNETES_SLICES, label_selector="kubernetes.io/service-name=kubernetes"
+    )
+    for item in listing["items"]:
+        with contextlib.suppress(NotFound):
+            await client.delete(f"{KUBERNETES_SLICES}/{item['metadata']['name']}")
+    return len(listing["items"])
+
+
+def endpoint_slice(
+    name: str,
+    *,
+    addresses: Sequence[str],
+    port: int = 6443,
+    port_name: str = "https",
+    address_type: str = "IPv4",
+    service: str = "kubernetes",
+    ready: bool | None = True,
+    serving: bool | None = None,
+    terminating: bool | None = None,
+) -> dict[str, Any]:
+    """An EndpointSlice body for Service `service` (one endpoint per address)."""
+    conditions: dict[str, bool] = {}
+    for key, value in (("ready", ready), ("serving", serving), ("terminating", terminating)):
+        if value is not None:
+            conditions[key] = value
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "labels": {"kubernetes.io/service-name": service}},
+        "addressType": address_type,
+        "endpoints": [{"addresses": [address], "conditions": conditions} for address in addresses],
+        "ports": [{"name": port_name, "port": port, "protocol": "TCP"}],
+    }

@@ -1,0 +1,73 @@
+"""docs/configuration.md lists exactly the APILANE_* variables the services read.
+
+The names are collected by running each service's settings loader with a recording `Env`,
+so a variable read through any helper counts, and one no longer read fails the test."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from apilane.discovery import settings as discovery_settings
+from apilane.node_loader import settings as node_loader_settings
+from apilane.renderer import settings as renderer_settings
+from apilane.runtime import config
+
+pytestmark = [pytest.mark.unit]
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+LOADERS: dict[str, Callable[[dict[str, str]], Any]] = {
+    "discovery": discovery_settings.load,
+    "renderer": renderer_settings.load,
+    # memory maps: the bpf backend requires a cgroup path, which is not what is tested here
+    "node-loader": lambda environ: node_loader_settings.load(
+        environ | {"APILANE_MAP_BACKEND": "memory"}
+    ),
+}
+
+
+@pytest.fixture
+def read_names(monkeypatch: pytest.MonkeyPatch) -> Iterator[set[str]]:
+    names: set[str] = set()
+    original = config.Env.raw
+
+    def recording(self: config.Env, name: str) -> str | None:
+        names.add(config.PREFIX + name)
+        return original(self, name)
+
+    monkeypatch.setattr(config.Env, "raw", recording)
+    yield names
+
+
+def documented(section_filter: Callable[[str], bool]) -> set[str]:
+    found: set[str] = set()
+    section = ""
+    for line in DOC.read_text().splitlines():
+        if line.startswith("## "):
+            section = line[3:]
+        elif line.startswith("| `APILANE_") and section_filter(section):
+            found.add(re.findall(r"`(APILANE_[A-Z_]+)`", line)[0])
+    return found
+
+
+def test_every_variable_a_service_reads_is_documented_and_nothing_more(
+    read_names: set[str],
+) -> None:
+    for load in LOADERS.values():
+        load({})
+    service_sections = documented(lambda section: not section.startswith("Tooling"))
+    assert read_names - service_sections == set(), "read but not documented"
+    assert service_sections - read_names == set(), "documented but never read"
+
+
+@pytest.mark.parametrize("service", sorted(LOADERS))
+def test_each_service_section_lists_what_that_service_reads(
+    service: str, read_names: set[str]
+) -> None:
+    LOADERS[service]({})
+    section = documented(lambda name: name in (service, "Every service"))
+    assert read_names == section

@@ -1,0 +1,74 @@
+"""Settings are validated at start, and every error names the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from apilane.model.errors import ConfigError
+from apilane.runtime.config import Env, load_common
+
+pytestmark = [pytest.mark.unit]
+
+
+def test_defaults_apply_when_nothing_is_set() -> None:
+    settings = load_common({})
+    assert settings.cluster == "default"
+    assert settings.nats_urls == ("nats://127.0.0.1:4222",)
+    assert settings.http_port == 8080
+
+
+def test_values_are_read_from_apilane_variables_and_kubeconfig() -> None:
+    settings = load_common(
+        {
+            "APILANE_CLUSTER": "prod-eu",
+            "APILANE_NATS_URL": "nats://a:4222, nats://b:4222",
+            "APILANE_HTTP_PORT": "9000",
+            "KUBECONFIG": "/etc/kubeconfig",
+        }
+    )
+    assert settings.cluster == "prod-eu"
+    assert settings.nats_urls == ("nats://a:4222", "nats://b:4222")
+    assert settings.http_port == 9000
+    assert settings.kubeconfig == "/etc/kubeconfig"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("APILANE_HTTP_PORT", "http"),
+        ("APILANE_HTTP_PORT", "70000"),
+        ("APILANE_CLUSTER", "has.dots"),
+        ("APILANE_CLUSTER", "spaces are bad"),
+        ("APILANE_NATS_URL", "http://x"),
+        ("APILANE_NATS_URL", "nats://a:1,,nats://b:2"),
+        ("APILANE_LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_a_bad_value_raises_config_error_naming_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        load_common({name: value})
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("100ms", 0.1), ("2s", 2.0), ("5m", 300.0), ("1h", 3600.0), ("1.5", 1.5)]
+)
+def test_durations_accept_units(text: str, seconds: float) -> None:
+    assert Env({"APILANE_WINDOW": text}).seconds("WINDOW", 0.0) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["-1s", "soon", "1d", "ms"])
+def test_bad_durations_are_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match="APILANE_WINDOW"):
+        Env({"APILANE_WINDOW": text}).seconds("WINDOW", 0.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("true", True), ("On", True), ("0", False), ("no", False)]
+)
+def test_booleans(text: str, value: bool) -> None:
+    assert Env({"APILANE_X": text}).bool("X", not value) is value
+
+
+def test_a_bad_boolean_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="APILANE_X"):
+        Env({"APILANE_X": "maybe"}).bool("X", False)

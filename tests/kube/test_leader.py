@@ -5,12 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from apilane.kube.client import KubeClient
-from apilane.kube.leader import LeaderElector
+from apilane.kube.leader import (
+    LeaderElector,
+    LeaseSettings,
+    elector_for,
+    lead,
+    load_lease_settings,
+)
+from apilane.model.errors import ConfigError
+from apilane.runtime.config import Env
 from apilane.testing.kube import ControlPlane
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube]
@@ -162,4 +171,78 @@ async def test_invalid_timings_are_rejected(kube: KubeClient) -> None:
     with pytest.raises(ValueError, match="renew_interval < renew_deadline < lease_duration"):
         LeaderElector(
             kube, namespace="x", name="y", identity="z", lease_duration=5, renew_interval=5
+        )
+
+
+async def test_lead_runs_one_term_per_leadership_and_hands_over_on_stop(
+    control_plane: ControlPlane, kube_namespace: str
+) -> None:
+    clients = [await control_plane.client(), await control_plane.client()]
+    lease = {
+        "namespace": kube_namespace,
+        "name": "lead-helper",
+        "duration": LEASE,
+        "renew_interval": RENEW,
+        "retry_interval": RETRY,
+    }
+    electors = [
+        elector_for(client, LeaseSettings(identity=f"candidate-{i}", **lease))  # type: ignore[arg-type]
+        for i, client in enumerate(clients)
+    ]
+    terms: list[str] = []
+    term_started = asyncio.Condition()
+
+    def work_for(identity: str) -> Callable[[asyncio.Event], Awaitable[None]]:
+        async def work(term_over: asyncio.Event) -> None:
+            async with term_started:
+                terms.append(identity)
+                term_started.notify_all()
+            await term_over.wait()
+
+        return work
+
+    stops = [asyncio.Event(), asyncio.Event()]
+    runs = [
+        asyncio.create_task(lead(elector, work_for(f"candidate-{i}"), stops[i]))
+        for i, elector in enumerate(electors)
+    ]
+    try:
+        async with asyncio.timeout(15), term_started:
+            await term_started.wait_for(lambda: len(terms) >= 1)
+        first = terms[0]
+        assert terms == [first]  # exactly one leader works
+        stops[int(first[-1])].set()  # the leader stops: it releases, the other takes over
+        async with asyncio.timeout(15), term_started:
+            await term_started.wait_for(lambda: len(terms) >= 2)
+        assert terms[1] != first
+    finally:
+        for stop in stops:
+            stop.set()
+        await asyncio.gather(*runs)
+        for client in clients:
+            await client.close()
+
+
+async def test_lead_without_an_elector_is_one_term_until_stop() -> None:
+    stop = asyncio.Event()
+    seen: list[asyncio.Event] = []
+
+    async def work(term_over: asyncio.Event) -> None:
+        seen.append(term_over)
+
+    await lead(None, work, stop)
+    assert seen == [stop]
+
+
+@pytest.mark.unit
+def test_lease_settings_are_read_and_checked() -> None:
+    env = Env({"APILANE_LEASE_DURATION": "9s", "APILANE_LEASE_RENEW_INTERVAL": "2s"})
+    settings = load_lease_settings(env, name="l", identity="me")
+    assert (settings.duration, settings.renew_interval, settings.retry_interval) == (9.0, 2.0, 2.0)
+    assert elector_for(None, LeaseSettings(enabled=False)) is None  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="APILANE_LEASE_RENEW_INTERVAL"):
+        load_lease_settings(
+            Env({"APILANE_LEASE_DURATION": "3s", "APILANE_LEASE_RENEW_INTERVAL": "2.5s"}),
+            name="l",
+            identity="me",
         )

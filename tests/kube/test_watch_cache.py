@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from apilane.kube.watch import Backoff, ObjectCache, WatchEvent, resource_name
+from apilane.kube.watch import ObjectCache, WatchEvent, resource_name
+from apilane.runtime.aio import Backoff
 
 pytestmark = [pytest.mark.unit]
 

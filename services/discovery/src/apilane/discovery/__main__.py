@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
-from apilane.model.errors import ConfigError
-from apilane.runtime import serve
+from apilane.discovery import service, settings
+from apilane.runtime.lifecycle import command_line
 
 
-def main() -> int:
-    from apilane.discovery import service, settings
-
-    try:
-        loaded = settings.load()
-    except ConfigError as exc:
-        print(f"apilane-discovery: {exc}", file=sys.stderr)
-        return 2
-    return serve.run(
+def main(argv: Sequence[str] | None = None) -> int:
+    return command_line(
         settings.SERVICE_NAME,
-        loaded.common,
-        lambda ctx: service.run(loaded, ctx.stopping, registry=ctx.registry, health=ctx.health),
+        settings.load,
+        service.main,
+        argv,
+        description="apilane discovery: watches the kubernetes Service and publishes snapshots.",
     )
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -27,7 +27,7 @@ from apilane.model.endpoints import (
 )
 from apilane.model.events import Finding
 from apilane.runtime.bus import Bus, BusError
-from apilane.runtime.serve import Health
+from apilane.runtime.serve import Health, ServiceContext
 
 from .metrics import DiscoveryMetrics
 from .publisher import ObservedChange, Publisher
@@ -234,6 +234,11 @@ async def run(
         )
 
 
+async def main(ctx: ServiceContext, settings: DiscoverySettings) -> None:
+    """The service body for `apilane.runtime.lifecycle.command_line`."""
+    await run(settings, ctx.stopping, registry=ctx.registry, health=ctx.health)
+
+
 async def _serve(service: DiscoveryService, stop: asyncio.Event, health: Health | None) -> None:
     publisher_stop = asyncio.Event()
     watch_task = asyncio.create_task(service.watcher.run(), name="discovery-watches")
@@ -293,4 +298,4 @@ async def _until_stopped(work: Any, stop: asyncio.Event) -> Any:
     return None
 
 
-__all__ = ["SERVICE_NAME", "DiscoveryService", "run"]
+__all__ = ["SERVICE_NAME", "DiscoveryService", "main", "run"]

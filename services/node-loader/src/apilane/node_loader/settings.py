@@ -44,12 +44,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Final
 
 import msgspec
 
 from apilane.model import subjects
 from apilane.model.errors import ConfigError
 from apilane.runtime.config import CommonSettings, Env, load_common
+
+SERVICE_NAME: Final = "apilane-node-loader"
 
 MAP_BACKENDS = ("bpf", "memory")
 

@@ -18,10 +18,14 @@ import contextlib
 import datetime
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from apilane.kube.client import Conflict, KubeClient, KubeError, NotFound
+from apilane.model.errors import ConfigError
+from apilane.runtime.aio import first_of, set_when_any
+from apilane.runtime.config import Env
 
 log = logging.getLogger(__name__)
 
@@ -266,3 +270,87 @@ class LeaderElector:
                 self.on_change(leading)
             except Exception:
                 log.exception("leader on_change callback failed", extra=self._context)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeaseSettings:
+    """The same Lease settings for every leader-elected service (APILANE_LEASE_*)."""
+
+    enabled: bool = True
+    namespace: str = "apilane"
+    name: str = ""
+    identity: str = ""  # the pod name; unique per replica
+    duration: float = 15.0
+    renew_interval: float = 5.0
+    retry_interval: float = 2.0
+
+
+def load_lease_settings(env: Env, *, name: str, identity: str) -> LeaseSettings:
+    """Raise ConfigError naming the variable when a value is bad or the intervals conflict."""
+    settings = LeaseSettings(
+        enabled=env.bool("LEADER_ELECTION", True),
+        namespace=env.str("LEASE_NAMESPACE", "apilane"),
+        name=name,
+        identity=identity,
+        duration=env.seconds("LEASE_DURATION", 15.0, low=1.0),
+        renew_interval=env.seconds("LEASE_RENEW_INTERVAL", 5.0, low=0.05),
+        retry_interval=env.seconds("LEASE_RETRY_INTERVAL", 2.0, low=0.05),
+    )
+    if not settings.renew_interval < settings.duration * 2 / 3:
+        raise ConfigError(
+            "APILANE_LEASE_RENEW_INTERVAL must be below two thirds of APILANE_LEASE_DURATION "
+            f"({settings.renew_interval} >= {settings.duration * 2 / 3:.2f})"
+        )
+    return settings
+
+
+def elector_for(
+    client: KubeClient,
+    lease: LeaseSettings,
+    *,
+    on_change: Callable[[bool], None] | None = None,
+) -> LeaderElector | None:
+    """The elector a service's settings ask for; None when leader election is off."""
+    if not lease.enabled:
+        return None
+    return LeaderElector(
+        client,
+        namespace=lease.namespace,
+        name=lease.name,
+        identity=lease.identity,
+        lease_duration=lease.duration,
+        renew_interval=lease.renew_interval,
+        retry_interval=lease.retry_interval,
+        on_change=on_change,
+    )
+
+
+async def lead(
+    elector: LeaderElector | None,
+    work: Callable[[asyncio.Event], Awaitable[None]],
+    stop: asyncio.Event,
+) -> None:
+    """Run `work(term_over)` for each term this replica leads, until `stop`. Without an
+    elector, one term that lasts until `stop`. The Lease is released when `stop` is set."""
+    if elector is None:
+        await work(stop)
+        return
+    campaign = asyncio.create_task(elector.run(stop), name=f"lease-{elector.name}")
+    try:
+        while not stop.is_set():
+            await first_of(elector.leading.wait(), stop.wait())
+            if stop.is_set():
+                break
+            term_over = asyncio.Event()
+            watcher = asyncio.create_task(set_when_any(term_over, elector.lost, stop))
+            try:
+                log.info("leading", extra={"lease": elector.name, "identity": elector.identity})
+                await work(term_over)
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await campaign

@@ -16,15 +16,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from prometheus_client import Counter
 
 from apilane.kube.client import Gone, KubeClient, KubeError, Unavailable
+from apilane.runtime.aio import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +53,6 @@ class WatchEvent:
     resource_version: str
     object: dict[str, Any] | None = None
     objects: tuple[dict[str, Any], ...] = ()
-
-
-@dataclass
-class Backoff:
-    """Exponential backoff with jitter: initial, 2x, 4x ... up to `maximum`, each delay drawn
-    from [delay/2, delay] so that many clients do not reconnect in lockstep."""
-
-    initial: float = 0.2
-    maximum: float = 10.0
-    attempts: int = 0
-    rng: random.Random = field(default_factory=random.Random)
-
-    def next_delay(self) -> float:
-        ceiling = min(self.maximum, self.initial * 2.0**self.attempts)
-        self.attempts += 1
-        return ceiling / 2 + self.rng.random() * ceiling / 2
-
-    def reset(self) -> None:
-        self.attempts = 0
 
 
 def resource_name(path: str) -> str:

@@ -1,0 +1,82 @@
+"""Small asyncio helpers every service uses: one backoff, one "whichever comes first"."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with jitter: initial, 2x, 4x ... up to `maximum`, each delay drawn
+    from [delay/2, delay] so that many clients do not reconnect in lockstep."""
+
+    initial: float = 0.2
+    maximum: float = 10.0
+    attempts: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next_delay(self) -> float:
+        ceiling = min(self.maximum, self.initial * 2.0**self.attempts)
+        self.attempts += 1
+        return ceiling / 2 + self.rng.random() * ceiling / 2
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+    async def sleep(self, stop: asyncio.Event | None = None) -> bool:
+        """Wait the next delay; True if `stop` was set meanwhile (the caller should give up)."""
+        delay = self.next_delay()
+        if stop is None:
+            await asyncio.sleep(delay)
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+        return stop.is_set()
+
+
+async def first_of(*waits: Awaitable[object], timeout: float | None = None) -> int | None:
+    """Wait until the first of `waits` finishes; cancel the rest. Returns the index of the one
+    that finished first, or None on timeout. Exceptions of the cancelled ones are dropped;
+    the winner's exception is raised."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    if not done:
+        return None
+    winner = next(i for i, task in enumerate(tasks) if task in done)
+    if not tasks[winner].cancelled() and (exc := tasks[winner].exception()) is not None:
+        raise exc
+    return winner
+
+
+async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """Await `work` unless `stop` comes first; then cancel it and return None."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    return None
+
+
+async def set_when_any(target: asyncio.Event, *sources: asyncio.Event) -> None:
+    """Set `target` as soon as any of `sources` is set."""
+    await first_of(*(source.wait() for source in sources))
+    target.set()

@@ -143,3 +143,18 @@ def test_digest_changes_when_a_port_or_address_changes() -> None:
     other_port = (events.ApiServerEndpoint(ip="192.168.5.5", port=6444, family="IPv4"), API[1])
     digests = {events.canonical_digest(SVC, a) for a in (API, moved, other_port)}
     assert len(digests) == 3
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"type":"endpoint-snapshot","cluster":"\xf9"}',
+        b'{"type":"warning","cluster":"a\xf9","reason":"x","message":"m","source":"s"}',
+    ],
+)
+def test_invalid_utf8_inside_a_string_is_a_malformed_event(data: bytes) -> None:
+    # msgspec raises UnicodeDecodeError (not DecodeError) for these; it must not escape.
+    with pytest.raises(events.MalformedEvent):
+        events.decode(data)
+    with pytest.raises(events.MalformedEvent):
+        events.decode_snapshot(data)

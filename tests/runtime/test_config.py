@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from apilane.model.errors import ConfigError
-from apilane.runtime.config import Env, load_common
+from apilane.model.signing import SigningKey
+from apilane.runtime.config import (
+    Env,
+    load_common,
+    load_signing_key,
+    load_trusted_keys,
+    require_trusted_keys,
+)
 
 pytestmark = [pytest.mark.unit]
 
@@ -72,3 +81,29 @@ def test_booleans(text: str, value: bool) -> None:
 def test_a_bad_boolean_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="APILANE_X"):
         Env({"APILANE_X": "maybe"}).bool("X", False)
+
+
+def test_trusted_keys_come_from_the_variable_and_the_file(tmp_path: Path) -> None:
+    first, second = SigningKey.generate(), SigningKey.generate()
+    keys_file = tmp_path / "trusted"
+    keys_file.write_text(f"# rotation: the new key\n{second.public_text}\n")
+    env = Env(
+        {"APILANE_TRUSTED_KEYS": first.public_text, "APILANE_TRUSTED_KEYS_FILE": str(keys_file)}
+    )
+    assert set(require_trusted_keys(env).ids) == {first.key_id, second.key_id}
+    with pytest.raises(ConfigError, match="APILANE_TRUSTED_KEYS"):
+        require_trusted_keys(Env({}))
+    with pytest.raises(ConfigError, match="APILANE_TRUSTED_KEYS_FILE"):
+        load_trusted_keys(Env({"APILANE_TRUSTED_KEYS_FILE": str(tmp_path / "missing")}))
+
+
+def test_the_signing_key_is_a_pem_file_named_by_a_variable(tmp_path: Path) -> None:
+    key = SigningKey.generate()
+    (tmp_path / "key.pem").write_bytes(key.to_pem())
+    env = Env({"APILANE_SIGNING_KEY_FILE": str(tmp_path / "key.pem")})
+    assert load_signing_key(env).key_id == key.key_id
+    with pytest.raises(ConfigError, match="APILANE_SIGNING_KEY_FILE"):
+        load_signing_key(Env({}))
+    (tmp_path / "bad.pem").write_text("not a key")
+    with pytest.raises(ConfigError, match="APILANE_SIGNING_KEY_FILE"):
+        load_signing_key(Env({"APILANE_SIGNING_KEY_FILE": str(tmp_path / "bad.pem")}))

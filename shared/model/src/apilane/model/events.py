@@ -177,7 +177,7 @@ def decode(data: bytes) -> Event:
     try:
         event: Event = _decoder.decode(data)
         return event
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise MalformedEvent(f"cannot decode event: {exc}") from exc
 
 
@@ -185,7 +185,7 @@ def decode_snapshot(data: bytes) -> EndpointSnapshot:
     _check_size(data)
     try:
         return _snapshot_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise MalformedEvent(f"cannot decode endpoint snapshot: {exc}") from exc
 
 

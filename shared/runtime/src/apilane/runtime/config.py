@@ -12,12 +12,14 @@ import builtins
 import os
 import re
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
 
 from apilane.model import subjects
 from apilane.model.errors import ConfigError
+from apilane.model.signing import SigningKey, TrustedKeys
 
 PREFIX = "APILANE_"
 T = TypeVar("T")
@@ -158,3 +160,37 @@ def load_common(environ: Mapping[str, str] | None = None) -> CommonSettings:
 def describe(settings: Any) -> dict[str, Any]:
     """Settings as a dict for the start-up log line."""
     return dict(msgspec.to_builtins(settings))
+
+
+def load_trusted_keys(env: Env, name: str = "TRUSTED_KEYS") -> TrustedKeys:
+    """Public keys from APILANE_<name> (comma-separated base64) and/or the file named by
+    APILANE_<name>_FILE (one per line, `#` comments). Empty when neither is set: the caller
+    decides whether that is an error (a consumer of snapshots trusts nothing then)."""
+    text = env.raw(name) or ""
+    path = env.raw(f"{name}_FILE")
+    if path:
+        try:
+            text += "\n" + Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{PREFIX}{name}_FILE: cannot read {path}: {exc.strerror}") from exc
+    return TrustedKeys.parse(text, source=f"{PREFIX}{name}")
+
+
+def require_trusted_keys(env: Env, name: str = "TRUSTED_KEYS") -> TrustedKeys:
+    keys = load_trusted_keys(env, name)
+    if not keys:
+        raise ConfigError(
+            f"{PREFIX}{name} (or {PREFIX}{name}_FILE) must name at least one public key: "
+            "without one, no snapshot can be trusted"
+        )
+    return keys
+
+
+def load_signing_key(env: Env, name: str = "SIGNING_KEY_FILE") -> SigningKey:
+    path = env.raw(name)
+    if not path:
+        raise ConfigError(f"{PREFIX}{name} must name the PEM file of the Ed25519 signing key")
+    try:
+        return SigningKey.load(path)
+    except ConfigError as exc:
+        raise ConfigError(f"{PREFIX}{name}: {exc}") from exc

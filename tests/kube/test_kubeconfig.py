@@ -15,7 +15,7 @@ from kubernetes_asyncio.client import Configuration
 from kubernetes_asyncio.config import incluster_config
 
 from apilane.kube import credentials
-from apilane.kube.client import KubeError, NotFound, Unavailable, error_from_status
+from apilane.kube.client import KubeClient, KubeError, NotFound, Unavailable, error_from_status
 from apilane.kube.credentials import load_in_cluster, load_kubeconfig
 from apilane.model.errors import ConfigError
 
@@ -230,3 +230,19 @@ def test_http_statuses_map_to_typed_errors_carrying_the_status_message() -> None
     assert isinstance(error_from_status(429, {"details": {"retryAfterSeconds": 2}}), Unavailable)
     assert error_from_status(429, {"details": {"retryAfterSeconds": 2}}).retry_after == 2.0  # type: ignore[attr-defined]
     assert type(error_from_status(400, {"message": "bad selector"})) is KubeError
+
+
+async def test_a_certificate_authority_that_is_not_pem_is_a_config_error(tmp_path: Path) -> None:
+    not_pem = base64.b64encode(b"not a certificate").decode()
+    document = minimal_kubeconfig(
+        clusters=[
+            {
+                "name": "c",
+                "cluster": {"server": "https://h:1", "certificate-authority-data": not_pem},
+            }
+        ]
+    )
+    path = write_yaml(tmp_path / "config", document)
+    with pytest.raises(ConfigError, match="not valid PEM") as caught:
+        await KubeClient.from_config(path)
+    assert path in str(caught.value)

@@ -39,11 +39,12 @@ REFRESH_SECONDS = 60.0
 CREDENTIAL_TIMEOUT = 30.0
 
 # What kubernetes-asyncio raises for bad credentials: its own ConfigException, OSError for a
-# missing file or plugin command, ValueError for undecodable plugin or provider output.
-_LOAD_ERRORS = (ConfigException, OSError, ValueError, TimeoutError)
+# missing file or plugin command, ValueError, KeyError or RuntimeError for plugin or provider
+# output it cannot use.
+_LOAD_ERRORS = (ConfigException, OSError, ValueError, KeyError, RuntimeError, TimeoutError)
 
 
-class CredentialRefresh:
+class _CredentialRefresh:
     """A `refresh_api_key_hook`: runs `renew` at most every `every` seconds; a failure is
     logged and the previous credentials stay in use."""
 
@@ -61,7 +62,8 @@ class CredentialRefresh:
         try:
             async with asyncio.timeout(CREDENTIAL_TIMEOUT):
                 await self._renew()
-        except _LOAD_ERRORS as exc:
+        # Whatever a plugin or provider does wrong, the request goes on with the old token.
+        except Exception as exc:
             log.warning(
                 "could not renew the credentials, keeping the previous ones",
                 extra={"source": self._source, "error": _describe(exc)},
@@ -70,7 +72,9 @@ class CredentialRefresh:
 
 
 def _describe(exc: BaseException) -> str:
-    return str(exc) or f"{type(exc).__name__} after {CREDENTIAL_TIMEOUT:.0f} s"
+    if isinstance(exc, TimeoutError):
+        return f"no credentials after {CREDENTIAL_TIMEOUT:.0f} s (a plugin or provider hangs)"
+    return str(exc) or type(exc).__name__
 
 
 def _strip_token(configuration: Configuration) -> None:
@@ -112,7 +116,7 @@ async def load_kubeconfig(
         if token := getattr(loader, "token", None):
             configuration.api_key["BearerToken"] = token
 
-    configuration.refresh_api_key_hook = CredentialRefresh(
+    configuration.refresh_api_key_hook = _CredentialRefresh(
         renew, source=where, every=REFRESH_SECONDS
     )
     return configuration
@@ -145,7 +149,7 @@ def load_in_cluster(
         if callable(reread):
             reread(configuration)
 
-    configuration.refresh_api_key_hook = CredentialRefresh(
+    configuration.refresh_api_key_hook = _CredentialRefresh(
         renew, source="in-cluster service account", every=0.0
     )
     return configuration

@@ -5,10 +5,14 @@ kubeconfig's `tls-server-name`."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import datetime
 import json
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +195,28 @@ async def test_a_failing_exec_plugin_is_a_config_error_with_its_message(
     assert "exec: process returned 3" in str(caught.value)
     assert "no credentials for this cluster" in str(caught.value)
     assert path in str(caught.value)
+
+
+async def test_an_exec_plugin_that_hangs_is_a_config_error_not_a_hang(
+    control_plane: ControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(credentials, "CREDENTIAL_TIMEOUT", 0.5)
+    pid_file = tmp_path / "plugin.pid"
+    script = tmp_path / "hanging-plugin"
+    script.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 30\n")
+    script.chmod(0o755)
+    user = {"exec": {"apiVersion": EXEC_API, "command": str(script)}}
+    path = derived_kubeconfig(control_plane, tmp_path / "config", user=user)
+    try:
+        with pytest.raises(ConfigError, match=r"no credentials after 0.5 s"):
+            await KubeClient.from_config(path)
+    finally:
+        for _ in range(50):  # the plugin may not have written its pid yet
+            if pid_file.exists() and pid_file.read_text().strip():
+                break
+            await asyncio.sleep(0.1)
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- in-cluster

@@ -73,7 +73,7 @@ class _CredentialRefresh:
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
-        return f"no credentials after {CREDENTIAL_TIMEOUT:.0f} s (a plugin or provider hangs)"
+        return f"no credentials after {CREDENTIAL_TIMEOUT:g} s (a plugin or provider hangs)"
     return str(exc) or type(exc).__name__
 
 

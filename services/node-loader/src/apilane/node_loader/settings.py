@@ -39,6 +39,7 @@ for a lasting choice, set the variable.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -55,6 +56,9 @@ from apilane.runtime.config import CommonSettings, Env, load_common
 SERVICE_NAME: Final = "apilane-node-loader"
 
 MAP_BACKENDS = ("bpf", "memory")
+# The state file's name without ".state.json" (and the temporary file's prefix and suffix)
+# must fit a 255-byte file name.
+_MAX_SLUG = 200
 
 
 class NodeLoaderSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -72,6 +76,10 @@ class NodeLoaderSettings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def state_file(self) -> Path:
         slug = self.pin_dir.strip("/").replace("/", "_") or "root"
+        if len(slug) > _MAX_SLUG:
+            # A file name holds 255 bytes: a long pin dir keeps its tail, made unique by a hash.
+            digest = hashlib.sha256(slug.encode()).hexdigest()[:16]
+            slug = f"{digest}_{slug[-(_MAX_SLUG - 17) :]}"
         return Path(self.state_dir) / f"{slug}.state.json"
 
 
@@ -135,7 +143,7 @@ def load(environ: Mapping[str, str] | None = None) -> NodeLoaderSettings:
     common = load_common(environ)
     node_name = env.str("NODE_NAME", socket.gethostname())
     try:
-        subjects.node_token(node_name)
+        subjects.check_node_name(node_name)
     except ConfigError as exc:
         raise ConfigError(f"APILANE_NODE_NAME={node_name!r}: {exc}") from exc
     map_backend = env.choice("MAP_BACKEND", "bpf", MAP_BACKENDS)

@@ -7,7 +7,7 @@
 - cold start (kernel only): a fresh process compiles the programs, attaches them to a
   test cgroup, and does its first reconcile; plus the resident memory of that process.
 
-Targets (issue 5): apply p99 <= 2 ms for up to 16 endpoints; cold start <= 3 s; RSS <= 150 MB.
+Targets: apply p99 <= 2 ms for up to 16 endpoints; cold start <= 3 s; RSS <= 150 MB.
 Kernel runs use a dedicated child cgroup and pin dir (never the root cgroup), removed after.
 """
 
@@ -26,7 +26,8 @@ from typing import Any
 
 from apilane.node_loader.memmaps import MemoryNatMaps
 from apilane.node_loader.nat import NatMaps
-from apilane.node_loader.reconcile import Outcome, Reconciler, StateFile
+from apilane.node_loader.reconcile import Outcome, Reconciler
+from apilane.node_loader.statefile import StateFile
 from apilane.testing.benchstats import load_average, percentile, resident_kib
 from apilane.testing.snapshots import make_snapshot
 

@@ -21,8 +21,8 @@ from apilane.model.events import ClusterWarning, NodeState
 from apilane.node_loader import settings as loader_settings
 from apilane.node_loader.memmaps import MemoryNatMaps, render_resolved
 from apilane.node_loader.plan import check_invariants
-from apilane.node_loader.reconcile import PersistedState, StateFile
 from apilane.node_loader.service import DataPlane, NodeLoader
+from apilane.node_loader.statefile import PersistedState, StateFile
 from apilane.node_loader.testing import contents_of
 from apilane.runtime.bus import Bus
 from apilane.testing.snapshots import make_snapshot
@@ -395,7 +395,7 @@ async def switch_lb(bus: Bus, enabled: bool) -> NodeState:
 
 
 async def test_a_live_switch_holds_across_restarts_until_switched_back(bus, harness, caplog):
-    caplog.set_level(logging.INFO, logger="apilane.node_loader.service")
+    caplog.set_level(logging.INFO, logger="apilane.node_loader.control")
     # Switched off before any snapshot was applied: the state file keeps the switch alone.
     async with harness.running(programs=RecordingPrograms()):
         await switch_lb(bus, False)
@@ -438,7 +438,7 @@ async def test_a_live_switch_holds_across_restarts_until_switched_back(bus, harn
 
 
 async def test_a_changed_variable_wins_over_an_earlier_live_switch(bus, harness, caplog):
-    caplog.set_level(logging.INFO, logger="apilane.node_loader.service")
+    caplog.set_level(logging.INFO, logger="apilane.node_loader.control")
     await put(bus, make_snapshot(generation=1))
     async with harness.running(programs=RecordingPrograms()):
         await switch_lb(bus, False)
@@ -462,3 +462,29 @@ async def test_a_changed_variable_wins_over_an_earlier_live_switch(bus, harness,
     async with harness.running(programs=programs) as loader:
         assert programs.calls == ["enable"] and loader.connect_time_lb is True
         await wait_node_state(bus, lambda s: s.connect_time_lb and bool(s.programs_attached))
+
+
+async def test_a_node_name_of_253_characters_works_for_state_and_control(bus, harness):
+    """Kubernetes allows node names of 253 characters: the KV key, the control subject and
+    the state file all take one."""
+    longest = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+    harness.configure(APILANE_NODE_NAME=longest)
+    await put(bus, make_snapshot(generation=3))
+    async with harness.running(programs=RecordingPrograms()) as loader:
+        key = subjects.node_state_key(CLUSTER, longest)
+        deadline = time.monotonic() + 15
+        entry = None
+        while entry is None and time.monotonic() < deadline:
+            entry = await bus.kv_get(subjects.NODE_STATE_BUCKET, key)
+            await asyncio.sleep(0.05)
+        assert entry is not None, "no NodeState under the long node name"
+        state = events.decode(entry.value)
+        assert isinstance(state, NodeState) and state.node == longest and state.generation == 3
+        reply = await bus.request(
+            subjects.node_control_subject(CLUSTER, longest),
+            b'{"connect_time_lb": false}',
+            timeout=5,
+        )
+        assert events.decode(reply).connect_time_lb is False
+        assert loader.connect_time_lb is False
+    assert harness.persisted() is not None and harness.persisted().generation == 3

@@ -16,8 +16,9 @@ import pytest
 
 from apilane.node_loader import settings as loader_settings
 from apilane.node_loader.programs import HOOKS, ConnectTimeLB, programs_on_cgroup
-from apilane.node_loader.reconcile import Reconciler, StateFile
+from apilane.node_loader.reconcile import Reconciler
 from apilane.node_loader.settings import NodeLoaderSettings
+from apilane.node_loader.statefile import StateFile
 from apilane.testing.bpf import SERVICE_VIP4, BpfLab
 from apilane.testing.snapshots import make_snapshot
 

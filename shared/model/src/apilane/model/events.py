@@ -51,6 +51,8 @@ class WarningReason(StrEnum):
     INVALID_SNAPSHOT = "InvalidSnapshot"
     RENDER_FAILED = "RenderFailed"
     APPLY_FAILED = "ApplyFailed"
+    SNAPSHOT_REFUSED = "SnapshotRefused"  # not signed by a trusted key, or not acceptable
+    SNAPSHOT_EXPIRED = "SnapshotExpired"  # the snapshot a node holds is past its expiry
 
 
 class Finding(msgspec.Struct, frozen=True, kw_only=True):
@@ -147,6 +149,11 @@ class NodeState(msgspec.Struct, frozen=True, kw_only=True, tag="node-state"):
     last_error: str = ""
     applied_at: datetime | None = None
     updated_at: datetime = msgspec.field(default_factory=lambda: datetime.now(UTC))
+    # The held snapshot's signature: until when it is valid, and by which key. A node whose
+    # snapshot expired keeps programming it (fail static) and says so with `stale`.
+    snapshot_expires_at: datetime | None = None
+    stale: bool = False
+    signed_by: str = ""  # the key id, e.g. "ed25519:0123456789abcdef"
 
 
 class ClusterWarning(msgspec.Struct, frozen=True, kw_only=True, tag="warning"):

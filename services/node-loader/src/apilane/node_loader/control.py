@@ -3,8 +3,13 @@
 `ConnectTimeLb` decides at start between APILANE_CONNECT_TIME_LB and a live switch recorded
 in the state file (precedence in settings.py), attaches or detaches the programs, and
 switches them live; the maps are kept either way. `ControlServer` answers requests on the
-node's control subject: a switch is an operator action, and the reply (the node state
-afterwards) says whether it worked.
+node's control subject: a switch is an operator action, authorized by an operator's
+signature, and the reply (the node state afterwards) says whether it worked.
+
+The wire format (what `tools/apilane` sends): the request is the JSON envelope of
+`signing.seal_control(key, ControlRequest(cluster=, node=, connect_time_lb=, issued_at=now))`
+published as a core NATS request on `subjects.node_control_subject(cluster, node)`; the reply
+is a NodeState (`events.decode`) or `{"error": "...", "reason": "<label>"}`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,13 @@ import msgspec
 
 from apilane.model import events, subjects
 from apilane.model.events import NodeState
+from apilane.model.signing import (
+    ControlRequest,
+    SignatureError,
+    TrustedKeys,
+    open_control,
+    utcnow,
+)
 from apilane.node_loader.reconcile import Reconciler
 from apilane.node_loader.settings import LiveLbSwitch, resolve_connect_time_lb
 from apilane.node_loader.statefile import StateFileError
@@ -72,26 +84,31 @@ class ConnectTimeLb:
             self._record(decision.keep_switch)
         self._apply()
 
-    def switch(self, enabled: bool) -> None:
-        """Switch live: programs attached or detached, maps kept. The choice is persisted;
-        switching back to APILANE_CONNECT_TIME_LB clears the record."""
-        log.warning(
-            "switching the connect-time load balancer",
-            extra={"enabled": enabled, "env_connect_time_lb": self.env_value},
-        )
-        self.enabled = enabled
-        self._apply()
+    def switch(self, enabled: bool, *, issued_at: datetime) -> None:
+        """An operator's request, issued at `issued_at`: switch live (programs attached or
+        detached, maps kept) unless already so. The choice and the request's issue time are
+        persisted; switching back to APILANE_CONNECT_TIME_LB clears the choice's record."""
+        if enabled != self.enabled:
+            log.warning(
+                "switching the connect-time load balancer",
+                extra={"enabled": enabled, "env_connect_time_lb": self.env_value},
+            )
+            self.enabled = enabled
+            self._apply()
         self._record(
             None
             if enabled == self.env_value
             else LiveLbSwitch(
                 enabled=enabled, env_value=self.env_value, switched_at=datetime.now(UTC)
-            )
+            ),
+            control_issued_at=issued_at,
         )
 
-    def _record(self, switch: LiveLbSwitch | None) -> None:
+    def _record(
+        self, switch: LiveLbSwitch | None, *, control_issued_at: datetime | None = None
+    ) -> None:
         try:
-            self.reconciler.record_lb_switch(switch)
+            self.reconciler.record_lb_switch(switch, control_issued_at=control_issued_at)
             self.switch_error = ""
         except StateFileError as exc:
             # Applied live all the same; only a restart would fall back to the variable.
@@ -140,42 +157,79 @@ class ConnectTimeLb:
                 log.warning("closing the programs failed", extra={"error": str(exc)})
 
 
-class ControlRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """A request on the node's control subject; the reply is the node's NodeState.
-    An empty request only asks for the state. A live switch is persisted in the state file
-    and holds across loader restarts until APILANE_CONNECT_TIME_LB changes or the LB is
-    switched back (settings.py has the precedence rule)."""
+class ControlDisabled(SignatureError):
+    """No operator key is configured: no control request can be authorized."""
 
-    connect_time_lb: bool | None = None
+    reason = "disabled"
 
 
 class ControlServer:
-    """Request/reply on `apilane.v1.<cluster>.nodes.<node>.control`."""
+    """Request/reply on `apilane.v1.<cluster>.nodes.<node>.control`.
+
+    Only a `signing.ControlRequest` sealed by an operator key (APILANE_OPERATOR_KEYS) is
+    acted on, and only once: it must be for this cluster and node, issued within
+    `signing.CONTROL_WINDOW` of now and later than the last request accepted (persisted in
+    the state file, so a replay is refused after a restart too). Anything else is answered
+    `{"error": ..., "reason": ...}` and changes nothing. An accepted request is answered
+    with the NodeState afterwards.
+    """
 
     def __init__(
         self,
         *,
         lb: ConnectTimeLb,
+        operators: TrustedKeys,
         cluster: str,
         node: str,
         node_state: Callable[[], NodeState],
         publish_state: Callable[[], Awaitable[None]],
+        count: Callable[[str], None],
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.lb = lb
+        self.operators = operators
+        self.cluster = cluster
+        self.node = node
         self.subject = subjects.node_control_subject(cluster, node)
         self.node_state = node_state
         self.publish_state = publish_state
-        self._decoder = msgspec.json.Decoder(ControlRequest)
+        self.count = count  # by outcome: "accepted" or the reason of a refusal
+        self.clock = clock
 
     async def serve(self, bus: Bus) -> Any:
         return await bus.serve_requests(self.subject, self.handle)
 
     async def handle(self, data: bytes) -> bytes:
         try:
-            request = self._decoder.decode(data) if data else ControlRequest()
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return msgspec.json.encode({"error": f"bad control request: {exc}"})
-        if request.connect_time_lb is not None and request.connect_time_lb != self.lb.enabled:
-            self.lb.switch(request.connect_time_lb)
-            await self.publish_state()
+            request = self._open(data)
+        except (SignatureError, events.MalformedEvent) as exc:
+            reason = exc.reason if isinstance(exc, SignatureError) else "malformed"
+            self.count(reason)
+            log.warning(
+                "control request refused",
+                extra={"reason": reason, "error": str(exc), "bytes": len(data)},
+            )
+            return msgspec.json.encode({"error": f"bad control request: {exc}", "reason": reason})
+        self.count("accepted")
+        log.warning(
+            "control request accepted",
+            extra={
+                "issued_at": request.issued_at.isoformat(),
+                "connect_time_lb": request.connect_time_lb,
+            },
+        )
+        self.lb.switch(request.connect_time_lb, issued_at=request.issued_at)
+        await self.publish_state()
         return events.encode(self.node_state())
+
+    def _open(self, data: bytes) -> ControlRequest:
+        if not self.operators:
+            raise ControlDisabled("no operator key is configured (APILANE_OPERATOR_KEYS)")
+        return open_control(
+            data,
+            self.operators,
+            cluster=self.cluster,
+            node=self.node,
+            now=self.clock(),
+            last_accepted=self.lb.reconciler.control_issued_at,
+        )

@@ -11,6 +11,11 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 
 class LoaderMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self._define_apply(registry)
+        self._define_admission(registry)
+
+    def _define_apply(self, registry: CollectorRegistry) -> None:
+        """What the reconciler did with the snapshots it was given."""
         self.programming_latency = Histogram(
             "apilane_node_programming_latency_seconds",
             "From the EndpointSlice change (trigger time, else observation) to the map write",
@@ -35,11 +40,6 @@ class LoaderMetrics:
             ["reason"],
             registry=registry,
         )
-        self.ignored = Counter(
-            "apilane_node_snapshots_ignored_total",
-            "Snapshots at or below the applied generation",
-            registry=registry,
-        )
         self.entries_written = Counter(
             "apilane_node_map_entries_written_total",
             "Map elements written or deleted",
@@ -59,6 +59,44 @@ class LoaderMetrics:
         self.sockets_destroyed = Counter(
             "apilane_node_sockets_destroyed_total",
             "Sockets destroyed because their backend was removed",
+            registry=registry,
+        )
+
+    def _define_admission(self, registry: CollectorRegistry) -> None:
+        """What was let through to the reconciler, and the control subject."""
+        self.ignored = Counter(
+            "apilane_node_snapshots_ignored_total",
+            "Snapshots at or below the applied generation: refused (rollback, equivocation) "
+            "or taken as a refresh, never applied",
+            registry=registry,
+        )
+        self.refused = Counter(
+            "apilane_node_snapshots_refused_total",
+            "Snapshots refused before they reached the maps, by reason (unsigned, "
+            "unknown-key, bad-signature, mismatch, expired, not-yet-valid, rollback, "
+            "equivocation)",
+            ["reason"],
+            registry=registry,
+        )
+        self.refreshes = Counter(
+            "apilane_node_snapshot_refreshes_total",
+            "The held snapshot signed again with a later expiry: taken without map writes",
+            registry=registry,
+        )
+        self.stale = Gauge(
+            "apilane_node_snapshot_stale",
+            "1 while the maps hold a snapshot whose signature has expired (kept: fail static)",
+            registry=registry,
+        )
+        self.expires_at = Gauge(
+            "apilane_node_snapshot_expires_at_seconds",
+            "When the held snapshot's signature expires, Unix time (0: unknown)",
+            registry=registry,
+        )
+        self.control_requests = Counter(
+            "apilane_node_control_requests_total",
+            "Requests on the node's control subject: accepted, or the reason they were refused",
+            ["outcome"],
             registry=registry,
         )
 

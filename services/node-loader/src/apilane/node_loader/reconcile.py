@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 
+import msgspec
 from opentelemetry import trace
 
 from apilane.model.events import EndpointSnapshot, Finding, MapSummary, WarningReason
@@ -47,7 +48,13 @@ from apilane.node_loader.plan import (
     simulate,
 )
 from apilane.node_loader.settings import LiveLbSwitch
-from apilane.node_loader.statefile import AppliedState, PersistedState, StateFile, StateFileError
+from apilane.node_loader.statefile import (
+    AppliedState,
+    PersistedState,
+    Seal,
+    StateFile,
+    StateFileError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +147,10 @@ class Reconciler:
         self.verify_after_apply = verify_after_apply
         self.tracer = tracer or trace.get_tracer("apilane.node_loader")
         self.applied: AppliedState | None = None
-        # The operator's live connect-time LB switch, saved with every applied state.
+        # The operator's live connect-time LB switch and the issue time of the last control
+        # request accepted, saved with every applied state.
         self.lb_switch: LiveLbSwitch | None = None
+        self.control_issued_at: datetime | None = None
         # The applied state the file held at start, kept for saves made before `applied` is
         # set (a switch recorded while recovery failed must not erase it from the file).
         self._file_applied: AppliedState | None = None
@@ -157,6 +166,22 @@ class Reconciler:
     @property
     def applied_digest(self) -> str:
         return self.applied.digest if self.applied else ""
+
+    @property
+    def accepted(self) -> AppliedState | None:
+        """The highest snapshot accepted: the applied one, or the one the state file holds
+        while recovery could not bring the maps to it. New snapshots are judged against it."""
+        return self.applied or self._file_applied
+
+    @property
+    def seal(self) -> Seal | None:
+        """The signature the applied snapshot was accepted with (the latest refresh's)."""
+        return self.applied.seal if self.applied else None
+
+    def stale(self, now: datetime) -> bool:
+        """The maps hold a snapshot whose signature has expired (they keep it: fail static)."""
+        seal = self.seal
+        return seal is not None and now >= seal.expires_at
 
     def contents(self, *, refresh: bool = False) -> dict[Family, MapContents]:
         if refresh or self._contents is None:
@@ -178,6 +203,7 @@ class Reconciler:
         violations = check_invariants(self.contents(refresh=True))
         persisted, problem = self._load_state_file()
         self.lb_switch = persisted.lb_switch if persisted is not None else None
+        self.control_issued_at = persisted.control_issued_at if persisted is not None else None
         recorded = persisted.applied if persisted is not None else None
         self._file_applied = recorded
         if recorded is None:
@@ -195,7 +221,7 @@ class Reconciler:
                 violations_before=tuple(violations),
                 violations_after=tuple(violations),
             )
-        result = self._apply(recorded.snapshot, trigger="recover")
+        result = self._apply(recorded.snapshot, trigger="recover", seal=recorded.seal)
         if result.outcome in (Outcome.APPLIED, Outcome.UNCHANGED):
             self.applied = recorded
         return result
@@ -209,24 +235,29 @@ class Reconciler:
         except StateFileError as exc:
             return None, str(exc)
 
-    def record_lb_switch(self, switch: LiveLbSwitch | None) -> None:
+    def record_lb_switch(
+        self, switch: LiveLbSwitch | None, *, control_issued_at: datetime | None = None
+    ) -> None:
         """Keep (or, with None, drop) the live connect-time LB switch in the state file, next
-        to the applied state. Raises StateFileError; the switch is remembered either way."""
+        to the applied state, with the issue time of the control request that asked for it.
+        Raises StateFileError; both are remembered either way."""
         self.lb_switch = switch
+        if control_issued_at is not None:
+            self.control_issued_at = control_issued_at
         if self.state_file is None:
             return
         applied = self.applied or self._file_applied
-        if applied is None and switch is None:
+        if applied is None and switch is None and self.control_issued_at is None:
             # Nothing applied and nothing to keep: no file rather than an empty one.
             with contextlib.suppress(FileNotFoundError):
                 self.state_file.remove()
             return
-        self.state_file.save(PersistedState.of(applied, switch))
+        self.state_file.save(PersistedState.of(applied, switch, self.control_issued_at))
 
     # -- apply -----------------------------------------------------------------------------
 
-    def apply(self, snapshot: EndpointSnapshot) -> ApplyResult:
-        """Apply a snapshot from the bus (newer generations only)."""
+    def apply(self, snapshot: EndpointSnapshot, *, seal: Seal | None = None) -> ApplyResult:
+        """Apply a snapshot from the bus (newer generations only), accepted with `seal`."""
         if snapshot.generation <= self.applied_generation:
             return ApplyResult(
                 outcome=Outcome.IGNORED,
@@ -235,13 +266,24 @@ class Reconciler:
                 reason=f"generation {snapshot.generation} is not newer than the applied "
                 f"{self.applied_generation}",
             )
-        return self._apply(snapshot, trigger="snapshot")
+        return self._apply(snapshot, trigger="snapshot", seal=seal)
+
+    def refresh(self, seal: Seal) -> str:
+        """The applied snapshot, signed again with a later expiry: keep the maps as they are
+        (no map write) and persist the new seal. Returns a problem or ""."""
+        if self.applied is None:
+            raise ValueError("nothing applied to refresh")
+        current = self.applied.seal
+        if current is not None and seal.expires_at <= current.expires_at:
+            return ""  # an older signature of the same content: the held one lasts longer
+        self.applied = msgspec.structs.replace(self.applied, seal=seal)
+        return self._persist(self.applied)
 
     def reapply(self) -> ApplyResult | None:
         """Bring the maps back to the applied snapshot (an audit found drift)."""
         if self.applied is None:
             return None
-        return self._apply(self.applied.snapshot, trigger="repair")
+        return self._apply(self.applied.snapshot, trigger="repair", seal=self.applied.seal)
 
     def audit(self) -> list[Violation]:
         """Read the maps back and check them; repair from the applied snapshot on drift."""
@@ -263,7 +305,7 @@ class Reconciler:
             return False
         return not plan(target_contents(desired, contents), contents).empty
 
-    def _apply(self, snapshot: EndpointSnapshot, *, trigger: str) -> ApplyResult:
+    def _apply(self, snapshot: EndpointSnapshot, *, trigger: str, seal: Seal | None) -> ApplyResult:
         """Validate, plan against the cached view, write, verify, persist."""
         timings: dict[str, float] = {}
         clock = _Stopwatch(timings)
@@ -290,7 +332,7 @@ class Reconciler:
         problem = _problem(mismatched, violations_after)
         if not mismatched:
             with clock("persist"):
-                problem = problem or self._commit(snapshot)
+                problem = problem or self._commit(snapshot, seal)
         self.last_error = problem
         timings["total"] = sum(timings.values())
         result = ApplyResult(
@@ -356,19 +398,22 @@ class Reconciler:
         self._contents = after
         return after
 
-    def _commit(self, snapshot: EndpointSnapshot) -> str:
+    def _commit(self, snapshot: EndpointSnapshot, seal: Seal | None) -> str:
         """The maps hold `snapshot`: remember it and persist it. Returns a problem or ""."""
-        applied = AppliedState(
+        self.applied = AppliedState(
             generation=snapshot.generation,
             digest=snapshot.digest,
             applied_at=datetime.now(UTC),
             snapshot=snapshot,
+            seal=seal,
         )
-        self.applied = applied
+        return self._persist(self.applied)
+
+    def _persist(self, applied: AppliedState) -> str:
         if self.state_file is None:
             return ""
         try:
-            self.state_file.save(PersistedState.of(applied, self.lb_switch))
+            self.state_file.save(PersistedState.of(applied, self.lb_switch, self.control_issued_at))
         except StateFileError as exc:
             # The maps are right; only a restart without NATS would miss it.
             log.warning("cannot persist the applied state", extra={"error": str(exc)})

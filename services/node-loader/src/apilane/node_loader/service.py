@@ -28,19 +28,19 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from opentelemetry import trace
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from apilane.model import events, subjects
-from apilane.model.events import EndpointSnapshot, NodeState, WarningReason
+from apilane.model import subjects
+from apilane.model.events import NodeState
 from apilane.node_loader.control import ConnectTimeLb, ControlServer, ProgramsControl
+from apilane.node_loader.intake import SnapshotIntake
 from apilane.node_loader.metrics import LoaderMetrics
-from apilane.node_loader.nat import BackendValue, NatMaps
-from apilane.node_loader.reconcile import ApplyResult, Outcome, Reconciler
+from apilane.node_loader.nat import NatMaps
+from apilane.node_loader.reconcile import Reconciler
 from apilane.node_loader.reporting import SOURCE, Reporter
 from apilane.node_loader.settings import SERVICE_NAME, NodeLoaderSettings
 from apilane.node_loader.statefile import StateFile
@@ -103,15 +103,18 @@ class NodeLoader:
             programs=data_plane.programs,
             reconciler=self.reconciler,
         )
-        self.control = ControlServer(
-            lb=self.lb,
-            cluster=self.cluster,
-            node=self.node,
-            node_state=self.node_state,
-            publish_state=self.write_node_state,
-        )
-        self.reporter = Reporter(cluster=self.cluster, node=self.node)
         self.metrics = LoaderMetrics(registry)
+        self.reporter = Reporter(cluster=self.cluster, node=self.node)
+        self.control = self._control_server()
+        self.intake = SnapshotIntake(
+            reconciler=self.reconciler,
+            trusted=settings.trusted(),
+            metrics=self.metrics,
+            reporter=self.reporter,
+            tracer=self.tracer,
+            publish_state=self.write_node_state,
+            destroy_sockets=settings.destroy_stale_sockets and data_plane.programs is not None,
+        )
         self.registry = registry
         self.health = health or Health()
         self.bus: Bus | None = None
@@ -119,15 +122,24 @@ class NodeLoader:
         self.first_reconcile_done = False
         self._heartbeat = time.monotonic()
         self._initial_revision = 0
-        self._retry: EndpointSnapshot | None = None  # a snapshot whose map write failed
-        self._retry_at = 0.0
-        self._retry_backoff = Backoff(initial=0.5, maximum=30.0)
         self._state_due = 0.0
         self._audit_due = 0.0
         self.health.add_live("loop", lambda: time.monotonic() - self._heartbeat < 10 * _TICK + 5)
         self.health.add_ready("maps", lambda: self.maps_loaded)
         self.health.add_ready("programs", self.lb.ready)
         self.health.add_ready("first_reconcile", lambda: self.first_reconcile_done)
+
+    def _control_server(self) -> ControlServer:
+        requests = self.metrics.control_requests
+        return ControlServer(
+            lb=self.lb,
+            operators=self.settings.operators(),
+            cluster=self.cluster,
+            node=self.node,
+            node_state=self.node_state,
+            publish_state=self.write_node_state,
+            count=lambda outcome: requests.labels(outcome=outcome).inc(),
+        )
 
     @property
     def connect_time_lb(self) -> bool:
@@ -181,6 +193,7 @@ class NodeLoader:
 
     async def _serve(self, stopping: asyncio.Event) -> None:
         """The latest KV value first, then the watch, the heartbeat and the control subject."""
+        await self.intake.check_expiry()  # now that a warning can reach the bus
         if not await self._initial_reconcile(stopping):
             return
         control = await self.control.serve(self._bus)
@@ -234,14 +247,11 @@ class NodeLoader:
         self._state_due = self._audit_due = time.monotonic() + interval
         while not stopping.is_set():
             self._heartbeat = now = time.monotonic()
-            if self._retry is not None and now >= self._retry_at:
-                snapshot, self._retry = self._retry, None
-                log.info("retrying a failed apply", extra={"generation": snapshot.generation})
-                await self.apply_snapshot(snapshot, headers={})
+            await self.intake.retry_if_due()
             if now >= self._audit_due:
                 self._audit_due = now + interval
                 self._audit()
-            if now >= self._state_due:
+            if await self.intake.check_expiry() or now >= self._state_due:
                 await self.write_node_state()
             await first_of(stopping.wait(), timeout=min(_TICK, interval))
 
@@ -253,150 +263,18 @@ class NodeLoader:
         else:
             self.metrics.count_violations(violations)
 
-    # -- snapshots ---------------------------------------------------------------------------
-
     async def handle_entry(self, entry: KvEntry) -> None:
-        """One KV revision of the snapshot key: decode, apply, report."""
-        if entry.operation != "PUT":
-            # A deleted or purged key is not an empty cluster: keep the maps (fail static).
-            log.warning(
-                "snapshot key deleted; keeping the maps", extra={"revision": entry.revision}
-            )
-            return
-        try:
-            snapshot = events.decode_snapshot(entry.value)
-        except events.MalformedEvent as exc:
-            await self._malformed(entry, exc)
-            return
-        await self.apply_snapshot(snapshot, headers=entry.headers, attrs=self._attrs(entry))
-
-    async def _malformed(self, entry: KvEntry, exc: events.MalformedEvent) -> None:
-        with tracing.consuming(
-            self.tracer, "node-loader consume", entry.headers, self._attrs(entry)
-        ) as span:
-            span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
-        log.warning(
-            "malformed snapshot ignored", extra={"revision": entry.revision, "error": str(exc)}
-        )
-        self.metrics.failures.labels(reason=WarningReason.INVALID_SNAPSHOT).inc()
-        self.metrics.applies.labels(outcome="malformed").inc()
-        await self.reporter.warn(
-            WarningReason.INVALID_SNAPSHOT,
-            f"malformed snapshot at revision {entry.revision}: {exc}",
-            0,
-        )
-
-    def _attrs(self, entry: KvEntry) -> dict[str, str | int]:
-        return {
-            "messaging.system": "nats",
-            "messaging.operation": "process",
-            "messaging.destination.name": subjects.kv_subject(entry.bucket, entry.key),
-            "apilane.kv.revision": entry.revision,
-            "apilane.node": self.node,
-        }
-
-    async def apply_snapshot(
-        self,
-        snapshot: EndpointSnapshot,
-        *,
-        headers: dict[str, str],
-        attrs: dict[str, str | int] | None = None,
-    ) -> ApplyResult:
-        span_attrs = {
-            **(attrs or {}),
-            "apilane.generation": snapshot.generation,
-            "apilane.digest": snapshot.digest,
-            "apilane.node": self.node,
-        }
-        with tracing.consuming(self.tracer, "node-loader consume", headers, span_attrs) as span:
-            with self.tracer.start_as_current_span("apply") as apply_span:
-                result = self.reconciler.apply(snapshot)
-                apply_span.set_attribute("apilane.outcome", str(result.outcome))
-                apply_span.set_attribute("entries_written", result.entries_written)
-                if result.outcome in (Outcome.REJECTED, Outcome.FAILED):
-                    apply_span.set_status(trace.Status(trace.StatusCode.ERROR, result.reason))
-            span.set_attribute("apilane.outcome", str(result.outcome))
-        await self._after_apply(snapshot, result)
-        return result
-
-    async def _after_apply(self, snapshot: EndpointSnapshot, result: ApplyResult) -> None:
-        self.metrics.applies.labels(outcome=str(result.outcome)).inc()
-        self.metrics.count_violations(result.violations_before)
-        log_extra = _log_extra(snapshot, result)
-        if result.outcome is Outcome.IGNORED:
-            self.metrics.ignored.inc()
-            log.info("snapshot ignored", extra=log_extra)
-        elif result.outcome in (Outcome.REJECTED, Outcome.FAILED):
-            log.warning("snapshot not applied; the maps keep the last good state", extra=log_extra)
-            await self._not_applied(snapshot, result)
-        else:
-            log.info("snapshot applied", extra=log_extra)
-            await self._applied(snapshot, result)
-
-    async def _not_applied(self, snapshot: EndpointSnapshot, result: ApplyResult) -> None:
-        self.metrics.failures.labels(reason=result.warning_reason or str(result.outcome)).inc()
-        await self.reporter.warn(
-            result.warning_reason or WarningReason.APPLY_FAILED,
-            f"node {self.node} did not apply generation {snapshot.generation}: {result.reason}",
-            snapshot.generation,
-        )
-        if result.outcome is Outcome.FAILED:
-            self._retry = snapshot
-            self._retry_at = time.monotonic() + self._retry_backoff.next_delay()
-        await self.write_node_state()
-
-    async def _applied(self, snapshot: EndpointSnapshot, result: ApplyResult) -> None:
-        self._retry = None
-        self._retry_backoff.reset()
-        self.metrics.apply_duration.observe(result.timings.get("total", 0.0))
-        self.metrics.generation.set(self.reconciler.applied_generation)
-        if result.outcome is Outcome.APPLIED:
-            self.metrics.entries_written.inc(result.entries_written)
-            for trigger in snapshot.trigger_times or (snapshot.observed_at,):
-                latency = (result.finished_at - _aware(trigger)).total_seconds()
-                self.metrics.programming_latency.observe(max(latency, 0.0))
-        for finding in result.findings:
-            await self.reporter.warn(
-                finding.reason, f"node {self.node}: {finding.message}", snapshot.generation
-            )
-        if result.removed_backends and self.settings.destroy_stale_sockets:
-            await self._destroy_sockets(result.removed_backends)
-        await self.write_node_state()
-
-    async def _destroy_sockets(self, backends: tuple[BackendValue, ...]) -> None:
-        """Close host sockets still connected to removed backends, so clients reconnect
-        through the service address to a live one. Best effort: never fails the apply."""
-        if self.data_plane.programs is None:
-            return  # in-memory maps: no kernel socket was ever translated by us
-        from apilane.node_loader import sockets
-
-        try:
-            # A netlink dump of every socket on a busy node: off the event loop.
-            report = await asyncio.to_thread(
-                sockets.destroy_connected, [sockets.Destination(b.ip, b.port) for b in backends]
-            )
-        except Exception as exc:
-            log.warning("destroying sockets to removed backends failed", extra={"error": str(exc)})
-            return
-        if not report.supported:
-            log.warning("cannot destroy sockets here", extra={"reason": report.reason})
-            return
-        self.metrics.sockets_destroyed.inc(report.destroyed)
-        log.info(
-            "destroyed sockets to removed backends",
-            extra={
-                "backends": [f"{b.ip}:{b.port}" for b in backends],
-                "destroyed": report.destroyed,
-                "already_gone": report.already_gone,
-                "failures": report.failures,
-            },
-        )
+        """One KV revision of the snapshot key: admit, apply or refresh, report."""
+        await self.intake.handle(entry)
 
     # -- reporting ---------------------------------------------------------------------------
 
     def node_state(self) -> NodeState:
         applied = self.reconciler.applied
-        errors = [e for e in (self.reconciler.last_error, *self.lb.errors) if e]
+        seal = self.reconciler.seal
+        errors = [
+            e for e in (self.intake.refusal, self.reconciler.last_error, *self.lb.errors) if e
+        ]
         return NodeState(
             cluster=self.cluster,
             node=self.node,
@@ -407,6 +285,9 @@ class NodeLoader:
             connect_time_lb=self.lb.enabled,
             last_error="; ".join(errors),
             applied_at=applied.applied_at if applied else None,
+            snapshot_expires_at=seal.expires_at if seal else None,
+            stale=self.reconciler.stale(self.intake.clock()),
+            signed_by=seal.key_id if seal else "",
         )
 
     async def write_node_state(self) -> None:
@@ -415,25 +296,6 @@ class NodeLoader:
         if not await self.reporter.write_state(self.node_state()) and self.bus is not None:
             # NATS is down: the data plane does not care; try again soon.
             self._state_due = time.monotonic() + min(interval, 2.0)
-
-
-def _log_extra(snapshot: EndpointSnapshot, result: ApplyResult) -> dict[str, Any]:
-    return {
-        "generation": snapshot.generation,
-        "digest": snapshot.digest,
-        "outcome": str(result.outcome),
-        "entries_written": result.entries_written,
-        "reason": result.reason,
-        "timings_ms": {k: round(v * 1000, 3) for k, v in result.timings.items()},
-        "findings": [
-            {"reason": str(f.reason), "object_ref": f.object_ref, "message": f.message}
-            for f in result.findings
-        ],
-    }
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 async def main(

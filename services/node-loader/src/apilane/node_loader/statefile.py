@@ -2,9 +2,11 @@
 
 One small JSON file, replaced atomically (write, fsync, rename, fsync the directory) after
 every apply, so a crash leaves the old or the new version and never half of one. It holds
-the last snapshot applied completely (enough to rebuild the desired maps at start) and the
-operator's live connect-time LB switch (precedence in settings.py). Fields added later have
-defaults: a file written by an older loader reads as before.
+the last snapshot applied completely (enough to rebuild the desired maps at start) with the
+signature it was accepted with (the highest generation accepted: what rollbacks are judged
+against, also after a restart), the operator's live connect-time LB switch (precedence in
+settings.py) and the issue time of the last control request accepted. Fields added later
+have defaults: a file written by an older loader reads as before.
 """
 
 from __future__ import annotations
@@ -29,19 +31,31 @@ class StateFileError(ApilaneError):
     """The applied-state file exists but cannot be read or written."""
 
 
+class Seal(msgspec.Struct, frozen=True, kw_only=True):
+    """The signature a snapshot was accepted with (apilane.model.signing): which content,
+    valid until when, signed by which key."""
+
+    content_digest: str  # of the signed payload bytes: the same for a re-signed refresh
+    expires_at: datetime
+    key_id: str
+
+
 class AppliedState(msgspec.Struct, frozen=True, kw_only=True):
-    """The last snapshot applied completely: enough to rebuild the desired maps without NATS."""
+    """The last snapshot applied completely: enough to rebuild the desired maps without NATS.
+    Its generation and seal are the highest accepted: an older replay is a rollback."""
 
     generation: int
     digest: str
     applied_at: datetime
     snapshot: EndpointSnapshot
+    seal: Seal | None = None  # None: applied by a loader from before snapshots were signed
 
 
 class PersistedState(msgspec.Struct, frozen=True, kw_only=True):
-    """What the state file holds: the applied state (absent while no snapshot was applied)
-    and the live connect-time LB switch (absent unless an operator switched it). Both
-    optional fields were added compatibly: a file without them reads as before."""
+    """What the state file holds: the applied state (absent while no snapshot was applied),
+    the live connect-time LB switch (absent unless an operator switched it) and when the
+    last control request accepted was issued (so a replay is refused after a restart too).
+    The optional fields were added compatibly: a file without them reads as before."""
 
     version: int = STATE_FILE_VERSION
     generation: int = 0
@@ -49,17 +63,26 @@ class PersistedState(msgspec.Struct, frozen=True, kw_only=True):
     applied_at: datetime | None = None
     snapshot: EndpointSnapshot | None = None
     lb_switch: LiveLbSwitch | None = None
+    seal: Seal | None = None
+    control_issued_at: datetime | None = None
 
     @classmethod
-    def of(cls, applied: AppliedState | None, lb_switch: LiveLbSwitch | None) -> PersistedState:
+    def of(
+        cls,
+        applied: AppliedState | None,
+        lb_switch: LiveLbSwitch | None,
+        control_issued_at: datetime | None = None,
+    ) -> PersistedState:
         if applied is None:
-            return cls(lb_switch=lb_switch)
+            return cls(lb_switch=lb_switch, control_issued_at=control_issued_at)
         return cls(
             generation=applied.generation,
             digest=applied.digest,
             applied_at=applied.applied_at,
             snapshot=applied.snapshot,
             lb_switch=lb_switch,
+            seal=applied.seal,
+            control_issued_at=control_issued_at,
         )
 
     @property
@@ -71,6 +94,7 @@ class PersistedState(msgspec.Struct, frozen=True, kw_only=True):
             digest=self.digest,
             applied_at=self.applied_at,
             snapshot=self.snapshot,
+            seal=self.seal,
         )
 
 

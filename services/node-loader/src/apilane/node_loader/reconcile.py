@@ -15,6 +15,9 @@ it applied completely. Rules:
   that emptied bpffs, a foreign write), so the maps are consistent before the loader
   talks to NATS; the latest KV value is applied after that. The same file keeps the
   operator's live connect-time LB switch (`record_lb_switch`; precedence in settings.py).
+- The seal a snapshot was accepted with (content digest, expiry, key) is kept with it:
+  what the next value is judged against (admission.py), also after a restart. A refresh
+  (same content, later expiry) only replaces the seal; expiry never changes the maps.
 
 The kernel is not a database we can roll back: a map write that fails halfway leaves a
 consistent (make-before-break) intermediate state, marks the cached view stale, and the

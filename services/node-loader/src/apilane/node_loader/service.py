@@ -7,8 +7,10 @@ Start-up order (the data plane first, the bus second):
 3. decide the connect-time LB setting (APILANE_CONNECT_TIME_LB, or the operator's live switch
    recorded in the state file: precedence in settings.py), then attach the connect-time
    programs if it says on, detach them if off (control.py);
-4. connect to NATS (`lifecycle.bus_session`: retrying for as long as it takes), apply the
-   latest KV value, then watch the snapshot key and apply every new revision.
+4. connect to NATS (`lifecycle.bus_session`: retrying for as long as it takes), take the
+   latest KV value, then watch the snapshot key and take every new revision. Each value is
+   verified and judged before anything else (admission.py, intake.py): only snapshots
+   signed by a trusted key, newer than the one held, reach the reconciler.
 
 Stopping (SIGTERM) keeps the maps pinned and the programs attached: every connect() on
 the node depends on them, and a loader restart or upgrade must not open a window without

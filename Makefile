@@ -17,7 +17,7 @@ setup:
 
 up: setup
 	@bash tools/install-tracing-ui.sh >/dev/null
-	@$(PY) tools/up.py
+	@$(VENV)/bin/apilane up
 
 test: setup lint typecheck pytest
 
@@ -27,7 +27,7 @@ lint:
 	$(VENV)/bin/ruff format --check .
 
 typecheck:
-	$(VENV)/bin/mypy -p apilane.model -p apilane.runtime -p apilane.kube -p apilane.testing -p apilane.discovery -p apilane.renderer -p apilane.node_loader
+	$(VENV)/bin/mypy -p apilane.model -p apilane.runtime -p apilane.kube -p apilane.testing -p apilane.discovery -p apilane.renderer -p apilane.node_loader -p apilane.cli
 
 pytest:
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

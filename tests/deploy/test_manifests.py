@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from apilane.kube.client import Conflict, KubeClient, NotFound
+from apilane.testing.kube import object_path, resource_paths
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube]
 
@@ -60,35 +61,6 @@ def apply_order(docs: list[tuple[Path, dict[str, Any]]]) -> list[tuple[Path, dic
 # --------------------------------------------------------------------------- real apiserver
 
 
-async def resource_paths(kube: KubeClient) -> dict[tuple[str, str], tuple[str, bool]]:
-    """(apiVersion, kind) -> (URL prefix of the collection, namespaced?) from API discovery."""
-    found: dict[tuple[str, str], tuple[str, bool]] = {}
-    wanted = {doc["apiVersion"] for _, doc in all_documents()}
-    for api_version in wanted:
-        base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-        listing = await kube.get(base)
-        for resource in listing["resources"]:
-            if "/" not in resource["name"]:
-                found[(api_version, resource["kind"])] = (
-                    f"{base}/{resource['name']}",
-                    bool(resource["namespaced"]),
-                )
-    return found
-
-
-def object_path(
-    paths: dict[tuple[str, str], tuple[str, bool]], doc: dict[str, Any]
-) -> tuple[str, str]:
-    """(collection path, object path) for a manifest document."""
-    collection, namespaced = paths[(doc["apiVersion"], doc["kind"])]
-    if namespaced:
-        namespace = doc["metadata"].get("namespace")
-        assert namespace, f"{doc['kind']}/{doc['metadata']['name']} needs a namespace"
-        base, resource = collection.rsplit("/", 1)
-        collection = f"{base}/namespaces/{namespace}/{resource}"
-    return collection, f"{collection}/{doc['metadata']['name']}"
-
-
 async def ensure_namespace(kube: KubeClient, name: str) -> None:
     body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
     with contextlib.suppress(Conflict):
@@ -96,7 +68,7 @@ async def ensure_namespace(kube: KubeClient, name: str) -> None:
 
 
 async def test_every_manifest_passes_server_side_dry_run_apply(kube: KubeClient) -> None:
-    paths = await resource_paths(kube)
+    paths = await resource_paths(kube, {doc["apiVersion"] for _, doc in all_documents()})
     # A dry run creates nothing, so the namespaces the objects live in must exist for real.
     for namespace in (NAMESPACE, *PREREQUISITE_NAMESPACES):
         await ensure_namespace(kube, namespace)
@@ -229,7 +201,7 @@ async def rbac_applied(kube: KubeClient) -> AsyncIterator[KubeClient]:
     """The ServiceAccounts, Roles and bindings of deploy/rbac-*.yaml, created for real;
     removed afterwards (the namespaces stay: without a controller manager they never finish
     terminating)."""
-    paths = await resource_paths(kube)
+    paths = await resource_paths(kube, {doc["apiVersion"] for _, doc in all_documents()})
     for namespace in (NAMESPACE, *PREREQUISITE_NAMESPACES):
         await ensure_namespace(kube, namespace)
     rbac_docs = [(p, d) for p in sorted(DEPLOY.glob("rbac-*.yaml")) for d in documents(p)]

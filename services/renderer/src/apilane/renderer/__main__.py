@@ -1,5 +1,5 @@
-"""`python -m apilane.renderer` runs the service; `python -m apilane.renderer manifest …`
-prints the env for manifest installs (the same as `apilane-render manifest …`)."""
+"""`python -m apilane.renderer` (the `apilane-renderer` console script) runs the service. The
+env for manifest installs is printed by the operator CLI: `apilane render manifest`."""
 
 from __future__ import annotations
 
@@ -12,13 +12,10 @@ from apilane.runtime import serve
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "manifest":
-        from apilane.renderer import cli
-
-        return cli.main(args)
     if args:
         print(
-            f"usage: python -m apilane.renderer [manifest ...]; unknown {args[0]!r}",
+            f"usage: python -m apilane.renderer (no arguments; `apilane render manifest` prints "
+            f"the env for manifest installs); unknown {args[0]!r}",
             file=sys.stderr,
         )
         return 2

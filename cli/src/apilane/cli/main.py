@@ -4,6 +4,7 @@
     apilane simulate failover        replace one API server endpoint, follow the change
     apilane render manifest          the env and a DaemonSet snippet for manifest installs
     apilane up [--memory]            the local stack, until Ctrl-C (`make up`)
+    apilane keys generate DIR        an Ed25519 key pair (snapshot signing, operator control)
 
 `status` and `simulate failover` talk to the local stack `apilane up` runs, or to the stack
 --nats-url (APILANE_NATS_URL) names; --nats-url, --cluster, --kubeconfig and --daemonset go
@@ -18,6 +19,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import ModuleType
 
 from apilane.cli.errors import CliError, UsageError
@@ -93,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
         output, "manifest", run_manifest, "print the env lines and a calico-node DaemonSet snippet"
     )
     manifest.add_argument("--format", choices=("all", "env", "yaml"), default="all")
+    keys = commands.add_parser("keys", help="signing keys")
+    key_commands = keys.add_subparsers(dest="key_command", required=True, metavar="ACTION")
+    generate = command(
+        key_commands,
+        "generate",
+        run_keys_generate,
+        "write an Ed25519 key pair: NAME.pem (private, 0600) and NAME.pub",
+        targeted=False,
+    )
+    generate.add_argument("directory", type=Path, help="where to write the pair")
+    generate.add_argument("--name", default="signing", help="file name stem (default: signing)")
+    generate.add_argument("--force", action="store_true", help="replace an existing pair")
     up = command(
         commands,
         "up",
@@ -139,6 +153,12 @@ def run_manifest(args: argparse.Namespace) -> int:
     from apilane.cli.manifest import manifest
 
     return asyncio.run(manifest(flags(args), fmt=args.format, out=sys.stdout))
+
+
+def run_keys_generate(args: argparse.Namespace) -> int:
+    from apilane.cli.keys import generate
+
+    return generate(args.directory, args.name, force=args.force, out=sys.stdout)
 
 
 def run_up(args: argparse.Namespace) -> int:

@@ -50,10 +50,10 @@ scrape without that label still works (it is then empty on both sides).
       annotations:
         summary: A node-loader holds an older snapshot than the cluster
         description: >-
-          node-loader {{`{{ $labels.instance }}`}} still programs generation
-          {{`{{ $value }}`}} while a newer one has been published for
-          {{ $alerts.nodeBehind.for }}. The node keeps its last good maps; check its logs,
-          its NATS connection and apilane_node_apply_failures_total.
+          node-loader {{`{{ $labels.instance }}`}} has held generation {{`{{ $value }}`}},
+          older than the newest published one, for {{ $alerts.nodeBehind.for }}. The node
+          keeps its last good maps; check its logs, its NATS connection and
+          apilane_node_apply_failures_total.
     - alert: ApilaneNodeRefusedSnapshots
       # Snapshots a node-loader refused (bad signature, unknown key, malformed, ...).
       expr: |

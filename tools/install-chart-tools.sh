@@ -93,6 +93,8 @@ install_one() { # name dir module_dir package ldflags
         (
             cd "$module_dir"
             export CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -buildvcs=false"
+            say "fetching the modules of $name (go mod download)"
+            go mod download
             build_with_progress "$name" "$package" \
                 -trimpath -ldflags="-s -w $ldflags" -o "$scratch/$name" "$package"
         ) || { rm -rf "$scratch"; exit 1; }

@@ -281,7 +281,18 @@ def test_optional_objects_follow_their_values(helm: str) -> None:
     assert not [key for key in without if key[0] == "Namespace"]
     assert ("PodDisruptionBudget", "apilane", "apilane-renderer") not in without
     assert ("PodDisruptionBudget", "apilane", "apilane-discovery") in without
-    assert not [key for key in rendered({}, helm) if key[0] == "PrometheusRule"]
+    defaults = rendered({}, helm)
+    assert not [key for key in defaults if key[0] in ("PrometheusRule", "PodMonitor")]
+    monitor = rendered({"metrics": {"podMonitor": {"enabled": True}}}, helm)[
+        ("PodMonitor", "apilane", "apilane")
+    ]
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+    for kind, workload in WORKLOADS:
+        [port] = container(defaults, kind, workload)["ports"]
+        assert port["name"] == "http", workload
+    [selector] = monitor["spec"]["selector"]["matchExpressions"]
+    assert set(selector["values"]) == {name for _, name in WORKLOADS}
     rule_values = {"alerts": {"prometheusRule": {"enabled": True, "labels": {"release": "kps"}}}}
     rule = rendered(rule_values, helm)[("PrometheusRule", "apilane", "apilane")]
     assert rule["metadata"]["labels"]["release"] == "kps"
@@ -291,9 +302,14 @@ def test_optional_objects_follow_their_values(helm: str) -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"clusterName": "prod eu"}, "clusterName"),
-        ({"renderer": {"mode": "sometimes"}}, "renderer.mode"),
-        ({"logLevel": "LOUD"}, "logLevel"),
+        # values.schema.json
+        ({"clusterName": "prod eu"}, "/clusterName"),
+        ({"renderer": {"mode": "sometimes"}}, "/renderer/mode"),
+        ({"logLevel": "LOUD"}, "/logLevel"),
+        ({"clustername": "typo"}, "'clustername' not allowed"),
+        ({"nats": {"urls": ["nats-0:4222"]}}, "/nats/urls/0"),
+        ({"leaderElection": {"leaseDuration": "15 seconds"}}, "/leaderElection/leaseDuration"),
+        # the templates' checks across values
         ({"namespace": {"name": "kube-system"}}, "namespace.name"),
         ({"renderer": {"target": {"namespace": "apilane"}}}, "renderer.target.namespace"),
         ({"nats": {"bundled": {"enabled": False}}}, "nats.urls"),

@@ -49,22 +49,14 @@ fixed namespaces such as default and kube-system, and it patches one calico-node
 {{- if . }}{{ join "," . }}{{ else }}-{{ end -}}
 {{- end }}
 
+{{/* Checks across values; each value on its own is checked by values.schema.json. */}}
 {{- define "apilane.validate" -}}
-{{- if not (regexMatch "^[A-Za-z0-9_-]+$" (toString .Values.clusterName)) -}}
-{{- fail (printf "clusterName %q: letters, digits, - and _ only (it is a NATS KV key)" (toString .Values.clusterName)) -}}
-{{- end -}}
-{{- if not (has .Values.renderer.mode (list "apply" "dry-run")) -}}
-{{- fail (printf "renderer.mode %q: apply or dry-run" .Values.renderer.mode) -}}
-{{- end -}}
 {{- $namespace := include "apilane.namespace" . -}}
 {{- if has $namespace (list "default" "kube-system") -}}
 {{- fail (printf "namespace.name %q: discovery's Roles in default and kube-system would collide with its own; install into a namespace of its own" $namespace) -}}
 {{- end -}}
 {{- if eq $namespace .Values.renderer.target.namespace -}}
 {{- fail (printf "renderer.target.namespace %q is apilane's own namespace: the renderer's two Roles would collide" $namespace) -}}
-{{- end -}}
-{{- if not (has .Values.logLevel (list "DEBUG" "INFO" "WARNING" "ERROR")) -}}
-{{- fail (printf "logLevel %q: DEBUG, INFO, WARNING or ERROR" .Values.logLevel) -}}
 {{- end -}}
 {{- end }}
 

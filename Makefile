@@ -4,12 +4,13 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup up test lint typecheck pytest bench clean
+.PHONY: help setup up test lint typecheck pytest bench clean manifests
 
 help:
 	@echo "make up     - the local stack (nats, control plane, discovery, renderer, node-loader, tracing UI)"
 	@echo "make test   - install everything, then lint, type-check and run every test"
 	@echo "make bench  - benchmarks, printed as a table"
+	@echo "make manifests - write deploy/*.yaml and deploy/alerts/ from the Helm chart"
 	@echo "make clean  - stop nothing, remove local state (.apilane/)"
 
 setup:
@@ -31,6 +32,10 @@ typecheck:
 
 pytest:
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# deploy/*.yaml and deploy/alerts/apilane-rules.yaml are the chart's default rendering.
+manifests:
+	$(PY) tools/render_manifests.py
 
 bench: setup
 	BENCH=$(BENCH) $(PY) bench/run.py

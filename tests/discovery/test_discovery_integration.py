@@ -23,12 +23,13 @@ from prometheus_client import CollectorRegistry
 from apilane.discovery import service
 from apilane.discovery.settings import DiscoverySettings
 from apilane.kube.client import KubeClient, KubeError, NotFound
+from apilane.kube.leader import LeaseSettings
 from apilane.kube.watch import WATCH_RESTARTS
 from apilane.model import events, subjects
 from apilane.model.events import ClusterWarning, EndpointSnapshot, WarningReason
 from apilane.runtime.bus import Bus
 from apilane.runtime.config import CommonSettings
-from apilane.runtime.serve import Health, start_http
+from apilane.runtime.serve import Health, ServiceContext, start_http
 from apilane.testing.kube import ControlPlane, endpoint_slice
 from apilane.testing.nats import NatsServer
 
@@ -51,9 +52,10 @@ def settings_for(
     identity: str = "replica-a",
     cluster: str | None = None,
 ) -> DiscoverySettings:
+    cluster = cluster or f"c-{secrets.token_hex(4)}"
     return DiscoverySettings(
         common=CommonSettings(
-            cluster=cluster or f"c-{secrets.token_hex(4)}",
+            cluster=cluster,
             nats_urls=(nats_server.url,),
             kubeconfig=str(control_plane.kubeconfig_path),
         ),
@@ -61,14 +63,17 @@ def settings_for(
         service_name=service_name,
         kube_proxy_namespace=namespace,
         kube_proxy_name="kube-proxy",
-        lease_namespace=namespace,
-        identity=identity,
         coalesce_window=0.05,
-        lease_duration=3.0,
-        lease_renew_interval=0.5,
-        lease_retry_interval=0.2,
         publish_retry_max=0.5,
         watch_backoff_max=1.0,
+        lease=LeaseSettings(
+            namespace=namespace,
+            name=subjects.discovery_lease(cluster),
+            identity=identity,
+            duration=3.0,
+            renew_interval=0.5,
+            retry_interval=0.2,
+        ),
     )
 
 
@@ -82,7 +87,9 @@ async def running(
     stop = asyncio.Event()
     started: asyncio.Future[service.DiscoveryService] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(
-        service.run(settings, stop, registry=registry, health=health, started=started)
+        service.main(
+            context(settings, stop, registry, health), settings, started=started.set_result
+        )
     )
     try:
         done, _ = await asyncio.wait(
@@ -95,6 +102,22 @@ async def running(
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=15)
+
+
+def context(
+    settings: DiscoverySettings,
+    stop: asyncio.Event,
+    registry: CollectorRegistry | None = None,
+    health: Health | None = None,
+) -> ServiceContext:
+    """What `serve` hands a service body, for an in-process run."""
+    return ServiceContext(
+        name=service.SERVICE_NAME,
+        settings=settings.common,
+        stopping=stop,
+        health=health if health is not None else Health(),
+        registry=registry if registry is not None else CollectorRegistry(),
+    )
 
 
 async def create_service(
@@ -1098,7 +1121,7 @@ async def test_readiness_follows_the_watches_and_the_nats_connection(
 
     await asyncio.to_thread(nats_server.stop)
     stop = asyncio.Event()
-    task = asyncio.create_task(service.run(settings, stop, health=health))
+    task = asyncio.create_task(service.main(context(settings, stop, health=health), settings))
     try:
         # Starting without NATS: nothing connected, nothing listed, so not ready.
         await asyncio.sleep(0.5)

@@ -376,19 +376,24 @@ async def test_a_failed_kubernetes_event_does_not_hold_up_publishing_and_is_retr
         metrics=DiscoveryMetrics(registry),
         recorder=recorder,
         coalesce_window=0.01,
-        event_retry_interval=0.05,
+        retry_initial=0.02,
+        retry_max=0.05,
     )
     stop = asyncio.Event()
     task = asyncio.create_task(publisher.run(stop))
     publisher.offer(view("192.0.2.1", ds=None), change("1"))
     await asyncio.sleep(0.1)
     assert len(bus.puts) == 1 and len(bus.warnings) == 1
+    assert publisher.pending  # the view is not done while its Event is not recorded
     recorder.fail = False
     await asyncio.sleep(0.2)
     stop.set()
     await asyncio.wait_for(task, 2)
     assert [f.reason for f in recorder.recorded] == [WarningReason.KUBE_PROXY_MISSING]
     assert len(bus.puts) == 1 and len(bus.warnings) == 1
+    assert not publisher.pending
+    # Retrying the Event re-read the bucket and suppressed the snapshot: no publish failure.
+    assert metric(registry, "apilane_discovery_publish_failures_total") == 0
 
 
 async def test_latency_is_measured_from_the_trigger_time(

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from apilane.kube.client import KubeClient
-from apilane.kube.leader import LeaderElector
+from apilane.kube.leader import LeaderElector, LeaseSettings, lead
 from apilane.model import events, subjects
 from apilane.model.envformat import IpPort
 from apilane.model.events import (
@@ -32,8 +32,9 @@ from apilane.model.events import (
 )
 from apilane.renderer import cli, service
 from apilane.renderer.applier import APPLIED_GENERATION
-from apilane.renderer.render import APISERVER_ENDPOINTS, MANAGED_ENV_ANNOTATION, SERVICE_IPS_PORTS
-from apilane.renderer.service import Renderer, lead_and_render
+from apilane.renderer.ownership import MANAGED_ENV_ANNOTATION
+from apilane.renderer.render import APISERVER_ENDPOINTS, SERVICE_IPS_PORTS
+from apilane.renderer.service import Renderer
 from apilane.renderer.settings import FIELD_MANAGER, SERVICE_NAME, RendererSettings
 from apilane.renderer.settings import load as load_settings
 from apilane.runtime import serve
@@ -163,20 +164,22 @@ class Harness:
         values: dict[str, Any] = {
             "common": CommonSettings(cluster=self.cluster),
             "target_namespace": self.namespace,
-            "leader_election": False,
+            "lease": LeaseSettings(
+                enabled=False, name=subjects.renderer_lease(self.cluster), identity="renderer-test"
+            ),
             "coalesce_during_rollout": False,
         }
         values.update(overrides)
         return RendererSettings(**values)
 
     async def start(
-        self, *, _before_patch: Callable[[int], Awaitable[None]] | None = None, **overrides: Any
+        self, *, before_patch: Callable[[int], Awaitable[None]] | None = None, **overrides: Any
     ) -> Renderer:
         renderer = Renderer(
             bus=self.bus,
             kube=self.kube,
             settings=self.settings(**overrides),
-            _before_patch=_before_patch,
+            before_patch=before_patch,
         )
         stop = asyncio.Event()
         self._renderers.append((stop, asyncio.create_task(renderer.run(stop))))
@@ -344,7 +347,7 @@ async def test_a_conflicting_concurrent_update_is_retried(world: Harness) -> Non
                 patch_type="merge",
             )
 
-    await world.start(_before_patch=change_it_first)
+    await world.start(before_patch=change_it_first)
     await world.publish(snapshot(world.cluster, 1))
     result = await world.result()
     assert result.outcome == "applied", result.reason
@@ -690,7 +693,7 @@ async def test_manifest_cli_reads_a_cluster_straight_from_a_kubeconfig(
     kube = kubernetes_endpoints
     service = await kube.get("/api/v1/namespaces/default/services/kubernetes")
     # The slice port is the Service's numeric targetPort (the apiserver's secure port), as the
-    # endpoint reconciler writes it: a numeric targetPort selects by number only (issue 3).
+    # endpoint reconciler writes it: a numeric targetPort selects by number only.
     target_port = service["spec"]["ports"][0]["targetPort"]
     await kube.create(
         "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
@@ -745,7 +748,7 @@ async def test_only_the_leader_patches_and_a_follower_takes_over(world: Harness)
         stop = asyncio.Event()
         stops.append(stop)
         electors.append(elector)
-        tasks.append(asyncio.create_task(lead_and_render(renderer, elector, stop)))
+        tasks.append(asyncio.create_task(lead(elector, renderer.run, stop)))
         if identity == "renderer-a":
             await asyncio.wait_for(elector.wait_until_leader(), timeout=5)
 
@@ -783,8 +786,11 @@ async def test_the_service_elects_renders_and_serves_probes_and_metrics(
             http_host="127.0.0.1",
             http_port=0,
         ),
-        leader_election=True,
-        lease_namespace=world.namespace,
+        lease=LeaseSettings(
+            namespace=world.namespace,
+            name=subjects.renderer_lease(world.cluster),
+            identity="renderer-under-test",
+        ),
     )
     stop = asyncio.Event()
     contexts: list[serve.ServiceContext] = []
@@ -858,7 +864,10 @@ async def test_readiness_is_false_while_nats_is_unreachable_at_start(
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{contexts[0].http_port}/readyz") as response:
                 assert response.status == 503
-                assert (await response.json())["checks"] == {"nats": False, "renderer": False}
+                assert (await response.json())["checks"] == {
+                    "nats-connected": False,
+                    "renderer": False,
+                }
             async with http.get(f"http://127.0.0.1:{contexts[0].http_port}/healthz") as response:
                 assert response.status == 200
     finally:

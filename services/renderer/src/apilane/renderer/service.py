@@ -21,25 +21,27 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 from opentelemetry import trace
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from apilane.kube.client import KubeClient, KubeError
-from apilane.kube.leader import LeaderElector
+from apilane.kube.leader import LeaderElector, elector_for, lead
 from apilane.kube.recorder import record_event
 from apilane.kube.watch import list_then_watch
 from apilane.model import events, subjects
 from apilane.model.events import EndpointSnapshot, RenderOutcome, RenderResult, WarningReason
 from apilane.renderer import render as rendering
-from apilane.renderer.applier import Applier, ApplyReport, applied_generation
+from apilane.renderer.applier import Applier, ApplyReport, PatchHook, applied_generation
+from apilane.renderer.metrics import RendererMetrics
 from apilane.renderer.settings import SERVICE_NAME, RendererSettings
-from apilane.runtime import config, tracing
+from apilane.runtime import tracing
+from apilane.runtime.aio import Backoff
 from apilane.runtime.bus import Bus, BusError, KvEntry
+from apilane.runtime.lifecycle import bus_session
 from apilane.runtime.serve import ServiceContext
 
 log = logging.getLogger(__name__)
@@ -52,47 +54,6 @@ RETRY_DELAY_MAX: Final = 30.0
 WAITING_BACKSTOP: Final = 30.0
 
 
-class Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.renders = Counter(
-            "apilane_renderer_renders_total",
-            "Render results published, by outcome.",
-            ["outcome"],
-            registry=registry,
-        )
-        self.patches = Counter(
-            "apilane_renderer_patches_total",
-            "DaemonSet patches accepted by the API server (dry runs excluded).",
-            registry=registry,
-        )
-        self.noop = Counter(
-            "apilane_renderer_noop_total",
-            "Snapshots that needed no patch: the live DaemonSet already held their env.",
-            registry=registry,
-        )
-        self.failures = Counter(
-            "apilane_renderer_failures_total",
-            "Snapshots that could not be rendered or applied, and malformed bus messages.",
-            ["stage"],
-            registry=registry,
-        )
-        self.latency = Histogram(
-            "apilane_renderer_snapshot_to_patch_seconds",
-            "From a snapshot's observed_at to the accepted patch.",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-            registry=registry,
-        )
-        self.applied_generation = Gauge(
-            "apilane_renderer_applied_generation",
-            "The snapshot generation the DaemonSet holds, as far as this replica knows.",
-            registry=registry,
-        )
-        for outcome in ("applied", "unchanged", "dry-run", "failed", "ignored", "waiting"):
-            self.renders.labels(outcome)
-        for stage in ("decode", "render", "apply", "publish"):
-            self.failures.labels(stage)
-
-
 @dataclass
 class _Held:
     """A snapshot that could not be applied yet, and will be when something changes."""
@@ -101,7 +62,10 @@ class _Held:
     desired: rendering.DesiredEnv
     since: float
     retry_at: float | None = None  # monotonic time of the next timed attempt, if any
-    retry_delay: float = RETRY_DELAY_INITIAL
+    # Carried from attempt to attempt of the same snapshot; a new snapshot starts afresh.
+    backoff: Backoff = field(
+        default_factory=lambda: Backoff(initial=RETRY_DELAY_INITIAL, maximum=RETRY_DELAY_MAX)
+    )
     outcome: str = ""  # the last outcome published for it
 
 
@@ -115,14 +79,15 @@ class Renderer:
         kube: KubeClient,
         settings: RendererSettings,
         registry: CollectorRegistry | None = None,
-        _before_patch: Callable[[int], Awaitable[None]] | None = None,  # used in tests
+        before_patch: PatchHook | None = None,
     ) -> None:
+        """`before_patch` is the applier's test hook (see `Applier`); production passes None."""
         self.bus = bus
         self.kube = kube
         self.settings = settings
         self.options = settings.render_options()
-        self.applier = Applier(kube, settings, _before_patch=_before_patch)
-        self.metrics = Metrics(registry or CollectorRegistry())
+        self.applier = Applier(kube, settings, before_patch=before_patch)
+        self.metrics = RendererMetrics(registry or CollectorRegistry())
         self.tracer = tracing.tracer("apilane.renderer")
         self.last_applied_generation = 0
         self.held: _Held | None = None
@@ -177,15 +142,13 @@ class Renderer:
 
     async def _kv_get_latest(self, stop: asyncio.Event) -> KvEntry | None:
         key = subjects.snapshot_key(self.settings.cluster)
-        delay = 0.2
+        backoff = Backoff(initial=0.2, maximum=5.0)
         while not stop.is_set():
             try:
                 return await self.bus.kv_get(subjects.SNAPSHOT_BUCKET, key)
             except BusError as exc:
                 log.warning("cannot read the latest snapshot yet", extra={"error": str(exc)})
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.sleep(stop)
         return None
 
     async def _follow_bucket(self, stop: asyncio.Event) -> None:
@@ -363,31 +326,52 @@ class Renderer:
                 span.set_attribute("k8s.daemonset.generation", report.daemonset_generation)
             if report.outcome == "failed":
                 span.set_status(trace.Status(trace.StatusCode.ERROR, report.reason))
+        if not self._hold_or_release(snapshot, desired, report, since=since, previous=previous):
+            return  # already reported for this snapshot
+        await self._account(snapshot, report)
+        self._record_event(snapshot, report)
+        log.info(
+            "snapshot rendered",
+            extra={
+                "generation": snapshot.generation,
+                "outcome": report.outcome,
+                "reason": report.reason,
+                "daemonset_generation": report.daemonset_generation,
+            },
+        )
+        await self._publish(
+            snapshot, outcome=report.outcome, reason=report.reason, report=report, desired=desired
+        )
 
-        if report.outcome == "waiting" or report.retryable:
-            held = _Held(snapshot=snapshot, desired=desired, since=since)
-            if report.retryable:
-                delay = (
-                    RETRY_DELAY_INITIAL
-                    if previous is None
-                    else min(previous.retry_delay * 2, RETRY_DELAY_MAX)
-                )
-            else:
-                delay = WAITING_BACKSTOP  # the DaemonSet watch normally wakes us long before
-            held.retry_delay = delay
-            held.retry_at = time.monotonic() + delay
-            held.outcome = report.outcome
-            self.held = held
-            # A snapshot reports its waiting or its failure once, not on every retry.
-            if (
-                previous is not None
-                and previous.snapshot.generation == snapshot.generation
-                and previous.outcome == report.outcome
-            ):
-                return
-        else:
+    def _hold_or_release(
+        self,
+        snapshot: EndpointSnapshot,
+        desired: rendering.DesiredEnv,
+        report: ApplyReport,
+        *,
+        since: float,
+        previous: _Held | None,
+    ) -> bool:
+        """Hold the snapshot for another attempt when it is waiting or may heal; False when
+        this outcome was reported for it already (a snapshot reports its waiting or its
+        failure once, not on every retry)."""
+        if report.outcome != "waiting" and not report.retryable:
             self.held = None
+            return True
+        same = previous is not None and previous.snapshot.generation == snapshot.generation
+        held = _Held(snapshot=snapshot, desired=desired, since=since, outcome=report.outcome)
+        if report.retryable:
+            if previous is not None:
+                held.backoff = previous.backoff
+            delay = held.backoff.next_delay()
+        else:
+            delay = WAITING_BACKSTOP  # the DaemonSet watch normally wakes us long before
+        held.retry_at = time.monotonic() + delay
+        self.held = held
+        return not (same and previous is not None and previous.outcome == report.outcome)
 
+    async def _account(self, snapshot: EndpointSnapshot, report: ApplyReport) -> None:
+        """Metrics, the applied generation, and a warning for a failure."""
         if report.patched:
             self.last_applied_generation = snapshot.generation
             self.metrics.applied_generation.set(snapshot.generation)
@@ -404,19 +388,6 @@ class Renderer:
             await self._warn(
                 WarningReason.APPLY_FAILED, report.reason, generation=snapshot.generation
             )
-        self._record_event(snapshot, report)
-        log.info(
-            "snapshot rendered",
-            extra={
-                "generation": snapshot.generation,
-                "outcome": report.outcome,
-                "reason": report.reason,
-                "daemonset_generation": report.daemonset_generation,
-            },
-        )
-        await self._publish(
-            snapshot, outcome=report.outcome, reason=report.reason, report=report, desired=desired
-        )
 
     def _record_event(self, snapshot: EndpointSnapshot, report: ApplyReport) -> None:
         """A Kubernetes Event on the DaemonSet for what a person may look for with
@@ -501,82 +472,27 @@ class Renderer:
             log.warning("warning not published", extra={"error": str(exc)})
 
 
-async def lead_and_render(
-    renderer: Renderer, elector: LeaderElector | None, stop: asyncio.Event
-) -> None:
-    """Render while leading; between terms, wait. Without an elector, render until stopped."""
-    if elector is None:
-        await renderer.run(stop)
-        return
-    campaign = asyncio.create_task(elector.run(stop), name="renderer-leader-election")
-    try:
-        while not stop.is_set():
-            await _first_of(elector.leading.wait(), stop.wait())
-            if stop.is_set():
-                break
-            term_over = asyncio.Event()
-            watcher = asyncio.create_task(_set_when_any(term_over, elector.lost, stop))
-            try:
-                log.info("leading: rendering", extra={"identity": elector.identity})
-                await renderer.run(term_over)
-            finally:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-    finally:
-        stop.set()
-        with contextlib.suppress(Exception):
-            await campaign
-
-
-async def _first_of(*waits: Awaitable[Any]) -> None:
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _set_when_any(target: asyncio.Event, *sources: asyncio.Event) -> None:
-    await _first_of(*(source.wait() for source in sources))
-    target.set()
-
-
 async def main(ctx: ServiceContext, settings: RendererSettings) -> None:
-    """The service body for `runtime.serve`: connect, elect, render until stopped."""
-    log.info("starting", extra={"settings": config.describe(settings)})
-    # Probes are served from the start: until NATS and the renderer exist, not ready.
-    started: dict[str, Any] = {}
+    """The service body for `apilane.runtime.lifecycle.command_line`: connect, elect, render
+    until stopped."""
+    renderer: Renderer | None = None
+    elector: LeaderElector | None = None
+
+    def ready() -> bool:
+        # A follower is ready (it can take over); a leader once it follows the bucket.
+        return renderer is not None and (renderer.running or not _leading(elector))
+
     ctx.health.add_live("event-loop", lambda: True)
-    ctx.health.add_ready("nats", lambda: "bus" in started and started["bus"].connected)
-    # A follower is ready (it can take over); a leader once it follows the bucket.
-    ctx.health.add_ready(
-        "renderer",
-        lambda: (
-            "renderer" in started
-            and (started["renderer"].running or not _leading(started["elector"]))
-        ),
-    )
+    ctx.health.add_ready("renderer", ready)
     kube = await KubeClient.from_config(settings.common.kubeconfig or None)
-    bus = await Bus.connect(settings.common.nats_urls, name=SERVICE_NAME)
-    started["bus"] = bus
     try:
-        await bus.ensure_streams()
-        renderer = Renderer(bus=bus, kube=kube, settings=settings, registry=ctx.registry)
-        elector = None
-        if settings.leader_election:
-            elector = LeaderElector(
-                kube,
-                namespace=settings.lease_namespace,
-                name=subjects.renderer_lease(settings.cluster),
-                identity=settings.identity,
-            )
-        started.update(renderer=renderer, elector=elector)
-        await lead_and_render(renderer, elector, ctx.stopping)
+        async with bus_session(ctx, settings.common, client_name=SERVICE_NAME) as bus:
+            if bus is None:
+                return  # stopped before NATS was there
+            elector = elector_for(kube, settings.lease)
+            renderer = Renderer(bus=bus, kube=kube, settings=settings, registry=ctx.registry)
+            await lead(elector, renderer.run, ctx.stopping)
     finally:
-        await bus.drain()
         await kube.close()
 
 

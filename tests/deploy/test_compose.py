@@ -47,13 +47,23 @@ def environment(name: str) -> dict[str, str]:
 
 
 def dockerfile(name: str) -> tuple[Path, list[str]]:
-    """The Dockerfile's path and its instructions, continuation lines joined."""
+    """The Dockerfile's path and its instructions as built for `name`: continuation lines
+    joined, `${ARG}` replaced by the compose file's build args or the ARG defaults."""
     build = service(name)["build"]
     context = REPO / build["context"]
     path = context / build.get("dockerfile", "Dockerfile")
     joined = path.read_text().replace("\\\n", " ")
     lines = [line.strip() for line in joined.splitlines()]
-    return path, [line for line in lines if line and not line.startswith("#")]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    values = {
+        match.group(1): match.group(2) or ""
+        for line in lines
+        if (match := re.match(r"ARG (\w+)(?:=(\S+))?$", line))
+    }
+    values |= {key: str(value) for key, value in build.get("args", {}).items()}
+    return path, [
+        re.sub(r"\$\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), line) for line in lines
+    ]
 
 
 def source_text(root: Path) -> str:
@@ -116,14 +126,23 @@ def test_every_image_is_pinned() -> None:
 def test_build_context_dockerfile_and_copied_paths_exist(name: str) -> None:
     build = service(name)["build"]
     assert build["context"] == ".", "services are built from the repository root"
+    assert build["args"]["SERVICE"] == name, "one Dockerfile, the service chosen by SERVICE"
     path, lines = dockerfile(name)
     assert path.is_file(), f"{path} is missing"
-    assert path.parent == REPO / BUILT[name]
+    assert path == REPO / "services" / "Dockerfile"
     for line in lines:
         if line.startswith("COPY ") and "--from=" not in line:
             *sources, _target = shlex.split(line)[1:]
             for source in sources:
                 assert (REPO / source).exists(), f"{path.name}: COPY {source}: no such path"
+
+
+def test_the_image_copies_every_workspace_members_pyproject() -> None:
+    _, lines = dockerfile("discovery")
+    copied = {shlex.split(line)[1] for line in lines if line.startswith("COPY ")}
+    members = {str(p.relative_to(REPO)) for p in REPO.glob("*/*/pyproject.toml")}
+    members |= {str(p.relative_to(REPO)) for p in REPO.glob("*/pyproject.toml")}
+    assert members <= copied | {"pyproject.toml"}, members - copied
 
 
 @pytest.mark.parametrize("name", sorted(BUILT))
@@ -138,9 +157,14 @@ def test_image_installs_only_its_own_distribution_and_runs_its_entry_point(name:
         assert "--frozen" in line and "--no-dev" in line, line
         assert f"--package {distribution}" in line, line
     [entrypoint] = [line for line in lines if line.startswith("ENTRYPOINT")]
-    module = json.loads(entrypoint.removeprefix("ENTRYPOINT").strip())[-1]
-    package = REPO / BUILT[name] / "src" / Path(*module.split("."))
-    assert (package / "__main__.py").is_file(), f"{path}: {module} has no __main__.py"
+    assert json.loads(entrypoint.removeprefix("ENTRYPOINT").strip()) == ["/app/service"]
+    link = next(line for line in lines if "/app/service" in line and "ln -s" in line)
+    assert f"/app/.venv/bin/{distribution}" in link
+    # the console script the link names exists, and its module has a __main__
+    script = re.search(rf'^{re.escape(distribution)} = "([\w.]+):main"', pyproject, re.M)
+    assert script, f"{distribution} declares no console script of its own name"
+    package = REPO / BUILT[name] / "src" / Path(*script.group(1).split(".")[:-1])
+    assert (package / "__main__.py").is_file()
 
 
 def test_services_run_as_non_root_where_they_can() -> None:

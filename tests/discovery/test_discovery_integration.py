@@ -27,6 +27,7 @@ from apilane.kube.leader import LeaseSettings
 from apilane.kube.watch import WATCH_RESTARTS
 from apilane.model import events, subjects
 from apilane.model.events import ClusterWarning, EndpointSnapshot, WarningReason
+from apilane.model.signing import SigningKey, TrustedKeys, open_snapshot
 from apilane.runtime.bus import Bus
 from apilane.runtime.config import CommonSettings
 from apilane.runtime.serve import Health, ServiceContext, start_http
@@ -37,6 +38,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.kube, pytest.mark.nats]
 
 SLICES = "/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices"
 WAIT = 15.0
+# Discovery's signing key, shared by its replicas (as a Secret is); snapshots are read back
+# by verifying with it, as the renderer does.
+DISCOVERY_KEY = SigningKey.generate()
+TRUSTED = TrustedKeys.of(DISCOVERY_KEY)
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -51,9 +56,13 @@ def settings_for(
     service_name: str = "apiserver",
     identity: str = "replica-a",
     cluster: str | None = None,
+    signing_key: SigningKey = DISCOVERY_KEY,
+    snapshot_ttl: float = 3600.0,
 ) -> DiscoverySettings:
     cluster = cluster or f"c-{secrets.token_hex(4)}"
     return DiscoverySettings(
+        signing_key=signing_key,
+        snapshot_ttl=snapshot_ttl,
         common=CommonSettings(
             cluster=cluster,
             nats_urls=(nats_server.url,),
@@ -211,7 +220,7 @@ async def read_snapshot(bus: Bus, cluster: str) -> tuple[EndpointSnapshot | None
     entry = await bus.kv_get(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(cluster))
     if entry is None:
         return None, 0
-    return events.decode_snapshot(entry.value), entry.revision
+    return open_snapshot(entry.value, TRUSTED).snapshot, entry.revision
 
 
 async def wait_snapshot(
@@ -269,7 +278,9 @@ async def generations(bus: Bus, cluster: str) -> list[int]:
     """Every generation the bucket holds for this cluster, oldest first (from the KV history)."""
     kv = await bus.js.key_value(subjects.SNAPSHOT_BUCKET)
     history = await kv.history(subjects.snapshot_key(cluster))
-    return [events.decode_snapshot(entry.value).generation for entry in history if entry.value]
+    return [
+        open_snapshot(entry.value, TRUSTED).snapshot.generation for entry in history if entry.value
+    ]
 
 
 # -- fixtures ----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
 from apilane.kube.client import KubeClient
 from apilane.kube.leader import LeaderElector, LeaseSettings, lead
@@ -30,6 +31,7 @@ from apilane.model.events import (
     KubeProxyState,
     RenderResult,
 )
+from apilane.model.signing import SigningKey, TrustedKeys
 from apilane.renderer import cli, service
 from apilane.renderer.applier import APPLIED_GENERATION
 from apilane.renderer.ownership import MANAGED_ENV_ANNOTATION
@@ -40,6 +42,7 @@ from apilane.renderer.settings import load as load_settings
 from apilane.runtime import serve
 from apilane.runtime.bus import Bus
 from apilane.runtime.config import CommonSettings
+from apilane.testing.keys import sealed
 from apilane.testing.kube import ControlPlane
 from apilane.testing.snapshots import make_snapshot
 
@@ -132,6 +135,8 @@ class Harness:
         self.kube = kube
         self.namespace = namespace
         self.cluster = f"c-{secrets.token_hex(4)}"
+        self.key = SigningKey.generate()  # discovery's, as far as these tests go
+        self.registry = CollectorRegistry()  # the metrics of the renderer started last
         self.results: asyncio.Queue[RenderResult] = asyncio.Queue()
         self.warnings: asyncio.Queue[events.ClusterWarning] = asyncio.Queue()
         self._renderers: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
@@ -162,6 +167,7 @@ class Harness:
 
     def settings(self, **overrides: Any) -> RendererSettings:
         values: dict[str, Any] = {
+            "trusted_keys": TrustedKeys.of(self.key),
             "common": CommonSettings(cluster=self.cluster),
             "target_namespace": self.namespace,
             "lease": LeaseSettings(
@@ -175,10 +181,12 @@ class Harness:
     async def start(
         self, *, before_patch: Callable[[int], Awaitable[None]] | None = None, **overrides: Any
     ) -> Renderer:
+        self.registry = CollectorRegistry()
         renderer = Renderer(
             bus=self.bus,
             kube=self.kube,
             settings=self.settings(**overrides),
+            registry=self.registry,
             before_patch=before_patch,
         )
         stop = asyncio.Event()
@@ -198,8 +206,20 @@ class Harness:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    async def publish(self, snap: EndpointSnapshot) -> None:
-        await self.bus.kv_put(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(self.cluster), snap)
+    async def publish(
+        self, snap: EndpointSnapshot, *, key: SigningKey | None = None, **seal: Any
+    ) -> bytes:
+        """Seal `snap` as discovery does (with `key`, else the trusted one) and put it."""
+        value = sealed(key or self.key, snap, **seal)
+        await self.put(value)
+        return value
+
+    async def put(self, value: bytes) -> None:
+        """Put raw bytes into the snapshot key, as anyone who may write it can."""
+        await self.bus.kv_put(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(self.cluster), value)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
 
     async def result(self, timeout: float = RESULT_TIMEOUT) -> RenderResult:
         return await asyncio.wait_for(self.results.get(), timeout=timeout)
@@ -666,10 +686,15 @@ async def test_dry_run_reports_a_removal_and_changes_nothing(world: Harness) -> 
 async def test_manifest_cli_prints_env_lines_and_a_snippet_from_the_bus(
     world: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await world.publish(snapshot(world.cluster, 4, services=("10.96.0.1", "fd00:10:96::1")))
+    # The manifest command still decodes plain snapshots: it opens signed envelopes once it
+    # has moved to the CLI package (which reads the trusted keys).
+    await world.put(
+        events.encode(snapshot(world.cluster, 4, services=("10.96.0.1", "fd00:10:96::1")))
+    )
     url = world.bus.nc.connected_url
     assert url is not None
     monkeypatch.setenv("APILANE_TARGET_NAMESPACE", world.namespace)
+    monkeypatch.setenv("APILANE_TRUSTED_KEYS", world.key.public_text)
     out = io.StringIO()
     server = f"nats://{url.hostname}:{url.port}"
     code = await cli.run(["manifest", "--nats-url", server, "--cluster", world.cluster], out=out)
@@ -717,6 +742,7 @@ async def test_manifest_cli_reads_a_cluster_straight_from_a_kubeconfig(
         tmp_path / "kubeconfig", user="admin", groups=("system:masters",)
     )
     monkeypatch.delenv("APILANE_NATS_URL", raising=False)
+    monkeypatch.setenv("APILANE_TRUSTED_KEYS", SigningKey.generate().public_text)
     out = io.StringIO()
     code = await cli.run(["manifest", "--kubeconfig", str(kubeconfig), "--format", "env"], out=out)
     assert code == 0
@@ -844,6 +870,7 @@ async def test_readiness_is_false_while_nats_is_unreachable_at_start(
             "APILANE_HTTP_HOST": "127.0.0.1",
             "APILANE_HTTP_PORT": "0",
             "APILANE_LEADER_ELECTION": "false",
+            "APILANE_TRUSTED_KEYS": SigningKey.generate().public_text,
             "KUBECONFIG": str(kubeconfig),
         }
     )

@@ -57,6 +57,17 @@ class DiscoveryMetrics:
             "Snapshots not published because they had no endpoints (the last good one stays).",
             registry=registry,
         )
+        self.refreshes = Counter(
+            "apilane_discovery_refreshes_total",
+            "Snapshots re-signed with a later expiry (same generation and content).",
+            registry=registry,
+        )
+        self.replaced_entries = Counter(
+            "apilane_discovery_replaced_entries_total",
+            "KV values discovery could not verify as its own (and so replaced), by reason.",
+            ["reason"],
+            registry=registry,
+        )
         self.publish_failures = Counter(
             "apilane_discovery_publish_failures_total",
             "Publish attempts that failed (NATS unreachable, compare-and-set lost repeatedly).",

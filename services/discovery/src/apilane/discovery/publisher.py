@@ -3,12 +3,18 @@
 The watcher calls `offer(result, change)` for every observed change; `run` turns those into
 KV writes while this replica leads. The rules:
 
+- every snapshot is sealed with discovery's key (`sealing`), valid for a TTL, and re-signed
+  at half of it (same generation and payload bytes, a later expiry) while this replica
+  leads, so consumers can refuse an expired one without a quiet cluster expiring;
 - changes within the coalescing window become one publish naming every resourceVersion;
-- a publish happens only when the digest differs from the one in the KV bucket;
+- a publish happens only when the bucket does not hold the same data-plane inputs already,
+  judged by what discovery can verify with its own key: a value it cannot verify is not
+  its own, whatever digest it claims, and is overwritten;
 - an empty endpoint set is never published: the last good snapshot stays, a
   `NoReadyEndpoints` warning goes out instead;
-- the generation only increases, across restarts and leader changes: it is derived from the
-  KV entry and written with compare-and-set on its revision;
+- the generation only increases, across restarts and leader changes: it continues from the
+  snapshot in the bucket that discovery verified, else from the entry's KV revision, and is
+  written with compare-and-set on that revision (see `_read_back`);
 - when NATS is down the latest state stays pending and is retried with backoff, so once
   NATS is back the latest state is published (intermediate states may be skipped: every
   snapshot is complete, so nothing is lost by skipping);
@@ -38,10 +44,12 @@ from opentelemetry import trace
 from apilane.model import events, subjects
 from apilane.model.endpoints import SnapshotResult
 from apilane.model.events import ClusterWarning, EndpointSnapshot, Finding
+from apilane.model.signing import Refused, SignatureError, SignedSnapshot
 from apilane.runtime.aio import Backoff, first_of
 from apilane.runtime.bus import BusError, KvEntry, RevisionMismatch
 
 from .metrics import DiscoveryMetrics
+from .sealing import Sealer
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("apilane.discovery")
@@ -66,7 +74,7 @@ class SnapshotBus(Protocol):
         self,
         bucket: str,
         key: str,
-        event: events.Event,
+        value: events.Event | bytes,
         *,
         expected_revision: int | None = None,
         msg_id: str | None = None,
@@ -120,6 +128,7 @@ class ObservedChange:
 class Outcome(Enum):
     IDLE = "idle"  # nothing to do
     PUBLISHED = "published"
+    REFRESHED = "refreshed"  # the current snapshot re-signed with a later expiry
     SUPPRESSED = "suppressed"  # same digest as the KV entry
     REFUSED_EMPTY = "refused-empty"
     NOT_LEADER = "not-leader"
@@ -133,6 +142,7 @@ class Publisher:
         cluster: str,
         bus: SnapshotBus,
         metrics: DiscoveryMetrics,
+        sealer: Sealer,
         recorder: EventRecorder | None = None,
         coalesce_window: float = 0.1,
         is_leader: Callable[[], bool] = lambda: True,
@@ -144,6 +154,7 @@ class Publisher:
         self.key = subjects.snapshot_key(cluster)
         self.bus = bus
         self.metrics = metrics
+        self.sealer = sealer
         self.recorder = recorder
         self.coalesce_window = coalesce_window
         self.is_leader = is_leader
@@ -165,6 +176,9 @@ class Publisher:
         # One id per appearance of a finding, for the warning's JetStream message id.
         self._warning_ids: dict[tuple[str, str, str], str] = {}
         self._reconciled: SnapshotResult | None = None  # the last view fully handled
+        # What the bucket holds as far as discovery verified it, and at which revision: the
+        # snapshot to re-sign before it expires.
+        self.current: tuple[SignedSnapshot, int] | None = None
 
     # -- input
 
@@ -196,6 +210,7 @@ class Publisher:
 
     def wake(self) -> None:
         """Reconcile again (e.g. this replica just became the leader)."""
+        self.current = None  # read the bucket again before re-signing anything
         if self.latest is not None:
             self._dirty = True
             self._warned_bus.clear()
@@ -210,21 +225,30 @@ class Publisher:
     # -- the loop
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Publish pending state until `stop` is set (the end of this replica's term)."""
+        """Publish pending state, and re-sign the current snapshot when it is due, until
+        `stop` is set (the end of this replica's term)."""
         backoff = Backoff(initial=self.retry_initial, maximum=self.retry_max)
         while not stop.is_set():
-            if await first_of(self._wakeup.wait(), stop.wait()) != 0:
+            woke = await first_of(self._wakeup.wait(), stop.wait(), timeout=self._refresh_in())
+            if woke == 1:
                 break
-            self._wakeup.clear()
-            if await self._coalesce(stop):
-                break
-            if await self.flush() is not Outcome.RETRY:
+            if woke is None:
+                outcome = await self.refresh()
+            else:
+                self._wakeup.clear()
+                if await self._coalesce(stop):
+                    break
+                outcome = await self.flush()
+            if outcome is not Outcome.RETRY:
                 backoff.reset()
                 continue
             # Newer changes do not cut the backoff short: NATS is down for all of them.
             if await backoff.sleep(stop):
                 break
             self._wakeup.set()
+
+    def _refresh_in(self) -> float | None:
+        return None if self.current is None else self.sealer.refresh_in(self.current[0])
 
     async def _coalesce(self, stop: asyncio.Event) -> bool:
         """Wait out the rest of the coalescing window; True when `stop` came meanwhile."""
@@ -266,27 +290,77 @@ class Publisher:
 
     async def _publish(self, result: SnapshotResult) -> Outcome:
         changes = list(self._changes)
-        if not result.apiserver_endpoints or not result.service_endpoints:
-            return self._refuse_empty(result, changes)
         for _attempt in range(MAX_CAS_ATTEMPTS):
             entry = await self.bus.kv_get(subjects.SNAPSHOT_BUCKET, self.key, include_deleted=True)
             current = self._read_back(entry)
-            if current is not None and _same_data_plane_inputs(current, result):
-                self.last_published = current
+            # Even while nothing new can be published, the last good snapshot is kept valid.
+            self.current = (
+                (current, entry.revision) if entry is not None and current is not None else None
+            )
+            if not result.apiserver_endpoints or not result.service_endpoints:
+                return self._refuse_empty(result, changes)
+            if current is not None and _same_data_plane_inputs(current.snapshot, result):
+                self.last_published = current.snapshot
                 self.metrics.suppressed.inc(len(changes))
                 self._forget_changes(changes)
                 return Outcome.SUPPRESSED
             snapshot = self._snapshot(result, generation=self.last_generation + 1, changes=changes)
+            sealed = self.sealer.seal(snapshot)
             expected = entry.revision if entry is not None else 0
-            revision = await self._write(snapshot, changes, expected_revision=expected)
+            revision = await self._write(snapshot, sealed, changes, expected_revision=expected)
             if revision is None:
                 continue  # someone else wrote: read again, the generation moves on
+            self.current = (self.sealer.open(sealed), revision)
             self._published(snapshot, revision, changes)
             return Outcome.PUBLISHED
         raise BusError(
             f"compare-and-set on {subjects.SNAPSHOT_BUCKET}/{self.key} lost"
             f" {MAX_CAS_ATTEMPTS} times in a row"
         )
+
+    async def refresh(self) -> Outcome:
+        """Re-sign the current snapshot: the same generation and payload bytes, a later
+        expiry, written with compare-and-set on the revision it was verified at. Consumers
+        holding that generation take it as a refresh, not as something to apply."""
+        if self.current is None:
+            return Outcome.IDLE
+        if not self.is_leader():
+            return Outcome.RETRY  # a slow renewal; look again after the backoff
+        held, revision = self.current
+        sealed = self.sealer.reseal(held)
+        refreshed = self.sealer.open(sealed)
+        issued = int(refreshed.header.issued_at.timestamp() * 1000)
+        try:
+            new_revision = await self.bus.kv_put(
+                subjects.SNAPSHOT_BUCKET,
+                self.key,
+                sealed,
+                expected_revision=revision,
+                msg_id=f"{self.cluster}:{held.header.generation}:{held.snapshot.digest}:{issued}",
+            )
+        except RevisionMismatch:
+            # Someone wrote since: reconcile with the bucket first (verify, keep or replace).
+            self.wake()
+            return Outcome.IDLE
+        except BusError as exc:
+            self.metrics.publish_failures.inc()
+            log.warning(
+                "re-signing the snapshot failed, will retry",
+                extra={"error": str(exc), "cluster": self.cluster},
+            )
+            return Outcome.RETRY
+        self.current = (refreshed, new_revision)
+        self.metrics.refreshes.inc()
+        log.info(
+            "re-signed the snapshot",
+            extra={
+                "cluster": self.cluster,
+                "generation": held.header.generation,
+                "revision": new_revision,
+                "expires_at": refreshed.header.expires_at.isoformat(),
+            },
+        )
+        return Outcome.REFRESHED
 
     def _refuse_empty(self, result: SnapshotResult, changes: list[ObservedChange]) -> Outcome:
         # Never an empty set: the data plane would drop the API server. The finding
@@ -299,8 +373,17 @@ class Publisher:
         )
         return Outcome.REFUSED_EMPTY
 
-    def _read_back(self, entry: KvEntry | None) -> EndpointSnapshot | None:
-        """The snapshot the bucket holds, and the generation to continue from."""
+    def _read_back(self, entry: KvEntry | None) -> SignedSnapshot | None:
+        """The snapshot in the bucket if discovery signed it, and the generation to go on from.
+
+        Generations come only from what discovery can verify, or from the entry's revision:
+        a revision is assigned by the server, grows by one per write and bounds every
+        generation discovery ever wrote to this key (each one was written at a revision at
+        least as high as itself). A forged value claiming generation 2**62 therefore moves
+        the next generation only past its revision, never to its number, and a value
+        discovery cannot verify (tampered, unsigned, the key before a rotation) is replaced
+        by a generation above every one it may have displaced, which consumers accept.
+        """
         if entry is None:
             return None
         if entry.operation != "PUT":
@@ -308,13 +391,34 @@ class Publisher:
             # generations stay above every revision the key has had.
             self.last_generation = max(self.last_generation, entry.revision)
             return None
-        current = _decode_entry(entry)
-        if current is not None:
-            self.last_generation = max(self.last_generation, current.generation)
-        return current
+        try:
+            verified = self.sealer.open(entry.value)
+            if verified.snapshot.cluster != self.cluster:
+                raise Refused("other-cluster", f"signed for {verified.snapshot.cluster!r}")
+        except (SignatureError, events.MalformedEvent) as exc:
+            reason = getattr(exc, "reason", "malformed")
+            self.metrics.replaced_entries.labels(reason).inc()
+            self.last_generation = max(self.last_generation, entry.revision)
+            log.error(
+                "the KV entry is not a snapshot discovery signed; it will be replaced",
+                extra={
+                    "cluster": self.cluster,
+                    "revision": entry.revision,
+                    "reason": reason,
+                    "error": str(exc),
+                },
+            )
+            return None
+        self.last_generation = max(self.last_generation, verified.header.generation)
+        return verified
 
     async def _write(
-        self, snapshot: EndpointSnapshot, changes: list[ObservedChange], *, expected_revision: int
+        self,
+        snapshot: EndpointSnapshot,
+        sealed: bytes,
+        changes: list[ObservedChange],
+        *,
+        expected_revision: int,
     ) -> int | None:
         """The compare-and-set write, traced; its revision, or None when it lost the race."""
         observed = [c.span_context for c in changes if c.span_context is not None]
@@ -344,7 +448,7 @@ class Publisher:
                 return await self.bus.kv_put(
                     subjects.SNAPSHOT_BUCKET,
                     self.key,
-                    snapshot,
+                    sealed,
                     expected_revision=expected_revision,
                     msg_id=f"{self.cluster}:{snapshot.generation}:{snapshot.digest}",
                 )
@@ -483,17 +587,3 @@ def _same_data_plane_inputs(published: EndpointSnapshot, result: SnapshotResult)
 
 def _finding_key(finding: Finding) -> tuple[str, str, str]:
     return (finding.reason, finding.object_ref, finding.message)
-
-
-def _decode_entry(entry: KvEntry | None) -> EndpointSnapshot | None:
-    if entry is None:
-        return None
-    try:
-        return events.decode_snapshot(entry.value)
-    except events.MalformedEvent as exc:
-        # Not ours to fix; overwrite it (with CAS) and keep generations from what we know.
-        log.error(
-            "the KV entry is not a snapshot; it will be replaced",
-            extra={"error": str(exc), "revision": entry.revision},
-        )
-        return None

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Final
 
 from opentelemetry import trace
@@ -35,6 +35,7 @@ from apilane.runtime.serve import Health, ServiceContext
 
 from .metrics import DiscoveryMetrics
 from .publisher import ObservedChange, Publisher
+from .sealing import Sealer
 from .settings import SERVICE_NAME, DiscoverySettings
 from .watcher import ClusterWatcher, WatchTarget, targets_for
 
@@ -75,6 +76,7 @@ class DiscoveryService:
             cluster=settings.cluster,
             bus=bus,
             metrics=metrics,
+            sealer=Sealer(settings.signing_key, timedelta(seconds=settings.snapshot_ttl)),
             recorder=_KubeEventRecorder(client, self.watcher),
             coalesce_window=settings.coalesce_window,
             is_leader=self.is_leader,

@@ -1,4 +1,9 @@
-"""discovery's settings, read once at start from APILANE_* (see `apilane.runtime.config`)."""
+"""discovery's settings, read once at start from APILANE_* (see `apilane.runtime.config`).
+
+Every variable is listed with its default in docs/configuration.md. Discovery signs every
+snapshot with the Ed25519 key in APILANE_SIGNING_KEY_FILE (required), valid for
+APILANE_SNAPSHOT_TTL and re-signed at half of it.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,16 @@ from typing import Final
 
 from apilane.kube.leader import LeaseSettings, load_lease_settings
 from apilane.model import subjects
-from apilane.runtime.config import CommonSettings, Env, load_common
+from apilane.model.signing import SigningKey
+from apilane.runtime.config import CommonSettings, Env, load_common, load_signing_key
 
 SERVICE_NAME: Final = "apilane-discovery"
 
 
 @dataclass(frozen=True, kw_only=True)
 class DiscoverySettings:
+    signing_key: SigningKey
+    snapshot_ttl: float = 3600.0  # seconds a signed snapshot is valid; re-signed at half
     common: CommonSettings = field(default_factory=CommonSettings)
     service_namespace: str = "default"
     service_name: str = "kubernetes"
@@ -48,6 +56,8 @@ def load(environ: Mapping[str, str] | None = None) -> DiscoverySettings:
     env = Env(environ)
     common = load_common(environ)
     return DiscoverySettings(
+        signing_key=load_signing_key(env),
+        snapshot_ttl=env.seconds("SNAPSHOT_TTL", 3600.0, low=1.0),
         common=common,
         service_namespace=env.str("SERVICE_NAMESPACE", "default"),
         service_name=env.str("SERVICE_NAME", "kubernetes"),

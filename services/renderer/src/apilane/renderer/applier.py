@@ -26,18 +26,22 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from apilane.kube.client import Conflict, KubeClient, KubeError, NotFound, Unavailable
-from apilane.model.events import EndpointSnapshot, RenderOutcome
+from apilane.model.events import RenderOutcome
 from apilane.model.objects import as_dict, as_int
+from apilane.model.signing import SignedSnapshot
 from apilane.renderer.render import DesiredEnv, EnvDiff, diff
 from apilane.renderer.settings import FIELD_MANAGER, RendererSettings
 from apilane.runtime.aio import Backoff
 
 log = logging.getLogger(__name__)
 
-# The snapshot generation and digest whose env the DaemonSet holds, and the DaemonSet
-# generation that our patch produced (to tell our own rollout from someone else's).
+# The snapshot generation, endpoint digest and signed content digest whose env the DaemonSet
+# holds (the generation and content digest are what a restarted renderer judges new
+# snapshots against), and the DaemonSet generation that our patch produced (to tell our
+# own rollout from someone else's).
 APPLIED_GENERATION: Final = "apilane.dev/applied-generation"
 APPLIED_DIGEST: Final = "apilane.dev/applied-digest"
+APPLIED_CONTENT_DIGEST: Final = "apilane.dev/applied-content-digest"
 PATCHED_DAEMONSET_GENERATION: Final = "apilane.dev/daemonset-generation"
 
 
@@ -65,6 +69,12 @@ def applied_generation(daemonset: Mapping[str, Any]) -> int:
     """The snapshot generation recorded on the DaemonSet by our last patch (0: none)."""
     raw = _annotations(daemonset).get(APPLIED_GENERATION, "")
     return int(raw) if isinstance(raw, str) and raw.isdigit() else 0
+
+
+def applied_content_digest(daemonset: Mapping[str, Any]) -> str:
+    """The signed content digest recorded with the applied generation ("": none)."""
+    raw = _annotations(daemonset).get(APPLIED_CONTENT_DIGEST, "")
+    return raw if isinstance(raw, str) else ""
 
 
 def rollout_in_progress(daemonset: Mapping[str, Any]) -> str | None:
@@ -138,11 +148,12 @@ class Applier:
             return None
 
     async def apply(
-        self, snapshot: EndpointSnapshot, desired: DesiredEnv, *, may_hold: bool
+        self, accepted: SignedSnapshot, desired: DesiredEnv, *, may_hold: bool
     ) -> ApplyReport:
-        """Decide and act for one snapshot. Never raises for API trouble: it is reported."""
+        """Decide and act for one verified snapshot. Never raises for API trouble: it is
+        reported."""
         try:
-            return await self._apply(snapshot, desired, may_hold=may_hold)
+            return await self._apply(accepted, desired, may_hold=may_hold)
         except Unavailable as exc:
             return ApplyReport(
                 outcome="failed", reason=f"API server unavailable: {exc}", retryable=True
@@ -152,15 +163,15 @@ class Applier:
             return ApplyReport(outcome="failed", reason=f"{type(exc).__name__}: {exc}")
 
     async def _apply(
-        self, snapshot: EndpointSnapshot, desired: DesiredEnv, *, may_hold: bool
+        self, accepted: SignedSnapshot, desired: DesiredEnv, *, may_hold: bool
     ) -> ApplyReport:
         seen: list[dict[str, Any]] = []  # the last DaemonSet read, for the report
-        report = await self._decide_and_patch(snapshot, desired, may_hold=may_hold, seen=seen)
+        report = await self._decide_and_patch(accepted, desired, may_hold=may_hold, seen=seen)
         return dataclasses.replace(report, daemonset=seen[-1]) if seen else report
 
     async def _decide_and_patch(
         self,
-        snapshot: EndpointSnapshot,
+        accepted: SignedSnapshot,
         desired: DesiredEnv,
         *,
         may_hold: bool,
@@ -178,7 +189,7 @@ class Applier:
                     " it will be patched when it appears",
                 )
             seen.append(live)
-            planned = self._decide(snapshot, desired, live, may_hold=may_hold)
+            planned = self._decide(accepted, desired, live, may_hold=may_hold)
             if isinstance(planned, ApplyReport):
                 return planned
             try:
@@ -205,7 +216,7 @@ class Applier:
 
     def _decide(
         self,
-        snapshot: EndpointSnapshot,
+        accepted: SignedSnapshot,
         desired: DesiredEnv,
         live: Mapping[str, Any],
         *,
@@ -233,8 +244,9 @@ class Applier:
             )
         body = env_diff.patch(
             annotations={
-                APPLIED_GENERATION: str(snapshot.generation),
-                APPLIED_DIGEST: snapshot.digest,
+                APPLIED_GENERATION: str(accepted.snapshot.generation),
+                APPLIED_DIGEST: accepted.snapshot.digest,
+                APPLIED_CONTENT_DIGEST: accepted.content_digest,
                 # Changing the pod template bumps the generation by exactly one, and the
                 # resourceVersion below guarantees nobody else changes it in between.
                 PATCHED_DAEMONSET_GENERATION: str(generation + 1),

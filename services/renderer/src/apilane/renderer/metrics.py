@@ -5,6 +5,22 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# Every `reason` of apilane_renderer_snapshots_refused_total: SignatureError.reason values,
+# judge's Refused reasons, and the renderer's own (another cluster's snapshot, a payload
+# that does not decode).
+REFUSAL_REASONS = (
+    "unsigned",
+    "unknown-key",
+    "bad-signature",
+    "mismatch",
+    "expired",
+    "not-yet-valid",
+    "rollback",
+    "equivocation",
+    "other-cluster",
+    "malformed",
+)
+
 
 class RendererMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -30,6 +46,18 @@ class RendererMetrics:
             ["stage"],
             registry=registry,
         )
+        self.refused = Counter(
+            "apilane_renderer_snapshots_refused_total",
+            "Snapshots refused before anything else (unsigned, untrusted key, bad signature,"
+            " an older generation, the held one with other content, expired), by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.refreshes = Counter(
+            "apilane_renderer_refreshes_total",
+            "Re-signed copies of the held generation, taken without a patch.",
+            registry=registry,
+        )
         self.latency = Histogram(
             "apilane_renderer_snapshot_to_patch_seconds",
             "From a snapshot's observed_at to the accepted patch.",
@@ -45,3 +73,5 @@ class RendererMetrics:
             self.renders.labels(outcome)
         for stage in ("decode", "render", "apply", "publish"):
             self.failures.labels(stage)
+        for reason in REFUSAL_REASONS:
+            self.refused.labels(reason)

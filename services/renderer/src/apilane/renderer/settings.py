@@ -2,7 +2,9 @@
 
 Every variable is listed with its default in docs/configuration.md. Besides its own, the
 renderer reads the common ones (`config.load_common`) and the Lease settings every
-leader-elected service shares (`apilane.kube.leader.load_lease_settings`).
+leader-elected service shares (`apilane.kube.leader.load_lease_settings`). It verifies
+every snapshot against the public keys in APILANE_TRUSTED_KEYS and/or
+APILANE_TRUSTED_KEYS_FILE (at least one is required; two at once during a key rotation).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import msgspec
 from apilane.kube.leader import LeaseSettings, load_lease_settings
 from apilane.model import subjects
 from apilane.model.errors import ConfigError
+from apilane.model.signing import TrustedKeys
 from apilane.renderer import ownership
 from apilane.renderer.render import RenderOptions
 from apilane.runtime import config
@@ -27,6 +30,7 @@ FIELD_MANAGER = ownership.FIELD_MANAGER
 
 
 class RendererSettings(msgspec.Struct, frozen=True, kw_only=True):
+    trusted_keys: TrustedKeys
     common: CommonSettings = CommonSettings()
     target_namespace: str = "calico-system"
     target_daemonset: str = "calico-node"
@@ -86,6 +90,7 @@ def load(environ: Mapping[str, str] | None = None) -> RendererSettings:
     )
     _check_dns_label("LEASE_NAMESPACE", lease.namespace)
     return RendererSettings(
+        trusted_keys=config.require_trusted_keys(env),
         common=common,
         target_namespace=_dns_label("TARGET_NAMESPACE", env, default="calico-system"),
         target_daemonset=_dns_label("TARGET_DAEMONSET", env, default="calico-node"),

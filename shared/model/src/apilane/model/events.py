@@ -52,6 +52,7 @@ class WarningReason(StrEnum):
     INVALID_SNAPSHOT = "InvalidSnapshot"
     RENDER_FAILED = "RenderFailed"
     APPLY_FAILED = "ApplyFailed"
+    UNTRUSTED_SNAPSHOT = "UntrustedSnapshot"
 
 
 class Finding(msgspec.Struct, frozen=True, kw_only=True):

@@ -228,6 +228,7 @@ class Stack:
         self.zipkin: Child | None = None
         self.ports = {name: pick_port(name) for name in PREFERRED_PORTS}
         self.kubeconfigs: dict[str, Path] = {}
+        self.signing: dict[str, str] = {}  # discovery's key file, everyone else's trusted key
         self.cgroup_path = (
             Path(data_plane.cgroup2_mount) / CGROUP_NAME if data_plane.backend == "bpf" else None
         )
@@ -236,7 +237,10 @@ class Stack:
 
     def start(self) -> None:
         reset_runtime_state()
+        from apilane.testing.keys import signing_environment
+
         (STATE / "logs").mkdir(parents=True, exist_ok=True)
+        self.signing = signing_environment(STATE)
         self.start_zipkin()  # the slowest to start (a JVM): first, and waited for last
         self.start_nats()
         self.start_control_plane()
@@ -392,6 +396,7 @@ class Stack:
                 # Export within half a second, so a change shows up in the UI right away.
                 "OTEL_BSP_SCHEDULE_DELAY": "500",
                 "PYTHONUNBUFFERED": "1",
+                **self.signing,
             }
         )
         if service in ("discovery", "renderer"):

@@ -14,10 +14,12 @@ import io
 import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
@@ -31,9 +33,17 @@ from apilane.model.events import (
     KubeProxyState,
     RenderResult,
 )
-from apilane.model.signing import SigningKey, TrustedKeys
+from apilane.model.signing import (
+    Envelope,
+    SigningKey,
+    TrustedKeys,
+    open_snapshot,
+    reseal_snapshot,
+    utcnow,
+)
 from apilane.renderer import cli, service
-from apilane.renderer.applier import APPLIED_GENERATION
+from apilane.renderer.applier import APPLIED_CONTENT_DIGEST, APPLIED_GENERATION
+from apilane.renderer.metrics import REFUSAL_REASONS
 from apilane.renderer.ownership import MANAGED_ENV_ANNOTATION
 from apilane.renderer.render import APISERVER_ENDPOINTS, SERVICE_IPS_PORTS
 from apilane.renderer.service import Renderer
@@ -902,3 +912,181 @@ async def test_readiness_is_false_while_nats_is_unreachable_at_start(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(task, timeout=15)
+
+
+# -- signed snapshots ---------------------------------------------------------------------------
+
+
+async def wait_warning(world: Harness, reason: str) -> events.ClusterWarning:
+    while True:
+        warning = await asyncio.wait_for(world.warnings.get(), timeout=RESULT_TIMEOUT)
+        if warning.reason == reason:
+            return warning
+
+
+def tampered(value: bytes) -> bytes:
+    """A validly signed envelope with one address changed in its payload."""
+    envelope = msgspec.json.decode(value, type=Envelope)
+    payload = envelope.payload.replace(b"192.168.5.4", b"192.168.5.66")
+    assert payload != envelope.payload
+    return msgspec.json.encode(
+        Envelope(header=envelope.header, payload=payload, signature=envelope.signature)
+    )
+
+
+@pytest.mark.parametrize(
+    ("forge", "reason", "warning"),
+    [
+        pytest.param(
+            lambda world, snap: sealed(SigningKey.generate(), snap),
+            "unknown-key",
+            events.WarningReason.UNTRUSTED_SNAPSHOT,
+            id="unknown-key",
+        ),
+        pytest.param(
+            lambda world, snap: tampered(sealed(world.key, snap)),
+            "bad-signature",
+            events.WarningReason.UNTRUSTED_SNAPSHOT,
+            id="tampered",
+        ),
+        pytest.param(
+            lambda world, snap: events.encode(snap),
+            "unsigned",
+            events.WarningReason.INVALID_SNAPSHOT,
+            id="unsigned",
+        ),
+    ],
+)
+async def test_a_snapshot_not_signed_by_a_trusted_key_changes_nothing(
+    world: Harness, forge: Any, reason: str, warning: str
+) -> None:
+    await world.create_daemonset()
+    await world.start()
+    await world.publish(snapshot(world.cluster, 1))
+    assert (await world.result()).outcome == "applied"
+    before = await world.daemonset()
+
+    # Written through a connection that may write the key (as discovery's may): a newer
+    # generation with other endpoints.
+    await world.put(
+        forge(world, snapshot(world.cluster, 7, endpoints=("192.168.5.4", "203.0.113.9")))
+    )
+    refused = await wait_warning(world, warning)
+    assert f"({reason})" in refused.message
+    await world.no_more_results()  # nothing verified, nothing to report a result for
+    after = await world.daemonset()
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    assert world.metric("apilane_renderer_snapshots_refused_total", reason=reason) == 1
+
+    # The next valid snapshot is applied as usual.
+    await world.publish(snapshot(world.cluster, 2, endpoints=("192.168.5.8",)))
+    assert (await world.result()).outcome == "applied"
+
+
+async def test_a_replayed_older_snapshot_is_ignored_also_after_a_restart(world: Harness) -> None:
+    await world.create_daemonset()
+    await world.start()
+    first = await world.publish(snapshot(world.cluster, 1))
+    assert (await world.result()).outcome == "applied"
+    await world.publish(snapshot(world.cluster, 2, endpoints=("192.168.5.9",)))
+    assert (await world.result()).outcome == "applied"
+    before = await world.daemonset()
+
+    await world.put(first)  # the very bytes of generation 1, validly signed
+    replayed = await world.result()
+    assert (replayed.generation, replayed.outcome) == (1, "ignored")
+    assert "rollback" in replayed.reason
+    await wait_warning(world, events.WarningReason.UNTRUSTED_SNAPSHOT)
+    assert world.metric("apilane_renderer_snapshots_refused_total", reason="rollback") == 1
+
+    # A new process, with the replay as the latest value: the DaemonSet's record says 2.
+    await world.stop()
+    await world.start()
+    again = await world.result()
+    assert (again.generation, again.outcome) == (1, "ignored")
+    assert world.metric("apilane_renderer_snapshots_refused_total", reason="rollback") == 1
+    after = await world.daemonset()
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    env = env_of(after, "initContainers", "ebpf-bootstrap")
+    assert env[APISERVER_ENDPOINTS] == "192.168.5.9:6443"
+
+
+async def test_the_held_generation_with_other_content_is_refused(world: Harness) -> None:
+    await world.create_daemonset()
+    await world.start()
+    await world.publish(snapshot(world.cluster, 3))
+    assert (await world.result()).outcome == "applied"
+    before = await world.daemonset()
+    await world.publish(snapshot(world.cluster, 3, endpoints=("192.168.5.77",)))
+    result = await world.result()
+    assert (result.generation, result.outcome) == (3, "ignored")
+    assert world.metric("apilane_renderer_snapshots_refused_total", reason="equivocation") == 1
+    after = await world.daemonset()
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+
+async def test_an_expired_snapshot_is_not_applied(world: Harness) -> None:
+    before = await world.create_daemonset()
+    await world.start()
+    issued = utcnow() - timedelta(hours=2)
+    await world.publish(snapshot(world.cluster, 1), ttl=timedelta(hours=1), now=issued)
+    result = await world.result()
+    assert (result.generation, result.outcome) == (1, "ignored")
+    assert "expired" in result.reason
+    await wait_warning(world, events.WarningReason.UNTRUSTED_SNAPSHOT)
+    assert world.metric("apilane_renderer_snapshots_refused_total", reason="expired") == 1
+    after = await world.daemonset()
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+
+async def test_a_snapshot_that_expires_while_it_waits_is_not_applied(world: Harness) -> None:
+    await world.start()
+    await world.publish(snapshot(world.cluster, 1), ttl=timedelta(seconds=1))
+    assert (await world.result()).outcome == "waiting"  # no DaemonSet yet
+    await asyncio.sleep(1.2)
+    before = await world.create_daemonset()
+    result = await world.result()
+    assert (result.generation, result.outcome) == (1, "ignored")
+    assert "expired" in result.reason
+    assert world.metric("apilane_renderer_snapshots_refused_total", reason="expired") == 1
+    after = await world.daemonset()
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+
+async def test_a_re_signed_copy_of_the_applied_generation_is_taken_without_a_patch(
+    world: Harness,
+) -> None:
+    await world.create_daemonset()
+    await world.start()
+    first = await world.publish(snapshot(world.cluster, 1), ttl=timedelta(minutes=10))
+    assert (await world.result()).outcome == "applied"
+    applied = await world.daemonset()
+    held = open_snapshot(first, TrustedKeys.of(world.key))
+    await world.put(reseal_snapshot(world.key, held, now=utcnow(), ttl=timedelta(minutes=10)))
+    refreshed = await world.result()
+    assert (refreshed.generation, refreshed.outcome) == (1, "ignored")
+    assert "refresh" in refreshed.reason
+    assert world.metric("apilane_renderer_refreshes_total") == 1
+    assert world.metric("apilane_renderer_patches_total") == 1
+    now = await world.daemonset()
+    assert now["metadata"]["resourceVersion"] == applied["metadata"]["resourceVersion"]
+
+
+async def test_a_key_rotation_with_two_trusted_keys_refuses_nothing(world: Harness) -> None:
+    old, new = world.key, SigningKey.generate()
+    await world.create_daemonset()
+    await world.start(trusted_keys=TrustedKeys.of(old, new))
+    await world.publish(snapshot(world.cluster, 1), key=old)
+    assert (await world.result()).outcome == "applied"
+    # Discovery switches key: the next generation (same endpoints), then a new set.
+    await world.publish(snapshot(world.cluster, 2), key=new)
+    assert (await world.result()).outcome == "unchanged"
+    await world.publish(snapshot(world.cluster, 3, endpoints=("192.168.5.30",)), key=new)
+    assert (await world.result()).outcome == "applied"
+    refused = sum(
+        world.metric("apilane_renderer_snapshots_refused_total", reason=reason)
+        for reason in REFUSAL_REASONS
+    )
+    assert refused == 0
+    live = await world.daemonset()
+    assert live["metadata"]["annotations"][APPLIED_CONTENT_DIGEST].startswith("sha256:")

@@ -31,3 +31,11 @@ def sealed(
 ) -> bytes:
     """The KV value discovery would write for `snapshot`."""
     return seal_snapshot(key, snapshot, now=now or utcnow(), ttl=ttl)
+
+
+def signing_environment(directory: Path) -> dict[str, str]:
+    """For services run as processes: a fresh key, named to discovery by its PEM file
+    (APILANE_SIGNING_KEY_FILE) and to the snapshot consumers by its public key
+    (APILANE_TRUSTED_KEYS). Each service reads only its own of the two."""
+    key, path = write_signing_key(directory)
+    return {"APILANE_SIGNING_KEY_FILE": str(path), "APILANE_TRUSTED_KEYS": key.public_text}

@@ -209,13 +209,19 @@ class Publisher:
         self._wakeup.set()
 
     def wake(self) -> None:
-        """Reconcile again (e.g. this replica just became the leader)."""
-        self.current = None  # read the bucket again before re-signing anything
+        """Reconcile again and announce every finding again (this replica just became the
+        leader: the previous one may not have announced them)."""
         if self.latest is not None:
-            self._dirty = True
             self._warned_bus.clear()
             self._warned_kube.clear()
             self._warning_ids.clear()  # announce again, not a duplicate JetStream drops
+        self._reconcile_again()
+
+    def _reconcile_again(self) -> None:
+        """Read the bucket again before publishing or re-signing anything."""
+        self.current = None
+        if self.latest is not None:
+            self._dirty = True
         self._wakeup.set()
 
     @property
@@ -340,7 +346,7 @@ class Publisher:
             )
         except RevisionMismatch:
             # Someone wrote since: reconcile with the bucket first (verify, keep or replace).
-            self.wake()
+            self._reconcile_again()
             return Outcome.IDLE
         except BusError as exc:
             self.metrics.publish_failures.inc()
@@ -396,7 +402,7 @@ class Publisher:
             if verified.snapshot.cluster != self.cluster:
                 raise Refused("other-cluster", f"signed for {verified.snapshot.cluster!r}")
         except (SignatureError, events.MalformedEvent) as exc:
-            reason = getattr(exc, "reason", "malformed")
+            reason = exc.reason if isinstance(exc, SignatureError) else "malformed"
             self.metrics.replaced_entries.labels(reason).inc()
             self.last_generation = max(self.last_generation, entry.revision)
             log.error(

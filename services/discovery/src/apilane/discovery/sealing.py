@@ -8,8 +8,9 @@ is not discovery's, whatever it claims, and is replaced.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cached_property
 
 from apilane.model import events
 from apilane.model.signing import (
@@ -30,10 +31,10 @@ class Sealer:
     key: SigningKey
     ttl: timedelta
     now: Callable[[], datetime] = utcnow
-    itself: TrustedKeys = field(init=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "itself", TrustedKeys.of(self.key))
+    @cached_property
+    def itself(self) -> TrustedKeys:
+        return TrustedKeys.of(self.key)
 
     def seal(self, snapshot: events.EndpointSnapshot) -> bytes:
         return seal_snapshot(self.key, snapshot, now=self.now(), ttl=self.ttl)

@@ -1312,7 +1312,7 @@ async def test_a_key_rotation_refuses_nothing_while_the_renderer_trusts_both_key
     assert taken_over.generation > 1
     assert (
         registry.get_sample_value(
-            "apilane_discovery_replaced_entries_total", {"reason": "unknown-key"}
+            "apilane_discovery_untrusted_entries_total", {"reason": "unknown-key"}
         )
         == 1
     )

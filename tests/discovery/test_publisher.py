@@ -575,7 +575,7 @@ async def test_a_value_discovery_cannot_verify_is_replaced_whatever_it_claims(
     # as high), never taken from the number it did not sign.
     assert published.generation == forged_revision + 1
     assert open_snapshot(bus.kv[KEY][1], ITSELF).snapshot == published
-    assert metric(registry, "apilane_discovery_replaced_entries_total", {"reason": reason}) == 1
+    assert metric(registry, "apilane_discovery_untrusted_entries_total", {"reason": reason}) == 1
 
 
 async def test_the_refresh_re_signs_the_same_generation_and_payload_with_a_later_expiry(

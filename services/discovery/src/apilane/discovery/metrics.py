@@ -62,9 +62,10 @@ class DiscoveryMetrics:
             "Snapshots re-signed with a later expiry (same generation and content).",
             registry=registry,
         )
-        self.replaced_entries = Counter(
-            "apilane_discovery_replaced_entries_total",
-            "KV values discovery could not verify as its own (and so replaced), by reason.",
+        self.untrusted_entries = Counter(
+            "apilane_discovery_untrusted_entries_total",
+            "KV values discovery read back and could not verify as its own, by reason (its next"
+            " publish replaces them).",
             ["reason"],
             registry=registry,
         )

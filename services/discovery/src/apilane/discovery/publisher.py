@@ -403,7 +403,7 @@ class Publisher:
                 raise Refused("other-cluster", f"signed for {verified.snapshot.cluster!r}")
         except (SignatureError, events.MalformedEvent) as exc:
             reason = exc.reason if isinstance(exc, SignatureError) else "malformed"
-            self.metrics.replaced_entries.labels(reason).inc()
+            self.metrics.untrusted_entries.labels(reason).inc()
             self.last_generation = max(self.last_generation, entry.revision)
             log.error(
                 "the KV entry is not a snapshot discovery signed; it will be replaced",

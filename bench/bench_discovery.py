@@ -29,10 +29,10 @@ from apilane.model import subjects
 from apilane.model.signing import TrustedKeys, open_snapshot
 from apilane.runtime.bus import Bus
 from apilane.testing.benchstats import percentile, resident_kib
-from apilane.testing.keys import write_signing_key
 from apilane.testing.kube import ControlPlane, endpoint_slice
 from apilane.testing.nats import NatsServer
 from apilane.testing.procs import end_process
+from apilane.testing.sealing import write_signing_key
 
 CHANGES = int(os.environ.get("CHANGES", "120"))
 WINDOW = os.environ.get("APILANE_COALESCE_WINDOW", "100ms")

@@ -31,13 +31,13 @@ from apilane.model.signing import TrustedKeys, open_snapshot
 from apilane.runtime.bus import Bus
 from apilane.testing.benchstats import load_average, percentile
 from apilane.testing.bpf import BpfLab, check_bpf_environment
-from apilane.testing.keys import signing_environment
 from apilane.testing.kube import (
     ControlPlane,
     delete_kubernetes_endpoint_slices,
     endpoint_slice,
 )
 from apilane.testing.nats import NatsServer
+from apilane.testing.sealing import signing_environment
 from apilane.testing.stack import ServiceProcesses, base_environment
 
 CHANGES = int(os.environ.get("CHANGES", "50"))

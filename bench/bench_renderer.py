@@ -29,10 +29,10 @@ from apilane.model.events import EndpointSnapshot
 from apilane.model.signing import SigningKey
 from apilane.runtime.bus import Bus
 from apilane.testing.benchstats import percentile, resident_kib
-from apilane.testing.keys import sealed
 from apilane.testing.kube import ControlPlane
 from apilane.testing.nats import NatsServer
 from apilane.testing.procs import end_process
+from apilane.testing.sealing import seal
 from apilane.testing.snapshots import make_snapshot
 
 SNAPSHOTS = int(os.environ.get("SNAPSHOTS", "200"))
@@ -126,7 +126,7 @@ async def measure(plane: ControlPlane, nats: NatsServer, work: Path) -> None:
         key = subjects.snapshot_key(cluster)
         # Warm-up: the service is up (leader, following the bucket) once it answers this one.
         await bus.kv_put(
-            subjects.SNAPSHOT_BUCKET, key, sealed(signing_key, snapshot(cluster, 1, 1))
+            subjects.SNAPSHOT_BUCKET, key, seal(snapshot(cluster, 1, 1), key=signing_key)
         )
         first = await asyncio.wait_for(results.get(), timeout=60)
         assert first.outcome == "applied", first
@@ -137,7 +137,7 @@ async def measure(plane: ControlPlane, nats: NatsServer, work: Path) -> None:
                 for offset in range(SNAPSHOTS):
                     generation = start_generation + offset
                     count = 2 + offset % 3 if changing else 2 + (SNAPSHOTS - 1) % 3
-                    value = sealed(signing_key, snapshot(cluster, generation, count))
+                    value = seal(snapshot(cluster, generation, count), key=signing_key)
                     began = time.perf_counter()
                     await bus.kv_put(subjects.SNAPSHOT_BUCKET, key, value)
                     result = await asyncio.wait_for(results.get(), timeout=TIMEOUT)

@@ -237,7 +237,7 @@ class Stack:
 
     def start(self) -> None:
         reset_runtime_state()
-        from apilane.testing.keys import signing_environment
+        from apilane.testing.sealing import signing_environment
 
         (STATE / "logs").mkdir(parents=True, exist_ok=True)
         self.signing = signing_environment(STATE)

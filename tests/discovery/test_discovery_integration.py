@@ -35,9 +35,9 @@ from apilane.renderer.settings import RendererSettings
 from apilane.runtime.bus import Bus
 from apilane.runtime.config import CommonSettings
 from apilane.runtime.serve import Health, ServiceContext, start_http
-from apilane.testing.keys import sealed
 from apilane.testing.kube import ControlPlane, endpoint_slice
 from apilane.testing.nats import NatsServer
+from apilane.testing.sealing import seal
 from apilane.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube, pytest.mark.nats]
@@ -1347,7 +1347,7 @@ async def test_a_forged_value_with_a_huge_generation_moves_nothing(
     )
     async with renderer.running(TRUSTED):
         forged_revision = await bus.kv_put(
-            subjects.SNAPSHOT_BUCKET, settings.cluster, sealed(SigningKey.generate(), forged)
+            subjects.SNAPSHOT_BUCKET, settings.cluster, seal(forged, key=SigningKey.generate())
         )
         await wait_until(
             lambda: (

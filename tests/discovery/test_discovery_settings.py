@@ -10,7 +10,7 @@ import pytest
 from apilane.discovery.settings import DiscoverySettings
 from apilane.discovery.settings import load as load_settings
 from apilane.model.errors import ConfigError
-from apilane.testing.keys import write_signing_key
+from apilane.testing.sealing import write_signing_key
 
 pytestmark = [pytest.mark.unit]
 

@@ -23,7 +23,7 @@ from apilane.model.endpoints import SnapshotResult, build_snapshot
 from apilane.model.events import ClusterWarning, EndpointSnapshot, Finding, WarningReason
 from apilane.model.signing import Envelope, SignedSnapshot, SigningKey, TrustedKeys, open_snapshot
 from apilane.runtime.bus import BusError, KvEntry, RevisionMismatch
-from apilane.testing.keys import sealed
+from apilane.testing.sealing import seal
 
 pytestmark = [pytest.mark.unit]
 
@@ -110,7 +110,7 @@ class MemoryBus:
         snapshot = (result or view("198.51.100.1")).to_event(
             cluster=KEY, generation=generation, observed_at=datetime.now(UTC)
         )
-        self.put_raw(sealed(key, snapshot))
+        self.put_raw(seal(snapshot, key=key))
 
     def put_raw(self, value: bytes) -> None:
         self.revision += 1
@@ -553,9 +553,9 @@ def tampered(value: bytes) -> bytes:
 @pytest.mark.parametrize(
     ("forge", "reason"),
     [
-        pytest.param(lambda s: sealed(FORGER, s), "unknown-key", id="unknown-key"),
+        pytest.param(lambda s: seal(s, key=FORGER), "unknown-key", id="unknown-key"),
         pytest.param(events.encode, "unsigned", id="unsigned"),
-        pytest.param(lambda s: tampered(sealed(DISCOVERY, s)), "bad-signature", id="tampered"),
+        pytest.param(lambda s: tampered(seal(s, key=DISCOVERY)), "bad-signature", id="tampered"),
     ],
 )
 async def test_a_value_discovery_cannot_verify_is_replaced_whatever_it_claims(

@@ -33,13 +33,13 @@ pytestmark = [pytest.mark.unit]
 @pytest.mark.parametrize(
     ("error", "label", "warning"),
     [
-        (Unsigned("x"), "unsigned", WarningReason.INVALID_SNAPSHOT),
+        (Unsigned("x"), "unsigned", WarningReason.SNAPSHOT_REFUSED),
         (events.MalformedEvent("x"), "malformed", WarningReason.INVALID_SNAPSHOT),
-        (UnknownKey("x"), "unknown-key", WarningReason.UNTRUSTED_SNAPSHOT),
-        (BadSignature("x"), "bad-signature", WarningReason.UNTRUSTED_SNAPSHOT),
-        (Mismatch("x"), "mismatch", WarningReason.UNTRUSTED_SNAPSHOT),
-        (Refused("rollback", "x"), "rollback", WarningReason.UNTRUSTED_SNAPSHOT),
-        (Refused("other-cluster", "x"), "other-cluster", WarningReason.UNTRUSTED_SNAPSHOT),
+        (UnknownKey("x"), "unknown-key", WarningReason.SNAPSHOT_REFUSED),
+        (BadSignature("x"), "bad-signature", WarningReason.SNAPSHOT_REFUSED),
+        (Mismatch("x"), "mismatch", WarningReason.SNAPSHOT_REFUSED),
+        (Refused("rollback", "x"), "rollback", WarningReason.SNAPSHOT_REFUSED),
+        (Refused("other-cluster", "x"), "other-cluster", WarningReason.SNAPSHOT_REFUSED),
     ],
 )
 def test_each_refusal_has_a_label_and_a_warning(

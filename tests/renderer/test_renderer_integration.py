@@ -52,8 +52,8 @@ from apilane.renderer.settings import load as load_settings
 from apilane.runtime import serve
 from apilane.runtime.bus import Bus
 from apilane.runtime.config import CommonSettings
-from apilane.testing.keys import sealed
 from apilane.testing.kube import ControlPlane
+from apilane.testing.sealing import seal, seal_payload
 from apilane.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube, pytest.mark.nats]
@@ -217,10 +217,10 @@ class Harness:
                 await sub.unsubscribe()
 
     async def publish(
-        self, snap: EndpointSnapshot, *, key: SigningKey | None = None, **seal: Any
+        self, snap: EndpointSnapshot, *, key: SigningKey | None = None, **sealing: Any
     ) -> bytes:
         """Seal `snap` as discovery does (with `key`, else the trusted one) and put it."""
-        value = sealed(key or self.key, snap, **seal)
+        value = seal(snap, key=key or self.key, **sealing)
         await self.put(value)
         return value
 
@@ -511,8 +511,16 @@ async def test_malformed_and_unrenderable_snapshots_are_reported_without_a_crash
 ) -> None:
     before = await world.create_daemonset()
     await world.start()
+    # Garbage is not even an envelope: refused as unsigned.
     await world.bus.js.publish(
         subjects.kv_subject(subjects.SNAPSHOT_BUCKET, world.cluster), b'{"not": "a snapshot"'
+    )
+    warning = await asyncio.wait_for(world.warnings.get(), timeout=RESULT_TIMEOUT)
+    assert warning.reason == events.WarningReason.SNAPSHOT_REFUSED
+    assert "(unsigned)" in warning.message
+    # Validly signed, but not a snapshot: a producer bug, reported as invalid.
+    await world.put(
+        seal_payload(b'{"not": "a snapshot"', generation=1, cluster=world.cluster, key=world.key)
     )
     warning = await asyncio.wait_for(world.warnings.get(), timeout=RESULT_TIMEOUT)
     assert warning.reason == events.WarningReason.INVALID_SNAPSHOT
@@ -938,21 +946,21 @@ def tampered(value: bytes) -> bytes:
     ("forge", "reason", "warning"),
     [
         pytest.param(
-            lambda world, snap: sealed(SigningKey.generate(), snap),
+            lambda world, snap: seal(snap, key=SigningKey.generate()),
             "unknown-key",
-            events.WarningReason.UNTRUSTED_SNAPSHOT,
+            events.WarningReason.SNAPSHOT_REFUSED,
             id="unknown-key",
         ),
         pytest.param(
-            lambda world, snap: tampered(sealed(world.key, snap)),
+            lambda world, snap: tampered(seal(snap, key=world.key)),
             "bad-signature",
-            events.WarningReason.UNTRUSTED_SNAPSHOT,
+            events.WarningReason.SNAPSHOT_REFUSED,
             id="tampered",
         ),
         pytest.param(
             lambda world, snap: events.encode(snap),
             "unsigned",
-            events.WarningReason.INVALID_SNAPSHOT,
+            events.WarningReason.SNAPSHOT_REFUSED,
             id="unsigned",
         ),
     ],
@@ -996,7 +1004,7 @@ async def test_a_replayed_older_snapshot_is_ignored_also_after_a_restart(world: 
     replayed = await world.result()
     assert (replayed.generation, replayed.outcome) == (1, "ignored")
     assert "rollback" in replayed.reason
-    await wait_warning(world, events.WarningReason.UNTRUSTED_SNAPSHOT)
+    await wait_warning(world, events.WarningReason.SNAPSHOT_REFUSED)
     assert world.metric("apilane_renderer_snapshots_refused_total", reason="rollback") == 1
 
     # A new process, with the replay as the latest value: the DaemonSet's record says 2.
@@ -1029,11 +1037,11 @@ async def test_an_expired_snapshot_is_not_applied(world: Harness) -> None:
     before = await world.create_daemonset()
     await world.start()
     issued = utcnow() - timedelta(hours=2)
-    await world.publish(snapshot(world.cluster, 1), ttl=timedelta(hours=1), now=issued)
+    await world.publish(snapshot(world.cluster, 1), ttl=timedelta(hours=1), issued_at=issued)
     result = await world.result()
     assert (result.generation, result.outcome) == (1, "ignored")
     assert "expired" in result.reason
-    await wait_warning(world, events.WarningReason.UNTRUSTED_SNAPSHOT)
+    await wait_warning(world, events.WarningReason.SNAPSHOT_REFUSED)
     assert world.metric("apilane_renderer_snapshots_refused_total", reason="expired") == 1
     after = await world.daemonset()
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]

@@ -12,8 +12,8 @@ Flow, while this replica leads:
 Before anything else every snapshot is verified (`signing.open_snapshot`, against the
 trusted keys) and judged (`signing.judge`, against the generation and content held). One
 that is unsigned, signed by an unknown key or badly, an older generation, the held one with
-other content, or expired, is refused: a metric by reason, a log line, a warning on the bus,
-and nothing changes on the DaemonSet. A re-signed copy of the held generation is a refresh:
+other content, or expired, is refused: a metric by reason, a log line, a SnapshotRefused
+warning on the bus, and nothing changes on the DaemonSet. A re-signed copy of the held generation is a refresh:
 taken, never patched again.
 
 Every verified snapshot gets a RenderResult on `subjects.renders_subject(cluster)`: applied,
@@ -47,7 +47,6 @@ from apilane.model.signing import (
     Refused,
     SignatureError,
     SignedSnapshot,
-    Unsigned,
     Verdict,
     judge,
     open_snapshot,
@@ -604,11 +603,12 @@ def refusal_label(exc: SignatureError | events.MalformedEvent) -> str:
 
 
 def refusal_warning(exc: SignatureError | events.MalformedEvent) -> WarningReason:
-    """InvalidSnapshot for what is not a signed snapshot at all (garbage, a plain snapshot,
-    an undecodable payload); UntrustedSnapshot for a signed one that is not accepted."""
-    if isinstance(exc, Unsigned | events.MalformedEvent):
+    """As every consumer reports it: SnapshotRefused for what a trusted key did not sign or
+    that is not acceptable now (unsigned, unknown key, bad signature, rollback, expired...);
+    InvalidSnapshot for a validly signed payload that is not a snapshot (a producer bug)."""
+    if isinstance(exc, events.MalformedEvent):
         return WarningReason.INVALID_SNAPSHOT
-    return WarningReason.UNTRUSTED_SNAPSHOT
+    return WarningReason.SNAPSHOT_REFUSED
 
 
 def report_env(report: ApplyReport) -> dict[str, str]:

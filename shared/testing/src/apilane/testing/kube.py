@@ -7,7 +7,10 @@ the apiserver run as child processes on free loopback ports, and every process i
 the pid we started, never by name.
 
 `ControlPlane` is one apiserver with `--endpoint-reconciler-type=none`, so tests own the
-EndpointSlices of Service default/kubernetes. `HAControlPlane` runs N apiservers on one etcd
+EndpointSlices of Service default/kubernetes. Besides its usual serving certificate it has a
+second one for SNI_NAME only, from a CA of its own (`sni_pki`): a client that reaches it by IP
+and trusts only that CA gets through only when it sends SNI_NAME (kubeconfig
+`tls-server-name`). `HAControlPlane` runs N apiservers on one etcd
 with the lease endpoint reconciler; EndpointSlice validation rejects loopback addresses, so
 each apiserver lives in a network namespace of its own with an address from the benchmarking
 range 198.18.0.0/15 that exists only on our veth pairs.
@@ -49,7 +52,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from apilane.kube.client import KubeClient, NotFound
+from apilane.kube.client import Conflict, KubeClient, NotFound
 from apilane.testing.procs import ComponentMissing, end_process, free_port, tail
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,9 @@ KUBERNETES_SANS = (
     "localhost",
 )
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
+# The one name ControlPlane's second serving certificate (from a CA of its own) is valid for;
+# the apiserver presents it to clients that ask for this name by SNI.
+SNI_NAME = "apiserver.apilane.test"
 READY_TIMEOUT = 90.0
 STOP_GRACE = 10.0
 
@@ -568,6 +574,10 @@ class ControlPlane:
             ip_addresses=("127.0.0.1", "::1", *SERVICE_IPS),
             server=True,
         )
+        self.sni_pki = Pki(self.work_dir / "sni-pki", common_name="apilane-test-sni-ca")
+        sni = self.sni_pki.issue(
+            "apiserver-sni", common_name="kube-apiserver", dns_names=(SNI_NAME,), server=True
+        )
         self.etcd = Etcd(binary_dir=self.binary_dir, data_dir=self.work_dir / "etcd")
         self.apiserver = ApiServer(
             binary_dir=self.binary_dir,
@@ -577,7 +587,10 @@ class ControlPlane:
             serving=self.serving,
             sa_private=self.sa_private,
             sa_public=self.sa_public,
-            extra_args=tuple(extra_apiserver_args),
+            extra_args=(
+                f"--tls-sni-cert-key={sni.cert_path},{sni.key_path}:{SNI_NAME}",
+                *extra_apiserver_args,
+            ),
         )
         self.kubeconfig_path = self.work_dir / "admin.kubeconfig"
         self.timings: dict[str, float] = {}
@@ -854,3 +867,24 @@ def endpoint_slice(
         "endpoints": [{"addresses": [address], "conditions": conditions} for address in addresses],
         "ports": [{"name": port_name, "port": port, "protocol": "TCP"}],
     }
+
+
+async def service_account_token(
+    client: KubeClient, namespace: str, name: str, *, expiration_seconds: int = 3600
+) -> str:
+    """A token the apiserver accepts for ServiceAccount namespace/name (created if missing),
+    from the TokenRequest API: there is no token controller in this control plane."""
+    with contextlib.suppress(Conflict):
+        await client.create(
+            f"/api/v1/namespaces/{namespace}/serviceaccounts",
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}},
+        )
+    issued = await client.create(
+        f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
+        {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": expiration_seconds},
+        },
+    )
+    return str(issued["status"]["token"])

@@ -74,8 +74,10 @@ class RendererSettings(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
-def load(environ: Mapping[str, str] | None = None) -> RendererSettings:
-    """Read and validate everything; raises ConfigError naming the bad variable."""
+def load(environ: Mapping[str, str] | None = None, *, serving: bool = True) -> RendererSettings:
+    """Read and validate everything; raises ConfigError naming the bad variable. Serving
+    needs a trusted key; a tool that only renders (`apilane render manifest` from the API
+    server) reads the keys when given and needs none."""
     env = Env(environ)
     init_containers = _names("TARGET_INIT_CONTAINERS", env, ("ebpf-bootstrap",), allow_none=True)
     containers = _names("TARGET_CONTAINERS", env, ("calico-node",), allow_none=True)
@@ -90,7 +92,9 @@ def load(environ: Mapping[str, str] | None = None) -> RendererSettings:
     )
     _check_dns_label("LEASE_NAMESPACE", lease.namespace)
     return RendererSettings(
-        trusted_keys=config.require_trusted_keys(env),
+        trusted_keys=(
+            config.require_trusted_keys(env) if serving else config.load_trusted_keys(env)
+        ),
         common=common,
         target_namespace=_dns_label("TARGET_NAMESPACE", env, default="calico-system"),
         target_daemonset=_dns_label("TARGET_DAEMONSET", env, default="calico-node"),

@@ -383,6 +383,9 @@ async def run_scenario(
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
     assert report["generation"] == second_generation
+    # Opened with the trusted key: discovery's signature, shown with its key id.
+    assert (report["trusted"], report["untrusted"]) == (True, "")
+    assert (report["signed_by"],) == TrustedKeys.parse(trusted_keys).ids
     assert {n["node"]: n["generation"] for n in report["nodes"]} == dict.fromkeys(
         NODES, second_generation
     )

@@ -265,7 +265,11 @@ async def _serve(service: DiscoveryService, stop: asyncio.Event, health: Health 
 
 
 async def _connect_bus(settings: DiscoverySettings) -> Bus:
-    bus = await Bus.connect(settings.common.nats_urls, name=f"{COMPONENT}-{settings.identity}")
+    bus = await Bus.connect(
+        settings.common.nats_urls,
+        name=f"{COMPONENT}-{settings.identity}",
+        auth=settings.common.nats_auth,
+    )
     delay = 0.2
     while True:
         try:

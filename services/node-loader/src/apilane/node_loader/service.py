@@ -319,10 +319,15 @@ class NodeLoader:
             return ()
 
     async def _connect(self) -> Bus:
-        bus = await Bus.connect(self.settings.common.nats_urls, name=f"{SOURCE}-{self.node}")
+        bus = await Bus.connect(
+            self.settings.common.nats_urls,
+            name=f"{SOURCE}-{self.node}",
+            auth=self.settings.common.nats_auth,
+        )
         while True:
             try:
-                await bus.ensure_streams()
+                # Discovery provisions the streams; this node's identity may only look them up.
+                await bus.wait_for_streams()
                 return bus
             except Exception as exc:  # JetStream not ready yet (cluster forming, restart)
                 log.warning("cannot set up JetStream yet, retrying", extra={"error": str(exc)})

@@ -560,10 +560,14 @@ async def main(ctx: ServiceContext, settings: RendererSettings) -> None:
         ),
     )
     kube = await KubeClient.from_config(settings.common.kubeconfig or None)
-    bus = await Bus.connect(settings.common.nats_urls, name=SERVICE_NAME)
+    bus = await Bus.connect(
+        settings.common.nats_urls, name=SERVICE_NAME, auth=settings.common.nats_auth
+    )
     started["bus"] = bus
     try:
-        await bus.ensure_streams()
+        # Discovery provisions the streams; the renderer's identity may only look them up.
+        if not await bus.wait_for_streams(stop=ctx.stopping):
+            return
         renderer = Renderer(bus=bus, kube=kube, settings=settings, registry=ctx.registry)
         elector = None
         if settings.leader_election:

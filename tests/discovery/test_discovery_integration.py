@@ -28,6 +28,7 @@ from apilane.model import events, subjects
 from apilane.model.events import ClusterWarning, EndpointSnapshot, WarningReason
 from apilane.runtime.bus import Bus
 from apilane.runtime.config import CommonSettings
+from apilane.runtime.natsauth import Role
 from apilane.runtime.serve import Health, start_http
 from apilane.testing.kube import ControlPlane, endpoint_slice
 from apilane.testing.nats import NatsServer
@@ -51,10 +52,13 @@ def settings_for(
     identity: str = "replica-a",
     cluster: str | None = None,
 ) -> DiscoverySettings:
+    cluster = cluster or f"c-{secrets.token_hex(4)}"
     return DiscoverySettings(
         common=CommonSettings(
-            cluster=cluster or f"c-{secrets.token_hex(4)}",
+            cluster=cluster,
             nats_urls=(nats_server.url,),
+            # Discovery's own identity: the one writer of this cluster's snapshot key.
+            nats_auth=nats_server.credentials(Role.DISCOVERY, cluster),
             kubeconfig=str(control_plane.kubeconfig_path),
         ),
         service_namespace=service_namespace or namespace,

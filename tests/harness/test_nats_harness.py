@@ -1,15 +1,19 @@
-"""The nats-server fixture talks to a real JetStream server, survives restarts, and clusters."""
+"""The nats-server fixture talks to a real JetStream server, survives restarts, and clusters.
+
+Each test connects as the role it plays: discovery writes snapshots and warnings, the
+renderer and node-loaders watch, the operator reads everything and sends control requests."""
 
 from __future__ import annotations
 
 import asyncio
 
-import nats
 import pytest
 
 from apilane.model import events, subjects
 from apilane.runtime.bus import Bus
+from apilane.runtime.natsauth import Role
 from apilane.testing.nats import NatsCluster, NatsServer
+from apilane.testing.nats_fixtures import ConnectAs
 
 pytestmark = [pytest.mark.integration, pytest.mark.nats]
 
@@ -20,9 +24,12 @@ def _warning(n: int) -> events.ClusterWarning:
     )
 
 
-async def test_jetstream_publish_then_consume_with_a_durable(bus: Bus) -> None:
+async def test_jetstream_publish_then_consume_with_a_durable(
+    bus: Bus, connect_as: ConnectAs
+) -> None:
+    discovery = await connect_as(Role.DISCOVERY, "c1")
     for n in range(3):
-        await bus.publish(subjects.warnings_subject("c1"), _warning(n))
+        await discovery.publish(subjects.warnings_subject("c1"), _warning(n))
     sub = await bus.js.pull_subscribe(subjects.warnings_subject("c1"), durable="harness")
     msgs = await sub.fetch(3, timeout=5)
     decoded = [events.decode(m.data) for m in msgs]
@@ -35,21 +42,26 @@ async def test_jetstream_publish_then_consume_with_a_durable(bus: Bus) -> None:
         await m.ack()
 
 
-async def test_message_id_deduplicates_a_repeated_publish(bus: Bus) -> None:
-    first = await bus.publish(subjects.warnings_subject("c1"), _warning(1), msg_id="same")
-    second = await bus.publish(subjects.warnings_subject("c1"), _warning(1), msg_id="same")
+async def test_message_id_deduplicates_a_repeated_publish(bus: Bus, connect_as: ConnectAs) -> None:
+    discovery = await connect_as(Role.DISCOVERY, "c1")
+    first = await discovery.publish(subjects.warnings_subject("c1"), _warning(1), msg_id="same")
+    second = await discovery.publish(subjects.warnings_subject("c1"), _warning(1), msg_id="same")
     assert first == second
     info = await bus.js.stream_info(subjects.EVENTS_STREAM)
     assert info.state.messages == 1
 
 
-async def test_kv_watch_yields_the_current_value_first_then_updates(bus: Bus) -> None:
-    await bus.kv_put(subjects.SNAPSHOT_BUCKET, "c1", _warning(1))
-    await bus.kv_put(subjects.SNAPSHOT_BUCKET, "c1", _warning(2))
+async def test_kv_watch_yields_the_current_value_first_then_updates(
+    bus: Bus, connect_as: ConnectAs
+) -> None:
+    discovery = await connect_as(Role.DISCOVERY, "c1")
+    renderer = await connect_as(Role.RENDERER, "c1")
+    await discovery.kv_put(subjects.SNAPSHOT_BUCKET, "c1", _warning(1))
+    await discovery.kv_put(subjects.SNAPSHOT_BUCKET, "c1", _warning(2))
     seen: list[str] = []
 
     async def watch() -> None:
-        async for entry in bus.watch_kv(subjects.SNAPSHOT_BUCKET, "c1"):
+        async for entry in renderer.watch_kv(subjects.SNAPSHOT_BUCKET, "c1"):
             warning = events.decode(entry.value)
             assert isinstance(warning, events.ClusterWarning)
             seen.append(warning.message)
@@ -59,57 +71,76 @@ async def test_kv_watch_yields_the_current_value_first_then_updates(bus: Bus) ->
     task = asyncio.create_task(watch())
     await asyncio.sleep(0.3)
     assert seen == ["m2"], "only the latest value comes first, not the history"
-    await bus.kv_put(subjects.SNAPSHOT_BUCKET, "c1", _warning(3))
+    await discovery.kv_put(subjects.SNAPSHOT_BUCKET, "c1", _warning(3))
     await asyncio.wait_for(task, 5)
     assert seen == ["m2", "m3"]
 
 
-async def test_kv_compare_and_set_rejects_a_stale_revision(bus: Bus) -> None:
+async def test_kv_compare_and_set_rejects_a_stale_revision(bus: Bus, connect_as: ConnectAs) -> None:
     from apilane.runtime.bus import RevisionMismatch
 
-    rev = await bus.kv_put(subjects.SNAPSHOT_BUCKET, "c2", _warning(1), expected_revision=0)
+    discovery = await connect_as(Role.DISCOVERY, "c2")
+    rev = await discovery.kv_put(subjects.SNAPSHOT_BUCKET, "c2", _warning(1), expected_revision=0)
     with pytest.raises(RevisionMismatch):
-        await bus.kv_put(subjects.SNAPSHOT_BUCKET, "c2", _warning(2), expected_revision=0)
-    rev2 = await bus.kv_put(subjects.SNAPSHOT_BUCKET, "c2", _warning(2), expected_revision=rev)
+        await discovery.kv_put(subjects.SNAPSHOT_BUCKET, "c2", _warning(2), expected_revision=0)
+    rev2 = await discovery.kv_put(
+        subjects.SNAPSHOT_BUCKET, "c2", _warning(2), expected_revision=rev
+    )
     assert rev2 > rev
     entry = await bus.kv_get(subjects.SNAPSHOT_BUCKET, "c2")
     assert entry is not None and entry.revision == rev2
 
 
-async def test_a_deleted_key_reads_as_absent_but_keeps_its_revision_for_cas(bus: Bus) -> None:
+async def test_a_deleted_key_reads_as_absent_but_keeps_its_revision_for_cas(
+    bus: Bus, connect_as: ConnectAs
+) -> None:
     from apilane.runtime.bus import RevisionMismatch
 
-    await bus.kv_put(subjects.SNAPSHOT_BUCKET, "c4", _warning(1))
-    kv = await bus.js.key_value(subjects.SNAPSHOT_BUCKET)
+    discovery = await connect_as(Role.DISCOVERY, "c4")
+    await discovery.kv_put(subjects.SNAPSHOT_BUCKET, "c4", _warning(1))
+    kv = await discovery.js.key_value(subjects.SNAPSHOT_BUCKET)
     await kv.delete("c4")
     assert await bus.kv_get(subjects.SNAPSHOT_BUCKET, "c4") is None
-    marker = await bus.kv_get(subjects.SNAPSHOT_BUCKET, "c4", include_deleted=True)
+    marker = await discovery.kv_get(subjects.SNAPSHOT_BUCKET, "c4", include_deleted=True)
     assert marker is not None and marker.operation == "DEL"
     with pytest.raises(RevisionMismatch):
-        await bus.kv_put(subjects.SNAPSHOT_BUCKET, "c4", _warning(2), expected_revision=0)
-    await bus.kv_put(subjects.SNAPSHOT_BUCKET, "c4", _warning(2), expected_revision=marker.revision)
+        await discovery.kv_put(subjects.SNAPSHOT_BUCKET, "c4", _warning(2), expected_revision=0)
+    await discovery.kv_put(
+        subjects.SNAPSHOT_BUCKET, "c4", _warning(2), expected_revision=marker.revision
+    )
 
 
-async def test_requests_are_answered_and_a_failing_handler_answers_an_error(bus: Bus) -> None:
+async def test_requests_are_answered_and_a_failing_handler_answers_an_error(
+    bus: Bus, connect_as: ConnectAs
+) -> None:
     from apilane.runtime.bus import BusError
+
+    # A node-loader answers on its control subject; the operator asks.
+    loader = await connect_as(Role.NODE_LOADER, "c1", "node-1")
+    control = subjects.node_control_subject("c1", "node-1")
 
     async def handler(payload: bytes) -> bytes:
         if payload == b"boom":
             raise ValueError("no")
         return payload.upper()
 
-    await bus.serve_requests("apilane.test.echo", handler)
-    assert await bus.request("apilane.test.echo", b"hi") == b"HI"
-    assert b"ValueError: no" in await bus.request("apilane.test.echo", b"boom")
-    assert await bus.request("apilane.test.echo", b"again") == b"AGAIN"
+    await loader.serve_requests(control, handler)
+    assert await bus.request(control, b"hi") == b"HI"
+    assert b"ValueError: no" in await bus.request(control, b"boom")
+    assert await bus.request(control, b"again") == b"AGAIN"
     with pytest.raises(BusError):
-        await bus.request("apilane.test.nobody", b"x", timeout=0.5)
+        await bus.request(subjects.node_control_subject("c1", "nobody"), b"x", timeout=0.5)
 
 
 async def test_kv_watch_catches_up_after_a_server_restart(nats_server: NatsServer) -> None:
-    bus = await Bus.connect([nats_server.url], name="t", initial_attempt_deadline=5)
-    await bus.ensure_streams()
-    await bus.kv_put(subjects.SNAPSHOT_BUCKET, "c3", _warning(1))
+    provisioner = await nats_server.connect(Role.DISCOVERY, "c3", name="t", deadline=5)
+    await provisioner.create_streams()
+    await provisioner.drain()
+    bus = await nats_server.connect(Role.NODE_LOADER, "c3", "node-1", name="t", deadline=5)
+    await bus.wait_for_streams()
+    discovery = await nats_server.connect(Role.DISCOVERY, "c3", name="writer-0", deadline=5)
+    await discovery.kv_put(subjects.SNAPSHOT_BUCKET, "c3", _warning(1))
+    await discovery.drain()
     seen: list[str] = []
     got_two = asyncio.Event()
 
@@ -126,7 +157,7 @@ async def test_kv_watch_catches_up_after_a_server_restart(nats_server: NatsServe
     await asyncio.sleep(0.3)
     await asyncio.to_thread(nats_server.restart)
     # Write through a second connection while the first is still reconnecting.
-    writer = await Bus.connect([nats_server.url], name="writer", initial_attempt_deadline=10)
+    writer = await nats_server.connect(Role.DISCOVERY, "c3", name="writer")
     await writer.kv_put(subjects.SNAPSHOT_BUCKET, "c3", _warning(2))
     await asyncio.wait_for(got_two.wait(), 20)
     await task
@@ -138,7 +169,7 @@ async def test_kv_watch_catches_up_after_a_server_restart(nats_server: NatsServe
 async def test_connect_waits_for_a_server_that_starts_late(nats_server: NatsServer) -> None:
     nats_server.stop()
     connecting = asyncio.create_task(
-        Bus.connect([nats_server.url], name="late", initial_attempt_deadline=15)
+        nats_server.connect(Role.RENDERER, "c1", name="late", deadline=15)
     )
     await asyncio.sleep(0.5)
     assert not connecting.done()
@@ -152,11 +183,15 @@ def test_a_three_node_cluster_elects_a_jetstream_leader() -> None:
     with NatsCluster(3) as cluster:
 
         async def check() -> int:
-            nc = await nats.connect(cluster.urls)
-            js = nc.jetstream()
-            await js.add_stream(name="CLUSTERED", subjects=["clustered.>"], num_replicas=3)
-            ack = await js.publish("clustered.x", b"1")
-            await nc.drain()
-            return int(ack.seq)
+            # The provisioner's replicated stream, written through the cluster.
+            bus = await cluster.connect(Role.DISCOVERY, "c1")
+            await bus.js.add_stream(
+                name=subjects.EVENTS_STREAM,
+                subjects=list(subjects.EVENTS_STREAM_SUBJECTS),
+                num_replicas=3,
+            )
+            sequence = await bus.publish(subjects.warnings_subject("c1"), _warning(1))
+            await bus.drain()
+            return sequence
 
         assert asyncio.run(check()) == 1

@@ -6,14 +6,23 @@ renderer and node-loaders watch, the operator reads everything and sends control
 from __future__ import annotations
 
 import asyncio
+import subprocess
+from pathlib import Path
 
+import msgspec
 import pytest
 
 from apilane.model import events, subjects
-from apilane.runtime.bus import Bus
+from apilane.runtime import natsauth
+from apilane.runtime.bus import Bus, PermissionDenied
+from apilane.runtime.config import NatsAuth, load_nats_auth
 from apilane.runtime.natsauth import Role
-from apilane.testing.nats import NatsCluster, NatsServer
+from apilane.testing.nats import NatsCluster, NatsServer, find_nats_server, start_stack_nats
+from apilane.testing.nats_credentials import write_stack_credentials
 from apilane.testing.nats_fixtures import ConnectAs
+from apilane.testing.procs import end_process, free_port
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.integration, pytest.mark.nats]
 
@@ -195,3 +204,100 @@ def test_a_three_node_cluster_elects_a_jetstream_leader() -> None:
             return sequence
 
         assert asyncio.run(check()) == 1
+
+
+async def test_the_local_stack_nats_gives_every_role_its_credentials(tmp_path: Path) -> None:
+    stack = await asyncio.to_thread(
+        start_stack_nats, tmp_path, cluster="local", nodes=["local-node"], port=free_port()
+    )
+    try:
+        assert set(stack.roles) == {"discovery", "renderer", "operator", "node-loader:local-node"}
+        for env in stack.roles.values():
+            assert env["APILANE_NATS_URL"] == stack.server.url
+            assert env["APILANE_NATS_URL"].startswith("tls://")
+            # Read the way a service reads them (the files must be there).
+            assert load_nats_auth(env).tls_ca_file == env["APILANE_NATS_TLS_CA_FILE"]
+
+        async def as_role(name: str) -> Bus:
+            env = stack.roles[name]
+            auth = load_nats_auth(env)
+            return await Bus.connect([env["APILANE_NATS_URL"]], name=name, auth=auth)
+
+        discovery = await as_role("discovery")
+        await discovery.create_streams()
+        await discovery.kv_put(subjects.SNAPSHOT_BUCKET, "local", _warning(1))
+        operator = await as_role("operator")
+        entry = await operator.kv_get(subjects.SNAPSHOT_BUCKET, "local")
+        assert entry is not None
+        for bus in (discovery, operator):
+            await bus.drain()
+    finally:
+        stack.stop()
+
+
+def test_compose_credentials_run_a_mutual_tls_server_as_compose_does(tmp_path: Path) -> None:
+    """What docker compose's nats-auth step writes, with deploy/compose/nats.conf's options
+    (paths and the listen address moved here), on the real server."""
+    identities = natsauth.load_identities(REPO / "deploy/compose/identities.toml")
+    out = tmp_path / "auth"
+    assert write_stack_credentials(out, identities, server_hosts=["127.0.0.1", "localhost"])
+    assert not write_stack_credentials(out, identities, server_hosts=["127.0.0.1"])  # kept
+    profile = natsauth.PROFILES["compose"]
+    assert profile.tls is not None and profile.tls.verify  # mutual TLS in compose
+    port = free_port()
+    server_dir = out / "server"
+    options = msgspec.structs.replace(
+        profile,
+        listen=f"127.0.0.1:{port}",
+        http=f"127.0.0.1:{free_port()}",
+        store_dir=str(tmp_path / "store"),
+        tls=msgspec.structs.replace(
+            profile.tls,
+            cert_file=str(server_dir / "server.crt"),
+            key_file=str(server_dir / "server.key"),
+            ca_file=str(server_dir / "ca.crt"),
+        ),
+        accounts_include=str(Path("..") / "auth" / "server" / "accounts.conf"),
+    )
+    config = tmp_path / "config" / "nats.conf"
+    config.parent.mkdir()
+    config.write_text(natsauth.render_server_config(options))
+    log = (tmp_path / "nats.log").open("wb")
+    proc = subprocess.Popen(
+        [find_nats_server(), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"tls://127.0.0.1:{port}"
+
+    def credentials(directory: str) -> NatsAuth:
+        folder = out / directory
+        return NatsAuth(
+            nkey_seed_file=str(folder / "seed.nk"),
+            tls_ca_file=str(folder / "ca.crt"),
+            tls_cert_file=str(folder / "client.crt"),
+            tls_key_file=str(folder / "client.key"),
+        )
+
+    async def check() -> None:
+        discovery = await Bus.connect(
+            [url], name="d", auth=credentials("discovery"), initial_attempt_deadline=15
+        )
+        await discovery.create_streams()
+        loader = await Bus.connect(
+            [url],
+            name="n",
+            auth=credentials("node-loader-compose-node"),
+            initial_attempt_deadline=5,
+        )
+        assert await loader.wait_for_streams()
+        key = subjects.node_state_key("compose", "compose-node")
+        await loader.kv_put(subjects.NODE_STATE_BUCKET, key, _warning(1))
+        with pytest.raises(PermissionDenied):
+            await loader.kv_put(subjects.SNAPSHOT_BUCKET, "compose", _warning(2))
+        for bus in (discovery, loader):
+            await bus.drain()
+
+    try:
+        asyncio.run(check())
+    finally:
+        end_process(proc)
+        log.close()

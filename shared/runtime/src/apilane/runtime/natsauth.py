@@ -619,6 +619,54 @@ PROFILES: Final = {
 }
 
 
+SECRET_PREFIX: Final = "apilane-nats"
+
+
+def kubernetes_secrets(
+    identities: Sequence[Identity], seeds_dir: Path, *, ca_pem: bytes, namespace: str = "apilane"
+) -> dict[str, object]:
+    """The Secrets deploy/ mounts, as one `v1/List` for `kubectl apply -f -`:
+    `apilane-nats-accounts` (the server's accounts.conf), and per role its seed and the CA:
+    `apilane-nats-discovery`, `-renderer`, `-operator` (`seed.nk`, `ca.crt`) and
+    `apilane-nats-node-loader` (`<node>.nk` per node, `ca.crt`; each pod mounts only its
+    own node's key). The server's TLS Secret `apilane-nats-tls` is not among them: it comes
+    from cert-manager or your CA (deploy/README.md)."""
+    import base64
+
+    if len({i.cluster for i in identities}) != 1:
+        raise NatsAuthError("one installation serves one cluster: its identities only")
+    keyed = provision(identities, seeds_dir)
+    ca = base64.b64encode(ca_pem).decode()
+    data: dict[str, dict[str, str]] = {
+        f"{SECRET_PREFIX}-accounts": {
+            "accounts.conf": base64.b64encode(render_accounts(keyed).encode()).decode()
+        }
+    }
+    for listed, identity in zip(identities, keyed, strict=True):
+        if listed.public_key:
+            continue  # its seed is kept elsewhere (made on the node, say): nothing to ship
+        seed = read_seed(seeds_dir / identity.seed_path)
+        name = f"{SECRET_PREFIX}-{identity.role}"
+        key = f"{identity.node}.nk" if identity.role is Role.NODE_LOADER else "seed.nk"
+        entry = data.setdefault(name, {"ca.crt": ca})
+        entry[key] = base64.b64encode((seed + "\n").encode()).decode()
+    items = [
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": {"app.kubernetes.io/part-of": "apilane"},
+            },
+            "data": entries,
+        }
+        for name, entries in data.items()
+    ]
+    return {"apiVersion": "v1", "kind": "List", "items": items}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m apilane.runtime.natsauth`: the configuration generator's command line."""
     import argparse
@@ -631,19 +679,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, text in (
         ("accounts", "the accounts block (users and permissions), seeds made where missing"),
         ("table", "the permission table, as Markdown"),
+        ("kubernetes-secrets", "deploy/'s Secrets as a JSON v1/List, seeds made where missing"),
     ):
         command = commands.add_parser(name, help=text)
         command.add_argument("--identities", type=Path, required=True, help="a TOML file")
         command.add_argument("--seeds", type=Path, required=True, help="one seed file each")
+        if name == "kubernetes-secrets":
+            command.add_argument("--ca", type=Path, required=True, help="the NATS server's CA")
+            command.add_argument("--namespace", default="apilane")
     args = parser.parse_args(argv)
     try:
         if args.command == "server-config":
             sys.stdout.write(render_server_config(PROFILES[args.profile]))
             return 0
-        identities = provision(load_identities(args.identities), args.seeds)
+        listed = load_identities(args.identities)
+        if args.command == "kubernetes-secrets":
+            secrets = kubernetes_secrets(
+                listed, args.seeds, ca_pem=args.ca.read_bytes(), namespace=args.namespace
+            )
+            sys.stdout.write(json.dumps(secrets, indent=2) + "\n")
+            return 0
         render = render_accounts if args.command == "accounts" else permission_table
-        sys.stdout.write(render(identities))
-    except NatsAuthError as exc:
+        sys.stdout.write(render(provision(listed, args.seeds)))
+    except (NatsAuthError, OSError) as exc:
         print(f"natsauth: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -78,7 +78,7 @@ class NatsIdentities:
         self.server_pair: KeyPair | None = None
         if self.tls:
             self.pki = Pki(directory / "tls", common_name="apilane-nats-test-ca")
-            self.server_pair = _issue_server(self.pki, server_hosts)
+            self.server_pair = issue_server_certificate(self.pki, server_hosts)
         self.add_all([Identity(role=Role.OPERATOR, cluster=ALL_CLUSTERS), *identities])
 
     @property
@@ -130,7 +130,8 @@ class NatsIdentities:
         )
 
 
-def _issue_server(pki: Pki, hosts: Sequence[str]) -> KeyPair:
+def issue_server_certificate(pki: Pki, hosts: Sequence[str]) -> KeyPair:
+    """A nats-server certificate for `hosts` (names and addresses)."""
     ips = [h for h in hosts if h.replace(".", "").isdigit() or ":" in h]
     names = [h for h in hosts if h not in ips]
     # Client use as well: with TLS on, routes between clustered servers are mutual TLS.

@@ -20,7 +20,7 @@ from apilane.runtime.natsauth import Role
 from apilane.testing.nats import NatsCluster, NatsServer, find_nats_server, start_stack_nats
 from apilane.testing.nats_credentials import write_stack_credentials
 from apilane.testing.nats_fixtures import ConnectAs
-from apilane.testing.procs import end_process, free_port
+from apilane.testing.procs import end_process, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -301,3 +301,32 @@ def test_compose_credentials_run_a_mutual_tls_server_as_compose_does(tmp_path: P
     finally:
         end_process(proc)
         log.close()
+
+
+def test_a_mutual_tls_cluster_routes_over_mutual_tls_too() -> None:
+    with NatsCluster(3, mutual_tls=True) as cluster:
+
+        async def check() -> int:
+            discovery = await cluster.connect(Role.DISCOVERY, "c1")
+            await discovery.js.add_stream(
+                name=subjects.EVENTS_STREAM,
+                subjects=list(subjects.EVENTS_STREAM_SUBJECTS),
+                num_replicas=3,
+            )
+            sequence = await discovery.publish(subjects.warnings_subject("c1"), _warning(1))
+            await discovery.drain()
+            return sequence
+
+        assert all(url.startswith("tls://") for url in cluster.urls)
+        assert asyncio.run(check()) == 1
+        # Every server is routed to the others (routes form in the background: wait for
+        # them), and routes require verified certificates.
+        for server in cluster.servers:
+
+            def routed(server: NatsServer = server) -> bool:
+                return int((server._monitor("routez") or {}).get("num_routes", 0)) >= 2
+
+            wait_until(routed, timeout=15, what=f"routes of {server.server_name}")
+            varz = server._monitor("varz") or {}
+            assert varz["tls_required"] and varz["tls_verify"]
+            assert varz["cluster"]["tls_required"] and varz["cluster"]["tls_verify"]

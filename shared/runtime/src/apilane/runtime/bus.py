@@ -41,7 +41,7 @@ from nats.js.api import (
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from apilane.model import events, subjects
-from apilane.model.errors import ApilaneError
+from apilane.model.errors import ApilaneError, ConfigError
 from apilane.runtime import natsauth, tracing
 from apilane.runtime.config import NatsAuth, load_nats_auth
 
@@ -137,7 +137,11 @@ class Bus:
         identity to connect as; None means this process's own, from APILANE_NATS_* (what a
         command-line tool wants).
         """
-        auth = load_nats_auth() if auth is None else auth
+        if auth is None:
+            try:
+                auth = load_nats_auth()
+            except ConfigError as exc:
+                raise BusError(str(exc)) from exc
         violations = _Violations()
         options = connect_options(servers, auth) | {
             "name": name,

@@ -75,12 +75,14 @@ def test_a_bad_boolean_names_the_variable() -> None:
 
 
 def test_nats_credentials_and_tls_files_are_read_and_must_exist(tmp_path) -> None:
+    from apilane.runtime import natsauth
     from apilane.runtime.config import NatsAuth
 
     files = {}
     for name in ("seed.nk", "ca.crt", "client.crt", "client.key"):
         (tmp_path / name).write_text("x")
         files[name] = str(tmp_path / name)
+    natsauth.write_seed(tmp_path / "seed.nk", natsauth.new_user_seed())
     settings = load_common(
         {
             "APILANE_NATS_NKEY_SEED_FILE": files["seed.nk"],
@@ -107,6 +109,8 @@ def test_nats_credentials_and_tls_files_are_read_and_must_exist(tmp_path) -> Non
         ({"APILANE_NATS_NKEY_SEED_FILE": "/nonexistent/seed.nk"}, "APILANE_NATS_NKEY_SEED_FILE"),
         ({"APILANE_NATS_TLS_CA_FILE": "/nonexistent/ca.crt"}, "APILANE_NATS_TLS_CA_FILE"),
         ({"APILANE_NATS_INBOX_PREFIX": "two.tokens"}, "APILANE_NATS_INBOX_PREFIX"),
+        # Readable, but not a user nkey seed (a file of the wrong kind mounted there).
+        ({"APILANE_NATS_NKEY_SEED_FILE": __file__}, "APILANE_NATS_NKEY_SEED_FILE"),
     ],
 )
 def test_bad_nats_credentials_settings_name_the_variable(

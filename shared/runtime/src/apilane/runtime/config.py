@@ -12,12 +12,14 @@ import builtins
 import os
 import re
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
 
 from apilane.model import subjects
 from apilane.model.errors import ConfigError
+from apilane.runtime import natsauth
 
 PREFIX = "APILANE_"
 T = TypeVar("T")
@@ -194,6 +196,13 @@ def load_nats_auth(environ: Mapping[str, str] | None = None) -> NatsAuth:
     for name, path in files.items():
         if path and not os.access(path, os.R_OK):
             raise ConfigError(f"{PREFIX}{name}={path!r}: no readable file there")
+    if auth.nkey_seed_file:
+        try:
+            natsauth.public_key(natsauth.read_seed(Path(auth.nkey_seed_file)))
+        except natsauth.NatsAuthError as exc:
+            raise ConfigError(
+                f"{PREFIX}NATS_NKEY_SEED_FILE={auth.nkey_seed_file!r}: {exc}"
+            ) from exc
     if bool(auth.tls_cert_file) != bool(auth.tls_key_file):
         raise ConfigError(
             f"{PREFIX}NATS_TLS_CERT_FILE and {PREFIX}NATS_TLS_KEY_FILE go together (mutual TLS)"

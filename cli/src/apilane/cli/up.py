@@ -522,6 +522,7 @@ def summary(wiring: Wiring, *, apiserver: str, nats_log: Path) -> str:
             f"{BOLD}Try next{RESET} (in another terminal, with .venv/bin on PATH):",
             "  apilane status             # the snapshot, calico-node's env, each node",
             "  apilane simulate failover  # replace one API server endpoint, follow it",
+            f"  apilane node lb off {NODE_NAME}  # switch its connect-time LB (signed request)",
             f"  KUBECONFIG={wiring.kubeconfigs['admin'].relative_to(repo)} kubectl -n calico-system "
             "get ds calico-node -o yaml   # the rendered env",
             "",

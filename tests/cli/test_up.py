@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from apilane.cli import up
-from apilane.cli.target import Flags, StackInfo
+from apilane.cli.target import Flags, StackInfo, local_stack
 from apilane.model.signing import SigningKey, TrustedKeys
 from apilane.runtime import natsauth
 from apilane.testing.nats import NatsIdentities, auth_env
@@ -185,6 +185,24 @@ def test_status_reads_the_stack_file_up_writes(tmp_path: Path) -> None:
     assert "APILANE_NATS_URL" not in record["operator_nats"]
     assert info.nats_auth.nkey_seed_file == operator["APILANE_NATS_NKEY_SEED_FILE"]
     assert info.nats_auth.tls_cert_file == operator["APILANE_NATS_TLS_CERT_FILE"]
+
+
+def test_render_manifest_knows_the_local_stack_by_its_nats_url(tmp_path: Path) -> None:
+    (tmp_path / "cli").mkdir()
+    (tmp_path / "cli/pyproject.toml").write_text("")
+    (tmp_path / "deploy/demo").mkdir(parents=True)
+    wired = wiring(tmp_path, up.DataPlane(backend="memory"))
+    record = up.stack_record(wired, apiserver="https://127.0.0.1:6443", pids={})
+    wired.layout.stack_file.write_text(json.dumps(record))
+    local = local_stack(("tls://127.0.0.1:4222",), checkout=tmp_path)
+    assert local is not None
+    assert (
+        local.nats_auth.nkey_seed_file
+        == wired.nats_roles["operator"]["APILANE_NATS_NKEY_SEED_FILE"]
+    )
+    assert local.trusted_keys.ids == (SigningKey.load(wired.keys.signing_key_file).key_id,)
+    # Another server is not the local stack: none of its identity or keys apply there.
+    assert local_stack(("tls://nats.example.internal:4222",), checkout=tmp_path) is None
 
 
 def test_a_second_stack_is_refused_while_the_first_runs(tmp_path: Path) -> None:

@@ -127,12 +127,15 @@ def stack_nats_auth(data: dict[str, Any]) -> NatsAuth:
         raise CliError(f"the stack file's operator identity: {exc}: restart `apilane up`") from exc
 
 
-def local_trusted_keys(checkout: Path | None = None) -> TrustedKeys:
-    """The local stack's trusted keys, or none when it is not running."""
+def local_stack(nats_urls: tuple[str, ...], checkout: Path | None = None) -> StackInfo | None:
+    """The local stack `apilane up` runs, when `nats_urls` name its NATS; else None."""
     try:
-        return stack_trusted_keys(read_stack_file(checkout or find_checkout()))
+        data = read_stack_file(checkout or find_checkout())
     except CliError:
-        return TrustedKeys({})
+        return None
+    if data.get("nats_url") not in nats_urls:
+        return None
+    return StackInfo.load(Flags(), environ={}, checkout=checkout or find_checkout())
 
 
 def read_stack_file(checkout: Path | None) -> dict[str, Any]:

@@ -6,4 +6,5 @@ pytest_plugins = [
     "apilane.testing.kube_fixtures",
     "apilane.testing.bpf_fixtures",
     "apilane.testing.otel_fixtures",
+    "apilane.testing.docker_fixtures",
 ]

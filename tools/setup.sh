@@ -3,6 +3,8 @@
 # already done: each step checks before it installs.
 #   python venv (uv, locked) · nats-server (pinned wheel) · kube-apiserver + etcd (built from the
 #   Go module proxy, cached outside the repo) · bcc + kernel headers + bpffs (the eBPF data plane)
+#   · Debian's docker.io/containerd/runc, debootstrap, and docker compose (built from the Go
+#   module proxy, cached) for the run-mode tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,4 +37,17 @@ bash tools/setup-bpf.sh
 
 # 3. kube-apiserver and etcd for the test harness and the local stack.
 bash tools/install-kube-binaries.sh >/dev/null
+
+# 4. The container run modes: docker daemon packages, then the compose CLI plugin.
+bash tools/setup-docker.sh
+compose=$(bash tools/install-compose.sh)
+plugin_dir=/usr/local/lib/docker/cli-plugins
+if [ "$(readlink -f "$plugin_dir/docker-compose" 2>/dev/null)" != "$compose" ]; then
+  if [ -e "$plugin_dir/docker-compose" ] && [ ! -L "$plugin_dir/docker-compose" ]; then
+    say "$plugin_dir/docker-compose exists and is not ours; leaving it (ours: $compose)"
+  else
+    mkdir -p "$plugin_dir" && ln -sfn "$compose" "$plugin_dir/docker-compose"
+    say "docker compose plugin -> $compose"
+  fi
+fi
 say "done"

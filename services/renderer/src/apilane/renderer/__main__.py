@@ -9,9 +9,18 @@ from collections.abc import Sequence
 from apilane.model.errors import ConfigError
 from apilane.runtime import serve
 
+USAGE = (
+    "usage: python -m apilane.renderer [manifest ...]\n"
+    "  (no argument) run the service; manifest ...: print the env for manifest installs"
+)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    # The image build runs `--help` as its smoke check, like the other two services.
+    if args[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
     if args and args[0] == "manifest":
         from apilane.renderer import cli
 

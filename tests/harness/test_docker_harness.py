@@ -48,6 +48,19 @@ def test_cgroup_dirs_lists_deepest_first(tmp_path: Path) -> None:
     assert all(docker.CGROUP_PARENT in p.parts for p in found)
 
 
+@pytest.mark.unit
+def test_mount_points_under_lists_only_those_inside_deepest_first() -> None:
+    mountinfo = (
+        "36 25 0:4 / /run/apilane-docker/exec/netns/default rw - nsfs nsfs rw\n"
+        "37 25 0:5 / /run/apilane-docker/exec rw - tmpfs tmpfs rw\n"
+        "38 25 0:6 / /run/apilane-docker-other rw - tmpfs tmpfs rw\n"
+    )
+    assert docker.mount_points_under(Path("/run/apilane-docker/exec"), mountinfo) == [
+        Path("/run/apilane-docker/exec/netns/default"),
+        Path("/run/apilane-docker/exec"),
+    ]
+
+
 def _ip_forward() -> str:
     return Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
 

@@ -184,10 +184,25 @@ class DockerDaemon:
             end_process(self.proc, grace=STOP_GRACE)
             self.proc = None
             remove_cgroups()
+            # dockerd leaves the host's netns bind-mounted under its exec-root.
+            unmount_under(run_dir() / "exec")
             shutil.rmtree(run_dir() / "exec", ignore_errors=True)
         if self.lock is not None:
             self.lock.close()
             self.lock = None
+
+
+def mount_points_under(directory: Path, mountinfo: str) -> list[Path]:
+    """Mount points at or below `directory` in a /proc/self/mountinfo text, deepest first."""
+    points = [Path(line.split()[4]) for line in mountinfo.splitlines() if len(line.split()) > 4]
+    inside = [p for p in points if p == directory or directory in p.parents]
+    return sorted(set(inside), key=lambda p: len(p.parts), reverse=True)
+
+
+def unmount_under(directory: Path) -> None:
+    mountinfo = Path("/proc/self/mountinfo").read_text()
+    for point in mount_points_under(directory, mountinfo):
+        subprocess.run(["umount", str(point)], capture_output=True, check=False)
 
 
 def remove_cgroups() -> list[Path]:

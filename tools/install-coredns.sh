@@ -17,6 +17,13 @@ if ! command -v go >/dev/null 2>&1; then
     exit 1
 fi
 mkdir -p "$cache_dir"
+# One build at a time: a second caller waits for the first, then finds the binary.
+exec 9>"$cache_dir/.lock"
+flock 9
+if [[ -x "$binary" ]]; then
+    echo "$binary"
+    exit 0
+fi
 scratch="$(mktemp -d "$cache_dir/.build.XXXXXX")"
 trap 'rm -rf "$scratch"' EXIT
 echo "install-coredns: building CoreDNS ${COREDNS_VERSION} (first time: a few minutes)" >&2

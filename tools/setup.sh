@@ -38,8 +38,11 @@ bash tools/setup-bpf.sh
 # 3. kube-apiserver and etcd for the test harness and the local stack.
 bash tools/install-kube-binaries.sh >/dev/null
 
-# 4. The container run modes: docker daemon packages, then the compose CLI plugin.
+# 4. The run modes: docker daemon packages, the compose CLI plugin, and what the one-node
+#    test cluster adds (kubelet, kube-controller-manager, kube-scheduler, CoreDNS).
 bash tools/setup-docker.sh
+bash tools/install-kube-binaries.sh node >/dev/null
+bash tools/install-coredns.sh >/dev/null
 compose=$(bash tools/install-compose.sh)
 plugin_dir=/usr/local/lib/docker/cli-plugins
 if [ "$(readlink -f "$plugin_dir/docker-compose" 2>/dev/null)" != "$compose" ]; then

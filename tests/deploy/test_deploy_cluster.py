@@ -35,6 +35,7 @@ from apilane.testing.cluster import OneNodeCluster, local_values, nats_volumes
 from apilane.testing.docker import DockerDaemon
 from apilane.testing.images import BuildReport
 from apilane.testing.kube import endpoint_slice
+from apilane.testing.procs import ComponentMissing
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker, pytest.mark.kube, pytest.mark.bpf]
 
@@ -137,7 +138,10 @@ class Relay:
 def cluster(
     docker_daemon: DockerDaemon, local_images: BuildReport, tmp_path: Path
 ) -> Iterator[OneNodeCluster]:
-    node = OneNodeCluster(docker_daemon)
+    try:
+        node = OneNodeCluster(docker_daemon)
+    except ComponentMissing as exc:
+        pytest.fail(f"the one-node cluster cannot run here: {exc}")
     node.start()
     print(f"one-node cluster ready in {node.timings['ready']:.1f} s ({node.timings})")
     failed = True

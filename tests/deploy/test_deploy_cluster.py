@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from apilane.kube.client import KubeClient
+from apilane.kube.client import KubeClient, NotFound
 from apilane.model import events, subjects
 from apilane.runtime.bus import Bus
 from apilane.testing.cluster import OneNodeCluster, local_values, nats_volumes
@@ -212,6 +212,22 @@ async def test_deploy_runs_as_real_pods_and_an_endpoint_change_flows_through(
         await kube.close()
 
 
+async def one_leader(
+    kube: KubeClient, cluster: OneNodeCluster, service: str, lease: str
+) -> str | None:
+    names = {p["metadata"]["name"] for p in await pods(kube, f"app.kubernetes.io/name={service}")}
+    with contextlib.suppress(NotFound):
+        held = await kube.get(f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases/{lease}")
+        holder = held["spec"].get("holderIdentity")
+        leading = [
+            key for key, text in cluster.pod_logs().items()
+            if key.startswith(f"{NAMESPACE}_{service}") and "became the leader" in text
+        ]  # fmt: skip
+        if holder in names and len(leading) == 1 and holder in leading[0]:
+            return str(holder)
+    return None
+
+
 async def check_workloads(kube: KubeClient, cluster: OneNodeCluster) -> None:
     started = time.monotonic()
     nats = await eventually(
@@ -233,21 +249,17 @@ async def check_workloads(kube: KubeClient, cluster: OneNodeCluster) -> None:
         meta = await asyncio.to_thread(jetstream_meta, pod["status"]["podIP"])
         assert meta.get("cluster_size") == 3 and meta.get("leader"), meta
 
-    # Exactly one leader each: the Lease names one of the two Ready pods.
+    # Exactly one leader each: the Lease names one of the two Ready pods, and one pod's log
+    # says it leads. (Ready does not wait for leadership; the renderer reaches the API server
+    # only through the ClusterIP, so its Lease also proves the connect-time LB works.)
     for service, lease in (
         ("apilane-discovery", subjects.discovery_lease(CLUSTER)),
         ("apilane-renderer", subjects.renderer_lease(CLUSTER)),
     ):
-        names = {
-            p["metadata"]["name"] for p in await pods(kube, f"app.kubernetes.io/name={service}")
-        }
-        held = await kube.get(f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases/{lease}")
-        assert held["spec"]["holderIdentity"] in names, (held["spec"], names)
-        leading = [
-            key for key, text in cluster.pod_logs().items()
-            if key.startswith(f"{NAMESPACE}_{service}") and "became the leader" in text
-        ]  # fmt: skip
-        assert len(leading) == 1, leading
+        await eventually(
+            lambda s=service, n=lease: one_leader(kube, cluster, s, n),  # type: ignore[misc]
+            what=f"exactly one {service} leader",
+        )
 
     # The node-loader programmed its maps, on the cluster's child cgroup only.
     assert sorted(p.name for p in cluster.pin_dir.iterdir()), cluster.pin_dir

@@ -237,7 +237,7 @@ def _context_image(
     files: Callable[[], dict[str, Path]],
     args: Callable[[], dict[str, str]],
     *,
-    parent: str = "base",
+    parent: str | None = "base",
 ) -> Image:
     """tools/local-images/<name>/ plus `files` copied into its context; its Dockerfile names
     the parent image by the build arg BASE_IMAGE (ROOTFS_IMAGE for the base itself)."""
@@ -259,7 +259,7 @@ def _context_image(
             _docker_build(
                 daemon, image_tag, inputs_digest,
                 context=context, dockerfile=context / "Dockerfile",
-                args={parent_arg: tag(parent), **args()},
+                args={parent_arg: tag(parent), **args()} if parent else args(),
             )  # fmt: skip
 
     return Image(name=name, parent=parent, inputs=inputs, build=build)
@@ -343,7 +343,7 @@ def catalogue() -> dict[str, Image]:
             dict,
         ),
         _context_image("zipkin", lambda: {"zipkin.jar": zipkin_jar()}, dict),
-        _context_image("pause", pause_binary, dict),
+        _context_image("pause", pause_binary, dict, parent=None),
     ]
     return {image.name: image for image in images}
 

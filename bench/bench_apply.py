@@ -3,11 +3,13 @@
 - apply: the reconciler's whole path for one change (validate, plan against the cached
   view of the maps, write, persist the state file), alternating between two
   snapshots that differ in one backend, for 1..16 API server endpoints. On MemoryNatMaps
-  always; on the kernel maps (BccNatMaps) when run as root with bcc.
+  always; on the kernel maps (BccNatMaps) when run as root with bcc. The "signed" rows
+  add what the loader does first with every KV value: verify the Ed25519 envelope, decode
+  the verified payload and judge it against the held generation (admission.py).
 - cold start (kernel only): a fresh process compiles the programs, attaches them to a
   test cgroup, and does its first reconcile; plus the resident memory of that process.
 
-Targets (issue 5): apply p99 <= 2 ms for up to 16 endpoints; cold start <= 3 s; RSS <= 150 MB.
+Targets: apply p99 <= 2 ms for up to 16 endpoints; cold start <= 3 s; RSS <= 150 MB.
 Kernel runs use a dedicated child cgroup and pin dir (never the root cgroup), removed after.
 """
 
@@ -24,10 +26,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from apilane.model.signing import TrustedKeys, utcnow
+from apilane.node_loader.admission import Admitted, admit
 from apilane.node_loader.memmaps import MemoryNatMaps
 from apilane.node_loader.nat import NatMaps
-from apilane.node_loader.reconcile import Outcome, Reconciler, StateFile
+from apilane.node_loader.reconcile import Outcome, Reconciler
+from apilane.node_loader.statefile import StateFile
 from apilane.testing.benchstats import load_average, percentile, resident_kib
+from apilane.testing.sealing import TEST_KEY, seal
 from apilane.testing.snapshots import make_snapshot
 
 SIZES = (1, 3, 8, 16)
@@ -40,9 +46,15 @@ STATE_DIR_BASE = "/dev/shm" if Path("/dev/shm").is_dir() else None  # tmpfs, lik
 
 
 def apply_latencies(
-    maps: NatMaps, endpoints: int, *, iterations: int = ITERATIONS, verify: bool = False
+    maps: NatMaps,
+    endpoints: int,
+    *,
+    iterations: int = ITERATIONS,
+    verify: bool = False,
+    signed: bool = False,
 ) -> list[float]:
-    """Seconds per apply; each apply replaces one backend (a real change, real writes)."""
+    """Seconds per apply; each apply replaces one backend (a real change, real writes).
+    `signed`: each change arrives sealed and is admitted before it is applied."""
     base = [f"10.0.{i // 250}.{i % 250 + 1}:6443" for i in range(endpoints - 1)]
     variants = [(*base, "10.9.0.1:6443"), (*base, "10.9.0.2:6443")]
     with tempfile.TemporaryDirectory(dir=STATE_DIR_BASE) as state_dir:
@@ -53,14 +65,22 @@ def apply_latencies(
             verify_after_apply=verify,
         )
         samples = []
+        trusted = TrustedKeys.of(TEST_KEY)
         for generation in range(1, iterations + WARMUP + 1):
             snapshot = make_snapshot(
                 generation=generation,
                 services=("10.96.0.1:443", "[fd00:96::1]:443")[:1],
                 apiservers=variants[generation % 2],
             )
+            data = seal(snapshot) if signed else b""
             began = time.perf_counter()
-            result = reconciler.apply(snapshot)
+            if signed:
+                admitted = admit(data, trusted, reconciler.accepted, now=utcnow())
+                if not isinstance(admitted, Admitted):
+                    raise RuntimeError(f"admit {generation}: {admitted.reason}")
+                result = reconciler.apply(admitted.signed.snapshot, seal=admitted.seal)
+            else:
+                result = reconciler.apply(snapshot)
             elapsed = time.perf_counter() - began
             if result.outcome is not Outcome.APPLIED:
                 raise RuntimeError(f"apply {generation}: {result.outcome} {result.reason}")
@@ -139,11 +159,12 @@ def kernel_benchmarks(lines: list[str]) -> list[str]:
     with BpfLab() as lab:
         cgroup, pin_dir = lab.child_cgroup(), lab.pin_dir()
         with ConnectTimeLB(cgroup_path=cgroup, pin_dir=pin_dir) as lb:
-            for endpoints in SIZES:
-                lines.append(
-                    row("kernel (bcc)", endpoints, apply_latencies(lb.nat_maps, endpoints))
-                )
-                lb.nat_maps.clear()
+            for signed in (False, True):
+                for endpoints in SIZES:
+                    samples = apply_latencies(lb.nat_maps, endpoints, signed=signed)
+                    name = "kernel (bcc), signed" if signed else "kernel (bcc)"
+                    lines.append(row(name, endpoints, samples))
+                    lb.nat_maps.clear()
         cold_pin = lab.pin_dir()
         with tempfile.TemporaryDirectory(dir=STATE_DIR_BASE) as state_dir:
             began = time.perf_counter()
@@ -197,14 +218,12 @@ def main() -> int:
         "| met? |",
         "|---|---:|---:|---:|---:|---|---|",
     ]
-    for endpoints in SIZES:
-        lines.append(
-            row(
-                "memory",
-                endpoints,
-                apply_latencies(MemoryNatMaps(), endpoints, iterations=args.iterations),
+    for signed in (False, True):
+        for endpoints in SIZES:
+            samples = apply_latencies(
+                MemoryNatMaps(), endpoints, iterations=args.iterations, signed=signed
             )
-        )
+            lines.append(row("memory, signed" if signed else "memory", endpoints, samples))
     unavailable = kernel_available()
     extra: list[str] = []
     if unavailable:

@@ -4,7 +4,7 @@ Measured side by side in one run, inside test namespaces (no default route): a c
 load balancer's cgroup alternates connects to the VIP (translated) and to the backend (the
 programs run and miss), and a client in a second cgroup without programs connects directly
 (baseline). Rounds alternate between the two clients. Bounded: --count connects per target.
-Target (issue 5): VIP / direct <= 1.10.
+Target: VIP / direct <= 1.10.
 
     sudo .venv/bin/python bench/bench_connect.py [--count 6000] [--json]
 """
@@ -98,7 +98,7 @@ def main() -> None:
         )
     print()
     print(
-        f"target (issue 5): connect() through the VIP / directly to the backend (medians, "
+        f"target: connect() through the VIP / directly to the backend (medians, "
         f"measured in one run) <= {TARGET_RATIO}. load average after: {load_average()}"
     )
 

@@ -3,7 +3,7 @@
 Each run programs K entries into empty maps (K/100 frontends with 100 backends each, backends
 first as the reconciler does), reads them back, then deletes them; repeated --runs times.
 Reported per phase: median and p99 duration and the entries/s at the median.
-Target (issue 5): batch reconcile >= 500k entries/s.
+Target: batch reconcile >= 500k entries/s.
 
     sudo .venv/bin/python bench/bench_maps.py [--sizes 1000 10000 100000] [--runs 5] [--json]
 
@@ -117,7 +117,7 @@ def main() -> None:
         )
     print()
     print(
-        f"target (issue 5): batch reconcile >= {TARGET_ENTRIES_PER_S:,} entries/s, graded on the"
+        f"target: batch reconcile >= {TARGET_ENTRIES_PER_S:,} entries/s, graded on the"
         " batch update phase (encode + write of backends, then frontends, into empty maps)."
         f" p99 over {args.runs} runs per size. load average after: {load_average()}"
     )

@@ -7,4 +7,5 @@ pytest_plugins = [
     "apilane.testing.bpf_fixtures",
     "apilane.testing.otel_fixtures",
     "apilane.testing.docker_fixtures",
+    "apilane.testing.chart_fixtures",
 ]

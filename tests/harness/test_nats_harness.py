@@ -90,6 +90,30 @@ async def test_a_deleted_key_reads_as_absent_but_keeps_its_revision_for_cas(bus:
     await bus.kv_put(subjects.SNAPSHOT_BUCKET, "c4", _warning(2), expected_revision=marker.revision)
 
 
+async def test_kv_keys_lists_the_matching_keys_without_creating_a_consumer(bus: Bus) -> None:
+    from apilane.runtime.bus import BusError
+
+    for key in ("east.node-b", "east.node-a", "west.node-a"):
+        await bus.kv_put(subjects.NODE_STATE_BUCKET, key, _warning(1))
+    await bus.kv_put(subjects.NODE_STATE_BUCKET, "east.node-a", _warning(2))  # one key, twice
+    stream = f"KV_{subjects.NODE_STATE_BUCKET}"
+    consumers_before = (await bus.js.stream_info(stream)).state.consumer_count
+
+    assert await bus.kv_keys(subjects.NODE_STATE_BUCKET, "east.>") == [
+        "east.node-a",
+        "east.node-b",
+    ]
+    assert await bus.kv_keys(subjects.NODE_STATE_BUCKET) == [
+        "east.node-a",
+        "east.node-b",
+        "west.node-a",
+    ]
+    assert await bus.kv_keys(subjects.NODE_STATE_BUCKET, "north.>") == []
+    assert (await bus.js.stream_info(stream)).state.consumer_count == consumers_before
+    with pytest.raises(BusError, match="does not exist"):
+        await bus.kv_keys("apilane_no_such_bucket")
+
+
 async def test_requests_are_answered_and_a_failing_handler_answers_an_error(bus: Bus) -> None:
     from apilane.runtime.bus import BusError
 
@@ -146,6 +170,18 @@ async def test_connect_waits_for_a_server_that_starts_late(nats_server: NatsServ
     bus = await asyncio.wait_for(connecting, 15)
     assert bus.connected
     await bus.drain()
+
+
+async def test_connect_gives_up_at_its_deadline_when_nothing_answers() -> None:
+    from apilane.runtime.bus import BusError
+    from apilane.testing.procs import free_port
+
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(BusError, match="cannot connect to NATS"):
+        await Bus.connect(
+            [f"nats://127.0.0.1:{free_port()}"], name="t", initial_attempt_deadline=1.0
+        )
+    assert asyncio.get_running_loop().time() - started < 10
 
 
 def test_a_three_node_cluster_elects_a_jetstream_leader() -> None:

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from apilane.kube.client import KubeClient
 from apilane.kube.leader import (
@@ -83,6 +84,13 @@ def elector(client: KubeClient, namespace: str, identity: str) -> LeaderElector:
     )
 
 
+def leading_gauge(elector: LeaderElector) -> float | None:
+    """What /metrics says of this elector (apilane_leader, read by ApilaneLeaderMissing)."""
+    return REGISTRY.get_sample_value(
+        "apilane_leader", {"lease": elector.name, "identity": elector.identity}
+    )
+
+
 async def test_exactly_one_leader_and_a_released_lease_is_taken_over_at_once(
     control_plane: ControlPlane, kube_namespace: str
 ) -> None:
@@ -104,6 +112,7 @@ async def test_exactly_one_leader_and_a_released_lease_is_taken_over_at_once(
             assert [a.is_leader, b.is_leader].count(True) == 1
             await asyncio.sleep(0.1)
         leader, follower, stop_leader = (a, b, stop_a) if a.is_leader else (b, a, stop_b)
+        assert (leading_gauge(leader), leading_gauge(follower)) == (1.0, 0.0)
 
         released_at = time.monotonic()
         stop_leader.set()
@@ -114,6 +123,7 @@ async def test_exactly_one_leader_and_a_released_lease_is_taken_over_at_once(
         assert not leader.is_leader
         assert takeover < LEASE  # a released lease needs no expiry wait
         assert follower.transitions >= 1
+        assert (leading_gauge(leader), leading_gauge(follower)) == (0.0, 1.0)
     finally:
         stop_a.set()
         stop_b.set()

@@ -14,6 +14,7 @@ from apilane.node_loader.desired import (
     EmptySnapshot,
     InvalidSnapshot,
     desired_state,
+    service_ref,
     target_contents,
 )
 from apilane.node_loader.nat import (
@@ -178,6 +179,30 @@ def test_udp_service_ports_use_protocol_17_and_sctp_is_reported_not_programmed()
     sctp = desired_state(make_snapshot(generation=1, protocol="SCTP"))
     assert sctp.frontends["IPv4"] == {}
     assert [f.reason for f in sctp.findings] == ["InvalidEndpoint"]
+
+
+def test_findings_name_the_service_the_snapshot_was_built_from():
+    """Discovery's Service is configurable (APILANE_SERVICE_NAMESPACE/NAME): the findings
+    name the one recorded in the snapshot, not a fixed default/kubernetes."""
+    versions = ("EndpointSlice/infra/apiserver-x1@41", "Service/infra/apiserver@40")
+    held = make_snapshot(generation=1, services=("10.96.0.1:443", "[fd00:96::1]:443"))
+    sctp = make_snapshot(generation=1, protocol="SCTP")
+    findings = [
+        finding
+        for snapshot in (held, sctp)
+        for finding in desired_state(
+            msgspec.structs.replace(snapshot, resource_versions=versions)
+        ).findings
+    ]
+    assert service_ref(msgspec.structs.replace(held, resource_versions=versions)) == (
+        "Service/infra/apiserver"
+    )
+    assert [(f.reason, f.object_ref) for f in findings] == [
+        ("FamilyMismatch", "Service/infra/apiserver"),
+        ("InvalidEndpoint", "Service/infra/apiserver"),
+    ]
+    # A snapshot that does not record its Service names none rather than a wrong one.
+    assert [f.object_ref for f in desired_state(sctp).findings] == [""]
 
 
 # --- service ids -------------------------------------------------------------------------

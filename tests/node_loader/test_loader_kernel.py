@@ -29,6 +29,7 @@ from apilane.node_loader.testing import contents_of
 from apilane.runtime.bus import Bus
 from apilane.testing.bpf import SERVICE_VIP4, BpfLab
 from apilane.testing.procs import end_process, tail
+from apilane.testing.sealing import put_sealed, seal, trusted_env
 from apilane.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.bpf, pytest.mark.nats]
@@ -58,6 +59,7 @@ class LoaderProcess:
             "APILANE_HTTP_PORT": "0",
             "APILANE_NODE_STATE_INTERVAL": "500ms",
             "OTEL_SDK_DISABLED": "true",
+            **trusted_env(),
         }
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
@@ -127,7 +129,7 @@ async def wait_generation(
 
 
 async def put(bus: Bus, snapshot) -> None:
-    await bus.kv_put(subjects.SNAPSHOT_BUCKET, CLUSTER, snapshot)
+    await put_sealed(bus, seal(snapshot), cluster=CLUSTER)
 
 
 def resolved_target(snapshot) -> list[str]:

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from apilane.node_loader.memmaps import MapWriteError, MemoryNatMaps, render, render_resolved
 from apilane.node_loader.nat import BackendKey, BackendValue, FrontendKey, FrontendValue
 from apilane.node_loader.plan import check_invariants, dangling_references
-from apilane.node_loader.reconcile import Outcome, Reconciler, StateFile
+from apilane.node_loader.reconcile import Outcome, Reconciler
+from apilane.node_loader.statefile import StateFile
 from apilane.node_loader.testing import check_nat_maps_contract, contents_of
 from apilane.testing.snapshots import make_snapshot
 
@@ -154,7 +155,7 @@ def test_family_mismatch_holds_that_family_and_programs_the_other(reconciler, ma
 
 
 def test_violations_found_before_an_apply_are_repaired_and_reported(reconciler, maps):
-    # Calico 13279: a foreign or buggy writer put another service under our id.
+    # Calico issue 13279: a foreign or buggy writer put another service under our id.
     maps.update_backends("IPv4", {BackendKey(1, 0): BackendValue("10.1.1.1", 80)})
     maps.update_frontends(
         "IPv4",

@@ -1,4 +1,7 @@
-"""The node-loader service in-process, on MemoryNatMaps, against a real nats-server."""
+"""The node-loader service in-process, on MemoryNatMaps, against a real nats-server.
+
+Every snapshot is sealed by a trusted key, every control request by an operator key, as
+discovery and the CLI do (refusals are in test_signed_nats.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import msgspec
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -18,13 +20,21 @@ from prometheus_client import CollectorRegistry
 
 from apilane.model import events, subjects
 from apilane.model.events import ClusterWarning, NodeState
+from apilane.model.signing import SigningKey
 from apilane.node_loader import settings as loader_settings
 from apilane.node_loader.memmaps import MemoryNatMaps, render_resolved
 from apilane.node_loader.plan import check_invariants
-from apilane.node_loader.reconcile import PersistedState, StateFile
 from apilane.node_loader.service import DataPlane, NodeLoader
+from apilane.node_loader.statefile import PersistedState, StateFile
 from apilane.node_loader.testing import contents_of
 from apilane.runtime.bus import Bus
+from apilane.testing.sealing import (
+    control_request,
+    put_sealed,
+    seal,
+    seal_payload,
+    trusted_env,
+)
 from apilane.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.nats]
@@ -32,6 +42,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.nats]
 CLUSTER = "default"
 NODE = "node-a.example"
 HA3 = ("10.0.0.1:6443", "10.0.0.2:6443", "10.0.0.3:6443")
+OPERATOR = SigningKey.generate()
 
 
 class Harness:
@@ -44,6 +55,8 @@ class Harness:
             "APILANE_BPF_PIN_DIR": str(tmp_path / "pins"),
             "APILANE_STATE_DIR": str(tmp_path / "state"),
             "APILANE_NODE_STATE_INTERVAL": "300ms",
+            **trusted_env(),
+            **trusted_env(OPERATOR, name="APILANE_OPERATOR_KEYS"),
         }
         self.settings = loader_settings.load(self.env)
         self.maps = MemoryNatMaps()  # survives loader restarts, like pinned maps
@@ -118,7 +131,14 @@ async def wait_node_generation(bus: Bus, generation: int) -> NodeState:
 
 
 async def put(bus: Bus, snapshot) -> int:
-    return await bus.kv_put(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(CLUSTER), snapshot)
+    """Publish a snapshot as discovery does: sealed by the trusted key."""
+    return await put_sealed(bus, seal(snapshot), cluster=CLUSTER)
+
+
+async def control(bus: Bus, enabled: bool, *, node: str = NODE) -> bytes:
+    """An operator's signed request to switch the connect-time LB, as the CLI sends it."""
+    request = control_request(node=node, connect_time_lb=enabled, cluster=CLUSTER, key=OPERATOR)
+    return await bus.request(subjects.node_control_subject(CLUSTER, node), request, timeout=5)
 
 
 async def warnings(bus: Bus) -> list[ClusterWarning]:
@@ -187,6 +207,7 @@ async def test_an_old_generation_replayed_is_ignored(bus, harness):
         )
         assert harness.resolved() == before
         assert (await node_state(bus)).generation == 5
+        assert harness.metric("apilane_node_snapshots_refused_total", reason="rollback") == 1
 
 
 async def test_invalid_empty_and_malformed_snapshots_leave_the_maps_and_warn(bus, harness):
@@ -196,9 +217,10 @@ async def test_invalid_empty_and_malformed_snapshots_leave_the_maps_and_warn(bus
         before, ops = harness.resolved(), harness.maps.operations
 
         await put(bus, make_snapshot(generation=2, apiservers=()))
-        bad_digest = msgspec.structs.replace(make_snapshot(generation=3), digest="sha256:0")
-        await put(bus, bad_digest)
-        await bus.js.publish(subjects.kv_subject(subjects.SNAPSHOT_BUCKET, CLUSTER), b'{"truncated')
+        # Validly signed but invalid for this node (the digest is checked when the envelope
+        # is opened: a bad one is a refused signature, see test_signed_nats.py).
+        await put(bus, make_snapshot(generation=3, cluster="elsewhere"))
+        await put_sealed(bus, seal_payload(b'{"truncated', generation=4), cluster=CLUSTER)
         await eventually(
             lambda: (
                 harness.metric("apilane_node_applies_total", outcome="malformed") == 1
@@ -355,14 +377,14 @@ async def test_the_control_subject_switches_the_connect_time_lb_and_keeps_the_ma
     async with harness.running(programs=programs) as loader:
         before = harness.resolved()
         subject = subjects.node_control_subject(CLUSTER, NODE)
-        reply = await bus.request(subject, b'{"connect_time_lb": false}', timeout=5)
+        reply = await control(bus, False)
         state = events.decode(reply)
         assert isinstance(state, NodeState)
         assert state.connect_time_lb is False and state.programs_attached == ()
         assert harness.resolved() == before
         assert loader.health.ready()[0]
 
-        reply = await bus.request(subject, b'{"connect_time_lb": true}', timeout=5)
+        reply = await control(bus, True)
         assert events.decode(reply).programs_attached == (
             "apilane_connect4",
             "apilane_connect6",
@@ -385,17 +407,14 @@ async def wait_node_state(bus: Bus, check: Callable[[NodeState], bool]) -> NodeS
 
 
 async def switch_lb(bus: Bus, enabled: bool) -> NodeState:
-    request = b'{"connect_time_lb": %s}' % (b"true" if enabled else b"false")
-    reply = events.decode(
-        await bus.request(subjects.node_control_subject(CLUSTER, NODE), request, timeout=5)
-    )
+    reply = events.decode(await control(bus, enabled))
     assert isinstance(reply, NodeState)
     assert reply.connect_time_lb is enabled and reply.last_error == "", reply
     return reply
 
 
 async def test_a_live_switch_holds_across_restarts_until_switched_back(bus, harness, caplog):
-    caplog.set_level(logging.INFO, logger="apilane.node_loader.service")
+    caplog.set_level(logging.INFO, logger="apilane.node_loader.control")
     # Switched off before any snapshot was applied: the state file keeps the switch alone.
     async with harness.running(programs=RecordingPrograms()):
         await switch_lb(bus, False)
@@ -438,7 +457,7 @@ async def test_a_live_switch_holds_across_restarts_until_switched_back(bus, harn
 
 
 async def test_a_changed_variable_wins_over_an_earlier_live_switch(bus, harness, caplog):
-    caplog.set_level(logging.INFO, logger="apilane.node_loader.service")
+    caplog.set_level(logging.INFO, logger="apilane.node_loader.control")
     await put(bus, make_snapshot(generation=1))
     async with harness.running(programs=RecordingPrograms()):
         await switch_lb(bus, False)
@@ -462,3 +481,25 @@ async def test_a_changed_variable_wins_over_an_earlier_live_switch(bus, harness,
     async with harness.running(programs=programs) as loader:
         assert programs.calls == ["enable"] and loader.connect_time_lb is True
         await wait_node_state(bus, lambda s: s.connect_time_lb and bool(s.programs_attached))
+
+
+async def test_a_node_name_of_253_characters_works_for_state_and_control(bus, harness):
+    """Kubernetes allows node names of 253 characters: the KV key, the control subject and
+    the state file all take one."""
+    longest = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+    harness.configure(APILANE_NODE_NAME=longest)
+    await put(bus, make_snapshot(generation=3))
+    async with harness.running(programs=RecordingPrograms()) as loader:
+        key = subjects.node_state_key(CLUSTER, longest)
+        deadline = time.monotonic() + 15
+        entry = None
+        while entry is None and time.monotonic() < deadline:
+            entry = await bus.kv_get(subjects.NODE_STATE_BUCKET, key)
+            await asyncio.sleep(0.05)
+        assert entry is not None, "no NodeState under the long node name"
+        state = events.decode(entry.value)
+        assert isinstance(state, NodeState) and state.node == longest and state.generation == 3
+        reply = await control(bus, False, node=longest)
+        assert events.decode(reply).connect_time_lb is False
+        assert loader.connect_time_lb is False
+    assert harness.persisted() is not None and harness.persisted().generation == 3

@@ -11,8 +11,8 @@ import msgspec
 import pytest
 
 from apilane.node_loader.programs import HOOKS, default_source_dir
-from apilane.node_loader.reconcile import PersistedState, StateFile
 from apilane.node_loader.settings import LiveLbSwitch, resolve_connect_time_lb
+from apilane.node_loader.statefile import PersistedState, StateFile
 from apilane.node_loader.uninstall import classify_pins, is_map_pin
 from apilane.testing.snapshots import make_snapshot
 

@@ -16,8 +16,9 @@ import pytest
 
 from apilane.node_loader import settings as loader_settings
 from apilane.node_loader.programs import HOOKS, ConnectTimeLB, programs_on_cgroup
-from apilane.node_loader.reconcile import Reconciler, StateFile
+from apilane.node_loader.reconcile import Reconciler
 from apilane.node_loader.settings import NodeLoaderSettings
+from apilane.node_loader.statefile import StateFile
 from apilane.testing.bpf import SERVICE_VIP4, BpfLab
 from apilane.testing.snapshots import make_snapshot
 
@@ -84,7 +85,7 @@ def test_uninstall_removes_links_maps_and_state_and_is_idempotent(
     bpf_lab.server(netns=backend.netns, addresses=[backend.ipv4], ports=[BACKEND_PORT])
     agent = bpf_lab.agent(netns=topology.client, cgroup=child_cgroup)
     env = loader_env(cgroup=child_cgroup, pin_dir=pin_dir, state_dir=tmp_path / "state")
-    settings = loader_settings.load(env)
+    settings = loader_settings.load(env, serving=False)  # uninstall reads no keys
     install(settings, backend.ipv4)
     [translated] = agent.tcp_request(SERVICE_VIP4, SERVICE_PORT)
     assert translated["error"] is None and translated["server"][0] == backend.ipv4

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import io
 import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,7 +18,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
 from apilane.kube.client import KubeClient
 from apilane.kube.leader import LeaderElector
@@ -30,7 +28,7 @@ from apilane.model.events import (
     KubeProxyState,
     RenderResult,
 )
-from apilane.renderer import cli, service
+from apilane.renderer import service
 from apilane.renderer.applier import APPLIED_GENERATION
 from apilane.renderer.render import APISERVER_ENDPOINTS, MANAGED_ENV_ANNOTATION, SERVICE_IPS_PORTS
 from apilane.renderer.service import Renderer, lead_and_render
@@ -658,71 +656,6 @@ async def test_dry_run_reports_a_removal_and_changes_nothing(world: Harness) -> 
     assert {"name": IPTABLES_CLEANUP, "$patch": "delete"} in main["env"]
     after = await world.daemonset()
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
-
-
-async def test_manifest_cli_prints_env_lines_and_a_snippet_from_the_bus(
-    world: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    await world.publish(snapshot(world.cluster, 4, services=("10.96.0.1", "fd00:10:96::1")))
-    url = world.bus.nc.connected_url
-    assert url is not None
-    monkeypatch.setenv("APILANE_TARGET_NAMESPACE", world.namespace)
-    out = io.StringIO()
-    server = f"nats://{url.hostname}:{url.port}"
-    code = await cli.run(["manifest", "--nats-url", server, "--cluster", world.cluster], out=out)
-    assert code == 0
-    text = out.getvalue()
-    assert "KUBERNETES_SERVICE_IPS_PORTS=10.96.0.1:443,[fd00:10:96::1]:443\n" in text
-    assert "KUBERNETES_APISERVER_ENDPOINTS=192.168.5.4:6443\n" in text
-    assert f"kubectl -n {world.namespace} patch daemonset calico-node" in text
-    snippet = yaml.safe_load(text.split("---\n", 1)[1])
-    init = snippet["spec"]["template"]["spec"]["initContainers"][0]
-    assert init["name"] == "ebpf-bootstrap"
-    assert {"name": SERVICE_IPS_PORTS, "value": "10.96.0.1:443,[fd00:10:96::1]:443"} in init["env"]
-
-
-async def test_manifest_cli_reads_a_cluster_straight_from_a_kubeconfig(
-    kubernetes_endpoints: KubeClient,
-    control_plane: ControlPlane,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    kube = kubernetes_endpoints
-    service = await kube.get("/api/v1/namespaces/default/services/kubernetes")
-    # The slice port is the Service's numeric targetPort (the apiserver's secure port), as the
-    # endpoint reconciler writes it: a numeric targetPort selects by number only (issue 3).
-    target_port = service["spec"]["ports"][0]["targetPort"]
-    await kube.create(
-        "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
-        {
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": "kubernetes",
-                "labels": {"kubernetes.io/service-name": "kubernetes"},
-            },
-            "addressType": "IPv4",
-            "endpoints": [
-                {"addresses": ["192.168.5.5"], "conditions": {"ready": True}},
-                {"addresses": ["192.168.5.4"], "conditions": {"ready": True}},
-                {"addresses": ["192.168.5.6"], "conditions": {"ready": False}},
-            ],
-            "ports": [{"name": "https", "port": target_port, "protocol": "TCP"}],
-        },
-    )
-    kubeconfig = control_plane.write_kubeconfig(
-        tmp_path / "kubeconfig", user="admin", groups=("system:masters",)
-    )
-    monkeypatch.delenv("APILANE_NATS_URL", raising=False)
-    out = io.StringIO()
-    code = await cli.run(["manifest", "--kubeconfig", str(kubeconfig), "--format", "env"], out=out)
-    assert code == 0
-    cluster_ips = service["spec"].get("clusterIPs") or [service["spec"]["clusterIP"]]
-    families = {"IPv6" if ":" in ip else "IPv4" for ip in cluster_ips}
-    assert "IPv4" in families
-    lines = dict(line.split("=", 1) for line in out.getvalue().splitlines())
-    assert lines[APISERVER_ENDPOINTS] == f"192.168.5.4:{target_port},192.168.5.5:{target_port}"
-    assert lines[SERVICE_IPS_PORTS].startswith(f"{service['spec']['clusterIP']}:443")
 
 
 async def test_only_the_leader_patches_and_a_follower_takes_over(world: Harness) -> None:

@@ -13,19 +13,22 @@ from typing import Any
 import pytest
 
 from apilane.discovery import settings as discovery_settings
+from apilane.model.signing import SigningKey
 from apilane.node_loader import settings as node_loader_settings
 from apilane.renderer import settings as renderer_settings
 from apilane.runtime import config
 
 pytestmark = [pytest.mark.unit]
 
+_KEY = SigningKey.generate().public_text
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 LOADERS: dict[str, Callable[[dict[str, str]], Any]] = {
     "discovery": discovery_settings.load,
     "renderer": renderer_settings.load,
     # memory maps: the bpf backend requires a cgroup path, which is not what is tested here
+    # and serving needs a trusted key
     "node-loader": lambda environ: node_loader_settings.load(
-        environ | {"APILANE_MAP_BACKEND": "memory"}
+        environ | {"APILANE_MAP_BACKEND": "memory", "APILANE_TRUSTED_KEYS": _KEY}
     ),
 }
 

@@ -53,3 +53,14 @@ def test_headers_without_context_start_a_new_trace(receiver_and_tracer) -> None:
         assert span.get_span_context().is_valid
     with tracing.consuming(tracer, "consume", None) as span:
         assert span.get_span_context().is_valid
+
+
+def test_the_trace_id_is_read_from_headers_through_the_propagator() -> None:
+    tracer = TracerProvider().get_tracer("test")
+    headers: dict[str, str] = {}
+    with tracer.start_as_current_span("publish") as span:
+        tracing.inject_headers(headers)
+    assert tracing.trace_id(headers) == f"{span.get_span_context().trace_id:032x}"
+    assert len(tracing.trace_id(headers)) == 32
+    for carries_none in ({"traceparent": "garbage"}, {"traceparent": "00-0-0-01"}, {}, None):
+        assert tracing.trace_id(carries_none) == ""

@@ -15,11 +15,14 @@ from apilane.runtime.lifecycle import command_line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    # Serving needs the trusted keys; uninstall must work whatever became of them.
+    serving = "uninstall" not in arguments
     return command_line(
         settings.SERVICE_NAME,
-        settings.load,
+        lambda: settings.load(serving=serving),
         lambda ctx, loaded: service.main(ctx, settings=loaded),
-        argv,
+        arguments,
         description="apilane node-loader: the eBPF NAT maps and connect-time LB of one node.",
         commands={
             "uninstall": (

@@ -333,15 +333,6 @@ class BccNatMaps:
             self.delete_frontends(family, contents.frontends)
             self.delete_backends(family, contents.backends)
 
-    def summary(self) -> dict[str, int]:
-        """Entries per map, e.g. {"apilane_fe4": 1, "apilane_be4": 3, ...}."""
-        result: dict[str, int] = {}
-        for family in TABLE_NAMES:
-            contents = self.dump(family)
-            result[self._frontends[family].name] = len(contents.frontends)
-            result[self._backends[family].name] = len(contents.backends)
-        return result
-
 
 class _BatchRefused(Exception):
     pass

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from apilane.model import events
+from apilane.model import addresses, events
 from apilane.model.errors import ApilaneError
 from apilane.model.events import (
     ApiServerEndpoint,
@@ -36,7 +36,6 @@ from apilane.model.events import (
     ServiceEndpoint,
     WarningReason,
 )
-from apilane.node_loader import addresses
 from apilane.node_loader.nat import (
     FAMILIES,
     PROTO_TCP,
@@ -156,14 +155,48 @@ def _check_endpoint(what: str, ip: str, port: int, family: str, problems: list[s
     return address.compressed if usable else None
 
 
+def service_ref(snapshot: EndpointSnapshot) -> str:
+    """The Service the snapshot was built from, `Service/<namespace>/<name>` (discovery's
+    APILANE_SERVICE_NAMESPACE/NAME), as recorded in its resource versions; "" if absent."""
+    for version in snapshot.resource_versions:
+        if version.startswith("Service/"):
+            return version.partition("@")[0]
+    return ""
+
+
 def desired_state(snapshot: EndpointSnapshot, *, cluster: str | None = None) -> DesiredState:
     """Validate, then map the snapshot to frontends and their backends per family."""
     validate(snapshot, cluster=cluster)
+    service = service_ref(snapshot)
+    findings: list[Finding] = []
+    frontends_by_family = _frontends(snapshot, service, findings)
     backends_by_family: dict[Family, set[BackendValue]] = {f: set() for f in FAMILIES}
     for api in snapshot.apiserver_endpoints:
         backends_by_family[api.family].add(BackendValue(ip=_canonical(api.ip), port=api.port))
-    frontends_by_family: dict[Family, set[FrontendKey]] = {f: set() for f in FAMILIES}
-    findings: list[Finding] = []
+
+    programmed: dict[Family, dict[FrontendKey, tuple[BackendValue, ...]]] = {}
+    held: dict[Family, str] = {}
+    for family in FAMILIES:
+        frontends = frontends_by_family[family]
+        backends = tuple(sorted(backends_by_family[family], key=_backend_order))
+        if frontends and not backends:
+            held[family] = _hold(family, service, findings)
+            continue
+        programmed[family] = {frontend: backends for frontend in sorted(frontends)}
+    return DesiredState(
+        generation=snapshot.generation,
+        digest=snapshot.digest,
+        frontends=programmed,
+        held=held,
+        findings=tuple(findings),
+    )
+
+
+def _frontends(
+    snapshot: EndpointSnapshot, service: str, findings: list[Finding]
+) -> dict[Family, set[FrontendKey]]:
+    """The frontends per family; a protocol the programs cannot translate is a finding."""
+    frontends: dict[Family, set[FrontendKey]] = {f: set() for f in FAMILIES}
     for svc in snapshot.service_endpoints:
         proto = _PROTOCOLS.get(svc.protocol)
         if proto is None:
@@ -174,43 +207,30 @@ def desired_state(snapshot: EndpointSnapshot, *, cluster: str | None = None) -> 
                         f"service address {svc.ip}:{svc.port}/{svc.protocol} is not programmed:"
                         " the connect-time load balancer handles TCP and UDP only"
                     ),
-                    object_ref="Service/default/kubernetes",
+                    object_ref=service,
                 )
             )
             continue
-        frontends_by_family[svc.family].add(
-            FrontendKey(ip=_canonical(svc.ip), port=svc.port, proto=proto)
-        )
+        frontends[svc.family].add(FrontendKey(ip=_canonical(svc.ip), port=svc.port, proto=proto))
+    return frontends
 
-    programmed: dict[Family, dict[FrontendKey, tuple[BackendValue, ...]]] = {}
-    held: dict[Family, str] = {}
-    for family in FAMILIES:
-        frontends = frontends_by_family[family]
-        backends = tuple(sorted(backends_by_family[family], key=_backend_order))
-        if frontends and not backends:
-            other = "IPv4" if family == "IPv6" else "IPv6"
-            reason = (
-                f"the service has {family} addresses but every API server endpoint is {other};"
-                f" the {family} maps are left as they are"
-            )
-            held[family] = reason
-            findings.append(
-                Finding(
-                    reason=WarningReason.FAMILY_MISMATCH,
-                    message=reason,
-                    object_ref="Service/default/kubernetes",
-                    detail={"family": family},
-                )
-            )
-            continue
-        programmed[family] = {frontend: backends for frontend in sorted(frontends)}
-    return DesiredState(
-        generation=snapshot.generation,
-        digest=snapshot.digest,
-        frontends=programmed,
-        held=held,
-        findings=tuple(findings),
+
+def _hold(family: Family, service: str, findings: list[Finding]) -> str:
+    """A family with service addresses and no API server of its own: left as it is."""
+    other = "IPv4" if family == "IPv6" else "IPv6"
+    reason = (
+        f"the service has {family} addresses but every API server endpoint is {other};"
+        f" the {family} maps are left as they are"
     )
+    findings.append(
+        Finding(
+            reason=WarningReason.FAMILY_MISMATCH,
+            message=reason,
+            object_ref=service,
+            detail={"family": family},
+        )
+    )
+    return reason
 
 
 def _backend_order(backend: BackendValue) -> tuple[int, int]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from apilane.model import addresses
 from apilane.model.errors import ApilaneError
-from apilane.node_loader import addresses
 from apilane.node_loader.nat import (
     FAMILIES,
     BackendKey,

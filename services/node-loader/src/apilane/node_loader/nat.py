@@ -7,21 +7,19 @@ The pure core (`desired`, `plan`) works only with these types.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol, TypeAlias
 
-Family = Literal["IPv4", "IPv6"]
+from apilane.model import addresses
+from apilane.model.addresses import family_of
+
+Family: TypeAlias = addresses.Family
 
 FAMILIES: tuple[Family, ...] = ("IPv4", "IPv6")
 
 PROTO_TCP = 6
 PROTO_UDP = 17
-
-
-def family_of(ip: str) -> Family:
-    return "IPv6" if ipaddress.ip_address(ip).version == 6 else "IPv4"
 
 
 @dataclass(frozen=True, order=True, slots=True)

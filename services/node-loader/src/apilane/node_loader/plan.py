@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from apilane.node_loader import addresses
+from apilane.model import addresses
 from apilane.node_loader.nat import (
     FAMILIES,
     BackendKey,
@@ -237,9 +237,16 @@ def _check_family(family: Family, maps: MapContents) -> Iterable[Violation]:
             yield Violation(
                 family, ViolationKind.DUPLICATE_ID, f"id {service_id} is used by {names}"
             )
+    yield from _check_frontends(family, maps, stored)
+    yield from _check_backends(family, maps, stored, holders)
+
+
+def _check_frontends(
+    family: Family, maps: MapContents, stored: Mapping[int, set[int]]
+) -> Iterable[Violation]:
     for key, value in maps.frontends.items():
         name = _frontend_name(key)
-        if _family_or_none(key.ip) != family:
+        if addresses.family_or_none(key.ip) != family:
             yield Violation(
                 family, ViolationKind.WRONG_FAMILY, f"frontend {name} in the {family} map"
             )
@@ -262,6 +269,14 @@ def _check_family(family: Family, maps: MapContents) -> Iterable[Violation]:
                 f"frontend {name} has count {value.count} but id {value.service_id} "
                 f"holds {len(present)} backends" + (f" (stale ordinals {stale})" if stale else ""),
             )
+
+
+def _check_backends(
+    family: Family,
+    maps: MapContents,
+    stored: Mapping[int, set[int]],
+    holders: Mapping[int, list[FrontendKey]],
+) -> Iterable[Violation]:
     orphans = sorted(set(stored) - set(holders))
     if orphans:
         shown = ", ".join(map(str, orphans[:10])) + (
@@ -271,7 +286,7 @@ def _check_family(family: Family, maps: MapContents) -> Iterable[Violation]:
             family, ViolationKind.ORPHAN_BACKENDS, f"backends under ids [{shown}] have no frontend"
         )
     for bkey, bvalue in maps.backends.items():
-        if _family_or_none(bvalue.ip) != family:
+        if addresses.family_or_none(bvalue.ip) != family:
             yield Violation(
                 family,
                 ViolationKind.WRONG_FAMILY,
@@ -296,6 +311,3 @@ def dangling_references(contents: Mapping[Family, MapContents]) -> list[str]:
 def _frontend_name(key: FrontendKey) -> str:
     host = f"[{key.ip}]" if ":" in key.ip else key.ip
     return f"{host}:{key.port}/{key.proto}"
-
-
-_family_or_none = addresses.family_or_none

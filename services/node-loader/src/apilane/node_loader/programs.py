@@ -32,14 +32,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from apilane.model.errors import ApilaneError
+from apilane.node_loader import libbpf
 from apilane.node_loader.bpfmaps import REVERSE_TABLE_NAMES, TABLE_NAMES, BccNatMaps
+from apilane.node_loader.libbpf import ProgramError
+from apilane.node_loader.mounts import check_cgroup, check_pin_dir
 
 DEFAULT_PIN_DIR = Path("/sys/fs/bpf/apilane")
 SOURCE_FILE = "connect_lb.c"
 PROGRAM_PREFIX = "apilane_"
-_BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
-_BPF_LINK_TYPE_CGROUP = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,14 +62,6 @@ HOOKS: tuple[Hook, ...] = (
     Hook("getpeername4", 29),  # BPF_CGROUP_INET4_GETPEERNAME
     Hook("getpeername6", 30),  # BPF_CGROUP_INET6_GETPEERNAME
 )
-
-
-class ProgramError(ApilaneError):
-    """Compiling, loading, attaching or detaching the connect-time programs failed."""
-
-
-class CgroupRefusedError(ProgramError):
-    """The cgroup is not acceptable (not cgroup2, or the root without explicit permission)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +104,7 @@ class ConnectTimeLB:
             for hook in HOOKS:
                 function = self._bpf.load_func(
                     hook.program.encode(),
-                    _BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                    libbpf.BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
                     attach_type=hook.attach_type,
                 )
                 self._program_fds[hook.name] = int(function.fd)
@@ -138,31 +130,33 @@ class ConnectTimeLB:
     def _attach(self, hook: Hook, *, cgroup_fd: int, cgroup_id: int) -> None:
         pin = self._link_pin(hook)
         program_fd = self._program_fds[hook.name]
-        existing = _open_pinned(pin)
+        existing = libbpf.open_pinned(pin)
         if existing is not None:
             try:
-                info = _link_info(existing)
+                info = libbpf.link_info(existing)
                 same_hook = (
                     info is not None
                     and info.cgroup_id == cgroup_id
                     and info.attach_type == hook.attach_type
                 )
-                if same_hook and _libbpf().bpf_link_update(existing, program_fd, None) == 0:
+                if same_hook and libbpf.lib().bpf_link_update(existing, program_fd, None) == 0:
                     return
                 # Another cgroup, or a link gone defunct (its cgroup was removed): replace it.
-                _libbpf().bpf_link_detach(existing)
+                libbpf.lib().bpf_link_detach(existing)
             finally:
                 os.close(existing)
             pin.unlink(missing_ok=True)
-        link_fd = _libbpf().bpf_link_create(program_fd, cgroup_fd, hook.attach_type, None)
+        link_fd = libbpf.lib().bpf_link_create(program_fd, cgroup_fd, hook.attach_type, None)
         if link_fd < 0:
             raise ProgramError(
-                f"attaching {hook.program} to {self.cgroup_path}: {_strerror(link_fd)}"
+                f"attaching {hook.program} to {self.cgroup_path}: {libbpf.strerror(link_fd)}"
             )
         try:
-            result = _libbpf().bpf_obj_pin(link_fd, os.fsencode(pin))
+            result = libbpf.lib().bpf_obj_pin(link_fd, os.fsencode(pin))
             if result < 0:
-                raise ProgramError(f"pinning the {hook.name} link at {pin}: {_strerror(result)}")
+                raise ProgramError(
+                    f"pinning the {hook.name} link at {pin}: {libbpf.strerror(result)}"
+                )
         finally:
             os.close(link_fd)
 
@@ -182,11 +176,11 @@ class ConnectTimeLB:
         cgroup_id = os.stat(self.cgroup_path).st_ino
         attached = []
         for hook in HOOKS:
-            link_fd = _open_pinned(self._link_pin(hook))
+            link_fd = libbpf.open_pinned(self._link_pin(hook))
             if link_fd is None:
                 continue
             try:
-                info = _link_info(link_fd)
+                info = libbpf.link_info(link_fd)
             finally:
                 os.close(link_fd)
             if info is None or info.cgroup_id != cgroup_id or info.attach_type != hook.attach_type:
@@ -194,7 +188,7 @@ class ConnectTimeLB:
             attached.append(
                 AttachedProgram(
                     hook=hook.name,
-                    program=_program_name(info.program_id, expected=hook.program),
+                    program=libbpf.program_name(info.program_id, expected=hook.program),
                     program_id=info.program_id,
                     link_id=info.link_id,
                 )
@@ -246,24 +240,26 @@ def detach_pinned_link(pin: Path) -> DetachedLink | None:
     Detaching (not only unpinning) takes the program off the cgroup even if some process
     still holds a descriptor of the link. An already defunct link (its cgroup was removed)
     counts as detached."""
-    link_fd = _open_pinned(pin)
+    link_fd = libbpf.open_pinned(pin)
     if link_fd is None:
         return None
     try:
-        info = _link_info(link_fd)
+        info = libbpf.link_info(link_fd)
         # Named before the detach: afterwards the program may be gone.
         detached = (
             DetachedLink(
-                program=_program_name(info.program_id, expected=_hook_program(info.attach_type)),
+                program=libbpf.program_name(
+                    info.program_id, expected=_hook_program(info.attach_type)
+                ),
                 program_id=info.program_id,
                 cgroup_id=info.cgroup_id,
             )
             if info is not None
             else DetachedLink(program="", program_id=0, cgroup_id=0)
         )
-        result = _libbpf().bpf_link_detach(link_fd)
+        result = libbpf.lib().bpf_link_detach(link_fd)
         if result < 0 and -result != errno.ENOLINK:
-            raise ProgramError(f"detaching the link pinned at {pin}: {_strerror(result)}")
+            raise ProgramError(f"detaching the link pinned at {pin}: {libbpf.strerror(result)}")
     finally:
         os.close(link_fd)
     pin.unlink(missing_ok=True)
@@ -284,19 +280,14 @@ def programs_on_cgroup(cgroup_path: Path) -> list[CgroupProgram]:
     found = []
     try:
         for hook in HOOKS:
-            capacity = 64
-            ids = (ctypes.c_uint32 * capacity)()
-            count = ctypes.c_uint32(capacity)
-            flags = ctypes.c_uint32(0)
-            result = _libbpf().bpf_prog_query(
-                cgroup_fd, hook.attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(count)
-            )
-            if result < 0:
+            try:
+                program_ids = libbpf.query_programs(cgroup_fd, hook.attach_type)
+            except ProgramError as exc:
                 raise ProgramError(
-                    f"querying {hook.name} programs of {cgroup_path}: {_strerror(result)}"
-                )
-            for program_id in ids[: count.value]:
-                name = _program_name(program_id, expected=hook.program)
+                    f"querying {hook.name} programs of {cgroup_path}: {exc}"
+                ) from exc
+            for program_id in program_ids:
+                name = libbpf.program_name(program_id, expected=hook.program)
                 found.append(CgroupProgram(hook=hook.name, program=name, program_id=program_id))
     finally:
         os.close(cgroup_fd)
@@ -307,55 +298,7 @@ def _hook_program(attach_type: int) -> str:
     return next((h.program for h in HOOKS if h.attach_type == attach_type), "")
 
 
-# --- checks ---------------------------------------------------------------------------------
-
-
-def _mounts() -> list[tuple[Path, str]]:
-    """(mount point, filesystem type) from /proc/self/mountinfo."""
-    mounts = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        before, _, after = line.partition(" - ")
-        fields = before.split()
-        mount_point = fields[4].encode().decode("unicode_escape")
-        mounts.append((Path(mount_point), after.split()[0]))
-    return mounts
-
-
-def _filesystem_of(path: Path) -> tuple[Path, str] | None:
-    """The mount (point, type) that holds `path`: the longest mount point containing it."""
-    resolved = path.resolve()
-    best: tuple[Path, str] | None = None
-    for mount_point, fstype in _mounts():
-        contains = resolved == mount_point or mount_point in resolved.parents
-        if contains and (best is None or len(mount_point.parts) >= len(best[0].parts)):
-            best = (mount_point, fstype)
-    return best
-
-
-def check_cgroup(path: Path, *, allow_root_cgroup: bool) -> None:
-    """A cgroup2 directory, and not the hierarchy's root unless explicitly allowed."""
-    if not (path / "cgroup.procs").is_file():
-        raise CgroupRefusedError(f"{path} is not a cgroup directory")
-    mount = _filesystem_of(path)
-    if mount is None or mount[1] != "cgroup2":
-        raise CgroupRefusedError(f"{path} is not on a cgroup2 (unified) hierarchy")
-    if path.resolve() == mount[0] and not allow_root_cgroup:
-        raise CgroupRefusedError(
-            f"{path} is the root of the cgroup2 hierarchy: attaching there affects every process "
-            "on the machine; only production configuration may allow it (allow_root_cgroup=True)"
-        )
-
-
-def check_pin_dir(path: Path) -> None:
-    anchor = path
-    while not anchor.exists():
-        anchor = anchor.parent
-    mount = _filesystem_of(anchor)
-    if mount is None or mount[1] != "bpf":
-        raise ProgramError(f"{path} is not on a bpf filesystem (mount bpffs at /sys/fs/bpf)")
-
-
-# --- bcc and libbpf -------------------------------------------------------------------------
+# --- bcc -----------------------------------------------------------------------------------
 
 
 def _compile(source_dir: Path, pin_dir: Path) -> Any:
@@ -387,16 +330,16 @@ def remove_superseded_pins(bpf: Any, pin_dir: Path) -> list[str]:
     superseded when it holds another map than the one bcc opened for that name."""
     removed = []
     for name in _map_names():
-        current = _map_id(int(bpf.get_table(name.encode()).map_fd))
+        current = libbpf.map_id(int(bpf.get_table(name.encode()).map_fd))
         for pin in sorted(pin_dir.glob(f"{name}_*")):
             try:
-                fd = _open_pinned(pin)
+                fd = libbpf.open_pinned(pin)
             except ProgramError:
                 continue  # not a BPF object: not ours to remove
             if fd is None:
                 continue
             try:
-                pinned = _map_id(fd)
+                pinned = libbpf.map_id(fd)
             finally:
                 os.close(fd)
             if current is not None and pinned is not None and pinned != current:
@@ -404,19 +347,6 @@ def remove_superseded_pins(bpf: Any, pin_dir: Path) -> list[str]:
                     pin.unlink()
                     removed.append(pin.name)
     return removed
-
-
-def _map_id(fd: int) -> int | None:
-    """The kernel id of the map behind `fd` (None when `fd` is no map)."""
-    try:
-        info = Path(f"/proc/self/fdinfo/{fd}").read_text()
-    except OSError:
-        return None
-    for line in info.splitlines():
-        key, _, value = line.partition(":")
-        if key == "map_id":
-            return int(value)
-    return None
 
 
 def release_free_heap() -> None:
@@ -434,123 +364,3 @@ def release_free_heap() -> None:
         return
     trim.argtypes = [ctypes.c_size_t]
     trim(0)
-
-
-_LIBBPF: Any = None
-
-
-def _libbpf() -> Any:
-    global _LIBBPF  # noqa: PLW0603 - loaded once, on first use
-    if _LIBBPF is None:
-        try:
-            lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
-        except OSError as exc:
-            raise ProgramError("libbpf.so.1 not found (Debian package libbpf1)") from exc
-        lib.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-        lib.bpf_link_update.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-        lib.bpf_link_detach.argtypes = [ctypes.c_int]
-        lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
-        lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
-        lib.bpf_obj_get_info_by_fd.argtypes = [
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.POINTER(ctypes.c_uint32),
-        ]
-        lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
-        lib.bpf_prog_query.argtypes = [
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_uint32,
-            ctypes.POINTER(ctypes.c_uint32),
-            ctypes.POINTER(ctypes.c_uint32),
-            ctypes.POINTER(ctypes.c_uint32),
-        ]
-        _LIBBPF = lib
-    return _LIBBPF
-
-
-def _strerror(result: int) -> str:
-    code = -result if result < 0 else ctypes.get_errno()
-    return f"{errno.errorcode.get(code, code)} ({os.strerror(code)})"
-
-
-def _open_pinned(pin: Path) -> int | None:
-    if not pin.exists():
-        return None
-    fd = _libbpf().bpf_obj_get(os.fsencode(pin))
-    if fd < 0:
-        raise ProgramError(f"opening pinned {pin}: {_strerror(fd)}")
-    return int(fd)
-
-
-@dataclass(frozen=True, slots=True)
-class _LinkInfo:
-    link_id: int
-    program_id: int
-    cgroup_id: int
-    attach_type: int
-
-
-class _BpfLinkInfo(ctypes.Structure):
-    # struct bpf_link_info (uapi/linux/bpf.h), cgroup member of the union; the union is
-    # 8-byte aligned, hence the pad. The tail buffer lets newer kernels write more.
-    _fields_ = [
-        ("type", ctypes.c_uint32),
-        ("id", ctypes.c_uint32),
-        ("prog_id", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
-        ("cgroup_id", ctypes.c_uint64),
-        ("attach_type", ctypes.c_uint32),
-        ("_tail", ctypes.c_uint8 * 100),
-    ]
-
-
-def _link_info(link_fd: int) -> _LinkInfo | None:
-    info = _BpfLinkInfo()
-    size = ctypes.c_uint32(ctypes.sizeof(info))
-    if _libbpf().bpf_obj_get_info_by_fd(link_fd, ctypes.byref(info), ctypes.byref(size)) < 0:
-        return None
-    if info.type != _BPF_LINK_TYPE_CGROUP:
-        return None
-    return _LinkInfo(
-        link_id=info.id,
-        program_id=info.prog_id,
-        cgroup_id=info.cgroup_id,
-        attach_type=info.attach_type,
-    )
-
-
-class _BpfProgInfoHead(ctypes.Structure):
-    # The head of struct bpf_prog_info, up to and including `name` (BPF_OBJ_NAME_LEN 16).
-    _fields_ = [
-        ("type", ctypes.c_uint32),
-        ("id", ctypes.c_uint32),
-        ("tag", ctypes.c_uint8 * 8),
-        ("jited_prog_len", ctypes.c_uint32),
-        ("xlated_prog_len", ctypes.c_uint32),
-        ("jited_prog_insns", ctypes.c_uint64),
-        ("xlated_prog_insns", ctypes.c_uint64),
-        ("load_time", ctypes.c_uint64),
-        ("created_by_uid", ctypes.c_uint32),
-        ("nr_map_ids", ctypes.c_uint32),
-        ("map_ids", ctypes.c_uint64),
-        ("name", ctypes.c_char * 16),
-    ]
-
-
-def _program_name(program_id: int, *, expected: str) -> str:
-    """The attached program's name; the kernel keeps 15 characters, so a matching prefix
-    reports our full function name."""
-    fd = _libbpf().bpf_prog_get_fd_by_id(program_id)
-    if fd < 0:
-        return f"<program {program_id}>"
-    try:
-        info = _BpfProgInfoHead()
-        size = ctypes.c_uint32(ctypes.sizeof(info))
-        if _libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)) < 0:
-            return f"<program {program_id}>"
-        name = info.name.decode(errors="replace")
-        return expected if name and expected.startswith(name) else name
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)

@@ -15,6 +15,9 @@ it applied completely. Rules:
   that emptied bpffs, a foreign write), so the maps are consistent before the loader
   talks to NATS; the latest KV value is applied after that. The same file keeps the
   operator's live connect-time LB switch (`record_lb_switch`; precedence in settings.py).
+- The seal a snapshot was accepted with (content digest, expiry, key) is kept with it:
+  what the next value is judged against (admission.py), also after a restart. A refresh
+  (same content, later expiry) only replaces the seal; expiry never changes the maps.
 
 The kernel is not a database we can roll back: a map write that fails halfway leaves a
 consistent (make-before-break) intermediate state, marks the cached view stale, and the
@@ -24,24 +27,18 @@ next apply or audit plans again from a fresh read-back.
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from pathlib import Path
-from typing import Final
 
 import msgspec
 from opentelemetry import trace
 
-from apilane.model.errors import ApilaneError
 from apilane.model.events import EndpointSnapshot, Finding, MapSummary, WarningReason
 from apilane.node_loader.desired import InvalidSnapshot, desired_state, target_contents
-from apilane.node_loader.memmaps import render
 from apilane.node_loader.nat import FAMILIES, BackendValue, Family, MapContents, NatMaps
 from apilane.node_loader.plan import (
     Operation,
@@ -54,10 +51,15 @@ from apilane.node_loader.plan import (
     simulate,
 )
 from apilane.node_loader.settings import LiveLbSwitch
+from apilane.node_loader.statefile import (
+    AppliedState,
+    PersistedState,
+    Seal,
+    StateFile,
+    StateFileError,
+)
 
 log = logging.getLogger(__name__)
-
-STATE_FILE_VERSION: Final = 1
 
 
 class Outcome(StrEnum):
@@ -66,10 +68,6 @@ class Outcome(StrEnum):
     IGNORED = "ignored"  # at or below the applied generation
     REJECTED = "rejected"  # failed validation or empty: maps untouched
     FAILED = "failed"  # a map operation failed; the maps are consistent but not at target
-
-
-class StateFileError(ApilaneError):
-    """The applied-state file exists but cannot be read or written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,122 +95,6 @@ class ApplyResult:
     @property
     def wrote_maps(self) -> bool:
         return self.entries_written > 0
-
-
-class AppliedState(msgspec.Struct, frozen=True, kw_only=True):
-    """The last snapshot applied completely: enough to rebuild the desired maps without NATS."""
-
-    generation: int
-    digest: str
-    applied_at: datetime
-    snapshot: EndpointSnapshot
-
-
-class PersistedState(msgspec.Struct, frozen=True, kw_only=True):
-    """What the state file holds: the applied state (absent while no snapshot was applied)
-    and the live connect-time LB switch (absent unless an operator switched it). Both
-    optional fields were added compatibly: a file without them reads as before."""
-
-    version: int = STATE_FILE_VERSION
-    generation: int = 0
-    digest: str = ""
-    applied_at: datetime | None = None
-    snapshot: EndpointSnapshot | None = None
-    lb_switch: LiveLbSwitch | None = None
-
-    @classmethod
-    def of(cls, applied: AppliedState | None, lb_switch: LiveLbSwitch | None) -> PersistedState:
-        if applied is None:
-            return cls(lb_switch=lb_switch)
-        return cls(
-            generation=applied.generation,
-            digest=applied.digest,
-            applied_at=applied.applied_at,
-            snapshot=applied.snapshot,
-            lb_switch=lb_switch,
-        )
-
-    @property
-    def applied(self) -> AppliedState | None:
-        if self.snapshot is None or self.applied_at is None:
-            return None
-        return AppliedState(
-            generation=self.generation,
-            digest=self.digest,
-            applied_at=self.applied_at,
-            snapshot=self.snapshot,
-        )
-
-
-class StateFile:
-    """The applied-state file, replaced atomically so a crash leaves the old or the new one."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._target = os.fspath(path)
-        self._directory = os.fspath(path.parent)
-        self._decoder = msgspec.json.Decoder(PersistedState)
-
-    def load(self) -> PersistedState | None:
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StateFileError(f"cannot read {self.path}: {exc}") from exc
-        try:
-            state = self._decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise StateFileError(f"{self.path} is not a node-loader state file: {exc}") from exc
-        if state.version > STATE_FILE_VERSION:
-            raise StateFileError(f"{self.path} has version {state.version}, newer than this loader")
-        return state
-
-    def save(self, state: PersistedState) -> None:
-        # On every apply: plain os calls on prepared strings (no pathlib, no mkdir unless the
-        # directory is missing), as the write is a good part of the apply latency.
-        data = msgspec.json.encode(state)
-        tmp = f"{self._directory}/.{self.path.name}.{os.getpid()}.tmp"
-        try:
-            try:
-                self._write(tmp, data)
-            except FileNotFoundError:  # the first save, or the directory was removed
-                os.makedirs(self._directory, exist_ok=True)
-                self._write(tmp, data)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise StateFileError(f"cannot write {self.path}: {exc}") from exc
-
-    def remove(self) -> None:
-        """Delete the file (and a temporary file a crash left behind). FileNotFoundError
-        when there was no state file."""
-        for leftover in self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            raise StateFileError(f"cannot remove {self.path}: {exc}") from exc
-
-    def _write(self, tmp: str, data: bytes) -> None:
-        """Write, fsync, rename over the state file, fsync the directory."""
-        handle = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(handle, view) :]
-            os.fsync(handle)
-        finally:
-            os.close(handle)
-        os.replace(tmp, self._target)
-        directory = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
 
 
 def execute_step(maps: NatMaps, step: Step) -> None:
@@ -268,13 +150,14 @@ class Reconciler:
         self.verify_after_apply = verify_after_apply
         self.tracer = tracer or trace.get_tracer("apilane.node_loader")
         self.applied: AppliedState | None = None
-        # The operator's live connect-time LB switch, saved with every applied state.
+        # The operator's live connect-time LB switch and the issue time of the last control
+        # request accepted, saved with every applied state.
         self.lb_switch: LiveLbSwitch | None = None
+        self.control_issued_at: datetime | None = None
         # The applied state the file held at start, kept for saves made before `applied` is
         # set (a switch recorded while recovery failed must not erase it from the file).
         self._file_applied: AppliedState | None = None
         self.last_error = ""
-        self.last_result: ApplyResult | None = None
         self._contents: dict[Family, MapContents] | None = None  # our view of the maps
         # The view whose invariants were last checked, and the result (see _check).
         self._checked: tuple[Mapping[Family, MapContents], list[Violation]] | None = None
@@ -287,6 +170,22 @@ class Reconciler:
     def applied_digest(self) -> str:
         return self.applied.digest if self.applied else ""
 
+    @property
+    def accepted(self) -> AppliedState | None:
+        """The highest snapshot accepted: the applied one, or the one the state file holds
+        while recovery could not bring the maps to it. New snapshots are judged against it."""
+        return self.applied or self._file_applied
+
+    @property
+    def seal(self) -> Seal | None:
+        """The signature the applied snapshot was accepted with (the latest refresh's)."""
+        return self.applied.seal if self.applied else None
+
+    def stale(self, now: datetime) -> bool:
+        """The maps hold a snapshot whose signature has expired (they keep it: fail static)."""
+        seal = self.seal
+        return seal is not None and now >= seal.expires_at
+
     def contents(self, *, refresh: bool = False) -> dict[Family, MapContents]:
         if refresh or self._contents is None:
             self._contents = {family: self.maps.dump(family) for family in FAMILIES}
@@ -294,9 +193,6 @@ class Reconciler:
 
     def summary(self) -> MapSummary:
         return summarize(self.contents())
-
-    def dump_lines(self) -> list[str]:
-        return render(self.contents())
 
     # -- start -----------------------------------------------------------------------------
 
@@ -307,16 +203,10 @@ class Reconciler:
         NATS is down. Without a state file nothing is changed (there is no desired state
         to repair from); the first snapshot from NATS then repairs whatever is wrong.
         """
-        contents = self.contents(refresh=True)
-        violations = check_invariants(contents)
-        persisted: PersistedState | None = None
-        problem = ""
-        if self.state_file is not None:
-            try:
-                persisted = self.state_file.load()
-            except StateFileError as exc:
-                problem = str(exc)
+        violations = check_invariants(self.contents(refresh=True))
+        persisted, problem = self._load_state_file()
         self.lb_switch = persisted.lb_switch if persisted is not None else None
+        self.control_issued_at = persisted.control_issued_at if persisted is not None else None
         recorded = persisted.applied if persisted is not None else None
         self._file_applied = recorded
         if recorded is None:
@@ -334,29 +224,43 @@ class Reconciler:
                 violations_before=tuple(violations),
                 violations_after=tuple(violations),
             )
-        result = self._apply(recorded.snapshot, trigger="recover")
+        result = self._apply(recorded.snapshot, trigger="recover", seal=recorded.seal)
         if result.outcome in (Outcome.APPLIED, Outcome.UNCHANGED):
             self.applied = recorded
         return result
 
-    def record_lb_switch(self, switch: LiveLbSwitch | None) -> None:
+    def _load_state_file(self) -> tuple[PersistedState | None, str]:
+        """The persisted state, or None with the reason it could not be read."""
+        if self.state_file is None:
+            return None, ""
+        try:
+            return self.state_file.load(), ""
+        except StateFileError as exc:
+            return None, str(exc)
+
+    def record_lb_switch(
+        self, switch: LiveLbSwitch | None, *, control_issued_at: datetime | None = None
+    ) -> None:
         """Keep (or, with None, drop) the live connect-time LB switch in the state file, next
-        to the applied state. Raises StateFileError; the switch is remembered either way."""
+        to the applied state, with the issue time of the control request that asked for it.
+        Raises StateFileError; both are remembered either way."""
         self.lb_switch = switch
+        if control_issued_at is not None:
+            self.control_issued_at = control_issued_at
         if self.state_file is None:
             return
         applied = self.applied or self._file_applied
-        if applied is None and switch is None:
+        if applied is None and switch is None and self.control_issued_at is None:
             # Nothing applied and nothing to keep: no file rather than an empty one.
             with contextlib.suppress(FileNotFoundError):
                 self.state_file.remove()
             return
-        self.state_file.save(PersistedState.of(applied, switch))
+        self.state_file.save(PersistedState.of(applied, switch, self.control_issued_at))
 
     # -- apply -----------------------------------------------------------------------------
 
-    def apply(self, snapshot: EndpointSnapshot) -> ApplyResult:
-        """Apply a snapshot from the bus (newer generations only)."""
+    def apply(self, snapshot: EndpointSnapshot, *, seal: Seal | None = None) -> ApplyResult:
+        """Apply a snapshot from the bus (newer generations only), accepted with `seal`."""
         if snapshot.generation <= self.applied_generation:
             return ApplyResult(
                 outcome=Outcome.IGNORED,
@@ -365,26 +269,30 @@ class Reconciler:
                 reason=f"generation {snapshot.generation} is not newer than the applied "
                 f"{self.applied_generation}",
             )
-        return self._apply(snapshot, trigger="snapshot")
+        return self._apply(snapshot, trigger="snapshot", seal=seal)
+
+    def refresh(self, seal: Seal) -> str:
+        """The applied snapshot, signed again with a later expiry: keep the maps as they are
+        (no map write) and persist the new seal. Returns a problem or ""."""
+        if self.applied is None:
+            raise ValueError("nothing applied to refresh")
+        current = self.applied.seal
+        if current is not None and seal.expires_at <= current.expires_at:
+            return ""  # an older signature of the same content: the held one lasts longer
+        self.applied = msgspec.structs.replace(self.applied, seal=seal)
+        return self._persist(self.applied)
 
     def reapply(self) -> ApplyResult | None:
         """Bring the maps back to the applied snapshot (an audit found drift)."""
         if self.applied is None:
             return None
-        return self._apply(self.applied.snapshot, trigger="repair")
+        return self._apply(self.applied.snapshot, trigger="repair", seal=self.applied.seal)
 
     def audit(self) -> list[Violation]:
         """Read the maps back and check them; repair from the applied snapshot on drift."""
         contents = self.contents(refresh=True)
         violations = check_invariants(contents)
-        drift = False
-        if self.applied is not None:
-            try:
-                desired = desired_state(self.applied.snapshot, cluster=self.cluster)
-            except InvalidSnapshot:
-                desired = None
-            if desired is not None:
-                drift = not plan(target_contents(desired, contents), contents).empty
+        drift = self.applied is not None and self._drifted(self.applied.snapshot, contents)
         if violations or drift:
             log.warning(
                 "NAT maps drifted from the applied state; repairing",
@@ -393,84 +301,41 @@ class Reconciler:
             self.reapply()
         return violations
 
-    def _apply(self, snapshot: EndpointSnapshot, *, trigger: str) -> ApplyResult:
+    def _drifted(self, snapshot: EndpointSnapshot, contents: dict[Family, MapContents]) -> bool:
+        try:
+            desired = desired_state(snapshot, cluster=self.cluster)
+        except InvalidSnapshot:
+            return False
+        return not plan(target_contents(desired, contents), contents).empty
+
+    def _apply(self, snapshot: EndpointSnapshot, *, trigger: str, seal: Seal | None) -> ApplyResult:
+        """Validate, plan against the cached view, write, verify, persist."""
         timings: dict[str, float] = {}
         clock = _Stopwatch(timings)
         with clock("validate"):
             try:
                 desired = desired_state(snapshot, cluster=self.cluster)
             except InvalidSnapshot as exc:
-                self.last_error = f"generation {snapshot.generation} rejected: {exc}"
-                result = ApplyResult(
-                    outcome=Outcome.REJECTED,
-                    generation=snapshot.generation,
-                    digest=snapshot.digest,
-                    reason=str(exc),
-                    warning_reason=exc.reason,
-                    timings=timings,
-                )
-                self.last_result = result
-                return result
-
+                return self._rejected(snapshot, exc, timings)
         with clock("plan"):
             before = self.contents()
             violations_before = self._check(before)
             target = target_contents(desired, before)
             steps = plan(target, before)
-
-        entries = 0
         with clock("write"):
             try:
                 entries = self._write(steps)
             except Exception as exc:
-                # Any failure of the map layer (OSError from bcc, a full map, a bad value):
-                # the maps hold a consistent intermediate state; read them back next time.
-                self._contents = None
-                self.last_error = f"generation {snapshot.generation} failed: {exc}"
-                log.exception("applying the plan to the NAT maps failed")
-                result = ApplyResult(
-                    outcome=Outcome.FAILED,
-                    generation=snapshot.generation,
-                    digest=snapshot.digest,
-                    reason=str(exc),
-                    warning_reason=WarningReason.APPLY_FAILED,
-                    steps=tuple(steps.describe()),
-                    violations_before=tuple(violations_before),
-                    timings=timings,
-                )
-                self.last_result = result
-                return result
-
+                # Any failure of the map layer (OSError from bcc, a full map, a bad value).
+                return self._failed(snapshot, exc, steps, violations_before, timings)
         with clock("verify"):
-            after = (
-                self.contents(refresh=True) if self.verify_after_apply else simulate(steps, before)
-            )
-            self._contents = after
+            after = self._view_after(steps, before)
             violations_after = self._check(after)
             mismatched = [f for f in target if after.get(f) != target[f]]
-
-        problem = ""
-        if mismatched:
-            problem = f"maps of {', '.join(mismatched)} differ from the target after the apply"
-        elif violations_after:
-            problem = "; ".join(str(v) for v in violations_after)
-
+        problem = _problem(mismatched, violations_after)
         if not mismatched:
-            applied = AppliedState(
-                generation=snapshot.generation,
-                digest=snapshot.digest,
-                applied_at=datetime.now(UTC),
-                snapshot=snapshot,
-            )
-            if self.state_file is not None:
-                with clock("persist"):
-                    try:
-                        self.state_file.save(PersistedState.of(applied, self.lb_switch))
-                    except StateFileError as exc:
-                        # The maps are right; only a restart without NATS would miss it.
-                        problem = problem or str(exc)
-                        log.warning("cannot persist the applied state", extra={"error": str(exc)})
-            self.applied = applied
+            with clock("persist"):
+                problem = problem or self._commit(snapshot, seal)
         self.last_error = problem
         timings["total"] = sum(timings.values())
         result = ApplyResult(
@@ -490,16 +355,73 @@ class Reconciler:
             removed_backends=removed_backends(before, after),
             timings=timings,
         )
-        if result.repaired:
-            log.warning(
-                "repaired NAT map invariant violations",
-                extra={
-                    "repaired": [str(v) for v in result.repaired],
-                    "generation": snapshot.generation,
-                },
-            )
-        self.last_result = result
+        _log_repairs(result)
         return result
+
+    def _rejected(
+        self, snapshot: EndpointSnapshot, exc: InvalidSnapshot, timings: dict[str, float]
+    ) -> ApplyResult:
+        self.last_error = f"generation {snapshot.generation} rejected: {exc}"
+        return ApplyResult(
+            outcome=Outcome.REJECTED,
+            generation=snapshot.generation,
+            digest=snapshot.digest,
+            reason=str(exc),
+            warning_reason=exc.reason,
+            timings=timings,
+        )
+
+    def _failed(
+        self,
+        snapshot: EndpointSnapshot,
+        exc: Exception,
+        steps: Plan,
+        violations_before: list[Violation],
+        timings: dict[str, float],
+    ) -> ApplyResult:
+        # The maps hold a consistent intermediate state; read them back next time.
+        self._contents = None
+        self.last_error = f"generation {snapshot.generation} failed: {exc}"
+        log.exception("applying the plan to the NAT maps failed")
+        return ApplyResult(
+            outcome=Outcome.FAILED,
+            generation=snapshot.generation,
+            digest=snapshot.digest,
+            reason=str(exc),
+            warning_reason=WarningReason.APPLY_FAILED,
+            steps=tuple(steps.describe()),
+            violations_before=tuple(violations_before),
+            timings=timings,
+        )
+
+    def _view_after(
+        self, steps: Plan, before: dict[Family, MapContents]
+    ) -> dict[Family, MapContents]:
+        after = self.contents(refresh=True) if self.verify_after_apply else simulate(steps, before)
+        self._contents = after
+        return after
+
+    def _commit(self, snapshot: EndpointSnapshot, seal: Seal | None) -> str:
+        """The maps hold `snapshot`: remember it and persist it. Returns a problem or ""."""
+        self.applied = AppliedState(
+            generation=snapshot.generation,
+            digest=snapshot.digest,
+            applied_at=datetime.now(UTC),
+            snapshot=snapshot,
+            seal=seal,
+        )
+        return self._persist(self.applied)
+
+    def _persist(self, applied: AppliedState) -> str:
+        if self.state_file is None:
+            return ""
+        try:
+            self.state_file.save(PersistedState.of(applied, self.lb_switch, self.control_issued_at))
+        except StateFileError as exc:
+            # The maps are right; only a restart without NATS would miss it.
+            log.warning("cannot persist the applied state", extra={"error": str(exc)})
+            return str(exc)
+        return ""
 
     def _check(self, contents: Mapping[Family, MapContents]) -> list[Violation]:
         """check_invariants, without repeating it on the very view it just checked: the
@@ -519,6 +441,23 @@ class Reconciler:
             for step in steps.steps:
                 execute_step(self.maps, step)
         return steps.entries
+
+
+def _problem(mismatched: list[Family], violations_after: list[Violation]) -> str:
+    if mismatched:
+        return f"maps of {', '.join(mismatched)} differ from the target after the apply"
+    return "; ".join(str(v) for v in violations_after)
+
+
+def _log_repairs(result: ApplyResult) -> None:
+    if result.repaired:
+        log.warning(
+            "repaired NAT map invariant violations",
+            extra={
+                "repaired": [str(v) for v in result.repaired],
+                "generation": result.generation,
+            },
+        )
 
 
 class _Stopwatch:

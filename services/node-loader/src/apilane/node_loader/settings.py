@@ -11,6 +11,11 @@
 | APILANE_DESTROY_STALE_SOCKETS   | true                     | destroy sockets to removed backends       |
 | APILANE_NODE_STATE_INTERVAL     | 30s                      | NodeState heartbeat and map audit period  |
 | APILANE_MAP_BACKEND             | bpf                      | bpf, or memory (scale runs, no root)      |
+| APILANE_TRUSTED_KEYS(_FILE)     | (required to serve)      | public keys whose snapshots are applied   |
+| APILANE_OPERATOR_KEYS(_FILE)    | none: control refused    | public keys whose control requests count  |
+
+Only snapshots signed by a trusted key reach the maps (admission.py); `uninstall` reads no
+key, so it works on a node whatever became of the key configuration.
 
 The applied-state file cannot live *in* the pin dir: bpffs holds only BPF objects. It goes
 to a tmpfs directory by default (/run), which a reboot clears together with bpffs, so a
@@ -21,7 +26,7 @@ one. In the DaemonSet, /run/apilane is a hostPath mount like /sys/fs/bpf.
 The connect-time LB: APILANE_CONNECT_TIME_LB against the live switch
 ----------------------------------------------------------------------
 An operator can switch the connect-time LB live, by a request on the node's control
-subject (`{"connect_time_lb": false}`). That choice is kept in the applied-state file
+subject (a `ControlRequest` sealed by an APILANE_OPERATOR_KEYS key, see control.py). That choice is kept in the applied-state file
 together with the APILANE_CONNECT_TIME_LB value in force when it was made, so it survives
 loader restarts and upgrades. At start, the precedence is (`resolve_connect_time_lb`):
 
@@ -39,6 +44,7 @@ for a lasting choice, set the variable.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,11 +56,21 @@ import msgspec
 
 from apilane.model import subjects
 from apilane.model.errors import ConfigError
-from apilane.runtime.config import CommonSettings, Env, load_common
+from apilane.model.signing import TrustedKeys, public_text
+from apilane.runtime.config import (
+    CommonSettings,
+    Env,
+    load_common,
+    load_trusted_keys,
+    require_trusted_keys,
+)
 
 SERVICE_NAME: Final = "apilane-node-loader"
 
 MAP_BACKENDS = ("bpf", "memory")
+# The state file's name without ".state.json" (and the temporary file's prefix and suffix)
+# must fit a 255-byte file name.
+_MAX_SLUG = 200
 
 
 class NodeLoaderSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -68,10 +84,26 @@ class NodeLoaderSettings(msgspec.Struct, frozen=True, kw_only=True):
     destroy_stale_sockets: bool = True
     node_state_interval: float = 30.0
     map_backend: str = "bpf"
+    # Public keys (base64, raw Ed25519) as configured: the settings stay plain data, so
+    # they can be logged at start; `trusted()` and `operators()` parse them.
+    trusted_keys: tuple[str, ...] = ()
+    operator_keys: tuple[str, ...] = ()
+
+    def trusted(self) -> TrustedKeys:
+        """The keys whose snapshots are accepted."""
+        return TrustedKeys.parse(",".join(self.trusted_keys), source="APILANE_TRUSTED_KEYS")
+
+    def operators(self) -> TrustedKeys:
+        """The keys whose control requests are accepted (none: every request is refused)."""
+        return TrustedKeys.parse(",".join(self.operator_keys), source="APILANE_OPERATOR_KEYS")
 
     @property
     def state_file(self) -> Path:
         slug = self.pin_dir.strip("/").replace("/", "_") or "root"
+        if len(slug) > _MAX_SLUG:
+            # A file name holds 255 bytes: a long pin dir keeps its tail, made unique by a hash.
+            digest = hashlib.sha256(slug.encode()).hexdigest()[:16]
+            slug = f"{digest}_{slug[-(_MAX_SLUG - 17) :]}"
         return Path(self.state_dir) / f"{slug}.state.json"
 
 
@@ -130,12 +162,13 @@ def _onoff(value: bool) -> str:
     return "on" if value else "off"
 
 
-def load(environ: Mapping[str, str] | None = None) -> NodeLoaderSettings:
+def load(environ: Mapping[str, str] | None = None, *, serving: bool = True) -> NodeLoaderSettings:
+    """The settings; `serving=False` (the `uninstall` command) does not require trusted keys."""
     env = Env(environ)
     common = load_common(environ)
     node_name = env.str("NODE_NAME", socket.gethostname())
     try:
-        subjects.node_token(node_name)
+        subjects.check_node_name(node_name)
     except ConfigError as exc:
         raise ConfigError(f"APILANE_NODE_NAME={node_name!r}: {exc}") from exc
     map_backend = env.choice("MAP_BACKEND", "bpf", MAP_BACKENDS)
@@ -163,4 +196,12 @@ def load(environ: Mapping[str, str] | None = None) -> NodeLoaderSettings:
         destroy_stale_sockets=env.bool("DESTROY_STALE_SOCKETS", True),
         node_state_interval=env.seconds("NODE_STATE_INTERVAL", 30.0, low=0.05),
         map_backend=map_backend,
+        trusted_keys=_key_texts(
+            require_trusted_keys(env) if serving else load_trusted_keys(env, "TRUSTED_KEYS")
+        ),
+        operator_keys=_key_texts(load_trusted_keys(env, "OPERATOR_KEYS")),
     )
+
+
+def _key_texts(keys: TrustedKeys) -> tuple[str, ...]:
+    return tuple(public_text(keys.keys[key_id]) for key_id in keys.ids)

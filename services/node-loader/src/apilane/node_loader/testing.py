@@ -1,6 +1,5 @@
 """Test helpers that ship with the package (pytest's importlib mode cannot import helpers
-from tests/): the `NatMaps` contract, run on `MemoryNatMaps` and on the kernel adapter,
-and a snapshot builder with a correct digest."""
+from tests/): the `NatMaps` contract, run on `MemoryNatMaps` and on the kernel adapter."""
 
 from __future__ import annotations
 
@@ -25,10 +24,16 @@ def _empty(maps: NatMaps, family: Family) -> bool:
 def check_nat_maps_contract(maps: NatMaps) -> None:
     """Assert the behaviour the reconciler relies on. `maps` must start empty; it is empty
     again afterwards. Raises AssertionError naming the broken rule."""
-    families: tuple[Family, ...] = ("IPv4", "IPv6")
-    for family in families:
+    for family in _FAMILIES:
         assert _empty(maps, family), f"contract needs empty maps; {family} is not"
+    _check_writes_and_deletes(maps)
+    _check_large_batches(maps)
 
+
+_FAMILIES: tuple[Family, ...] = ("IPv4", "IPv6")
+
+
+def _check_writes_and_deletes(maps: NatMaps) -> None:
     fe4 = FrontendKey(ip="10.96.0.1", port=443, proto=PROTO_TCP)
     fe4_udp = FrontendKey(ip="10.96.0.1", port=443, proto=PROTO_UDP)
     fe6 = FrontendKey(ip="fd00:10:96::1", port=443, proto=PROTO_TCP)
@@ -80,9 +85,11 @@ def check_nat_maps_contract(maps: NatMaps) -> None:
     maps.delete_backends("IPv4", [*be4, BackendKey(99, 1)])
     maps.delete_frontends("IPv6", [fe6, mapped])
     maps.delete_backends("IPv6", [*be6])
-    for family in families:
+    for family in _FAMILIES:
         assert _empty(maps, family), f"{family} not empty after deletes: {maps.dump(family)}"
 
+
+def _check_large_batches(maps: NatMaps) -> None:
     # Batches of many entries (what a plan for a large cluster issues) round-trip.
     many = {
         BackendKey(1, n): BackendValue(ip=f"10.1.{n // 250}.{n % 250 + 1}", port=6443)

@@ -33,18 +33,18 @@ from typing import TextIO
 
 from apilane.model.errors import ApilaneError
 from apilane.node_loader.bpfmaps import REVERSE_TABLE_NAMES, TABLE_NAMES
+from apilane.node_loader.libbpf import ProgramError
+from apilane.node_loader.mounts import check_pin_dir
 from apilane.node_loader.programs import (
     HOOKS,
     PROGRAM_PREFIX,
     CgroupProgram,
-    ProgramError,
-    check_pin_dir,
     detach_pinned_link,
     link_pin_name,
     programs_on_cgroup,
 )
-from apilane.node_loader.reconcile import StateFile, StateFileError
 from apilane.node_loader.settings import NodeLoaderSettings
+from apilane.node_loader.statefile import StateFile, StateFileError
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 1

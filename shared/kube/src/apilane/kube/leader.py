@@ -22,12 +22,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import Gauge
+
 from apilane.kube.client import Conflict, KubeClient, KubeError, NotFound
 from apilane.model.errors import ConfigError
 from apilane.runtime.aio import first_of, set_when_any
 from apilane.runtime.config import Env
 
 log = logging.getLogger(__name__)
+
+# Per replica: 1 while it leads, 0 while it stands by. All replicas at 0 means no leader
+# (the ApilaneLeaderMissing alert); the identity label tells replicas in one process apart.
+LEADING = Gauge(
+    "apilane_leader",
+    "1 while this replica holds the leader Lease, 0 while it stands by.",
+    ["lease", "identity"],
+)
 
 
 def _micro_time(now: datetime.datetime | None = None) -> str:
@@ -78,6 +88,8 @@ class LeaderElector:
         self._observed_at = 0.0
         self._last_renew = 0.0
         self._context = {"lease": f"{namespace}/{name}", "identity": identity}
+        self._gauge = LEADING.labels(lease=name, identity=identity)
+        self._gauge.set(0)
 
     @property
     def is_leader(self) -> bool:
@@ -257,6 +269,7 @@ class LeaderElector:
     def _set_leading(self, leading: bool) -> None:
         if leading == self.leading.is_set():
             return
+        self._gauge.set(1 if leading else 0)
         if leading:
             self.leading.set()
             self.lost.clear()

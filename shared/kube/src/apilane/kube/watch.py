@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -80,106 +80,166 @@ async def list_then_watch(
     Retries what can heal by itself: 410 (relist), Unavailable, 401/403 (credentials may
     rotate, RBAC may be applied later) with backoff. Other API errors (404 for an unknown
     resource, 400 for a bad selector) are the caller's mistake and are raised."""
-    resource = resource_name(path)
-    context = {
-        "resource": resource,
-        "path": path,
-        "label_selector": label_selector,
-        "field_selector": field_selector,
-    }
-    backoff = Backoff(maximum=backoff_max)
-    resource_version: str | None = None  # None: list first
-    gone_again = False  # a 410 right after a fresh list: back off instead of relisting at once
-    rounds = 0
-    while _iterations is None or rounds < _iterations:
-        rounds += 1
+    rounds = _ListWatchRounds(
+        client,
+        path,
+        label_selector=label_selector,
+        field_selector=field_selector,
+        backoff=Backoff(maximum=backoff_max),
+        timeout_seconds=timeout_seconds,
+    )
+    done = 0
+    while _iterations is None or done < _iterations:
+        done += 1
         delay: float | None = None
         try:
-            if resource_version is None:
-                listing = await client.list(
-                    path, label_selector=label_selector, field_selector=field_selector
-                )
-                resource_version = str((listing.get("metadata") or {}).get("resourceVersion") or "")
-                if not resource_version:
-                    raise Unavailable(f"LIST {path}: the list has no resourceVersion")
-                items = tuple(listing.get("items") or ())
-                log.info(
-                    "listed",
-                    extra={**context, "count": len(items), "resource_version": resource_version},
-                )
-                if not gone_again:
-                    backoff.reset()
-                yield WatchEvent(type="LISTED", resource_version=resource_version, objects=items)
-
-            started = time.monotonic()
-            delivered = 0
-            stream = client.watch(
-                path,
-                resource_version=resource_version,
-                label_selector=label_selector,
-                field_selector=field_selector,
-                allow_bookmarks=True,
-                timeout_seconds=timeout_seconds,
-            )
+            if rounds.resource_version is None:
+                yield await rounds.list()
             # aclosing: when our consumer stops early, the HTTP stream is released at once.
-            async with contextlib.aclosing(stream):
-                async for raw in stream:
-                    delivered += 1
-                    event_type = raw.get("type")
-                    obj = raw["object"]
-                    resource_version = _resource_version(obj) or resource_version
-                    if event_type == "BOOKMARK":
-                        continue
-                    if event_type not in ("ADDED", "MODIFIED", "DELETED"):
-                        log.warning(
-                            "skipping an unknown watch event type",
-                            extra={**context, "type": event_type},
-                        )
-                        continue
-                    backoff.reset()
-                    gone_again = False
-                    yield WatchEvent(type=event_type, resource_version=resource_version, object=obj)
-            # The server ended the watch (its timeout): resume from where we are.
-            WATCH_RESTARTS.labels(resource, "expired").inc()
-            if delivered == 0 and time.monotonic() - started < _SHORT_WATCH_SECONDS:
-                delay = backoff.next_delay()
-                log.warning(
-                    "watch ended at once, backing off", extra={**context, "delay": round(delay, 3)}
-                )
+            async with contextlib.aclosing(rounds.watch()) as events:
+                async for event in events:
+                    yield event
+            delay = rounds.ended()
         except Gone as exc:
-            WATCH_RESTARTS.labels(resource, "gone").inc()
-            log.info(
-                "resourceVersion expired, listing again", extra={**context, "error": exc.message}
-            )
-            resource_version = None
-            if gone_again:
-                delay = backoff.next_delay()
-            gone_again = True
+            delay = rounds.gone(exc)
         except Unavailable as exc:
-            WATCH_RESTARTS.labels(resource, "unavailable").inc()
-            delay = backoff.next_delay()
-            if exc.retry_after is not None:
-                delay = max(delay, min(exc.retry_after, backoff_max))
-            log.warning(
-                "API server unavailable, retrying",
-                extra={
-                    **context,
-                    "error": str(exc),
-                    "delay": round(delay, 3),
-                    "attempt": backoff.attempts,
-                },
-            )
+            delay = rounds.unavailable(exc)
         except KubeError as exc:
-            if exc.status not in (401, 403):
-                raise
-            WATCH_RESTARTS.labels(resource, "error").inc()
-            delay = backoff.next_delay()
-            log.error(
-                "not allowed to list/watch, retrying",
-                extra={**context, "error": str(exc), "delay": round(delay, 3)},
-            )
+            delay = rounds.refused(exc)
         if delay is not None:
             await asyncio.sleep(delay)
+
+
+class _ListWatchRounds:
+    """The state of `list_then_watch` between rounds: where the watch resumes from and how
+    long to back off after each way a round can end."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        path: str,
+        *,
+        label_selector: str | None,
+        field_selector: str | None,
+        backoff: Backoff,
+        timeout_seconds: int,
+    ) -> None:
+        self.client = client
+        self.path = path
+        self.label_selector = label_selector
+        self.field_selector = field_selector
+        self.backoff = backoff
+        self.timeout_seconds = timeout_seconds
+        self.resource = resource_name(path)
+        self.context = {
+            "resource": self.resource,
+            "path": path,
+            "label_selector": label_selector,
+            "field_selector": field_selector,
+        }
+        self.resource_version: str | None = None  # None: list first
+        self.gone_again = False  # a 410 right after a fresh list: back off, do not relist at once
+        self._started = 0.0
+        self._delivered = 0
+
+    async def list(self) -> WatchEvent:
+        listing = await self.client.list(
+            self.path, label_selector=self.label_selector, field_selector=self.field_selector
+        )
+        resource_version = str((listing.get("metadata") or {}).get("resourceVersion") or "")
+        if not resource_version:
+            raise Unavailable(f"LIST {self.path}: the list has no resourceVersion")
+        self.resource_version = resource_version
+        items = tuple(listing.get("items") or ())
+        log.info(
+            "listed",
+            extra={**self.context, "count": len(items), "resource_version": resource_version},
+        )
+        if not self.gone_again:
+            self.backoff.reset()
+        return WatchEvent(type="LISTED", resource_version=resource_version, objects=items)
+
+    async def watch(self) -> AsyncGenerator[WatchEvent, None]:
+        """The changes of one watch request, bookmarks applied and not yielded."""
+        assert self.resource_version is not None
+        self._started = time.monotonic()
+        self._delivered = 0
+        stream = self.client.watch(
+            self.path,
+            resource_version=self.resource_version,
+            label_selector=self.label_selector,
+            field_selector=self.field_selector,
+            allow_bookmarks=True,
+            timeout_seconds=self.timeout_seconds,
+        )
+        async with contextlib.aclosing(stream):
+            async for raw in stream:
+                self._delivered += 1
+                event_type = raw.get("type")
+                obj = raw["object"]
+                self.resource_version = _resource_version(obj) or self.resource_version
+                if event_type == "BOOKMARK":
+                    continue
+                if event_type not in ("ADDED", "MODIFIED", "DELETED"):
+                    log.warning(
+                        "skipping an unknown watch event type",
+                        extra={**self.context, "type": event_type},
+                    )
+                    continue
+                self.backoff.reset()
+                self.gone_again = False
+                yield WatchEvent(
+                    type=event_type, resource_version=self.resource_version, object=obj
+                )
+
+    def ended(self) -> float | None:
+        """The server ended the watch (its timeout): resume from where we are."""
+        WATCH_RESTARTS.labels(self.resource, "expired").inc()
+        if self._delivered or time.monotonic() - self._started >= _SHORT_WATCH_SECONDS:
+            return None
+        delay = self.backoff.next_delay()
+        log.warning(
+            "watch ended at once, backing off", extra={**self.context, "delay": round(delay, 3)}
+        )
+        return delay
+
+    def gone(self, exc: Gone) -> float | None:
+        WATCH_RESTARTS.labels(self.resource, "gone").inc()
+        log.info(
+            "resourceVersion expired, listing again", extra={**self.context, "error": exc.message}
+        )
+        self.resource_version = None
+        delay = self.backoff.next_delay() if self.gone_again else None
+        self.gone_again = True
+        return delay
+
+    def unavailable(self, exc: Unavailable) -> float:
+        WATCH_RESTARTS.labels(self.resource, "unavailable").inc()
+        delay = self.backoff.next_delay()
+        if exc.retry_after is not None:
+            delay = max(delay, min(exc.retry_after, self.backoff.maximum))
+        log.warning(
+            "API server unavailable, retrying",
+            extra={
+                **self.context,
+                "error": str(exc),
+                "delay": round(delay, 3),
+                "attempt": self.backoff.attempts,
+            },
+        )
+        return delay
+
+    def refused(self, exc: KubeError) -> float:
+        """401/403 are retried (credentials rotate, RBAC arrives late); others are raised."""
+        if exc.status not in (401, 403):
+            raise exc
+        WATCH_RESTARTS.labels(self.resource, "error").inc()
+        delay = self.backoff.next_delay()
+        log.error(
+            "not allowed to list/watch, retrying",
+            extra={**self.context, "error": str(exc), "delay": round(delay, 3)},
+        )
+        return delay
 
 
 def object_key(obj: dict[str, Any]) -> tuple[str, str]:

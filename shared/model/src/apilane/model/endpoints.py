@@ -3,7 +3,7 @@
 `build_snapshot` takes the `kubernetes` Service, its EndpointSlices, the kube-proxy
 DaemonSet and the Nodes exactly as the API server sent them (plain dicts) and returns the
 canonical endpoint state, with every problem it noticed as a typed `Finding`. Discovery
-publishes it; `apilane-render manifest --kubeconfig` renders it straight away; both must
+publishes it; `apilane render manifest --kubeconfig` renders it straight away; both must
 apply the same rules, so they live here once. The input comes from outside the process, so
 every field may be missing or of the wrong type: a bad entry is rejected with a finding,
 never with an exception.

@@ -19,11 +19,11 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final, Literal
+from typing import Final
 
+from apilane.model import addresses
+from apilane.model.addresses import Family, IpAddress
 from apilane.model.errors import ApilaneError
-
-IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 MIN_PORT: Final = 1
 MAX_PORT: Final = 65535
@@ -109,8 +109,8 @@ class IpPort:
         return cls(address, port)
 
     @property
-    def family(self) -> Literal["IPv4", "IPv6"]:
-        return "IPv4" if self.ip.version == 4 else "IPv6"
+    def family(self) -> Family:
+        return addresses.family_of_address(self.ip)
 
     @property
     def sort_key(self) -> tuple[int, int, int]:
@@ -193,10 +193,10 @@ def parse_ip_port(text: str, *, index: int = -1) -> IpPort:
 
 
 def _parse_ip(text: str, *, entry: str, index: int) -> IpAddress:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        raise InvalidIp(f"{text!r} is not an IP address", entry=entry, index=index) from None
+    address = addresses.ip_address(text)
+    if address is None:
+        raise InvalidIp(f"{text!r} is not an IP address", entry=entry, index=index)
+    return address
 
 
 def _parse_port(text: str, *, entry: str, index: int) -> int:

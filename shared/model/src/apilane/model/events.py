@@ -12,15 +12,14 @@ decoders are built once, at import. Decoding is the only way in from the bus, an
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import ipaddress
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeAlias
 
 import msgspec
 
+from apilane.model import addresses
 from apilane.model.errors import ApilaneError
 
 SCHEMA_VERSION: Final = 1
@@ -28,7 +27,7 @@ SCHEMA_VERSION: Final = 1
 # larger is a producer bug or an attack, not a cluster.
 MAX_MESSAGE_BYTES: Final = 4 * 1024 * 1024
 
-Family = Literal["IPv4", "IPv6"]
+Family: TypeAlias = addresses.Family
 Protocol = Literal["TCP", "UDP", "SCTP"]
 
 
@@ -52,6 +51,8 @@ class WarningReason(StrEnum):
     INVALID_SNAPSHOT = "InvalidSnapshot"
     RENDER_FAILED = "RenderFailed"
     APPLY_FAILED = "ApplyFailed"
+    SNAPSHOT_REFUSED = "SnapshotRefused"  # not signed by a trusted key, or not acceptable
+    SNAPSHOT_EXPIRED = "SnapshotExpired"  # the snapshot a node holds is past its expiry
 
 
 class Finding(msgspec.Struct, frozen=True, kw_only=True):
@@ -148,6 +149,11 @@ class NodeState(msgspec.Struct, frozen=True, kw_only=True, tag="node-state"):
     last_error: str = ""
     applied_at: datetime | None = None
     updated_at: datetime = msgspec.field(default_factory=lambda: datetime.now(UTC))
+    # The held snapshot's signature: until when it is valid, and by which key. A node whose
+    # snapshot expired keeps programming it (fail static) and says so with `stale`.
+    snapshot_expires_at: datetime | None = None
+    stale: bool = False
+    signed_by: str = ""  # the key id, e.g. "ed25519:0123456789abcdef"
 
 
 class ClusterWarning(msgspec.Struct, frozen=True, kw_only=True, tag="warning"):
@@ -209,12 +215,6 @@ def canonical_digest(
     return "sha256:" + hashlib.sha256(canonical).hexdigest()
 
 
-@functools.lru_cache(maxsize=4096)
 def _ip_key(ip: str) -> str:
-    # Cached: every consumer re-checks the digest of every snapshot, and the same handful of
-    # addresses recurs in each one; parsing them costs more than the hashing.
     # Normalise textual forms (e.g. "fd00::0:1" and "fd00::1") so they hash alike.
-    try:
-        return ipaddress.ip_address(ip).compressed
-    except ValueError:
-        return ip
+    return addresses.canonical(ip) or ip

@@ -26,6 +26,12 @@ EVENTS_STREAM_SUBJECTS: Final = (f"{PREFIX}.*.warnings", f"{PREFIX}.*.renders")
 
 # Names are used as subject tokens and KV keys: keep them to a safe alphabet.
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+# A Kubernetes node name is a DNS subdomain (RFC 1123): dot-separated labels of letters,
+# digits and '-', each starting and ending with a letter or digit, 253 characters at most.
+# Upper case is accepted too (a host name used as the default may have it).
+_DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_NODE_NAME = re.compile(rf"^{_DNS_LABEL}(?:\.{_DNS_LABEL})*$")
+MAX_NODE_NAME: Final = 253
 
 
 def check_token(value: str, what: str) -> str:
@@ -37,9 +43,21 @@ def check_token(value: str, what: str) -> str:
     return value
 
 
+def check_node_name(node: str) -> str:
+    """Raise ConfigError unless `node` is a valid Kubernetes node name (a DNS subdomain)."""
+    if len(node) > MAX_NODE_NAME or not _NODE_NAME.match(node):
+        raise ConfigError(
+            f"node name {node!r} must be a DNS subdomain: at most {MAX_NODE_NAME} characters, "
+            "dot-separated labels of letters, digits and '-' that start and end with a letter "
+            "or digit"
+        )
+    return node
+
+
 def node_token(node: str) -> str:
-    """Node names are DNS subdomains (may contain dots); dots would split a subject."""
-    return check_token(node.replace(".", "_"), "node name")
+    """A node name as one subject token and KV key part. Dots would split a subject, so they
+    become '_', which a DNS subdomain never contains: distinct names stay distinct."""
+    return check_node_name(node).replace(".", "_")
 
 
 def snapshot_key(cluster: str) -> str:

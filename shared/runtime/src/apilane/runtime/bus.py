@@ -77,7 +77,8 @@ class Bus:
         """Connect, retrying with backoff and jitter until connected or the deadline passes.
 
         nats-py only reconnects after a first successful connect, so the first one is ours
-        to retry: a service started before NATS must wait for it, not crash.
+        to retry: a service started before NATS must wait for it, not crash. (With unlimited
+        reconnects nats-py itself retries a first connect forever: the deadline bounds it.)
         """
         loop = asyncio.get_running_loop()
         deadline = (
@@ -85,8 +86,9 @@ class Bus:
         )
         delay = 0.1
         while True:
+            remaining = None if deadline is None else max(deadline - loop.time(), delay)
             try:
-                nc = await nats.connect(
+                connecting = nats.connect(
                     servers=list(servers),
                     name=name,
                     connect_timeout=connect_timeout,
@@ -97,10 +99,12 @@ class Bus:
                     disconnected_cb=_log_event("disconnected from NATS"),
                     reconnected_cb=_log_event("reconnected to NATS"),
                 )
+                nc = await asyncio.wait_for(connecting, timeout=remaining)
                 break
             except (OSError, NatsError, TimeoutError) as exc:
                 if deadline is not None and loop.time() + delay > deadline:
-                    raise BusError(f"cannot connect to NATS at {list(servers)}: {exc}") from exc
+                    detail = str(exc) or "no answer in time"
+                    raise BusError(f"cannot connect to NATS at {list(servers)}: {detail}") from exc
                 log.warning(
                     "NATS not reachable yet, retrying",
                     extra={"servers": list(servers), "error": str(exc)},
@@ -204,6 +208,22 @@ class Bus:
             headers=headers,
             operation=operation,
         )
+
+    async def kv_keys(self, bucket: str, key: str = ">") -> list[str]:
+        """The keys of `bucket` that match `key` (a subject pattern: `local.>`), sorted.
+
+        Read from the bucket's stream state, so no consumer is created and polling is cheap.
+        A deleted key is listed until its marker is purged; `kv_get` then returns None."""
+        subject = subjects.kv_subject(bucket, "")
+        try:
+            info = await self.js.stream_info(
+                _kv_stream(bucket), subjects_filter=subjects.kv_subject(bucket, key)
+            )
+        except NotFoundError as exc:
+            raise BusError(f"bucket {bucket} does not exist") from exc
+        except (NatsError, TimeoutError) as exc:
+            raise BusError(f"listing the keys of {bucket} failed: {exc}") from exc
+        return sorted(name.removeprefix(subject) for name in info.state.subjects or {})
 
     async def kv_put(
         self,

@@ -78,6 +78,13 @@ def extract_context(headers: Mapping[str, str] | None) -> Context:
     return propagate.extract(dict(headers or {}))
 
 
+def trace_id(headers: Mapping[str, str] | None) -> str:
+    """The id of the trace these headers continue, as 32 hex digits ("" when they carry none:
+    no or a malformed traceparent)."""
+    span_context = trace.get_current_span(extract_context(headers)).get_span_context()
+    return trace.format_trace_id(span_context.trace_id) if span_context.is_valid else ""
+
+
 @contextlib.contextmanager
 def consuming(
     tracer_: trace.Tracer,

@@ -70,11 +70,9 @@ def cgroup2_mount() -> Path:
     return min(candidates, key=lambda point: len(point.parts))
 
 
-def check_bpf_environment() -> Path:
-    """Root, Debian's bcc importable, kernel headers, bpffs, cgroup2 and iproute2.
-
-    Returns the cgroup2 mount; raises ComponentMissing naming what is missing and how to fix it.
-    """
+def bpf_environment_problems() -> list[str]:
+    """What keeps real eBPF from working here (root, Debian's bcc importable, kernel headers,
+    bpffs, cgroup2, iproute2); empty when nothing does."""
     problems = []
     if os.geteuid() != 0:
         problems.append("not running as root (eBPF, cgroups and namespaces need it)")
@@ -88,13 +86,19 @@ def check_bpf_environment() -> Path:
     if shutil.which("ip") is None:
         problems.append("`ip` (iproute2) is not installed")
     try:
-        mount = cgroup2_mount()
+        cgroup2_mount()
     except ComponentMissing as exc:
         problems.append(str(exc))
-        mount = Path()
+    return problems
+
+
+def check_bpf_environment() -> Path:
+    """Returns the cgroup2 mount; raises ComponentMissing naming what is missing (see
+    `bpf_environment_problems`) and how to fix it."""
+    problems = bpf_environment_problems()
     if problems:
         raise ComponentMissing("eBPF tests cannot run: " + "; ".join(problems) + f"; {SETUP_HINT}")
-    return mount
+    return cgroup2_mount()
 
 
 # --- namespaces -----------------------------------------------------------------------------

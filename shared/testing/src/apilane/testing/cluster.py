@@ -45,10 +45,9 @@ from apilane.testing.kube import (
     Pki,
     _pick_test_subnet,
     find_kube_binaries,
-    start_process,
     stop_process,
 )
-from apilane.testing.procs import ComponentMissing, tail
+from apilane.testing.procs import ComponentMissing, start_process, tail
 
 REPO = Path(__file__).resolve().parents[5]
 CGROUP2 = Path("/sys/fs/cgroup/unified")

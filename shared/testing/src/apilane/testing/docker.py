@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from apilane.testing.kube import start_process
-from apilane.testing.procs import ComponentMissing, end_process, tail
+from apilane.testing.procs import ComponentMissing, end_process, start_process, tail
 
 DEFAULT_SOCKET = "/var/run/docker.sock"
 READY_TIMEOUT = 60.0

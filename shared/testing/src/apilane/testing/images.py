@@ -48,8 +48,19 @@ SOURCES_LIST = (
     f"deb http://deb.debian.org/debian-security {SUITE}-security main\n"
 )
 UV_VERSION = "0.13.9"
-# What services/Dockerfile copies from the repository (its context is the repository root).
-SERVICE_INPUTS = ("pyproject.toml", "uv.lock", "shared", "bpf", "services/Dockerfile")
+# What services/Dockerfile copies from the repository (its context is the repository root),
+# beyond the service's own directory: every workspace member's pyproject.toml is read by uv.
+SERVICE_INPUTS = (
+    "pyproject.toml",
+    "uv.lock",
+    "shared",
+    "bpf",
+    "services/Dockerfile",
+    "services/discovery/pyproject.toml",
+    "services/renderer/pyproject.toml",
+    "services/node-loader/pyproject.toml",
+    "cli/pyproject.toml",
+)
 # The service images' build args, beyond SERVICE and the bases.
 SERVICE_ARGS: dict[str, dict[str, str]] = {
     "discovery": {},

@@ -3,11 +3,14 @@
 Binaries come from `tools/install-kube-binaries.sh` (built from the Go module proxy at a
 pinned release, cached outside the repository) or from $KUBEBUILDER_ASSETS (the envtest
 convention). Nothing here is mocked: certificates are generated per control plane, etcd and
-the apiserver run as child processes on free loopback ports, and every process is ended by
-the pid we started, never by name.
+the apiserver run as child processes on free loopback ports (started by
+`procs.start_process`), and every process is ended by the pid we started, never by name.
 
 `ControlPlane` is one apiserver with `--endpoint-reconciler-type=none`, so tests own the
-EndpointSlices of Service default/kubernetes. `HAControlPlane` runs N apiservers on one etcd
+EndpointSlices of Service default/kubernetes. Besides its usual serving certificate it has a
+second one for SNI_NAME only, from a CA of its own (`sni_pki`): a client that reaches it by IP
+and trusts only that CA gets through only when it sends SNI_NAME (kubeconfig
+`tls-server-name`). `HAControlPlane` runs N apiservers on one etcd
 with the lease endpoint reconciler; EndpointSlice validation rejects loopback addresses, so
 each apiserver lives in a network namespace of its own with an address from the benchmarking
 range 198.18.0.0/15 that exists only on our veth pairs.
@@ -21,9 +24,7 @@ resourceVersion gets 410 "too old resource version" and must relist.
 from __future__ import annotations
 
 import base64
-import concurrent.futures
 import contextlib
-import ctypes
 import datetime
 import ipaddress
 import json
@@ -31,14 +32,13 @@ import logging
 import os
 import secrets
 import shutil
-import signal
 import ssl
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +49,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from apilane.kube.client import KubeClient, NotFound
-from apilane.testing.procs import ComponentMissing, end_process, free_port, tail
+from apilane.kube.client import Conflict, KubeClient, NotFound
+from apilane.testing.procs import (
+    ComponentMissing,
+    end_process,
+    free_port,
+    kill_process,
+    start_process,
+    tail,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,9 @@ KUBERNETES_SANS = (
     "localhost",
 )
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
+# The one name ControlPlane's second serving certificate (from a CA of its own) is valid for;
+# the apiserver presents it to clients that ask for this name by SNI.
+SNI_NAME = "apiserver.apilane.test"
 READY_TIMEOUT = 90.0
 STOP_GRACE = 10.0
 
@@ -104,47 +114,9 @@ def find_kube_binaries() -> Path:
 # --------------------------------------------------------------------------- processes
 
 
-def _die_with_parent() -> None:
-    # If the test runner is killed outright, its children must not outlive it.
-    PR_SET_PDEATHSIG = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-# PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process. Tests
-# often restart components from short-lived threads (asyncio.to_thread), so every child is
-# forked from this one long-lived thread instead.
-_SPAWNER = concurrent.futures.ThreadPoolExecutor(
-    max_workers=1, thread_name_prefix="apilane-spawner"
-)
-
-
-def start_process(argv: Sequence[str], *, log_path: Path) -> subprocess.Popen[bytes]:
-    def spawn() -> subprocess.Popen[bytes]:
-        with open(log_path, "ab") as log_file:
-            return subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only a prctl, safe before exec
-            )
-
-    return _SPAWNER.submit(spawn).result()
-
-
 def stop_process(proc: subprocess.Popen[bytes] | None, *, grace: float = STOP_GRACE) -> None:
     """SIGTERM the pid we started, SIGKILL after `grace` seconds."""
     end_process(proc, grace=grace)
-
-
-def kill_process(proc: subprocess.Popen[bytes] | None) -> None:
-    """SIGKILL the pid we started: a crash, no graceful shutdown."""
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=STOP_GRACE)
 
 
 # --------------------------------------------------------------------------- certificates
@@ -554,11 +526,17 @@ class ControlPlane:
     """etcd + one kube-apiserver on loopback; RBAC on, dual-stack service CIDRs, no endpoint
     reconciler (tests own the kubernetes Service's EndpointSlices).
 
-    Use as a context manager, or `start()`/`stop()`. `client()` gives an admin KubeClient."""
+    Use as a context manager, or `start()`/`stop()`. `client()` gives an admin KubeClient.
+    Its files live in a fresh directory under `work_parent` (default: the temp directory),
+    removed by `stop()`."""
 
-    def __init__(self, *, extra_apiserver_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self, *, extra_apiserver_args: Sequence[str] = (), work_parent: Path | None = None
+    ) -> None:
         self.binary_dir = find_kube_binaries()
-        self.work_dir = Path(tempfile.mkdtemp(prefix="apilane-kube-"))
+        if work_parent is not None:
+            work_parent.mkdir(parents=True, exist_ok=True)
+        self.work_dir = Path(tempfile.mkdtemp(prefix="apilane-kube-", dir=work_parent))
         self.pki = Pki(self.work_dir / "pki")
         self.sa_private, self.sa_public = self.pki.service_account_keys()
         self.serving = self.pki.issue(
@@ -567,6 +545,10 @@ class ControlPlane:
             dns_names=KUBERNETES_SANS,
             ip_addresses=("127.0.0.1", "::1", *SERVICE_IPS),
             server=True,
+        )
+        self.sni_pki = Pki(self.work_dir / "sni-pki", common_name="apilane-test-sni-ca")
+        sni = self.sni_pki.issue(
+            "apiserver-sni", common_name="kube-apiserver", dns_names=(SNI_NAME,), server=True
         )
         self.etcd = Etcd(binary_dir=self.binary_dir, data_dir=self.work_dir / "etcd")
         self.apiserver = ApiServer(
@@ -577,7 +559,10 @@ class ControlPlane:
             serving=self.serving,
             sa_private=self.sa_private,
             sa_public=self.sa_public,
-            extra_args=tuple(extra_apiserver_args),
+            extra_args=(
+                f"--tls-sni-cert-key={sni.cert_path},{sni.key_path}:{SNI_NAME}",
+                *extra_apiserver_args,
+            ),
         )
         self.kubeconfig_path = self.work_dir / "admin.kubeconfig"
         self.timings: dict[str, float] = {}
@@ -817,6 +802,37 @@ KUBERNETES_SERVICE = "/api/v1/namespaces/default/services/kubernetes"
 KUBERNETES_SLICES = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
 
 
+ResourcePaths = dict[tuple[str, str], tuple[str, bool]]
+
+
+async def resource_paths(kube: KubeClient, api_versions: Iterable[str]) -> ResourcePaths:
+    """(apiVersion, kind) -> (URL of the collection, namespaced?), from API discovery."""
+    found: ResourcePaths = {}
+    for api_version in set(api_versions):
+        base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        listing = await kube.get(base)
+        for resource in listing["resources"]:
+            if "/" not in resource["name"]:  # subresources (status, scale) are not objects
+                found[(api_version, resource["kind"])] = (
+                    f"{base}/{resource['name']}",
+                    bool(resource["namespaced"]),
+                )
+    return found
+
+
+def object_path(paths: ResourcePaths, doc: Mapping[str, Any]) -> tuple[str, str]:
+    """(collection path, object path) of a manifest document; raises ValueError for a
+    namespaced kind without a namespace, KeyError for a kind the server does not serve."""
+    collection, namespaced = paths[(doc["apiVersion"], doc["kind"])]
+    if namespaced:
+        namespace = doc["metadata"].get("namespace")
+        if not namespace:
+            raise ValueError(f"{doc['kind']}/{doc['metadata']['name']} needs a namespace")
+        base, resource = collection.rsplit("/", 1)
+        collection = f"{base}/namespaces/{namespace}/{resource}"
+    return collection, f"{collection}/{doc['metadata']['name']}"
+
+
 async def delete_kubernetes_endpoint_slices(client: KubeClient) -> int:
     """Delete every EndpointSlice of Service default/kubernetes (tests own them); returns how
     many there were."""
@@ -854,3 +870,24 @@ def endpoint_slice(
         "endpoints": [{"addresses": [address], "conditions": conditions} for address in addresses],
         "ports": [{"name": port_name, "port": port, "protocol": "TCP"}],
     }
+
+
+async def service_account_token(
+    client: KubeClient, namespace: str, name: str, *, expiration_seconds: int = 3600
+) -> str:
+    """A token the apiserver accepts for ServiceAccount namespace/name (created if missing),
+    from the TokenRequest API: there is no token controller in this control plane."""
+    with contextlib.suppress(Conflict):
+        await client.create(
+            f"/api/v1/namespaces/{namespace}/serviceaccounts",
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}},
+        )
+    issued = await client.create(
+        f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
+        {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": expiration_seconds},
+        },
+    )
+    return str(issued["status"]["token"])

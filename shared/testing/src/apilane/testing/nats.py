@@ -13,7 +13,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-from apilane.testing.procs import ComponentMissing, end_process, free_port, tail, wait_until
+from apilane.testing.procs import (
+    ComponentMissing,
+    end_process,
+    free_port,
+    start_process,
+    tail,
+    wait_until,
+)
 
 
 def find_nats_server() -> str:
@@ -86,11 +93,7 @@ class NatsServer:
 
     def start(self, *, timeout: float = 15.0) -> NatsServer:
         began = time.monotonic()
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            self._argv(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
+        self.proc = start_process(self._argv(), log_path=self.log_path)
         try:
             wait_until(self._healthy, timeout=timeout, what=f"nats-server on {self.url}")
         except TimeoutError as exc:
@@ -164,11 +167,7 @@ class NatsCluster:
     def start(self, *, timeout: float = 30.0) -> NatsCluster:
         for server in self.servers:
             server.store_dir.mkdir(parents=True, exist_ok=True)
-            log = server.log_path.open("ab")
-            server.proc = subprocess.Popen(
-                server._argv(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-            log.close()
+            server.proc = start_process(server._argv(), log_path=server.log_path)
         for server in self.servers:
             wait_until(
                 server._healthy, timeout=timeout, what=f"clustered nats-server {server.server_name}"

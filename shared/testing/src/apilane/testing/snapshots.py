@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from apilane.model import events
+from apilane.model.addresses import family_of
 from apilane.model.events import (
     ApiServerEndpoint,
     EndpointSnapshot,
-    Family,
     KubeProxyState,
     ServiceEndpoint,
 )
@@ -28,11 +27,11 @@ def make_snapshot(
 ) -> EndpointSnapshot:
     """A valid snapshot from "ip:port" strings ("[fd00::1]:443" for IPv6)."""
     service_endpoints = tuple(
-        ServiceEndpoint(ip=ip, port=port, family=_family(ip), protocol=protocol)
+        ServiceEndpoint(ip=ip, port=port, family=family_of(ip), protocol=protocol)
         for ip, port in map(_split, services)
     )
     apiserver_endpoints = tuple(
-        ApiServerEndpoint(ip=ip, port=port, family=_family(ip))
+        ApiServerEndpoint(ip=ip, port=port, family=family_of(ip))
         for ip, port in map(_split, apiservers)
     )
     return EndpointSnapshot(
@@ -45,10 +44,6 @@ def make_snapshot(
         trigger_times=trigger_times,
         kube_proxy=kube_proxy or KubeProxyState(),
     )
-
-
-def _family(ip: str) -> Family:
-    return "IPv6" if ipaddress.ip_address(ip).version == 6 else "IPv4"
 
 
 def _split(host_port: str) -> tuple[str, int]:

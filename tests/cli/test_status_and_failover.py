@@ -1,34 +1,19 @@
-"""tools/apilane_cli.py (the local stack's `tools/apilane`): the pure parts — which address a
+"""`apilane status` and `apilane simulate failover`: the pure parts — which address a
 simulated failover brings in, when a change counts as programmed everywhere, what status
-prints. The commands themselves run against `make up` (see README, Quick start)."""
+prints. The commands themselves run against `apilane up` (see README, Quick start)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from datetime import UTC, datetime
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from apilane.cli.failover import DEMO_RANGE, done, next_address, replaced_endpoints
+from apilane.cli.status import View, render_view
+from apilane.cli.target import StackInfo
 from apilane.model import events
 
 pytestmark = [pytest.mark.unit]
-
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
-
-
-def load_cli() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("apilane_cli", TOOLS / "apilane_cli.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("apilane_cli", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = load_cli()
 
 
 def snapshot(generation: int, ips: tuple[str, ...]) -> events.EndpointSnapshot:
@@ -50,10 +35,8 @@ def node(generation: int) -> events.NodeState:
     )
 
 
-def view(
-    *, generation: int, ips: tuple[str, ...], env: str, nodes: list[events.NodeState]
-) -> object:
-    return cli.View(
+def view(*, generation: int, ips: tuple[str, ...], env: str, nodes: list[events.NodeState]) -> View:
+    return View(
         snapshot=snapshot(generation, ips),
         trace_id="0c331ca0dbaa59abf6713206563fdc28",
         nodes=nodes,
@@ -63,47 +46,64 @@ def view(
 
 
 def test_failover_brings_in_an_address_never_used_before() -> None:
-    assert cli.next_address({"198.18.0.10", "198.18.0.11", "198.18.0.12"}) == "198.18.0.13"
-    assert cli.next_address({"198.18.0.11", "198.18.0.12", "198.18.0.13"}) == "198.18.0.14"
+    assert next_address({"198.18.0.10", "198.18.0.11", "198.18.0.12"}) == "198.18.0.13"
+    assert next_address({"198.18.0.11", "198.18.0.12", "198.18.0.13"}) == "198.18.0.14"
 
 
 def test_failover_addresses_stay_in_the_demo_range() -> None:
     # At the top of the range it wraps to the lowest free demo address.
-    assert cli.next_address({"198.18.0.254", "198.18.0.10"}) == "198.18.0.11"
+    assert next_address({"198.18.0.254", "198.18.0.10"}) == "198.18.0.11"
     for used in ({"198.18.0.10"}, {"198.18.0.200", "198.18.0.201"}):
-        assert cli.next_address(used) in {str(h) for h in cli.DEMO_RANGE.hosts()}
+        assert next_address(used) in {str(h) for h in DEMO_RANGE.hosts()}
 
 
 def test_a_change_is_done_only_when_snapshot_daemonset_and_every_node_have_it() -> None:
     new_ips = ("198.18.0.11", "198.18.0.12", "198.18.0.13")
     env = ",".join(f"{ip}:6443" for ip in new_ips)
-    assert cli.done(view(generation=2, ips=new_ips, env=env, nodes=[node(2)]), 1, "198.18.0.13")
+    assert done(view(generation=2, ips=new_ips, env=env, nodes=[node(2)]), 1, "198.18.0.13")
     # The snapshot has not moved on yet.
-    assert not cli.done(view(generation=1, ips=new_ips, env=env, nodes=[node(1)]), 1, "198.18.0.13")
+    assert not done(view(generation=1, ips=new_ips, env=env, nodes=[node(1)]), 1, "198.18.0.13")
     # calico-node not patched yet.
     stale_env = "198.18.0.10:6443"
-    assert not cli.done(
+    assert not done(
         view(generation=2, ips=new_ips, env=stale_env, nodes=[node(2)]), 1, "198.18.0.13"
     )
     # A node still behind, or no node at all.
-    assert not cli.done(
+    assert not done(
         view(generation=2, ips=new_ips, env=env, nodes=[node(2), node(1)]), 1, "198.18.0.13"
     )
-    assert not cli.done(view(generation=2, ips=new_ips, env=env, nodes=[]), 1, "198.18.0.13")
+    assert not done(view(generation=2, ips=new_ips, env=env, nodes=[]), 1, "198.18.0.13")
 
 
 def test_status_names_generations_endpoints_and_the_trace() -> None:
-    info = cli.StackInfo(
+    info = StackInfo(
         cluster="local",
-        nats_url="nats://127.0.0.1:4222",
+        nats_urls=("nats://127.0.0.1:4222",),
         kubeconfig="/dev/null",
         zipkin_url="http://127.0.0.1:9411",
     )
     ips = ("198.18.0.10", "198.18.0.11", "198.18.0.12")
-    text = cli.render_view(
-        view(generation=2, ips=ips, env="198.18.0.10:6443", nodes=[node(1)]), info
-    )
+    text = render_view(view(generation=2, ips=ips, env="198.18.0.10:6443", nodes=[node(1)]), info)
     assert "snapshot generation 2" in text
     assert "198.18.0.10:6443, 198.18.0.11:6443, 198.18.0.12:6443" in text
     assert "http://127.0.0.1:9411/zipkin/traces/0c331ca0dbaa59abf6713206563fdc28" in text
     assert "local-node" in text and "generation 1" in text and "behind" in text
+
+
+def test_without_a_tracing_ui_status_still_names_the_trace() -> None:
+    info = StackInfo(cluster="local", nats_urls=("nats://x:4222",), kubeconfig="", zipkin_url="")
+    ips = ("198.18.0.10",)
+    text = render_view(view(generation=1, ips=ips, env="198.18.0.10:6443", nodes=[]), info)
+    assert "trace id: 0c331ca0dbaa59abf6713206563fdc28" in text
+    assert "none has reported yet" in text
+
+
+def test_failover_retires_the_oldest_endpoint_and_adds_the_new_one_last() -> None:
+    endpoints = [
+        {"addresses": ["198.18.0.10"], "conditions": {"ready": True}},
+        {"addresses": ["198.18.0.11"], "conditions": {"ready": True}},
+    ]
+    replaced, retired, added = replaced_endpoints(endpoints)
+    assert (retired, added) == ("198.18.0.10", "198.18.0.12")
+    assert [e["addresses"] for e in replaced] == [["198.18.0.11"], ["198.18.0.12"]]
+    assert replaced[-1]["conditions"] == {"ready": True}

@@ -1,0 +1,1 @@
+"""apilane's operator command line, the `apilane` console script (see `main`)."""

@@ -1,0 +1,5 @@
+"""`python -m apilane.cli …` is the same as `apilane …`."""
+
+from apilane.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,201 @@
+"""`apilane`: the operator command line.
+
+    apilane status [--json]          the snapshot, calico-node's env, each node's generation
+    apilane simulate failover        replace one API server endpoint, follow the change
+    apilane render manifest          the env and a DaemonSet snippet for manifest installs
+    apilane up [--memory]            the local stack, until Ctrl-C (`make up`)
+    apilane keys generate DIR        an Ed25519 key pair (snapshot signing, operator control)
+
+`status` and `simulate failover` talk to the local stack `apilane up` runs, or to the stack
+--nats-url (APILANE_NATS_URL) names; --nats-url, --cluster, --kubeconfig and --daemonset go
+before or after the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+
+from apilane.cli.errors import CliError, UsageError
+from apilane.cli.target import CALICO_NODE, Flags, StackInfo
+from apilane.model.errors import ApilaneError
+
+Command = Callable[[argparse.Namespace], int]
+# The options that say which stack to talk to; `up` starts its own.
+TARGET_OPTIONS = ("nats_url", "cluster", "kubeconfig", "daemonset")
+
+
+def add_target_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """On the top parser and again on each command, so they may go before or after it (a
+    command's copy leaves the value alone unless given there)."""
+    default = None if top else argparse.SUPPRESS
+    group = parser.add_argument_group("which stack")
+    group.add_argument(
+        "--nats-url",
+        action="append",
+        default=default,
+        metavar="URL",
+        help="NATS of the stack (repeatable; default APILANE_NATS_URL, else the local stack)",
+    )
+    group.add_argument(
+        "--cluster", default=default, help="cluster name (default APILANE_CLUSTER or the stack's)"
+    )
+    group.add_argument(
+        "--kubeconfig", default=default, help="the API server's kubeconfig (default KUBECONFIG)"
+    )
+    group.add_argument(
+        "--daemonset",
+        default=default,
+        metavar="NAMESPACE/NAME",
+        help=f"calico-node's DaemonSet (default {CALICO_NODE})",
+    )
+
+
+def command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    run: Command,
+    help_text: str,
+    *,
+    targeted: bool = True,
+    description: str = "",
+) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help_text, description=description or help_text)
+    if targeted:
+        add_target_options(parser, top=False)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="apilane",
+        description="apilane's operator command line.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(__doc__ or "").split("\n\n")[1],
+    )
+    add_target_options(parser, top=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    status = command(
+        commands, "status", run_status, "the snapshot, the calico-node env and each node's state"
+    )
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    simulate = commands.add_parser("simulate", help="simulate a change in the cluster")
+    what = simulate.add_subparsers(dest="what", required=True, metavar="WHAT")
+    command(what, "failover", run_failover, "replace one API server endpoint, follow the change")
+    render = commands.add_parser("render", help="render apilane's output for other installs")
+    output = render.add_subparsers(dest="output", required=True, metavar="OUTPUT")
+    manifest = command(
+        output, "manifest", run_manifest, "print the env lines and a calico-node DaemonSet snippet"
+    )
+    manifest.add_argument("--format", choices=("all", "env", "yaml"), default="all")
+    keys = commands.add_parser("keys", help="signing keys")
+    key_commands = keys.add_subparsers(dest="key_command", required=True, metavar="ACTION")
+    generate = command(
+        key_commands,
+        "generate",
+        run_keys_generate,
+        "write an Ed25519 key pair: NAME.pem (private, 0600) and NAME.pub",
+        targeted=False,
+    )
+    generate.add_argument("directory", type=Path, help="where to write the pair")
+    generate.add_argument("--name", default="signing", help="file name stem (default: signing)")
+    generate.add_argument("--force", action="store_true", help="replace an existing pair")
+    up = command(
+        commands,
+        "up",
+        run_up,
+        "the local stack (NATS, etcd + kube-apiserver, the services, Zipkin) until Ctrl-C",
+        targeted=False,
+        description=(
+            "Start nats-server, etcd + kube-apiserver seeded with a demo cluster, discovery, "
+            "renderer, one node-loader and the Zipkin tracing UI on loopback, and run them "
+            "until Ctrl-C. Run it in the apilane checkout: its state lives under .apilane/. "
+            "Needs the apilane-cli[local] extra (`make setup` installs it)."
+        ),
+    )
+    up.add_argument(
+        "--memory",
+        action="store_true",
+        help="run the node-loader on in-memory maps even where real eBPF is possible",
+    )
+    return parser
+
+
+def flags(args: argparse.Namespace) -> Flags:
+    return Flags(
+        nats_urls=tuple(args.nats_url or ()),
+        cluster=args.cluster or "",
+        kubeconfig=args.kubeconfig or "",
+        daemonset=args.daemonset or "",
+    )
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from apilane.cli.status import status
+
+    return asyncio.run(status(StackInfo.load(flags(args)), as_json=args.json, out=sys.stdout))
+
+
+def run_failover(args: argparse.Namespace) -> int:
+    from apilane.cli.failover import simulate_failover
+
+    return asyncio.run(simulate_failover(StackInfo.load(flags(args)), out=sys.stdout))
+
+
+def run_manifest(args: argparse.Namespace) -> int:
+    from apilane.cli.manifest import manifest
+
+    return asyncio.run(manifest(flags(args), fmt=args.format, out=sys.stdout))
+
+
+def run_keys_generate(args: argparse.Namespace) -> int:
+    from apilane.cli.keys import generate
+
+    return generate(args.directory, args.name, force=args.force, out=sys.stdout)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    named = [f"--{name.replace('_', '-')}" for name in TARGET_OPTIONS if getattr(args, name)]
+    if named:
+        raise UsageError(f"up starts its own stack: {', '.join(named)} do not apply")
+    up: Callable[..., int] = load_up().run
+    return up(memory=args.memory)
+
+
+def load_up() -> ModuleType:
+    """apilane.cli.up, which runs on the dev-only harness: imported only when `up` runs, so
+    every other command works without it, and a clear error when it is missing."""
+    try:
+        return importlib.import_module("apilane.cli.up")
+    except ModuleNotFoundError as exc:
+        raise CliError(
+            f"`apilane up` needs the local-stack extra ({exc.name} is not installed): run "
+            "`make setup` in the apilane checkout, or install `apilane-cli[local]`"
+        ) from exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the help or the usage error
+        return exc.code if isinstance(exc.code, int) else 2
+    # The bus logs reconnects and disconnects for services; a CLI's own messages say enough.
+    logging.basicConfig(level=logging.ERROR)
+    run: Command = args.run
+    try:
+        return run(args)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"apilane: error: {exc}", file=sys.stderr)
+        return 2
+    except ApilaneError as exc:
+        print(f"apilane: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,172 @@
+"""`apilane status`: the snapshot, the calico-node env and each node's state, read from NATS
+and the API server (`--json` prints the same view for scripts)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import msgspec
+
+from apilane.cli.errors import CliError
+from apilane.cli.target import StackInfo
+from apilane.kube.client import KubeClient
+from apilane.model import events, subjects
+from apilane.runtime import tracing
+from apilane.runtime.bus import Bus, BusError
+
+
+@dataclass(frozen=True)
+class View:
+    """What the stack holds right now, read from NATS and the API server."""
+
+    snapshot: events.EndpointSnapshot | None
+    trace_id: str
+    nodes: list[events.NodeState]
+    calico_env: dict[str, str]
+    daemonset_generation: int
+
+
+@contextlib.asynccontextmanager
+async def connected(info: StackInfo) -> AsyncIterator[tuple[Bus, KubeClient]]:
+    """A bus and an API server client for this stack, both closed afterwards."""
+    try:
+        bus = await Bus.connect(
+            list(info.nats_urls), name="apilane-cli", initial_attempt_deadline=3
+        )
+    except BusError as exc:
+        where = ", ".join(info.nats_urls)
+        raise CliError(
+            f"cannot reach NATS at {where}: is the stack (`apilane up`) running?"
+        ) from exc
+    try:
+        kube = await KubeClient.from_config(info.kubeconfig)
+        try:
+            yield bus, kube
+        finally:
+            await kube.close()
+    finally:
+        await bus.drain()
+
+
+async def read_view(bus: Bus, kube: KubeClient, info: StackInfo) -> View:
+    entry = await bus.kv_get(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(info.cluster))
+    daemonset = await kube.get(info.daemonset_path)
+    return View(
+        snapshot=events.decode_snapshot(entry.value) if entry is not None else None,
+        # The trace the snapshot's writer started, from its traceparent header.
+        trace_id=tracing.trace_id(entry.headers) if entry is not None else "",
+        nodes=await read_nodes(bus, info.cluster),
+        calico_env=calico_env(daemonset),
+        daemonset_generation=int(daemonset["metadata"].get("generation", 0)),
+    )
+
+
+async def read_nodes(bus: Bus, cluster: str) -> list[events.NodeState]:
+    """Every node's state in this cluster, by node name; unreadable entries are left out."""
+    nodes: list[events.NodeState] = []
+    prefix = f"{subjects.snapshot_key(cluster)}.>"
+    for key in await bus.kv_keys(subjects.NODE_STATE_BUCKET, prefix):
+        entry = await bus.kv_get(subjects.NODE_STATE_BUCKET, key)
+        if entry is None:
+            continue
+        with contextlib.suppress(events.MalformedEvent):
+            decoded = events.decode(entry.value)
+            if isinstance(decoded, events.NodeState):
+                nodes.append(decoded)
+    return sorted(nodes, key=lambda n: n.node)
+
+
+def calico_env(daemonset: dict[str, Any]) -> dict[str, str]:
+    """The KUBERNETES_* env of the calico-node container."""
+    for container in daemonset["spec"]["template"]["spec"]["containers"]:
+        if container["name"] == "calico-node":
+            return {
+                item["name"]: item.get("value", "")
+                for item in container.get("env", [])
+                if item["name"].startswith("KUBERNETES_")
+            }
+    return {}
+
+
+def age(moment: datetime | None) -> str:
+    if moment is None:
+        return "never"
+    seconds = (datetime.now(UTC) - moment).total_seconds()
+    return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
+
+
+def render_view(view: View, info: StackInfo) -> str:
+    lines = [f"cluster {info.cluster!r}"]
+    lines += snapshot_lines(view, info)
+    lines.append(f"  {info.daemonset} (generation {view.daemonset_generation}):")
+    lines += [f"    {name}={value}" for name, value in sorted(view.calico_env.items())]
+    lines += node_lines(view)
+    return "\n".join(lines)
+
+
+def snapshot_lines(view: View, info: StackInfo) -> list[str]:
+    snapshot = view.snapshot
+    if snapshot is None:
+        return ["  snapshot: none published yet"]
+    apiservers = ", ".join(f"{e.ip}:{e.port}" for e in snapshot.apiserver_endpoints)
+    services = ", ".join(f"{e.ip}:{e.port}" for e in snapshot.service_endpoints)
+    lines = [
+        f"  snapshot generation {snapshot.generation}  {snapshot.digest[:19]}…  "
+        f"observed {age(snapshot.observed_at)}",
+        f"    service VIPs:          {services}",
+        f"    API server endpoints:  {apiservers}",
+    ]
+    lines += [f"    finding: {f.reason}: {f.message}" for f in snapshot.findings]
+    if view.trace_id and info.zipkin_url:
+        lines.append(f"    trace: {info.zipkin_url}/zipkin/traces/{view.trace_id}")
+    elif view.trace_id:
+        lines.append(f"    trace id: {view.trace_id}")
+    return lines
+
+
+def node_lines(view: View) -> list[str]:
+    lines = [f"  nodes ({len(view.nodes)}):"]
+    if not view.nodes:
+        lines.append("    none has reported yet")
+    snapshot = view.snapshot
+    for node in view.nodes:
+        current = snapshot is not None and node.generation == snapshot.generation
+        state = "in sync" if current else "behind"
+        programs = len(node.programs_attached)
+        lines.append(
+            f"    {node.node:<16} generation {node.generation:<4} {state:<8} "
+            f"{node.maps.frontends} frontends, {node.maps.backends} backends, "
+            f"{programs} programs attached, applied {age(node.applied_at)}"
+            + (f"  last error: {node.last_error}" if node.last_error else "")
+        )
+    return lines
+
+
+def view_as_json(view: View, info: StackInfo) -> str:
+    snapshot = view.snapshot
+    return json.dumps(
+        {
+            "cluster": info.cluster,
+            "generation": snapshot.generation if snapshot else 0,
+            "digest": snapshot.digest if snapshot else "",
+            "trace_id": view.trace_id,
+            "snapshot": msgspec.to_builtins(snapshot) if snapshot else None,
+            "daemonset": info.daemonset,
+            "daemonset_generation": view.daemonset_generation,
+            "calico_env": view.calico_env,
+            "nodes": [msgspec.to_builtins(node) for node in view.nodes],
+        },
+        indent=2,
+    )
+
+
+async def status(info: StackInfo, *, as_json: bool, out: TextIO) -> int:
+    async with connected(info) as (bus, kube):
+        view = await read_view(bus, kube, info)
+    print(view_as_json(view, info) if as_json else render_view(view, info), file=out)
+    return 0

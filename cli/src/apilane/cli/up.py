@@ -1,0 +1,542 @@
+"""`apilane up` (`make up`): the local stack, wired and running until Ctrl-C.
+
+Starts, on this machine and on loopback only:
+  nats-server (JetStream) · etcd + kube-apiserver (the test harness's, RBAC on) seeded with a
+  demo calico-system/calico-node DaemonSet, a kube-system/kube-proxy DaemonSet and an HA
+  `kubernetes` Service with three API server endpoints · discovery, renderer and one
+  node-loader through their real entry points, each with its own ServiceAccount identity and
+  the RBAC from deploy/ · the Zipkin tracing UI.
+
+The node-loader programs real eBPF maps and attaches to a dedicated, empty child cgroup
+(never the root cgroup) when this runs as root with bcc; otherwise it says what is missing
+and runs with APILANE_MAP_BACKEND=memory. Everything lives under .apilane/ (`make clean`
+removes it).
+
+Every process is started by the harness (`apilane.testing`: procs, nats, kube, stack), which
+is why this is the one CLI module that imports it, and why `apilane up` needs the
+`apilane-cli[local]` extra: each child runs in a session of its own (Ctrl-C reaches only this
+process, which then stops them in order), dies with this process if it is killed outright, and
+is ended by the pid it was started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from apilane.cli.errors import CliError
+from apilane.cli.target import STATE_DIR, find_checkout, stack_file
+from apilane.kube.client import Conflict, KubeClient
+from apilane.model.errors import ApilaneError
+from apilane.testing import bpf, procs
+from apilane.testing.kube import ControlPlane, object_path, resource_paths
+from apilane.testing.nats import NatsServer
+from apilane.testing.stack import ServiceProcesses, base_environment
+
+CLUSTER = "local"
+NAMESPACE = "apilane"
+NODE_NAME = "local-node"
+PIN_DIR = Path("/sys/fs/bpf/apilane-local")
+CGROUP_NAME = "apilane-local"
+FIELD_MANAGER = "apilane-up"
+# Ports a person can remember; a free one is taken when something else holds them.
+PREFERRED_PORTS = {
+    "nats": 4222,
+    "zipkin": 9411,
+    "discovery": 18081,
+    "renderer": 18082,
+    "node-loader": 18083,
+}
+SERVICES = {
+    "discovery": "apilane.discovery",
+    "renderer": "apilane.renderer",
+    "node-loader": "apilane.node_loader",
+}
+# Each service gets its ServiceAccount's identity, so deploy/'s RBAC is what it runs with
+# here too (a client certificate for system:serviceaccount:apilane:apilane-<name>).
+KUBE_SERVICES = ("discovery", "renderer")
+READY_TIMEOUT = 90.0
+ZIPKIN_TIMEOUT = 120.0
+
+BOLD = "\033[1m" if sys.stdout.isatty() else ""
+DIM = "\033[2m" if sys.stdout.isatty() else ""
+RESET = "\033[0m" if sys.stdout.isatty() else ""
+
+
+def say(text: str) -> None:
+    print(f"{BOLD}up:{RESET} {text}", flush=True)
+
+
+class UpError(CliError):
+    """The stack cannot start or stopped running; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------- where and how
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The checkout the stack runs from, and its state under .apilane/."""
+
+    repo: Path
+
+    @property
+    def state(self) -> Path:
+        return self.repo / STATE_DIR
+
+    @property
+    def logs(self) -> Path:
+        return self.state / "logs"
+
+    @property
+    def stack_file(self) -> Path:
+        return stack_file(self.repo)
+
+    @property
+    def node_loader_state(self) -> Path:
+        return self.state / "node-loader"
+
+
+@dataclass(frozen=True)
+class DataPlane:
+    """How the node-loader runs: real eBPF on a dedicated cgroup, or in-memory maps with the
+    reasons why not."""
+
+    backend: str
+    cgroup: Path | None = None
+    missing: tuple[str, ...] = ()
+
+
+def check_data_plane(*, memory: bool) -> DataPlane:
+    if memory:
+        return DataPlane(backend="memory")
+    problems = bpf.bpf_environment_problems()
+    if problems:
+        return DataPlane(backend="memory", missing=tuple(problems))
+    return DataPlane(backend="bpf", cgroup=bpf.cgroup2_mount() / CGROUP_NAME)
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What the services are told: where NATS, the API server and the tracing UI are."""
+
+    layout: Layout
+    data_plane: DataPlane
+    ports: dict[str, int]
+    nats_url: str
+    kubeconfigs: dict[str, Path] = field(default_factory=dict)
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}"
+
+
+def service_env(wiring: Wiring, service: str) -> dict[str, str]:
+    """The environment of one service process (nothing of this shell's APILANE_*, OTEL_* or
+    KUBECONFIG leaks in)."""
+    kubeconfig = wiring.kubeconfigs.get(service)
+    env = base_environment(
+        cluster=CLUSTER,
+        nats_url=wiring.nats_url,
+        kubeconfig=str(kubeconfig) if kubeconfig else "",
+        zipkin_endpoint=f"{wiring.url('zipkin')}/api/v2/spans",
+    )
+    env.update(
+        {
+            "APILANE_HTTP_PORT": str(wiring.ports[service]),
+            "APILANE_LOG_LEVEL": "INFO",
+            "APILANE_POD_NAME": f"{service}-local",
+            "OTEL_SERVICE_NAME": f"apilane-{service}",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    if service in KUBE_SERVICES:
+        env["APILANE_LEASE_NAMESPACE"] = NAMESPACE
+    if service == "renderer":
+        env.update(
+            {
+                "APILANE_TARGET_NAMESPACE": "calico-system",
+                "APILANE_TARGET_DAEMONSET": "calico-node",
+                "APILANE_TARGET_INIT_CONTAINERS": "ebpf-bootstrap",
+                "APILANE_TARGET_CONTAINERS": "calico-node",
+            }
+        )
+    if service == "node-loader":
+        env.update(node_loader_env(wiring))
+    return env
+
+
+def node_loader_env(wiring: Wiring) -> dict[str, str]:
+    env = {
+        "APILANE_NODE_NAME": NODE_NAME,
+        "APILANE_MAP_BACKEND": wiring.data_plane.backend,
+        "APILANE_STATE_DIR": str(wiring.layout.node_loader_state),
+        "APILANE_CONNECT_TIME_LB": "true",
+        "APILANE_BPF_DIR": str(wiring.layout.repo / "bpf"),
+    }
+    if wiring.data_plane.cgroup is not None:
+        env["APILANE_BPF_PIN_DIR"] = str(PIN_DIR)
+        env["APILANE_CGROUP_PATH"] = str(wiring.data_plane.cgroup)
+    return env
+
+
+def demo_documents(repo: Path) -> list[dict[str, Any]]:
+    """What the demo cluster is seeded with, in apply order: the namespace, deploy/'s RBAC,
+    then deploy/demo/ (calico-node, kube-proxy, the HA API server endpoints)."""
+    paths = [
+        repo / "deploy/namespace.yaml",
+        *sorted(repo.glob("deploy/rbac-*.yaml")),
+        *sorted(repo.glob("deploy/demo/*.yaml")),
+    ]
+    return [doc for path in paths for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+# --------------------------------------------------------------------------- the components
+
+
+def start_nats(layout: Layout, port: int) -> NatsServer:
+    """nats-server with JetStream on loopback, its store under .apilane/nats."""
+    say(f"starting nats-server (JetStream) on 127.0.0.1:{port}")
+    server = NatsServer(store_dir=layout.state / "nats", port=port, server_name="apilane-local")
+    return server.start()
+
+
+def start_control_plane(layout: Layout) -> tuple[ControlPlane, dict[str, Path]]:
+    """etcd + kube-apiserver, with the admin kubeconfig at .apilane/kubeconfig and one per
+    service identity beside it."""
+    say("starting etcd + kube-apiserver")
+    plane = ControlPlane(work_parent=layout.state / "tmp")
+    plane.start()
+    kubeconfigs = {
+        "admin": plane.write_kubeconfig(
+            layout.state / "kubeconfig", user="admin", groups=("system:masters",)
+        )
+    }
+    for service in KUBE_SERVICES:
+        kubeconfigs[service] = plane.write_kubeconfig(
+            layout.state / f"kubeconfig-{service}",
+            user=f"system:serviceaccount:{NAMESPACE}:apilane-{service}",
+            groups=("system:serviceaccounts", f"system:serviceaccounts:{NAMESPACE}"),
+        )
+    return plane, kubeconfigs
+
+
+async def seed(kubeconfig: Path, repo: Path) -> None:
+    say("seeding the demo cluster: calico-node, kube-proxy, 3 API server endpoints, RBAC")
+    kube = await KubeClient.from_config(str(kubeconfig))
+    try:
+        for namespace in (NAMESPACE, "calico-system"):
+            with contextlib.suppress(Conflict):
+                await kube.create(
+                    "/api/v1/namespaces",
+                    {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+                )
+        service = await kube.get("/api/v1/namespaces/default/services/kubernetes")
+        target_port = int(service["spec"]["ports"][0]["targetPort"])
+        documents = demo_documents(repo)
+        paths = await resource_paths(kube, {doc["apiVersion"] for doc in documents})
+        for doc in documents:
+            if doc["kind"] == "EndpointSlice":
+                # The demo endpoints use the port the Service's targetPort names.
+                doc["ports"][0]["port"] = target_port
+            _, path = object_path(paths, doc)
+            await kube.patch(path, doc, patch_type="apply", field_manager=FIELD_MANAGER, force=True)
+        await report_kube_proxy_ready(kube)
+    finally:
+        await kube.close()
+
+
+async def report_kube_proxy_ready(kube: KubeClient) -> None:
+    """No controller manager runs here, so nothing reports kube-proxy's pods: say what a
+    healthy one-node cluster would (discovery checks that it is ready)."""
+    kube_proxy = "/apis/apps/v1/namespaces/kube-system/daemonsets/kube-proxy"
+    current = await kube.get(kube_proxy)
+    ready = {
+        "desiredNumberScheduled": 1,
+        "currentNumberScheduled": 1,
+        "updatedNumberScheduled": 1,
+        "numberReady": 1,
+        "numberAvailable": 1,
+        "numberMisscheduled": 0,
+        "observedGeneration": current["metadata"].get("generation", 1),
+    }
+    await kube.patch(f"{kube_proxy}/status", {"status": ready}, patch_type="merge")
+
+
+def zipkin_command(layout: Layout, port: int) -> list[str]:
+    """The tracing UI's command line (the jar is fetched and cached by the installer)."""
+    installer = subprocess.run(
+        ["bash", str(layout.repo / "tools/install-tracing-ui.sh")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if installer.returncode != 0:
+        raise UpError(f"the tracing UI could not be installed:\n{installer.stderr.strip()}")
+    jar = installer.stdout.strip().splitlines()[-1]
+    return [
+        "java",
+        "-Xms64m",
+        "-Xmx384m",
+        "-XX:TieredStopAtLevel=1",  # a quicker start matters more than peak speed
+        f"-Djava.io.tmpdir={layout.state / 'tmp'}",
+        "-jar",
+        jar,
+        f"--armeria.ports[0].port={port}",
+        "--armeria.ports[0].ip=127.0.0.1",
+        "--armeria.ports[0].protocols=http",
+    ]
+
+
+# --------------------------------------------------------------------------- the stack
+
+
+class LocalStack:
+    def __init__(self, layout: Layout, data_plane: DataPlane) -> None:
+        self.layout = layout
+        self.data_plane = data_plane
+        self.ports = {name: procs.free_port(prefer=port) for name, port in PREFERRED_PORTS.items()}
+        self.processes = ServiceProcesses(layout.logs, cwd=layout.repo)
+        self.nats: NatsServer | None = None
+        self.control_plane: ControlPlane | None = None
+
+    def start(self) -> Wiring:
+        reset_runtime_state(self.layout)
+        zipkin = self.ports["zipkin"]
+        say(f"starting Zipkin (tracing UI) on 127.0.0.1:{zipkin}")
+        # The slowest to start (a JVM): first, and waited for last.
+        self.processes.start_command("zipkin", zipkin_command(self.layout, zipkin), os.environ)
+        self.nats = start_nats(self.layout, self.ports["nats"])
+        self.control_plane, kubeconfigs = start_control_plane(self.layout)
+        asyncio.run(seed(kubeconfigs["admin"], self.layout.repo))
+        wiring = Wiring(self.layout, self.data_plane, self.ports, self.nats.url, kubeconfigs)
+        self.start_services(wiring)
+        self.processes.wait_ready(
+            "zipkin", f"{wiring.url('zipkin')}/health", timeout=ZIPKIN_TIMEOUT
+        )
+        write_stack_file(self, wiring)
+        return wiring
+
+    def start_services(self, wiring: Wiring) -> None:
+        if self.data_plane.cgroup is not None:
+            # A dedicated child cgroup, empty: the connect-time load balancer applies to the
+            # processes moved into it and to nothing else on this machine.
+            self.data_plane.cgroup.mkdir(exist_ok=True)
+        for service, module in SERVICES.items():
+            say(f"starting {service} (python -m {module}) on {wiring.url(service)}")
+            self.processes.start(service, module, service_env(wiring, service))
+        for service in SERVICES:
+            self.processes.wait_ready(
+                service, f"{wiring.url(service)}/readyz", timeout=READY_TIMEOUT
+            )
+            say(f"{service} ready")
+
+    def watch(self) -> NoReturn:
+        """Until a signal (KeyboardInterrupt), or until a process dies (UpError, with its log)."""
+        while True:
+            try:
+                self.processes.check_alive()
+            except procs.ProcessExited as exc:
+                raise UpError(str(exc)) from exc
+            if self.nats is not None and not self.nats.running:
+                raise UpError(f"nats-server exited; its log:\n{procs.tail(self.nats.log_path)}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        say("stopping")
+        self.processes.stop()
+        if self.control_plane is not None:
+            self.control_plane.stop()
+        if self.nats is not None:
+            self.nats.stop()
+        if self.data_plane.cgroup is not None:
+            remove_bpf_state(pin_dir=PIN_DIR, cgroup=self.data_plane.cgroup)
+        # The applied-generation record goes with the maps it describes: kept alone, it would
+        # claim a generation that the (now removed) maps no longer hold.
+        shutil.rmtree(self.layout.node_loader_state, ignore_errors=True)
+        self.layout.stack_file.unlink(missing_ok=True)
+        say("stopped; state is kept in .apilane/ (`make clean` removes it)")
+
+
+def write_stack_file(stack: LocalStack, wiring: Wiring) -> None:
+    """.apilane/stack.json: where everything runs, for `apilane status` and for a later
+    `apilane up` cleaning up after this one."""
+    assert stack.control_plane is not None
+    pids = {name: process.pid for name, process in stack.processes.processes.items()}
+    record = stack_record(wiring, apiserver=stack.control_plane.url, pids=pids)
+    wiring.layout.stack_file.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def stack_record(wiring: Wiring, *, apiserver: str, pids: dict[str, int]) -> dict[str, Any]:
+    bpf_backend = wiring.data_plane.cgroup is not None
+    return {
+        "pid": os.getpid(),
+        "cluster": CLUSTER,
+        "nats_url": wiring.nats_url,
+        "kubeconfig": str(wiring.kubeconfigs["admin"]),
+        "apiserver": apiserver,
+        "zipkin_url": wiring.url("zipkin"),
+        "map_backend": wiring.data_plane.backend,
+        "node": NODE_NAME,
+        "cgroup": str(wiring.data_plane.cgroup) if bpf_backend else "",
+        "pin_dir": str(PIN_DIR) if bpf_backend else "",
+        "processes": {
+            name: {
+                "pid": pid,
+                "url": wiring.url(name),
+                "log": str(wiring.layout.logs / f"{name}.log"),
+            }
+            for name, pid in pids.items()
+        },
+    }
+
+
+def summary(wiring: Wiring, *, apiserver: str, nats_log: Path) -> str:
+    repo = wiring.layout.repo
+    rows = [
+        ("nats-server", wiring.nats_url, str(nats_log.relative_to(repo))),
+        (
+            "kube-apiserver",
+            apiserver,
+            f"KUBECONFIG={wiring.kubeconfigs['admin'].relative_to(repo)}",
+        ),
+    ]
+    for name in ("zipkin", *SERVICES):
+        rows.append(
+            (name, wiring.url(name), str((wiring.layout.logs / f"{name}.log").relative_to(repo)))
+        )
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"  {name:<{width}}  {url:<32}  {DIM}{where}{RESET}" for name, url, where in rows]
+    data_plane = (
+        f"real eBPF maps pinned in {PIN_DIR}, programs on cgroup {wiring.data_plane.cgroup}"
+        if wiring.data_plane.cgroup is not None
+        else "in-memory maps (APILANE_MAP_BACKEND=memory)"
+    )
+    return "\n".join(
+        [
+            "",
+            f"{BOLD}apilane is running{RESET} (cluster {CLUSTER!r}, node {NODE_NAME!r})",
+            *lines,
+            f"  node-loader data plane: {data_plane}",
+            "",
+            f"{BOLD}Tracing UI:{RESET} {wiring.url('zipkin')}/zipkin/",
+            "",
+            f"{BOLD}Try next{RESET} (in another terminal, with .venv/bin on PATH):",
+            "  apilane status             # the snapshot, calico-node's env, each node",
+            "  apilane simulate failover  # replace one API server endpoint, follow it",
+            f"  KUBECONFIG={wiring.kubeconfigs['admin'].relative_to(repo)} kubectl -n calico-system "
+            "get ds calico-node -o yaml   # the rendered env",
+            "",
+            "Ctrl-C stops everything.",
+        ]
+    )
+
+
+# --------------------------------------------------------------------------- state
+
+
+def remove_bpf_state(*, pin_dir: Path | None, cgroup: Path | None) -> None:
+    """Unpin the local stack's maps and links, then remove its cgroup (empty by design)."""
+    if pin_dir is not None and pin_dir.is_dir():
+        shutil.rmtree(pin_dir, ignore_errors=True)
+    if cgroup is not None and cgroup.is_dir():
+        try:
+            cgroup.rmdir()
+        except OSError as exc:
+            say(f"could not remove cgroup {cgroup}: {exc.strerror} (processes still in it?)")
+
+
+def reset_runtime_state(layout: Layout) -> None:
+    """Each `apilane up` starts from nothing: a fresh control plane, an empty JetStream store,
+    no node-loader record, new logs. (The kubeconfigs are rewritten as the stack starts.)"""
+    for name in ("nats", "node-loader", "tmp", "logs"):
+        shutil.rmtree(layout.state / name, ignore_errors=True)
+    (layout.state / "nats.log").unlink(missing_ok=True)
+    layout.logs.mkdir(parents=True)
+    (layout.state / "tmp").mkdir()  # the tracing UI's and the control plane's temp files
+
+
+def clean_up_after_previous_run(layout: Layout) -> None:
+    """Refuse while another `apilane up` runs; after one that was killed outright (its
+    children died with it), remove the eBPF state it left behind."""
+    if not layout.stack_file.exists():
+        return
+    with contextlib.suppress(ValueError, OSError):
+        previous = json.loads(layout.stack_file.read_text())
+        if procs.pid_alive(int(previous.get("pid", 0))):
+            raise UpError(f"the stack is already running (pid {previous['pid']}); Ctrl-C it first")
+        pin_dir, cgroup = previous.get("pin_dir") or "", previous.get("cgroup") or ""
+        remove_bpf_state(
+            pin_dir=Path(pin_dir) if pin_dir else None, cgroup=Path(cgroup) if cgroup else None
+        )
+    layout.stack_file.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def preflight(*, memory: bool) -> tuple[Layout, DataPlane]:
+    repo = find_checkout()
+    if repo is None:
+        raise UpError("`apilane up` runs in an apilane checkout (it seeds deploy/ and runs bpf/)")
+    missing = [module for module in SERVICES.values() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UpError(f"not installed: {', '.join(missing)} (run `make setup`)")
+    layout = Layout(repo)
+    clean_up_after_previous_run(layout)
+    data_plane = check_data_plane(memory=memory)
+    if memory:
+        say("--memory: the node-loader runs on in-memory maps (APILANE_MAP_BACKEND=memory)")
+    elif data_plane.missing:
+        say("the node-loader cannot program real eBPF here:")
+        for problem in data_plane.missing:
+            print(f"    - {problem}", flush=True)
+        say(f"{bpf.SETUP_HINT} (and run `sudo make up`)")
+        say("continuing with APILANE_MAP_BACKEND=memory (same reconciler, maps in memory)")
+    return layout, data_plane
+
+
+def run(*, memory: bool) -> int:
+    layout, data_plane = preflight(memory=memory)
+    # Ctrl-C and SIGTERM stop the stack alike (SIGINT too when a shell started this in the
+    # background, with SIGINT ignored). Every child is in a session of its own, so neither
+    # reaches them: this process stops them in order.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
+    stack = LocalStack(layout, data_plane)
+    try:
+        wiring = stack.start()
+        assert stack.nats is not None and stack.control_plane is not None
+        print(
+            summary(wiring, apiserver=stack.control_plane.url, nats_log=stack.nats.log_path),
+            flush=True,
+        )
+        stack.watch()
+    except KeyboardInterrupt:
+        print()
+        return 0
+    except (ApilaneError, RuntimeError, TimeoutError) as exc:
+        # The harness's own failures: a component missing, exited or not ready in time.
+        say(str(exc))
+        return 1
+    finally:
+        # A second Ctrl-C must not cut the clean-up short (each stop is bounded).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stack.stop()

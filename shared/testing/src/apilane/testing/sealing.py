@@ -1,0 +1,106 @@
+"""Signed snapshots and control requests for tests: what discovery and the CLI produce.
+
+`TEST_KEY` is generated once per test process; tests that need a second key (rotation, an
+unknown signer) generate their own with `SigningKey.generate()`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import msgspec
+
+from apilane.model import events, signing, subjects
+from apilane.model.signing import ControlRequest, SigningKey
+from apilane.runtime import tracing
+from apilane.runtime.bus import Bus
+
+TEST_KEY = SigningKey.generate()
+HOUR = timedelta(hours=1)
+
+
+def trusted_env(*keys: SigningKey, name: str = "APILANE_TRUSTED_KEYS") -> dict[str, str]:
+    """The variable that makes a service trust `keys` (TEST_KEY when none are given)."""
+    return {name: ",".join(key.public_text for key in keys or (TEST_KEY,))}
+
+
+def seal(
+    snapshot: events.EndpointSnapshot,
+    *,
+    key: SigningKey = TEST_KEY,
+    issued_at: datetime | None = None,
+    ttl: timedelta = HOUR,
+) -> bytes:
+    """The KV value discovery writes for `snapshot`: its sealed envelope."""
+    return signing.seal_snapshot(key, snapshot, now=issued_at or signing.utcnow(), ttl=ttl)
+
+
+def reseal(
+    data: bytes,
+    *,
+    key: SigningKey = TEST_KEY,
+    issued_at: datetime | None = None,
+    ttl: timedelta = HOUR,
+) -> bytes:
+    """A refresh of a sealed snapshot: the same payload bytes under a later expiry."""
+    envelope = msgspec.json.decode(data, type=signing.Envelope)
+    opened = signing.Opened(
+        header=msgspec.json.decode(envelope.header, type=signing.Header),
+        payload=envelope.payload,
+    )
+    held = signing.SignedSnapshot(snapshot=events.decode_snapshot(opened.payload), opened=opened)
+    return signing.reseal_snapshot(key, held, now=issued_at or signing.utcnow(), ttl=ttl)
+
+
+def seal_payload(
+    payload: bytes,
+    *,
+    generation: int,
+    cluster: str = "default",
+    key: SigningKey = TEST_KEY,
+    issued_at: datetime | None = None,
+    ttl: timedelta = HOUR,
+) -> bytes:
+    """A validly signed envelope around arbitrary bytes: a producer bug, not an attack."""
+    now = issued_at or signing.utcnow()
+    header = signing.Header(
+        kind="snapshot",
+        key_id=key.key_id,
+        cluster=cluster,
+        generation=generation,
+        issued_at=now,
+        expires_at=now + ttl,
+    )
+    return signing.seal(key, header, payload)
+
+
+async def put_sealed(bus: Bus, data: bytes, *, cluster: str = "default") -> int:
+    """Write a sealed snapshot (or any bytes) as the cluster's snapshot KV value, with the
+    trace context of the caller, as discovery does. Returns the KV revision."""
+    headers: dict[str, str] = {}
+    tracing.inject_headers(headers)
+    ack = await bus.js.publish(
+        subjects.kv_subject(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(cluster)),
+        data,
+        headers=headers or None,
+        timeout=5.0,
+    )
+    return int(ack.seq)
+
+
+def control_request(
+    *,
+    node: str,
+    connect_time_lb: bool,
+    cluster: str = "default",
+    key: SigningKey = TEST_KEY,
+    issued_at: datetime | None = None,
+) -> bytes:
+    """A sealed control request, as `tools/apilane` sends it to one node-loader."""
+    request = ControlRequest(
+        cluster=cluster,
+        node=node,
+        connect_time_lb=connect_time_lb,
+        issued_at=issued_at or signing.utcnow(),
+    )
+    return signing.seal_control(key, request)

@@ -1,0 +1,114 @@
+"""`apilane status` against a real nats-server and a real kube-apiserver: the snapshot with
+the trace its writer started (read through the OpenTelemetry propagator), every node of this
+cluster only (listed by the bus's KV key listing), and calico-node's env."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from apilane.cli.main import main
+from apilane.kube.client import KubeClient
+from apilane.model import events, subjects
+from apilane.runtime.bus import Bus
+from apilane.testing.kube import ControlPlane
+from apilane.testing.snapshots import make_snapshot
+
+pytestmark = [pytest.mark.integration, pytest.mark.nats, pytest.mark.kube]
+
+
+def calico_node(namespace: str, endpoints: str) -> dict[str, object]:
+    labels = {"k8s-app": "calico-node"}
+    env = [
+        {"name": "KUBERNETES_APISERVER_ENDPOINTS", "value": endpoints},
+        {"name": "DATASTORE_TYPE", "value": "kubernetes"},
+    ]
+    container = {"name": "calico-node", "image": "quay.io/calico/node:v3.31.0", "env": env}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": "calico-node", "namespace": namespace},
+        "spec": {
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}},
+        },
+    }
+
+
+def node_state(cluster: str, node: str, generation: int) -> events.NodeState:
+    return events.NodeState(cluster=cluster, node=node, generation=generation, digest="sha256:x")
+
+
+async def test_status_shows_the_snapshot_its_trace_the_env_and_this_clusters_nodes(
+    bus: Bus,
+    kube: KubeClient,
+    kube_namespace: str,
+    control_plane: ControlPlane,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cluster, other = f"c-{secrets.token_hex(4)}", f"c-{secrets.token_hex(4)}"
+    await kube.create(
+        f"/apis/apps/v1/namespaces/{kube_namespace}/daemonsets",
+        calico_node(kube_namespace, "198.18.0.10:6443"),
+    )
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("publish snapshot") as span:
+        snapshot = make_snapshot(cluster=cluster, generation=3, apiservers=["198.18.0.10:6443"])
+        await bus.kv_put(subjects.SNAPSHOT_BUCKET, cluster, snapshot)
+    trace_id = f"{span.get_span_context().trace_id:032x}"
+    for node, generation in (("node-b", 3), ("node-a", 2)):
+        state = node_state(cluster, node, generation)
+        await bus.kv_put(subjects.NODE_STATE_BUCKET, subjects.node_state_key(cluster, node), state)
+    elsewhere = node_state(other, "node-z", 9)
+    await bus.kv_put(
+        subjects.NODE_STATE_BUCKET, subjects.node_state_key(other, "node-z"), elsewhere
+    )
+    # An entry that is not a NodeState is left out, not fatal.
+    await bus.js.publish(
+        subjects.kv_subject(subjects.NODE_STATE_BUCKET, f"{cluster}.garbage"), b"not json"
+    )
+    url = bus.nc.connected_url
+    assert url is not None
+    stack = [
+        "--nats-url",
+        f"nats://{url.hostname}:{url.port}",
+        "--kubeconfig",
+        str(control_plane.kubeconfig_path),
+        "--cluster",
+        cluster,
+        "--daemonset",
+        f"{kube_namespace}/calico-node",
+    ]
+
+    assert await asyncio.to_thread(main, [*stack, "status", "--json"]) == 0
+    view = json.loads(capsys.readouterr().out)
+    assert view["generation"] == 3
+    assert view["digest"] == snapshot.digest
+    assert view["trace_id"] == trace_id
+    assert view["calico_env"] == {"KUBERNETES_APISERVER_ENDPOINTS": "198.18.0.10:6443"}
+    assert view["daemonset"] == f"{kube_namespace}/calico-node"
+    assert [(n["node"], n["generation"]) for n in view["nodes"]] == [("node-a", 2), ("node-b", 3)]
+
+    assert await asyncio.to_thread(main, ["status", *stack]) == 0  # options after the command
+    text = capsys.readouterr().out
+    assert "snapshot generation 3" in text
+    assert f"trace id: {trace_id}" in text
+    assert "nodes (2):" in text
+    assert "node-a" in text and "behind" in text and "in sync" in text
+    assert "node-z" not in text
+
+
+async def test_status_against_an_unreachable_nats_says_so(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from apilane.testing.procs import free_port
+
+    code = await asyncio.to_thread(
+        main, ["--nats-url", f"nats://127.0.0.1:{free_port()}", "status"]
+    )
+    assert code == 1
+    assert "apilane: cannot reach NATS at nats://127.0.0.1:" in capsys.readouterr().err

@@ -1,0 +1,144 @@
+"""`apilane up`: the pure parts — what each service is told, what the demo cluster is seeded
+with, the stack file `apilane status` reads, and refusing to start a second stack. The stack
+itself is `make up` (see README, Quick start); its processes are the harness's, tested in
+tests/harness."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from apilane.cli import up
+from apilane.cli.target import Flags, StackInfo
+
+pytestmark = [pytest.mark.unit]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wiring(tmp_path: Path, data_plane: up.DataPlane) -> up.Wiring:
+    return up.Wiring(
+        layout=up.Layout(tmp_path),
+        data_plane=data_plane,
+        ports=dict(up.PREFERRED_PORTS),
+        nats_url="nats://127.0.0.1:4222",
+        kubeconfigs={
+            "admin": tmp_path / ".apilane/kubeconfig",
+            "discovery": tmp_path / ".apilane/kubeconfig-discovery",
+            "renderer": tmp_path / ".apilane/kubeconfig-renderer",
+        },
+    )
+
+
+def test_each_service_gets_its_own_port_identity_and_the_tracing_ui(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing of the shell's own settings may reach the services.
+    monkeypatch.setenv("APILANE_MAP_BACKEND", "bpf")
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    monkeypatch.setenv("KUBECONFIG", "/home/me/.kube/config")
+    wired = wiring(tmp_path, up.DataPlane(backend="memory"))
+    for service in up.SERVICES:
+        env = up.service_env(wired, service)
+        assert env["APILANE_CLUSTER"] == "local"
+        assert env["APILANE_NATS_URL"] == "nats://127.0.0.1:4222"
+        assert env["APILANE_HTTP_HOST"] == "127.0.0.1"
+        assert env["APILANE_HTTP_PORT"] == str(up.PREFERRED_PORTS[service])
+        assert env["OTEL_SERVICE_NAME"] == f"apilane-{service}"
+        assert env["OTEL_TRACES_EXPORTER"] == "zipkin"
+        assert env["OTEL_EXPORTER_ZIPKIN_ENDPOINT"] == "http://127.0.0.1:9411/api/v2/spans"
+        assert "OTEL_SDK_DISABLED" not in env
+    for service in ("discovery", "renderer"):
+        env = up.service_env(wired, service)
+        assert env["KUBECONFIG"] == str(tmp_path / f".apilane/kubeconfig-{service}")
+        assert env["APILANE_LEASE_NAMESPACE"] == "apilane"
+    loader = up.service_env(wired, "node-loader")
+    assert "KUBECONFIG" not in loader
+    assert loader["APILANE_MAP_BACKEND"] == "memory"
+    assert "APILANE_CGROUP_PATH" not in loader and "APILANE_BPF_PIN_DIR" not in loader
+    assert loader["APILANE_STATE_DIR"] == str(tmp_path / ".apilane/node-loader")
+    assert up.service_env(wired, "renderer")["APILANE_TARGET_DAEMONSET"] == "calico-node"
+
+
+def test_on_real_ebpf_the_node_loader_gets_a_dedicated_cgroup_and_pin_dir(tmp_path: Path) -> None:
+    cgroup = Path("/sys/fs/cgroup") / up.CGROUP_NAME
+    loader = up.service_env(
+        wiring(tmp_path, up.DataPlane(backend="bpf", cgroup=cgroup)), "node-loader"
+    )
+    assert loader["APILANE_MAP_BACKEND"] == "bpf"
+    assert loader["APILANE_CGROUP_PATH"] == "/sys/fs/cgroup/apilane-local"
+    assert loader["APILANE_BPF_PIN_DIR"] == "/sys/fs/bpf/apilane-local"
+    assert loader["APILANE_BPF_DIR"] == str(tmp_path / "bpf")
+    assert "APILANE_ALLOW_ROOT_CGROUP" not in loader
+
+
+def test_forcing_memory_maps_skips_the_ebpf_checks() -> None:
+    assert up.check_data_plane(memory=True) == up.DataPlane(backend="memory")
+
+
+def test_the_demo_cluster_is_seeded_from_deploy_namespace_first() -> None:
+    documents = up.demo_documents(REPO)
+    assert (documents[0]["kind"], documents[0]["metadata"]["name"]) == ("Namespace", "apilane")
+    names = {(doc["kind"], doc["metadata"]["name"]) for doc in documents}
+    assert ("EndpointSlice", "kubernetes-ha") in names
+    assert ("DaemonSet", "calico-node") in names
+    assert ("DaemonSet", "kube-proxy") in names
+    assert {
+        ("ServiceAccount", "apilane-discovery"),
+        ("ServiceAccount", "apilane-renderer"),
+    } <= names
+    # RBAC comes before the demo objects that the services then read.
+    kinds = [doc["kind"] for doc in documents]
+    assert kinds.index("Role") < kinds.index("EndpointSlice")
+
+
+def test_status_reads_the_stack_file_up_writes(tmp_path: Path) -> None:
+    (tmp_path / "cli").mkdir()
+    (tmp_path / "cli/pyproject.toml").write_text("")
+    (tmp_path / "deploy/demo").mkdir(parents=True)
+    wired = wiring(tmp_path, up.DataPlane(backend="memory"))
+    record = up.stack_record(wired, apiserver="https://127.0.0.1:6443", pids={"discovery": 7})
+    assert record["processes"]["discovery"] == {
+        "pid": 7,
+        "url": "http://127.0.0.1:18081",
+        "log": str(tmp_path / ".apilane/logs/discovery.log"),
+    }
+    assert (record["cgroup"], record["pin_dir"]) == ("", "")
+    wired.layout.stack_file.parent.mkdir()
+    wired.layout.stack_file.write_text(json.dumps(record))
+    info = StackInfo.load(Flags(), environ={}, checkout=tmp_path)
+    assert info.cluster == "local"
+    assert info.nats_urls == ("nats://127.0.0.1:4222",)
+    assert info.kubeconfig == str(tmp_path / ".apilane/kubeconfig")
+    assert info.zipkin_url == "http://127.0.0.1:9411"
+
+
+def test_a_second_stack_is_refused_while_the_first_runs(tmp_path: Path) -> None:
+    layout = up.Layout(tmp_path)
+    layout.stack_file.parent.mkdir()
+    layout.stack_file.write_text(json.dumps({"pid": os.getpid()}))
+    with pytest.raises(up.UpError, match=f"already running \\(pid {os.getpid()}\\)"):
+        up.clean_up_after_previous_run(layout)
+    assert layout.stack_file.exists()
+
+
+def test_after_a_stack_killed_outright_its_leftovers_are_removed(tmp_path: Path) -> None:
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    leftovers = tmp_path / "leftovers"
+    pin_dir, cgroup = leftovers / "pins", leftovers / "cgroup"
+    (pin_dir / "links").mkdir(parents=True)
+    (pin_dir / "links" / "connect4").write_text("")
+    cgroup.mkdir()
+    layout = up.Layout(tmp_path)
+    layout.stack_file.parent.mkdir()
+    record = {"pid": ended.pid, "pin_dir": str(pin_dir), "cgroup": str(cgroup)}
+    layout.stack_file.write_text(json.dumps(record))
+    up.clean_up_after_previous_run(layout)
+    assert not pin_dir.exists() and not cgroup.exists()
+    assert not layout.stack_file.exists()

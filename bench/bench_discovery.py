@@ -5,7 +5,8 @@ leader election on, the default 100 ms coalescing window), then changes the `kub
 Service's EndpointSlice CHANGES times, one after another, each to a new endpoint set, and
 times each from just before the API write to the new snapshot arriving from the KV bucket.
 Then as many reorder-only updates (the digest does not change: no publish). Resident memory
-is the service process's VmRSS after the runs (and its peak, VmHWM).
+is the service process's VmRSS after the runs (and its peak, VmHWM). Snapshots are read
+back as the renderer reads them: verified against discovery's key.
 
     .venv/bin/python bench/bench_discovery.py          # CHANGES=120 by default
 """
@@ -18,16 +19,20 @@ import secrets
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from apilane.kube.client import KubeClient, NotFound
-from apilane.model import events, subjects
+from apilane.model import subjects
+from apilane.model.signing import TrustedKeys, open_snapshot
 from apilane.runtime.bus import Bus
 from apilane.testing.benchstats import percentile, resident_kib
 from apilane.testing.kube import ControlPlane, endpoint_slice
 from apilane.testing.nats import NatsServer
 from apilane.testing.procs import end_process
+from apilane.testing.sealing import write_signing_key
 
 CHANGES = int(os.environ.get("CHANGES", "120"))
 WINDOW = os.environ.get("APILANE_COALESCE_WINDOW", "100ms")
@@ -59,8 +64,12 @@ async def run(plane: ControlPlane, nats: NatsServer) -> int:
         return endpoint_slice("kubernetes", addresses=addresses, port=target)
 
     await put_slice(kube, body(["192.0.2.1", "192.0.2.2"]))
+    scratch = tempfile.TemporaryDirectory(prefix="apilane-bench-discovery-")
+    signing_key, key_file = write_signing_key(Path(scratch.name))
+    trusted = TrustedKeys.of(signing_key)
     env = {
         **os.environ,
+        "APILANE_SIGNING_KEY_FILE": str(key_file),
         "APILANE_CLUSTER": cluster,
         "APILANE_NATS_URL": nats.url,
         "KUBECONFIG": str(plane.kubeconfig_path),
@@ -83,7 +92,7 @@ async def run(plane: ControlPlane, nats: NatsServer) -> int:
         async for entry in bus.watch_kv(
             subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(cluster), _stop=stop
         ):
-            snap = events.decode_snapshot(entry.value)
+            snap = open_snapshot(entry.value, trusted).snapshot
             key = ",".join(sorted(e.ip for e in snap.apiserver_endpoints))
             seen.setdefault(key, time.monotonic())
             generations.append(snap.generation)
@@ -120,6 +129,7 @@ async def run(plane: ControlPlane, nats: NatsServer) -> int:
         end_process(proc, grace=10)
         await bus.drain()
         await kube.close()
+        scratch.cleanup()
 
     ms = [v * 1000 for v in latencies]
     print(

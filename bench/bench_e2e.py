@@ -27,6 +27,7 @@ from pathlib import Path
 
 from apilane.kube.client import KubeClient
 from apilane.model import events, subjects
+from apilane.model.signing import TrustedKeys, open_snapshot
 from apilane.runtime.bus import Bus
 from apilane.testing.benchstats import load_average, percentile
 from apilane.testing.bpf import BpfLab, check_bpf_environment
@@ -36,6 +37,7 @@ from apilane.testing.kube import (
     endpoint_slice,
 )
 from apilane.testing.nats import NatsServer
+from apilane.testing.sealing import signing_environment
 from apilane.testing.stack import ServiceProcesses, base_environment
 
 CHANGES = int(os.environ.get("CHANGES", "50"))
@@ -70,9 +72,9 @@ async def wait_nodes(
     raise TimeoutError(f"nodes never reached generation {generation}: {missing[:5]}…")
 
 
-async def latest_generation(bus: Bus, cluster: str) -> int:
+async def latest_generation(bus: Bus, cluster: str, trusted: TrustedKeys) -> int:
     entry = await bus.kv_get(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(cluster))
-    return 0 if entry is None else events.decode_snapshot(entry.value).generation
+    return 0 if entry is None else open_snapshot(entry.value, trusted).snapshot.generation
 
 
 async def run(
@@ -91,7 +93,8 @@ async def run(
         await kube.create(SLICES, endpoint_slice("kubernetes", addresses=addresses, port=port))
         env = base_environment(
             cluster=cluster, nats_url=nats.url, kubeconfig=str(plane.kubeconfig_path)
-        )
+        ) | signing_environment(workdir)
+        trusted = TrustedKeys.parse(env["APILANE_TRUSTED_KEYS"])
         env |= {
             "APILANE_LOG_LEVEL": "WARNING",
             "APILANE_LEADER_ELECTION": "false",
@@ -122,7 +125,7 @@ async def run(
 
         # Settle: every node at the first generation.
         deadline = time.monotonic() + WAIT
-        while (generation := await latest_generation(bus, cluster)) == 0:
+        while (generation := await latest_generation(bus, cluster, trusted)) == 0:
             stack.check_alive()
             if time.monotonic() > deadline:
                 raise TimeoutError(stack.logs_text())

@@ -4,7 +4,8 @@ Runs the service as it runs in production (`python -m apilane.renderer`, its own
 leader election on), publishes SNAPSHOTS snapshots one after another into the KV bucket,
 each with a different endpoint set so that each one is a real patch, and times each from
 the KV put to the `applied` render result arriving on the bus. Then publishes as many
-unchanged snapshots (no patch: compare only). Resident memory is the service process's
+unchanged snapshots (no patch: compare only). Each snapshot is sealed as discovery seals it
+(before the clock starts) and verified by the renderer (inside the measured time). Resident memory is the service process's
 VmRSS after the runs (and its peak, VmHWM).
 
     .venv/bin/python bench/bench_renderer.py          # SNAPSHOTS=200 by default
@@ -25,11 +26,13 @@ from typing import Any
 
 from apilane.model import events, subjects
 from apilane.model.events import EndpointSnapshot
+from apilane.model.signing import SigningKey
 from apilane.runtime.bus import Bus
 from apilane.testing.benchstats import percentile, resident_kib
 from apilane.testing.kube import ControlPlane
 from apilane.testing.nats import NatsServer
 from apilane.testing.procs import end_process
+from apilane.testing.sealing import seal
 from apilane.testing.snapshots import make_snapshot
 
 SNAPSHOTS = int(os.environ.get("SNAPSHOTS", "200"))
@@ -104,11 +107,13 @@ async def measure(plane: ControlPlane, nats: NatsServer, work: Path) -> None:
     kubeconfig = plane.write_kubeconfig(
         work / "kubeconfig", user="admin", groups=("system:masters",)
     )
+    signing_key = SigningKey.generate()
     env = {
         **os.environ,
         "KUBECONFIG": str(kubeconfig),
         "APILANE_NATS_URL": nats.url,
         "APILANE_CLUSTER": cluster,
+        "APILANE_TRUSTED_KEYS": signing_key.public_text,
         "APILANE_TARGET_NAMESPACE": namespace,
         "APILANE_HTTP_PORT": "0",
         "APILANE_HTTP_HOST": "127.0.0.1",
@@ -120,7 +125,9 @@ async def measure(plane: ControlPlane, nats: NatsServer, work: Path) -> None:
     try:
         key = subjects.snapshot_key(cluster)
         # Warm-up: the service is up (leader, following the bucket) once it answers this one.
-        await bus.kv_put(subjects.SNAPSHOT_BUCKET, key, snapshot(cluster, 1, 1))
+        await bus.kv_put(
+            subjects.SNAPSHOT_BUCKET, key, seal(snapshot(cluster, 1, 1), key=signing_key)
+        )
         first = await asyncio.wait_for(results.get(), timeout=60)
         assert first.outcome == "applied", first
 
@@ -130,10 +137,9 @@ async def measure(plane: ControlPlane, nats: NatsServer, work: Path) -> None:
                 for offset in range(SNAPSHOTS):
                     generation = start_generation + offset
                     count = 2 + offset % 3 if changing else 2 + (SNAPSHOTS - 1) % 3
+                    value = seal(snapshot(cluster, generation, count), key=signing_key)
                     began = time.perf_counter()
-                    await bus.kv_put(
-                        subjects.SNAPSHOT_BUCKET, key, snapshot(cluster, generation, count)
-                    )
+                    await bus.kv_put(subjects.SNAPSHOT_BUCKET, key, value)
                     result = await asyncio.wait_for(results.get(), timeout=TIMEOUT)
                     latencies.append(time.perf_counter() - began)
                     expected = "applied" if changing else "unchanged"

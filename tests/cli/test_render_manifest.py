@@ -1,12 +1,13 @@
 """`apilane render manifest` against a real nats-server and a real kube-apiserver: the env
-lines and the DaemonSet snippet, from the latest snapshot on the bus or straight from the API
-objects. Run through the console script's `main`, in a thread of its own (it runs its own
+lines and the DaemonSet snippet, from the latest sealed snapshot on the bus (only when a
+trusted key signed it and it has not expired) or straight from the API objects. Run through the console script's `main`, in a thread of its own (it runs its own
 event loop, as from a shell)."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -14,12 +15,14 @@ import yaml
 
 from apilane.cli.main import main
 from apilane.kube.client import KubeClient
-from apilane.model import subjects
+from apilane.model import signing
 from apilane.model.envformat import IpPort
 from apilane.model.events import EndpointSnapshot, KubeProxyState
+from apilane.model.signing import SigningKey
 from apilane.renderer.render import APISERVER_ENDPOINTS, SERVICE_IPS_PORTS
 from apilane.runtime.bus import Bus
 from apilane.testing.kube import ControlPlane
+from apilane.testing.sealing import put_sealed, seal
 from apilane.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.nats]
@@ -45,15 +48,23 @@ async def apilane(*argv: str) -> int:
     return await asyncio.to_thread(main, list(argv))
 
 
+@pytest.fixture
+def signer(monkeypatch: pytest.MonkeyPatch) -> SigningKey:
+    """The key discovery signs with; the command trusts it through APILANE_TRUSTED_KEYS."""
+    key = SigningKey.generate()
+    monkeypatch.setenv("APILANE_TRUSTED_KEYS", key.public_text)
+    return key
+
+
 async def test_manifest_prints_env_lines_and_a_snippet_from_the_bus(
-    bus: Bus, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    bus: Bus,
+    signer: SigningKey,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     cluster, namespace = f"c-{secrets.token_hex(4)}", f"t-{secrets.token_hex(4)}"
-    await bus.kv_put(
-        subjects.SNAPSHOT_BUCKET,
-        cluster,
-        snapshot(cluster, 4, services=("10.96.0.1", "fd00:10:96::1")),
-    )
+    sealed = seal(snapshot(cluster, 4, services=("10.96.0.1", "fd00:10:96::1")), key=signer)
+    await put_sealed(bus, sealed, cluster=cluster)
     monkeypatch.setenv("APILANE_TARGET_NAMESPACE", namespace)
     code = await apilane("render", "manifest", "--nats-url", server_url(bus), "--cluster", cluster)
     assert code == 0
@@ -69,12 +80,11 @@ async def test_manifest_prints_env_lines_and_a_snippet_from_the_bus(
 
 
 async def test_manifest_options_go_before_the_command_too_and_name_the_daemonset(
-    bus: Bus, capsys: pytest.CaptureFixture[str]
+    bus: Bus, signer: SigningKey, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cluster = f"c-{secrets.token_hex(4)}"
-    await bus.kv_put(
-        subjects.SNAPSHOT_BUCKET, cluster, snapshot(cluster, 2, services=("10.96.0.1",))
-    )
+    sealed = seal(snapshot(cluster, 2, services=("10.96.0.1",)), key=signer)
+    await put_sealed(bus, sealed, cluster=cluster)
     code = await apilane(
         "--nats-url",
         server_url(bus),
@@ -96,8 +106,50 @@ async def test_manifest_options_go_before_the_command_too_and_name_the_daemonset
     )
 
 
+async def test_manifest_renders_no_snapshot_it_cannot_trust(
+    bus: Bus, signer: SigningKey, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster = f"c-{secrets.token_hex(4)}"
+    forged = seal(snapshot(cluster, 5, services=("10.96.0.1",)), key=SigningKey.generate())
+    await put_sealed(bus, forged, cluster=cluster)
+    argv = ("render", "manifest", "--nats-url", server_url(bus), "--cluster", cluster)
+    assert await apilane(*argv) == 1
+    captured = capsys.readouterr()
+    assert "apilane: the snapshot on the bus is not trusted: signed by ed25519:" in captured.err
+    assert "KUBERNETES_" not in captured.out
+
+    expired = seal(
+        snapshot(cluster, 6, services=("10.96.0.1",)),
+        key=signer,
+        issued_at=signing.utcnow() - timedelta(hours=2),
+        ttl=timedelta(hours=1),
+    )
+    await put_sealed(bus, expired, cluster=cluster)
+    assert await apilane(*argv) == 1
+    captured = capsys.readouterr()
+    assert "apilane: the snapshot on the bus expired at " in captured.err
+    assert "KUBERNETES_" not in captured.out
+
+
+async def test_manifest_from_the_bus_without_trusted_keys_says_which_to_set(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster = f"c-{secrets.token_hex(4)}"
+    key = SigningKey.generate()
+    await put_sealed(
+        bus, seal(snapshot(cluster, 1, services=("10.96.0.1",)), key=key), cluster=cluster
+    )
+    monkeypatch.delenv("APILANE_TRUSTED_KEYS", raising=False)
+    monkeypatch.delenv("APILANE_TRUSTED_KEYS_FILE", raising=False)
+    # Run where no local stack's keys can be found either.
+    monkeypatch.setattr("apilane.cli.manifest.local_trusted_keys", lambda: signing.TrustedKeys({}))
+    code = await apilane("render", "manifest", "--nats-url", server_url(bus), "--cluster", cluster)
+    assert code == 1
+    assert "name the keys that may sign it with APILANE_TRUSTED_KEYS" in capsys.readouterr().err
+
+
 async def test_manifest_without_a_snapshot_says_so_and_exits_1(
-    bus: Bus, capsys: pytest.CaptureFixture[str]
+    bus: Bus, signer: SigningKey, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = await apilane(
         "render", "manifest", "--nats-url", server_url(bus), "--cluster", "never-published"

@@ -4,14 +4,17 @@ prints. The commands themselves run against `apilane up` (see README, Quick star
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import json
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from apilane.cli.failover import DEMO_RANGE, done, next_address, replaced_endpoints
-from apilane.cli.status import View, render_view
+from apilane.cli.status import Seal, View, open_value, render_view, view_as_json
 from apilane.cli.target import StackInfo
 from apilane.model import events
+from apilane.model.signing import SigningKey, TrustedKeys
+from apilane.testing.sealing import seal, seal_payload
 
 pytestmark = [pytest.mark.unit]
 
@@ -107,3 +110,92 @@ def test_failover_retires_the_oldest_endpoint_and_adds_the_new_one_last() -> Non
     assert (retired, added) == ("198.18.0.10", "198.18.0.12")
     assert [e["addresses"] for e in replaced] == [["198.18.0.11"], ["198.18.0.12"]]
     assert replaced[-1]["conditions"] == {"ready": True}
+
+
+def info(trusted: TrustedKeys) -> StackInfo:
+    return StackInfo(
+        cluster="local",
+        nats_urls=("nats://x:4222",),
+        kubeconfig="",
+        zipkin_url="",
+        trusted_keys=trusted,
+    )
+
+
+def test_a_verified_snapshot_shows_its_key_and_expiry() -> None:
+    key = SigningKey.generate()
+    sealed = seal(snapshot(4, ("198.18.0.10",)), key=key, ttl=timedelta(minutes=30))
+    opened = open_value(sealed, TrustedKeys.of(key))
+    assert opened.snapshot is not None and opened.snapshot.generation == 4
+    assert opened.seal is not None and opened.seal.key_id == key.key_id
+    assert opened.untrusted == ""
+    shown = View(
+        snapshot=opened.snapshot,
+        trace_id="",
+        nodes=[],
+        calico_env={},
+        daemonset_generation=1,
+        seal=opened.seal,
+    )
+    text = render_view(shown, info(TrustedKeys.of(key)))
+    assert "snapshot generation 4" in text
+    assert f"signed by {key.key_id}, expires in 30m" in text
+    as_json = json.loads(view_as_json(shown, info(TrustedKeys.of(key))))
+    assert as_json["trusted"] is True
+    assert as_json["signed_by"] == key.key_id
+    assert as_json["expires_at"] == opened.seal.expires_at.isoformat()
+
+
+def test_an_expired_snapshot_says_so() -> None:
+    key = SigningKey.generate()
+    issued = datetime.now(UTC) - timedelta(hours=2)
+    seal_info = Seal(key_id=key.key_id, issued_at=issued, expires_at=issued + timedelta(hours=1))
+    shown = View(
+        snapshot=snapshot(2, ("198.18.0.10",)),
+        trace_id="",
+        nodes=[],
+        calico_env={},
+        daemonset_generation=1,
+        seal=seal_info,
+    )
+    assert f"signed by {key.key_id}, EXPIRED 60m ago" in render_view(
+        shown, info(TrustedKeys.of(key))
+    )
+
+
+@pytest.mark.parametrize(
+    ("trusted", "reason"),
+    [
+        (TrustedKeys.of(SigningKey.generate()), "unknown-key: signed by"),
+        (TrustedKeys({}), "no trusted keys"),
+    ],
+)
+def test_a_snapshot_no_trusted_key_signed_is_shown_untrusted_without_its_content(
+    trusted: TrustedKeys, reason: str
+) -> None:
+    sealed = seal(snapshot(7, ("198.18.0.66",)), key=SigningKey.generate())
+    opened = open_value(sealed, trusted)
+    assert opened.snapshot is None and opened.seal is None
+    assert opened.untrusted.startswith(reason)
+    shown = View(
+        snapshot=None,
+        trace_id="",
+        nodes=[],
+        calico_env={},
+        daemonset_generation=1,
+        untrusted=opened.untrusted,
+    )
+    text = render_view(shown, info(trusted))
+    assert "snapshot: UNTRUSTED" in text
+    assert "198.18.0.66" not in text and "generation 7" not in text
+    as_json = json.loads(view_as_json(shown, info(trusted)))
+    assert (as_json["trusted"], as_json["snapshot"]) == (False, None)
+    assert as_json["untrusted"] == opened.untrusted
+
+
+def test_plain_bytes_and_a_signed_non_snapshot_are_untrusted_too() -> None:
+    key = SigningKey.generate()
+    plain = events.encode(snapshot(3, ("198.18.0.10",)))
+    assert open_value(plain, TrustedKeys.of(key)).untrusted.startswith("unsigned:")
+    garbage = seal_payload(b"not a snapshot", generation=3, cluster="local", key=key)
+    assert open_value(garbage, TrustedKeys.of(key)).untrusted.startswith("malformed:")

@@ -1,6 +1,7 @@
-"""`apilane status` against a real nats-server and a real kube-apiserver: the snapshot with
-the trace its writer started (read through the OpenTelemetry propagator), every node of this
-cluster only (listed by the bus's KV key listing), and calico-node's env."""
+"""`apilane status` against a real nats-server and a real kube-apiserver: the sealed snapshot,
+opened with the trusted keys, with the key that signed it and the trace its writer started
+(read through the OpenTelemetry propagator), every node of this cluster only (listed by the
+bus's KV key listing), and calico-node's env."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from apilane.cli.main import main
 from apilane.kube.client import KubeClient
 from apilane.model import events, subjects
+from apilane.model.signing import SigningKey
 from apilane.runtime.bus import Bus
 from apilane.testing.kube import ControlPlane
+from apilane.testing.sealing import put_sealed, seal
 from apilane.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.nats, pytest.mark.kube]
@@ -49,8 +52,11 @@ async def test_status_shows_the_snapshot_its_trace_the_env_and_this_clusters_nod
     kube_namespace: str,
     control_plane: ControlPlane,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cluster, other = f"c-{secrets.token_hex(4)}", f"c-{secrets.token_hex(4)}"
+    key = SigningKey.generate()
+    monkeypatch.setenv("APILANE_TRUSTED_KEYS", key.public_text)
     await kube.create(
         f"/apis/apps/v1/namespaces/{kube_namespace}/daemonsets",
         calico_node(kube_namespace, "198.18.0.10:6443"),
@@ -58,7 +64,7 @@ async def test_status_shows_the_snapshot_its_trace_the_env_and_this_clusters_nod
     tracer = TracerProvider().get_tracer("test")
     with tracer.start_as_current_span("publish snapshot") as span:
         snapshot = make_snapshot(cluster=cluster, generation=3, apiservers=["198.18.0.10:6443"])
-        await bus.kv_put(subjects.SNAPSHOT_BUCKET, cluster, snapshot)
+        await put_sealed(bus, seal(snapshot, key=key), cluster=cluster)
     trace_id = f"{span.get_span_context().trace_id:032x}"
     for node, generation in (("node-b", 3), ("node-a", 2)):
         state = node_state(cluster, node, generation)
@@ -88,6 +94,7 @@ async def test_status_shows_the_snapshot_its_trace_the_env_and_this_clusters_nod
     view = json.loads(capsys.readouterr().out)
     assert view["generation"] == 3
     assert view["digest"] == snapshot.digest
+    assert (view["trusted"], view["signed_by"]) == (True, key.key_id)
     assert view["trace_id"] == trace_id
     assert view["calico_env"] == {"KUBERNETES_APISERVER_ENDPOINTS": "198.18.0.10:6443"}
     assert view["daemonset"] == f"{kube_namespace}/calico-node"
@@ -96,10 +103,49 @@ async def test_status_shows_the_snapshot_its_trace_the_env_and_this_clusters_nod
     assert await asyncio.to_thread(main, ["status", *stack]) == 0  # options after the command
     text = capsys.readouterr().out
     assert "snapshot generation 3" in text
+    assert f"signed by {key.key_id}, expires in 60m" in text
     assert f"trace id: {trace_id}" in text
     assert "nodes (2):" in text
     assert "node-a" in text and "behind" in text and "in sync" in text
     assert "node-z" not in text
+
+
+async def test_status_shows_a_snapshot_signed_by_an_unknown_key_as_untrusted(
+    bus: Bus,
+    kube: KubeClient,
+    kube_namespace: str,
+    control_plane: ControlPlane,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cluster = f"c-{secrets.token_hex(4)}"
+    await kube.create(
+        f"/apis/apps/v1/namespaces/{kube_namespace}/daemonsets",
+        calico_node(kube_namespace, "198.18.0.10:6443"),
+    )
+    monkeypatch.setenv("APILANE_TRUSTED_KEYS", SigningKey.generate().public_text)
+    forged = make_snapshot(cluster=cluster, generation=9, apiservers=["198.18.0.99:6443"])
+    await put_sealed(bus, seal(forged, key=SigningKey.generate()), cluster=cluster)
+    url = bus.nc.connected_url
+    assert url is not None
+    stack = [
+        "--nats-url",
+        f"nats://{url.hostname}:{url.port}",
+        "--kubeconfig",
+        str(control_plane.kubeconfig_path),
+        "--cluster",
+        cluster,
+        "--daemonset",
+        f"{kube_namespace}/calico-node",
+    ]
+    assert await asyncio.to_thread(main, [*stack, "status"]) == 0
+    text = capsys.readouterr().out
+    assert "snapshot: UNTRUSTED, not shown (unknown-key: signed by ed25519:" in text
+    assert "198.18.0.99" not in text
+    assert await asyncio.to_thread(main, [*stack, "status", "--json"]) == 0
+    view = json.loads(capsys.readouterr().out)
+    assert (view["trusted"], view["generation"], view["snapshot"]) == (False, 0, None)
+    assert view["untrusted"].startswith("unknown-key:")
 
 
 async def test_status_against_an_unreachable_nats_says_so(

@@ -15,6 +15,7 @@ import pytest
 
 from apilane.cli import up
 from apilane.cli.target import Flags, StackInfo
+from apilane.model.signing import SigningKey, TrustedKeys
 
 pytestmark = [pytest.mark.unit]
 
@@ -27,6 +28,7 @@ def wiring(tmp_path: Path, data_plane: up.DataPlane) -> up.Wiring:
         data_plane=data_plane,
         ports=dict(up.PREFERRED_PORTS),
         nats_url="nats://127.0.0.1:4222",
+        keys=up.StackKeys.generate(tmp_path / ".apilane/keys"),
         kubeconfigs={
             "admin": tmp_path / ".apilane/kubeconfig",
             "discovery": tmp_path / ".apilane/kubeconfig-discovery",
@@ -63,6 +65,29 @@ def test_each_service_gets_its_own_port_identity_and_the_tracing_ui(
     assert "APILANE_CGROUP_PATH" not in loader and "APILANE_BPF_PIN_DIR" not in loader
     assert loader["APILANE_STATE_DIR"] == str(tmp_path / ".apilane/node-loader")
     assert up.service_env(wired, "renderer")["APILANE_TARGET_DAEMONSET"] == "calico-node"
+
+
+def test_discovery_signs_with_a_fresh_key_the_others_trust_and_only_it_holds(
+    tmp_path: Path,
+) -> None:
+    wired = wiring(tmp_path, up.DataPlane(backend="memory"))
+    discovery = up.service_env(wired, "discovery")
+    key_file = Path(discovery["APILANE_SIGNING_KEY_FILE"])
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    signer = SigningKey.load(key_file)
+    assert "APILANE_TRUSTED_KEYS" not in discovery
+    assert "APILANE_OPERATOR_KEYS" not in discovery
+    for service in ("renderer", "node-loader"):
+        env = up.service_env(wired, service)
+        assert "APILANE_SIGNING_KEY_FILE" not in env
+        assert TrustedKeys.parse(env["APILANE_TRUSTED_KEYS"]).ids == (signer.key_id,)
+    # Control requests: the node-loader trusts the operator's key, which is not the signer's.
+    operator = SigningKey.load(wired.keys.operator_key_file)
+    assert wired.keys.operator_key_file.stat().st_mode & 0o777 == 0o600
+    loader = up.service_env(wired, "node-loader")
+    assert TrustedKeys.parse(loader["APILANE_OPERATOR_KEYS"]).ids == (operator.key_id,)
+    assert operator.key_id != signer.key_id
+    assert "APILANE_OPERATOR_KEYS" not in up.service_env(wired, "renderer")
 
 
 def test_on_real_ebpf_the_node_loader_gets_a_dedicated_cgroup_and_pin_dir(tmp_path: Path) -> None:
@@ -109,13 +134,17 @@ def test_status_reads_the_stack_file_up_writes(tmp_path: Path) -> None:
         "log": str(tmp_path / ".apilane/logs/discovery.log"),
     }
     assert (record["cgroup"], record["pin_dir"]) == ("", "")
-    wired.layout.stack_file.parent.mkdir()
+    wired.layout.stack_file.parent.mkdir(exist_ok=True)
     wired.layout.stack_file.write_text(json.dumps(record))
     info = StackInfo.load(Flags(), environ={}, checkout=tmp_path)
     assert info.cluster == "local"
     assert info.nats_urls == ("nats://127.0.0.1:4222",)
     assert info.kubeconfig == str(tmp_path / ".apilane/kubeconfig")
     assert info.zipkin_url == "http://127.0.0.1:9411"
+    # What status opens the snapshot with, and what control requests are sealed with.
+    signer = SigningKey.load(wired.keys.signing_key_file)
+    assert info.trusted_keys.ids == (signer.key_id,)
+    assert info.operator_key_file == str(wired.keys.operator_key_file)
 
 
 def test_a_second_stack_is_refused_while_the_first_runs(tmp_path: Path) -> None:

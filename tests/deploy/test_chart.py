@@ -276,6 +276,46 @@ def test_external_nats_credentials_and_signing_keys(helm: str) -> None:
         assert secrets == expected, workload
 
 
+def volumes_of(objects: ObjectMap, kind: str, name: str) -> dict[str, dict[str, Any]]:
+    pod = named(objects, kind, name)["spec"]["template"]["spec"]
+    return {volume["name"]: volume for volume in pod["volumes"]}
+
+
+def test_by_default_discovery_signs_and_both_consumers_trust_the_configmaps_keys(
+    helm: str,
+) -> None:
+    objects = rendered({}, helm)
+    discovery = env_of(objects, "Deployment", "apilane-discovery")
+    assert discovery["APILANE_SIGNING_KEY_FILE"] == "/etc/apilane/signing/signing-key.pem"
+    assert "APILANE_TRUSTED_KEYS_FILE" not in discovery
+    signing_volume = volumes_of(objects, "Deployment", "apilane-discovery")["signing-key"]
+    assert signing_volume["secret"]["secretName"] == "apilane-signing-key"
+    for kind, workload in WORKLOADS[1:]:
+        env = env_of(objects, kind, workload)
+        assert env["APILANE_TRUSTED_KEYS_FILE"] == "/etc/apilane/trusted/keys", workload
+        assert "APILANE_SIGNING_KEY_FILE" not in env and "APILANE_OPERATOR_KEYS" not in env
+        volume = volumes_of(objects, kind, workload)["trusted-keys"]
+        assert volume["configMap"] == {"name": "apilane-trusted-keys"}, workload
+        mounts = {m["name"]: m for m in container(objects, kind, workload)["volumeMounts"]}
+        assert mounts["trusted-keys"]["mountPath"] == "/etc/apilane/trusted"
+        assert mounts["trusted-keys"]["readOnly"] is True
+
+
+def test_operator_keys_reach_the_node_loader_only_and_the_configmap_can_be_left_out(
+    helm: str,
+) -> None:
+    operator = SigningKey.generate().public_text
+    values = {"signing": {"operatorKeys": [operator], "trustedKeysConfigMap": ""}}
+    objects = rendered(values, helm)
+    assert env_of(objects, "DaemonSet", "apilane-node-loader")["APILANE_OPERATOR_KEYS"] == operator
+    for kind, workload in WORKLOADS:
+        env = env_of(objects, kind, workload)
+        if workload != "apilane-node-loader":
+            assert "APILANE_OPERATOR_KEYS" not in env, workload
+        assert "APILANE_TRUSTED_KEYS_FILE" not in env, workload
+        assert "trusted-keys" not in volumes_of(objects, kind, workload), workload
+
+
 def test_optional_objects_follow_their_values(helm: str) -> None:
     without = rendered({"namespace": {"create": False}, "renderer": {"replicas": 1}}, helm)
     assert not [key for key in without if key[0] == "Namespace"]

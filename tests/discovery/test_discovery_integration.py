@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,19 +23,31 @@ from prometheus_client import CollectorRegistry
 from apilane.discovery import service
 from apilane.discovery.settings import DiscoverySettings
 from apilane.kube.client import KubeClient, KubeError, NotFound
+from apilane.kube.leader import LeaseSettings
 from apilane.kube.watch import WATCH_RESTARTS
 from apilane.model import events, subjects
 from apilane.model.events import ClusterWarning, EndpointSnapshot, WarningReason
+from apilane.model.signing import SignatureError, SigningKey, TrustedKeys, open_snapshot
+from apilane.renderer.metrics import REFUSAL_REASONS
+from apilane.renderer.render import APISERVER_ENDPOINTS
+from apilane.renderer.service import Renderer
+from apilane.renderer.settings import RendererSettings
 from apilane.runtime.bus import Bus
 from apilane.runtime.config import CommonSettings
-from apilane.runtime.serve import Health, start_http
+from apilane.runtime.serve import Health, ServiceContext, start_http
 from apilane.testing.kube import ControlPlane, endpoint_slice
 from apilane.testing.nats import NatsServer
+from apilane.testing.sealing import seal
+from apilane.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube, pytest.mark.nats]
 
 SLICES = "/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices"
 WAIT = 15.0
+# Discovery's signing key, shared by its replicas (as a Secret is); snapshots are read back
+# by verifying with it, as the renderer does.
+DISCOVERY_KEY = SigningKey.generate()
+TRUSTED = TrustedKeys.of(DISCOVERY_KEY)
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -50,10 +62,15 @@ def settings_for(
     service_name: str = "apiserver",
     identity: str = "replica-a",
     cluster: str | None = None,
+    signing_key: SigningKey = DISCOVERY_KEY,
+    snapshot_ttl: float = 3600.0,
 ) -> DiscoverySettings:
+    cluster = cluster or f"c-{secrets.token_hex(4)}"
     return DiscoverySettings(
+        signing_key=signing_key,
+        snapshot_ttl=snapshot_ttl,
         common=CommonSettings(
-            cluster=cluster or f"c-{secrets.token_hex(4)}",
+            cluster=cluster,
             nats_urls=(nats_server.url,),
             kubeconfig=str(control_plane.kubeconfig_path),
         ),
@@ -61,14 +78,17 @@ def settings_for(
         service_name=service_name,
         kube_proxy_namespace=namespace,
         kube_proxy_name="kube-proxy",
-        lease_namespace=namespace,
-        identity=identity,
         coalesce_window=0.05,
-        lease_duration=3.0,
-        lease_renew_interval=0.5,
-        lease_retry_interval=0.2,
         publish_retry_max=0.5,
         watch_backoff_max=1.0,
+        lease=LeaseSettings(
+            namespace=namespace,
+            name=subjects.discovery_lease(cluster),
+            identity=identity,
+            duration=3.0,
+            renew_interval=0.5,
+            retry_interval=0.2,
+        ),
     )
 
 
@@ -82,7 +102,9 @@ async def running(
     stop = asyncio.Event()
     started: asyncio.Future[service.DiscoveryService] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(
-        service.run(settings, stop, registry=registry, health=health, started=started)
+        service.main(
+            context(settings, stop, registry, health), settings, started=started.set_result
+        )
     )
     try:
         done, _ = await asyncio.wait(
@@ -95,6 +117,22 @@ async def running(
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=15)
+
+
+def context(
+    settings: DiscoverySettings,
+    stop: asyncio.Event,
+    registry: CollectorRegistry | None = None,
+    health: Health | None = None,
+) -> ServiceContext:
+    """What `serve` hands a service body, for an in-process run."""
+    return ServiceContext(
+        name=service.SERVICE_NAME,
+        settings=settings.common,
+        stopping=stop,
+        health=health if health is not None else Health(),
+        registry=registry if registry is not None else CollectorRegistry(),
+    )
 
 
 async def create_service(
@@ -188,7 +226,7 @@ async def read_snapshot(bus: Bus, cluster: str) -> tuple[EndpointSnapshot | None
     entry = await bus.kv_get(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(cluster))
     if entry is None:
         return None, 0
-    return events.decode_snapshot(entry.value), entry.revision
+    return open_snapshot(entry.value, TRUSTED).snapshot, entry.revision
 
 
 async def wait_snapshot(
@@ -246,7 +284,9 @@ async def generations(bus: Bus, cluster: str) -> list[int]:
     """Every generation the bucket holds for this cluster, oldest first (from the KV history)."""
     kv = await bus.js.key_value(subjects.SNAPSHOT_BUCKET)
     history = await kv.history(subjects.snapshot_key(cluster))
-    return [events.decode_snapshot(entry.value).generation for entry in history if entry.value]
+    return [
+        open_snapshot(entry.value, TRUSTED).snapshot.generation for entry in history if entry.value
+    ]
 
 
 # -- fixtures ----------------------------------------------------------------------------------
@@ -1098,7 +1138,7 @@ async def test_readiness_follows_the_watches_and_the_nats_connection(
 
     await asyncio.to_thread(nats_server.stop)
     stop = asyncio.Event()
-    task = asyncio.create_task(service.run(settings, stop, health=health))
+    task = asyncio.create_task(service.main(context(settings, stop, health=health), settings))
     try:
         # Starting without NATS: nothing connected, nothing listed, so not ready.
         await asyncio.sleep(0.5)
@@ -1120,3 +1160,204 @@ async def test_readiness_follows_the_watches_and_the_nats_connection(
         stop.set()
         await asyncio.wait_for(task, timeout=15)
         await runner.cleanup()
+
+
+# -- signed snapshots, discovery to renderer ---------------------------------------------------
+
+
+def calico_node() -> dict[str, Any]:
+    labels = {"k8s-app": "calico-node"}
+    container = {"image": "quay.io/calico/node:v3.31.0", "env": [{"name": "X", "value": "y"}]}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": "calico-node"},
+        "spec": {
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "initContainers": [{"name": "ebpf-bootstrap", **container}],
+                    "containers": [{"name": "calico-node", **container}],
+                },
+            },
+        },
+    }
+
+
+class RendererRun:
+    """A renderer in-process, trusting `trusted`, patching calico-node in `namespace`."""
+
+    def __init__(self, bus: Bus, kube: KubeClient, namespace: str, cluster: str) -> None:
+        self.bus, self.kube, self.namespace, self.cluster = bus, kube, namespace, cluster
+        self.registry = CollectorRegistry()
+        self.path = f"/apis/apps/v1/namespaces/{namespace}/daemonsets/calico-node"
+
+    @contextlib.asynccontextmanager
+    async def running(self, trusted: TrustedKeys) -> AsyncIterator[Renderer]:
+        settings = RendererSettings(
+            trusted_keys=trusted,
+            common=CommonSettings(cluster=self.cluster),
+            target_namespace=self.namespace,
+            coalesce_during_rollout=False,
+            lease=LeaseSettings(
+                enabled=False, name=subjects.renderer_lease(self.cluster), identity="renderer"
+            ),
+        )
+        renderer = Renderer(bus=self.bus, kube=self.kube, settings=settings, registry=self.registry)
+        stop = asyncio.Event()
+        task = asyncio.create_task(renderer.run(stop))
+        try:
+            yield renderer
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, timeout=10)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    def refused(self) -> float:
+        return sum(
+            self.metric("apilane_renderer_snapshots_refused_total", reason=reason)
+            for reason in REFUSAL_REASONS
+        )
+
+    async def endpoints(self) -> str:
+        daemonset = await self.kube.get(self.path)
+        init = daemonset["spec"]["template"]["spec"]["initContainers"][0]
+        return next((e["value"] for e in init["env"] if e["name"] == APISERVER_ENDPOINTS), "")
+
+
+async def wait_for_async(check: Callable[[], Any], *, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+async def calico(kube: KubeClient, own_service: str) -> str:
+    await kube.create(f"/apis/apps/v1/namespaces/{own_service}/daemonsets", calico_node())
+    return own_service
+
+
+async def test_discovery_re_signs_before_expiry_and_the_renderer_does_not_patch_again(
+    control_plane: ControlPlane, nats_server: NatsServer, bus: Bus, kube: KubeClient, calico: str
+) -> None:
+    ns = calico
+    await put_slice(kube, ns, endpoint_slice("a", service="apiserver", addresses=["192.0.2.1"]))
+    settings = settings_for(control_plane, nats_server, ns, snapshot_ttl=2.0)
+    registry = CollectorRegistry()
+    renderer = RendererRun(bus, kube, ns, settings.cluster)
+    async with running(settings, registry), renderer.running(TRUSTED):
+        await wait_for_async(lambda: _equals(renderer.endpoints(), "192.0.2.1:6443"))
+        patched = await kube.get(renderer.path)
+        # Three refreshes at about one second each: the first snapshot would have expired.
+        await wait_until(
+            lambda: (registry.get_sample_value("apilane_discovery_refreshes_total") or 0) >= 3,
+            timeout=10,
+        )
+        await wait_until(lambda: renderer.metric("apilane_renderer_refreshes_total") >= 2)
+        now = await kube.get(renderer.path)
+    assert now["metadata"]["resourceVersion"] == patched["metadata"]["resourceVersion"]
+    assert renderer.metric("apilane_renderer_patches_total") == 1
+    assert renderer.refused() == 0
+    kv = await bus.js.key_value(subjects.SNAPSHOT_BUCKET)
+    history = [
+        open_snapshot(entry.value, TRUSTED)
+        for entry in await kv.history(subjects.snapshot_key(settings.cluster))
+        if entry.value
+    ]
+    assert len(history) >= 4
+    assert {s.header.generation for s in history} == {1}
+    assert len({s.content_digest for s in history}) == 1
+    expiries = [s.header.expires_at for s in history]
+    assert expiries == sorted(expiries) and len(set(expiries)) == len(expiries)
+
+
+async def _equals(value: Awaitable[str], wanted: str) -> bool:
+    return await value == wanted
+
+
+async def test_a_key_rotation_refuses_nothing_while_the_renderer_trusts_both_keys(
+    control_plane: ControlPlane, nats_server: NatsServer, bus: Bus, kube: KubeClient, calico: str
+) -> None:
+    ns = calico
+    rotated = SigningKey.generate()
+    await put_slice(kube, ns, endpoint_slice("a", service="apiserver", addresses=["192.0.2.1"]))
+    old = settings_for(control_plane, nats_server, ns)
+    new = settings_for(control_plane, nats_server, ns, cluster=old.cluster, signing_key=rotated)
+    registry = CollectorRegistry()
+    renderer = RendererRun(bus, kube, ns, old.cluster)
+    async with renderer.running(TrustedKeys.of(DISCOVERY_KEY, rotated)):
+        async with running(old):
+            await wait_for_async(lambda: _equals(renderer.endpoints(), "192.0.2.1:6443"))
+        # Discovery restarts with the new key: the bucket's value is not its own any more.
+        async with running(new, registry):
+            entry = None
+            for _ in range(200):
+                entry = await bus.kv_get(subjects.SNAPSHOT_BUCKET, old.cluster)
+                if entry is not None and _verifies(entry.value, TrustedKeys.of(rotated)):
+                    break
+                await asyncio.sleep(0.05)
+            assert entry is not None
+            taken_over = open_snapshot(entry.value, TrustedKeys.of(rotated)).snapshot
+            await wait_until(lambda: renderer.metric("apilane_renderer_noop_total") >= 1)
+            await put_slice(
+                kube, ns, endpoint_slice("a", service="apiserver", addresses=["192.0.2.2"])
+            )
+            await wait_for_async(lambda: _equals(renderer.endpoints(), "192.0.2.2:6443"))
+    assert taken_over.generation > 1
+    assert (
+        registry.get_sample_value(
+            "apilane_discovery_untrusted_entries_total", {"reason": "unknown-key"}
+        )
+        == 1
+    )
+    assert renderer.refused() == 0
+    assert renderer.metric("apilane_renderer_patches_total") == 2
+
+
+def _verifies(value: bytes, trusted: TrustedKeys) -> bool:
+    try:
+        open_snapshot(value, trusted)
+    except (SignatureError, events.MalformedEvent):
+        return False
+    return True
+
+
+async def test_a_forged_value_with_a_huge_generation_moves_nothing(
+    control_plane: ControlPlane, nats_server: NatsServer, bus: Bus, kube: KubeClient, calico: str
+) -> None:
+    """Written with the same rights discovery has, before it starts, claiming the very
+    endpoints discovery will see and generation 2**62: the renderer refuses it, discovery
+    replaces it with a generation just above its revision, and the renderer applies that."""
+    ns = calico
+    await put_slice(kube, ns, endpoint_slice("a", service="apiserver", addresses=["192.0.2.1"]))
+    settings = settings_for(control_plane, nats_server, ns)
+    registry = CollectorRegistry()
+    renderer = RendererRun(bus, kube, ns, settings.cluster)
+    forged = make_snapshot(
+        cluster=settings.cluster,
+        generation=2**62,
+        services=["10.96.0.1:443"],
+        apiservers=["192.0.2.1:6443"],
+    )
+    async with renderer.running(TRUSTED):
+        forged_revision = await bus.kv_put(
+            subjects.SNAPSHOT_BUCKET, settings.cluster, seal(forged, key=SigningKey.generate())
+        )
+        await wait_until(
+            lambda: (
+                renderer.metric("apilane_renderer_snapshots_refused_total", reason="unknown-key")
+                == 1
+            )
+        )
+        async with running(settings, registry):
+            published = await wait_snapshot(bus, settings.cluster, ips("192.0.2.1"))
+            await wait_for_async(lambda: _equals(renderer.endpoints(), "192.0.2.1:6443"))
+    assert published.generation == forged_revision + 1
+    assert renderer.refused() == 1
+    assert renderer.metric("apilane_renderer_patches_total") == 1

@@ -2,27 +2,35 @@
 
 The stand-in is our own protocol (`SnapshotBus`), not nats-py: the real bus is exercised by
 the integration tests. Here the rules are checked one by one, fast and deterministically.
+Every value is sealed as discovery seals it; `puts` are the snapshots opened again.
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
 
 from apilane.discovery.metrics import DiscoveryMetrics
 from apilane.discovery.publisher import ObservedChange, Outcome, Publisher
+from apilane.discovery.sealing import Sealer
 from apilane.model import events, subjects
 from apilane.model.endpoints import SnapshotResult, build_snapshot
 from apilane.model.events import ClusterWarning, EndpointSnapshot, Finding, WarningReason
+from apilane.model.signing import Envelope, SignedSnapshot, SigningKey, TrustedKeys, open_snapshot
 from apilane.runtime.bus import BusError, KvEntry, RevisionMismatch
+from apilane.testing.sealing import seal
 
 pytestmark = [pytest.mark.unit]
 
 KEY = "c1"
+DISCOVERY = SigningKey.generate()
+ITSELF = TrustedKeys.of(DISCOVERY)
+TTL = timedelta(hours=1)
 
 
 class MemoryBus:
@@ -32,6 +40,7 @@ class MemoryBus:
         self.revision = 0
         self.kv: dict[str, tuple[int, bytes]] = {}
         self.puts: list[EndpointSnapshot] = []
+        self.sealed: list[SignedSnapshot] = []  # every value written, verified
         self.warnings: list[ClusterWarning] = []
         self.msg_ids: list[str] = []
         self.down = False
@@ -54,7 +63,7 @@ class MemoryBus:
         self,
         bucket: str,
         key: str,
-        event: events.Event,
+        value: events.Event | bytes,
         *,
         expected_revision: int | None = None,
         msg_id: str | None = None,
@@ -68,10 +77,13 @@ class MemoryBus:
         current = self.kv.get(key, (0, b""))[0]
         if expected_revision is not None and expected_revision != current:
             raise RevisionMismatch(f"{key} at {current}, expected {expected_revision}")
+        assert isinstance(value, bytes), "discovery writes sealed envelopes only"
         self.revision += 1
-        self.kv[key] = (self.revision, events.encode(event))
-        assert isinstance(event, EndpointSnapshot)
-        self.puts.append(event)
+        self.kv[key] = (self.revision, value)
+        opened = open_snapshot(value, ITSELF)
+        self.sealed.append(opened)
+        if not self.sealed[:-1] or self.sealed[-2].content_digest != opened.content_digest:
+            self.puts.append(opened.snapshot)  # a refresh re-signs the same content
         self.msg_ids.append(msg_id or "")
         return self.revision
 
@@ -90,17 +102,19 @@ class MemoryBus:
         self.warnings.append(event)
         return len(self.warnings)
 
-    def seed(self, generation: int, digest: str = "sha256:old") -> None:
-        snapshot = EndpointSnapshot(
-            cluster=KEY,
-            generation=generation,
-            service_endpoints=(),
-            apiserver_endpoints=(),
-            digest=digest,
-            observed_at=datetime.now(UTC),
+    def seed(
+        self, generation: int, result: SnapshotResult | None = None, key: SigningKey = DISCOVERY
+    ) -> None:
+        """Another writer's value: by default another replica's (the same key), of a view
+        none of the tests offers."""
+        snapshot = (result or view("198.51.100.1")).to_event(
+            cluster=KEY, generation=generation, observed_at=datetime.now(UTC)
         )
+        self.put_raw(seal(snapshot, key=key))
+
+    def put_raw(self, value: bytes) -> None:
         self.revision += 1
-        self.kv[KEY] = (self.revision, events.encode(snapshot))
+        self.kv[KEY] = (self.revision, value)
 
 
 class Recorder:
@@ -168,6 +182,7 @@ def publisher(bus: MemoryBus, registry: CollectorRegistry) -> Publisher:
         cluster=KEY,
         bus=bus,
         metrics=DiscoveryMetrics(registry),
+        sealer=Sealer(DISCOVERY, TTL),
         coalesce_window=0.05,
         retry_initial=0.01,
         retry_max=0.05,
@@ -237,7 +252,7 @@ async def test_the_same_digest_is_not_published_again(
 async def test_a_digest_another_replica_already_published_is_not_published_again(
     publisher: Publisher, bus: MemoryBus, registry: CollectorRegistry
 ) -> None:
-    bus.seed(3, digest=view("192.0.2.1").digest)
+    bus.seed(3, view("192.0.2.1"))
     publisher.offer(view("192.0.2.1"), change("10"))
     assert await publisher.flush() is Outcome.SUPPRESSED
     assert bus.puts == []
@@ -335,7 +350,11 @@ async def test_a_follower_publishes_nothing_until_it_leads(
 ) -> None:
     leading = False
     publisher = Publisher(
-        cluster=KEY, bus=bus, metrics=DiscoveryMetrics(registry), is_leader=lambda: leading
+        cluster=KEY,
+        bus=bus,
+        metrics=DiscoveryMetrics(registry),
+        sealer=Sealer(DISCOVERY, TTL),
+        is_leader=lambda: leading,
     )
     bus.seed(7)
     publisher.offer(view("192.0.2.1"), change("10"))
@@ -374,21 +393,27 @@ async def test_a_failed_kubernetes_event_does_not_hold_up_publishing_and_is_retr
         cluster=KEY,
         bus=bus,
         metrics=DiscoveryMetrics(registry),
+        sealer=Sealer(DISCOVERY, TTL),
         recorder=recorder,
         coalesce_window=0.01,
-        event_retry_interval=0.05,
+        retry_initial=0.02,
+        retry_max=0.05,
     )
     stop = asyncio.Event()
     task = asyncio.create_task(publisher.run(stop))
     publisher.offer(view("192.0.2.1", ds=None), change("1"))
     await asyncio.sleep(0.1)
     assert len(bus.puts) == 1 and len(bus.warnings) == 1
+    assert publisher.pending  # the view is not done while its Event is not recorded
     recorder.fail = False
     await asyncio.sleep(0.2)
     stop.set()
     await asyncio.wait_for(task, 2)
     assert [f.reason for f in recorder.recorded] == [WarningReason.KUBE_PROXY_MISSING]
     assert len(bus.puts) == 1 and len(bus.warnings) == 1
+    assert not publisher.pending
+    # Retrying the Event re-read the bucket and suppressed the snapshot: no publish failure.
+    assert metric(registry, "apilane_discovery_publish_failures_total") == 0
 
 
 async def test_latency_is_measured_from_the_trigger_time(
@@ -478,3 +503,169 @@ async def test_kube_proxy_becoming_externally_managed_is_a_new_generation_but_re
     assert [s.generation for s in bus.puts] == [1, 2]
     assert bus.puts[0].digest == bus.puts[1].digest
     assert bus.puts[1].kube_proxy.managed_by == "label:app.kubernetes.io/managed-by=Helm"
+
+
+# -- signing ------------------------------------------------------------------------------------
+
+FORGER = SigningKey.generate()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def signed_publisher(bus: MemoryBus, registry: CollectorRegistry, clock: Clock) -> Publisher:
+    return Publisher(
+        cluster=KEY,
+        bus=bus,
+        metrics=DiscoveryMetrics(registry),
+        sealer=Sealer(DISCOVERY, TTL, now=clock),
+        coalesce_window=0.01,
+    )
+
+
+async def test_every_snapshot_is_sealed_with_discoverys_key_for_the_ttl(
+    bus: MemoryBus, registry: CollectorRegistry
+) -> None:
+    clock = Clock()
+    publisher = signed_publisher(bus, registry, clock)
+    publisher.offer(view("192.0.2.1"), change("10"))
+    assert await publisher.flush() is Outcome.PUBLISHED
+    [signed] = bus.sealed
+    assert signed.header.key_id == DISCOVERY.key_id
+    assert (signed.header.issued_at, signed.header.expires_at) == (clock.now, clock.now + TTL)
+    assert (signed.header.generation, signed.snapshot.generation) == (1, 1)
+
+
+def tampered(value: bytes) -> bytes:
+    """Discovery's own envelope with one address changed in the signed payload."""
+    envelope = msgspec.json.decode(value, type=Envelope)
+    payload = envelope.payload.replace(b"192.0.2.1", b"192.0.2.9")
+    return msgspec.json.encode(
+        Envelope(header=envelope.header, payload=payload, signature=envelope.signature)
+    )
+
+
+@pytest.mark.parametrize(
+    ("forge", "reason"),
+    [
+        pytest.param(lambda s: seal(s, key=FORGER), "unknown-key", id="unknown-key"),
+        pytest.param(events.encode, "unsigned", id="unsigned"),
+        pytest.param(lambda s: tampered(seal(s, key=DISCOVERY)), "bad-signature", id="tampered"),
+    ],
+)
+async def test_a_value_discovery_cannot_verify_is_replaced_whatever_it_claims(
+    publisher: Publisher, bus: MemoryBus, registry: CollectorRegistry, forge: Any, reason: str
+) -> None:
+    # The forged value claims exactly the endpoints discovery sees, and an absurd generation.
+    claimed = view("192.0.2.1").to_event(
+        cluster=KEY, generation=2**62, observed_at=datetime.now(UTC)
+    )
+    bus.seed(1)
+    bus.put_raw(forge(claimed))
+    forged_revision = bus.revision
+    publisher.offer(view("192.0.2.1"), change("10"))
+    assert await publisher.flush() is Outcome.PUBLISHED  # not suppressed: it is not discovery's
+    [published] = bus.puts
+    # Above every generation the key may have held (each was written at a revision at least
+    # as high), never taken from the number it did not sign.
+    assert published.generation == forged_revision + 1
+    assert open_snapshot(bus.kv[KEY][1], ITSELF).snapshot == published
+    assert metric(registry, "apilane_discovery_untrusted_entries_total", {"reason": reason}) == 1
+
+
+async def test_the_refresh_re_signs_the_same_generation_and_payload_with_a_later_expiry(
+    bus: MemoryBus, registry: CollectorRegistry
+) -> None:
+    clock = Clock()
+    publisher = signed_publisher(bus, registry, clock)
+    publisher.offer(view("192.0.2.1"), change("10"))
+    await publisher.flush()
+    first = bus.sealed[-1]
+    revision = bus.revision
+    assert publisher.sealer.refresh_in(first) == TTL.total_seconds() / 2
+    clock.now += TTL / 2
+    assert publisher.sealer.refresh_in(first) == 0
+    assert await publisher.refresh() is Outcome.REFRESHED
+    refreshed = bus.sealed[-1]
+    assert bus.revision == revision + 1  # written with compare-and-set on the revision it read
+    assert refreshed.header.generation == first.header.generation == 1
+    assert refreshed.opened.payload == first.opened.payload
+    assert refreshed.header.expires_at == clock.now + TTL > first.header.expires_at
+    assert len(bus.puts) == 1  # no new content, no new generation
+    assert metric(registry, "apilane_discovery_refreshes_total") == 1
+    assert bus.msg_ids[0] != bus.msg_ids[1]  # JetStream must not drop it as a duplicate
+
+
+async def test_a_refresh_that_lost_the_race_reconciles_with_the_bucket_first(
+    bus: MemoryBus, registry: CollectorRegistry
+) -> None:
+    clock = Clock()
+    publisher = signed_publisher(bus, registry, clock)
+    publisher.offer(view("192.0.2.1"), change("10"))
+    await publisher.flush()
+    bus.seed(5)  # another replica wrote other content meanwhile
+    clock.now += TTL
+    assert await publisher.refresh() is Outcome.IDLE
+    assert publisher.pending
+    assert await publisher.flush() is Outcome.PUBLISHED
+    assert [s.generation for s in bus.puts] == [1, 6]
+
+
+async def test_a_follower_re_signs_nothing(bus: MemoryBus, registry: CollectorRegistry) -> None:
+    leading = True
+    publisher = Publisher(
+        cluster=KEY,
+        bus=bus,
+        metrics=DiscoveryMetrics(registry),
+        sealer=Sealer(DISCOVERY, TTL),
+        is_leader=lambda: leading,
+    )
+    publisher.offer(view("192.0.2.1"), change("10"))
+    await publisher.flush()
+    leading = False
+    assert await publisher.refresh() is Outcome.RETRY
+    assert len(bus.sealed) == 1
+
+
+async def test_the_last_good_snapshot_is_kept_valid_while_the_view_has_no_endpoints(
+    bus: MemoryBus, registry: CollectorRegistry
+) -> None:
+    clock = Clock()
+    publisher = signed_publisher(bus, registry, clock)
+    publisher.offer(view("192.0.2.1"), change("10"))
+    await publisher.flush()
+    publisher.wake()  # e.g. a new term: nothing known until the bucket is read again
+    publisher.offer(view(), change("11"))
+    assert await publisher.flush() is Outcome.REFUSED_EMPTY
+    clock.now += TTL / 2
+    assert await publisher.refresh() is Outcome.REFRESHED
+    assert [e.ip for e in bus.sealed[-1].snapshot.apiserver_endpoints] == ["192.0.2.1"]
+
+
+async def test_the_run_loop_re_signs_before_expiry(
+    bus: MemoryBus, registry: CollectorRegistry
+) -> None:
+    publisher = Publisher(
+        cluster=KEY,
+        bus=bus,
+        metrics=DiscoveryMetrics(registry),
+        sealer=Sealer(DISCOVERY, timedelta(seconds=0.4)),
+        coalesce_window=0.01,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(publisher.run(stop))
+    publisher.offer(view("192.0.2.1"), change("10"))
+    await asyncio.sleep(1.0)
+    stop.set()
+    await asyncio.wait_for(task, 2)
+    assert len(bus.puts) == 1
+    assert len(bus.sealed) >= 3  # the publish, then a refresh about every 0.2 s
+    for earlier, later in zip(bus.sealed, bus.sealed[1:], strict=False):
+        assert later.header.generation == earlier.header.generation
+        # Each one is re-signed before the one before it expires.
+        assert later.header.issued_at < earlier.header.expires_at

@@ -25,11 +25,13 @@ import pytest
 
 from apilane.kube.client import KubeClient
 from apilane.model import envformat, events, subjects
+from apilane.model.signing import TrustedKeys, open_snapshot
 from apilane.runtime.bus import Bus
 from apilane.testing.bpf import BpfLab, Topology
 from apilane.testing.kube import ControlPlane, endpoint_slice
 from apilane.testing.nats import NatsServer
 from apilane.testing.otlp import OtlpReceiver, ReceivedSpan, dump
+from apilane.testing.sealing import signing_environment
 from apilane.testing.stack import ServiceProcesses, base_environment
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kube, pytest.mark.nats, pytest.mark.bpf]
@@ -169,7 +171,7 @@ async def test_one_endpoint_change_reaches_the_daemonset_both_nodes_and_forms_on
         nats_url=nats_server.url,
         kubeconfig=str(control_plane.kubeconfig_path),
         otlp_endpoint=otlp.endpoint,
-    )
+    ) | signing_environment(tmp_path)
     stack = ServiceProcesses(tmp_path)
     cgroups: dict[str, Path] = {}
     pins: dict[str, Path] = {}
@@ -218,6 +220,7 @@ async def test_one_endpoint_change_reaches_the_daemonset_both_nodes_and_forms_on
             await run_scenario(
                 kube=kube,
                 bus=bus,
+                trusted_keys=env["APILANE_TRUSTED_KEYS"],
                 stack=stack,
                 otlp=otlp,
                 bpf_lab=bpf_lab,
@@ -244,6 +247,7 @@ async def run_scenario(
     *,
     kube: KubeClient,
     bus: Bus,
+    trusted_keys: str,
     stack: ServiceProcesses,
     otlp: OtlpReceiver,
     bpf_lab: BpfLab,
@@ -262,7 +266,9 @@ async def run_scenario(
 ) -> None:
     async def latest_snapshot() -> events.EndpointSnapshot | None:
         entry = await bus.kv_get(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(CLUSTER))
-        return None if entry is None else events.decode_snapshot(entry.value)
+        if entry is None:
+            return None
+        return open_snapshot(entry.value, TrustedKeys.parse(trusted_keys)).snapshot
 
     async def node_generations() -> dict[str, int]:
         found = {}
@@ -364,6 +370,8 @@ async def run_scenario(
         | {
             "APILANE_NATS_URL": nats_url,
             "APILANE_CLUSTER": CLUSTER,
+            # What `apilane status` verifies the snapshot with.
+            "APILANE_TRUSTED_KEYS": trusted_keys,
             "KUBECONFIG": kubeconfig,
             "APILANE_TARGET_NAMESPACE": namespace,
         },
@@ -375,6 +383,9 @@ async def run_scenario(
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
     assert report["generation"] == second_generation
+    # Opened with the trusted key: discovery's signature, shown with its key id.
+    assert (report["trusted"], report["untrusted"]) == (True, "")
+    assert (report["signed_by"],) == TrustedKeys.parse(trusted_keys).ids
     assert {n["node"]: n["generation"] for n in report["nodes"]} == dict.fromkeys(
         NODES, second_generation
     )

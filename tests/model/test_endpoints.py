@@ -1,4 +1,4 @@
-"""Table tests for apilane.model.endpoints, the pure extraction: one case per rule of issue 3."""
+"""Table tests for apilane.model.endpoints, the pure extraction: one case per rule."""
 
 from __future__ import annotations
 

@@ -15,17 +15,19 @@ from apilane.model.events import (
     ServiceEndpoint,
     canonical_digest,
 )
-from apilane.renderer.render import (
-    APISERVER_ENDPOINTS,
+from apilane.renderer.ownership import (
     FIELD_MANAGER,
     MANAGED_ENV_ANNOTATION,
-    SERVICE_IPS_PORTS,
     ManagedEnvError,
+    format_managed_env,
+    parse_managed_env,
+)
+from apilane.renderer.render import (
+    APISERVER_ENDPOINTS,
+    SERVICE_IPS_PORTS,
     RenderError,
     RenderOptions,
     diff,
-    format_managed_env,
-    parse_managed_env,
     render,
 )
 

@@ -13,14 +13,17 @@ import copy
 import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
+from prometheus_client import CollectorRegistry
 
 from apilane.kube.client import KubeClient
-from apilane.kube.leader import LeaderElector
+from apilane.kube.leader import LeaderElector, LeaseSettings, lead
 from apilane.model import events, subjects
 from apilane.model.envformat import IpPort
 from apilane.model.events import (
@@ -28,16 +31,27 @@ from apilane.model.events import (
     KubeProxyState,
     RenderResult,
 )
+from apilane.model.signing import (
+    Envelope,
+    SigningKey,
+    TrustedKeys,
+    open_snapshot,
+    reseal_snapshot,
+    utcnow,
+)
 from apilane.renderer import service
-from apilane.renderer.applier import APPLIED_GENERATION
-from apilane.renderer.render import APISERVER_ENDPOINTS, MANAGED_ENV_ANNOTATION, SERVICE_IPS_PORTS
-from apilane.renderer.service import Renderer, lead_and_render
+from apilane.renderer.applier import APPLIED_CONTENT_DIGEST, APPLIED_GENERATION
+from apilane.renderer.metrics import REFUSAL_REASONS
+from apilane.renderer.ownership import MANAGED_ENV_ANNOTATION
+from apilane.renderer.render import APISERVER_ENDPOINTS, SERVICE_IPS_PORTS
+from apilane.renderer.service import Renderer
 from apilane.renderer.settings import FIELD_MANAGER, SERVICE_NAME, RendererSettings
 from apilane.renderer.settings import load as load_settings
 from apilane.runtime import serve
 from apilane.runtime.bus import Bus
 from apilane.runtime.config import CommonSettings
 from apilane.testing.kube import ControlPlane
+from apilane.testing.sealing import seal, seal_payload
 from apilane.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube, pytest.mark.nats]
@@ -129,6 +143,8 @@ class Harness:
         self.kube = kube
         self.namespace = namespace
         self.cluster = f"c-{secrets.token_hex(4)}"
+        self.key = SigningKey.generate()  # discovery's, as far as these tests go
+        self.registry = CollectorRegistry()  # the metrics of the renderer started last
         self.results: asyncio.Queue[RenderResult] = asyncio.Queue()
         self.warnings: asyncio.Queue[events.ClusterWarning] = asyncio.Queue()
         self._renderers: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
@@ -159,22 +175,27 @@ class Harness:
 
     def settings(self, **overrides: Any) -> RendererSettings:
         values: dict[str, Any] = {
+            "trusted_keys": TrustedKeys.of(self.key),
             "common": CommonSettings(cluster=self.cluster),
             "target_namespace": self.namespace,
-            "leader_election": False,
+            "lease": LeaseSettings(
+                enabled=False, name=subjects.renderer_lease(self.cluster), identity="renderer-test"
+            ),
             "coalesce_during_rollout": False,
         }
         values.update(overrides)
         return RendererSettings(**values)
 
     async def start(
-        self, *, _before_patch: Callable[[int], Awaitable[None]] | None = None, **overrides: Any
+        self, *, before_patch: Callable[[int], Awaitable[None]] | None = None, **overrides: Any
     ) -> Renderer:
+        self.registry = CollectorRegistry()
         renderer = Renderer(
             bus=self.bus,
             kube=self.kube,
             settings=self.settings(**overrides),
-            _before_patch=_before_patch,
+            registry=self.registry,
+            before_patch=before_patch,
         )
         stop = asyncio.Event()
         self._renderers.append((stop, asyncio.create_task(renderer.run(stop))))
@@ -193,8 +214,20 @@ class Harness:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    async def publish(self, snap: EndpointSnapshot) -> None:
-        await self.bus.kv_put(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(self.cluster), snap)
+    async def publish(
+        self, snap: EndpointSnapshot, *, key: SigningKey | None = None, **sealing: Any
+    ) -> bytes:
+        """Seal `snap` as discovery does (with `key`, else the trusted one) and put it."""
+        value = seal(snap, key=key or self.key, **sealing)
+        await self.put(value)
+        return value
+
+    async def put(self, value: bytes) -> None:
+        """Put raw bytes into the snapshot key, as anyone who may write it can."""
+        await self.bus.kv_put(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(self.cluster), value)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
 
     async def result(self, timeout: float = RESULT_TIMEOUT) -> RenderResult:
         return await asyncio.wait_for(self.results.get(), timeout=timeout)
@@ -342,7 +375,7 @@ async def test_a_conflicting_concurrent_update_is_retried(world: Harness) -> Non
                 patch_type="merge",
             )
 
-    await world.start(_before_patch=change_it_first)
+    await world.start(before_patch=change_it_first)
     await world.publish(snapshot(world.cluster, 1))
     result = await world.result()
     assert result.outcome == "applied", result.reason
@@ -476,8 +509,16 @@ async def test_malformed_and_unrenderable_snapshots_are_reported_without_a_crash
 ) -> None:
     before = await world.create_daemonset()
     await world.start()
+    # Garbage is not even an envelope: refused as unsigned.
     await world.bus.js.publish(
         subjects.kv_subject(subjects.SNAPSHOT_BUCKET, world.cluster), b'{"not": "a snapshot"'
+    )
+    warning = await asyncio.wait_for(world.warnings.get(), timeout=RESULT_TIMEOUT)
+    assert warning.reason == events.WarningReason.SNAPSHOT_REFUSED
+    assert "(unsigned)" in warning.message
+    # Validly signed, but not a snapshot: a producer bug, reported as invalid.
+    await world.put(
+        seal_payload(b'{"not": "a snapshot"', generation=1, cluster=world.cluster, key=world.key)
     )
     warning = await asyncio.wait_for(world.warnings.get(), timeout=RESULT_TIMEOUT)
     assert warning.reason == events.WarningReason.INVALID_SNAPSHOT
@@ -678,7 +719,7 @@ async def test_only_the_leader_patches_and_a_follower_takes_over(world: Harness)
         stop = asyncio.Event()
         stops.append(stop)
         electors.append(elector)
-        tasks.append(asyncio.create_task(lead_and_render(renderer, elector, stop)))
+        tasks.append(asyncio.create_task(lead(elector, renderer.run, stop)))
         if identity == "renderer-a":
             await asyncio.wait_for(elector.wait_until_leader(), timeout=5)
 
@@ -716,8 +757,11 @@ async def test_the_service_elects_renders_and_serves_probes_and_metrics(
             http_host="127.0.0.1",
             http_port=0,
         ),
-        leader_election=True,
-        lease_namespace=world.namespace,
+        lease=LeaseSettings(
+            namespace=world.namespace,
+            name=subjects.renderer_lease(world.cluster),
+            identity="renderer-under-test",
+        ),
     )
     stop = asyncio.Event()
     contexts: list[serve.ServiceContext] = []
@@ -771,6 +815,7 @@ async def test_readiness_is_false_while_nats_is_unreachable_at_start(
             "APILANE_HTTP_HOST": "127.0.0.1",
             "APILANE_HTTP_PORT": "0",
             "APILANE_LEADER_ELECTION": "false",
+            "APILANE_TRUSTED_KEYS": SigningKey.generate().public_text,
             "KUBECONFIG": str(kubeconfig),
         }
     )
@@ -791,7 +836,10 @@ async def test_readiness_is_false_while_nats_is_unreachable_at_start(
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{contexts[0].http_port}/readyz") as response:
                 assert response.status == 503
-                assert (await response.json())["checks"] == {"nats": False, "renderer": False}
+                assert (await response.json())["checks"] == {
+                    "nats-connected": False,
+                    "renderer": False,
+                }
             async with http.get(f"http://127.0.0.1:{contexts[0].http_port}/healthz") as response:
                 assert response.status == 200
     finally:
@@ -799,3 +847,181 @@ async def test_readiness_is_false_while_nats_is_unreachable_at_start(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(task, timeout=15)
+
+
+# -- signed snapshots ---------------------------------------------------------------------------
+
+
+async def wait_warning(world: Harness, reason: str) -> events.ClusterWarning:
+    while True:
+        warning = await asyncio.wait_for(world.warnings.get(), timeout=RESULT_TIMEOUT)
+        if warning.reason == reason:
+            return warning
+
+
+def tampered(value: bytes) -> bytes:
+    """A validly signed envelope with one address changed in its payload."""
+    envelope = msgspec.json.decode(value, type=Envelope)
+    payload = envelope.payload.replace(b"192.168.5.4", b"192.168.5.66")
+    assert payload != envelope.payload
+    return msgspec.json.encode(
+        Envelope(header=envelope.header, payload=payload, signature=envelope.signature)
+    )
+
+
+@pytest.mark.parametrize(
+    ("forge", "reason", "warning"),
+    [
+        pytest.param(
+            lambda world, snap: seal(snap, key=SigningKey.generate()),
+            "unknown-key",
+            events.WarningReason.SNAPSHOT_REFUSED,
+            id="unknown-key",
+        ),
+        pytest.param(
+            lambda world, snap: tampered(seal(snap, key=world.key)),
+            "bad-signature",
+            events.WarningReason.SNAPSHOT_REFUSED,
+            id="tampered",
+        ),
+        pytest.param(
+            lambda world, snap: events.encode(snap),
+            "unsigned",
+            events.WarningReason.SNAPSHOT_REFUSED,
+            id="unsigned",
+        ),
+    ],
+)
+async def test_a_snapshot_not_signed_by_a_trusted_key_changes_nothing(
+    world: Harness, forge: Any, reason: str, warning: str
+) -> None:
+    await world.create_daemonset()
+    await world.start()
+    await world.publish(snapshot(world.cluster, 1))
+    assert (await world.result()).outcome == "applied"
+    before = await world.daemonset()
+
+    # Written through a connection that may write the key (as discovery's may): a newer
+    # generation with other endpoints.
+    await world.put(
+        forge(world, snapshot(world.cluster, 7, endpoints=("192.168.5.4", "203.0.113.9")))
+    )
+    refused = await wait_warning(world, warning)
+    assert f"({reason})" in refused.message
+    await world.no_more_results()  # nothing verified, nothing to report a result for
+    after = await world.daemonset()
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    assert world.metric("apilane_renderer_snapshots_refused_total", reason=reason) == 1
+
+    # The next valid snapshot is applied as usual.
+    await world.publish(snapshot(world.cluster, 2, endpoints=("192.168.5.8",)))
+    assert (await world.result()).outcome == "applied"
+
+
+async def test_a_replayed_older_snapshot_is_ignored_also_after_a_restart(world: Harness) -> None:
+    await world.create_daemonset()
+    await world.start()
+    first = await world.publish(snapshot(world.cluster, 1))
+    assert (await world.result()).outcome == "applied"
+    await world.publish(snapshot(world.cluster, 2, endpoints=("192.168.5.9",)))
+    assert (await world.result()).outcome == "applied"
+    before = await world.daemonset()
+
+    await world.put(first)  # the very bytes of generation 1, validly signed
+    replayed = await world.result()
+    assert (replayed.generation, replayed.outcome) == (1, "ignored")
+    assert "rollback" in replayed.reason
+    await wait_warning(world, events.WarningReason.SNAPSHOT_REFUSED)
+    assert world.metric("apilane_renderer_snapshots_refused_total", reason="rollback") == 1
+
+    # A new process, with the replay as the latest value: the DaemonSet's record says 2.
+    await world.stop()
+    await world.start()
+    again = await world.result()
+    assert (again.generation, again.outcome) == (1, "ignored")
+    assert world.metric("apilane_renderer_snapshots_refused_total", reason="rollback") == 1
+    after = await world.daemonset()
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    env = env_of(after, "initContainers", "ebpf-bootstrap")
+    assert env[APISERVER_ENDPOINTS] == "192.168.5.9:6443"
+
+
+async def test_the_held_generation_with_other_content_is_refused(world: Harness) -> None:
+    await world.create_daemonset()
+    await world.start()
+    await world.publish(snapshot(world.cluster, 3))
+    assert (await world.result()).outcome == "applied"
+    before = await world.daemonset()
+    await world.publish(snapshot(world.cluster, 3, endpoints=("192.168.5.77",)))
+    result = await world.result()
+    assert (result.generation, result.outcome) == (3, "ignored")
+    assert world.metric("apilane_renderer_snapshots_refused_total", reason="equivocation") == 1
+    after = await world.daemonset()
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+
+async def test_an_expired_snapshot_is_not_applied(world: Harness) -> None:
+    before = await world.create_daemonset()
+    await world.start()
+    issued = utcnow() - timedelta(hours=2)
+    await world.publish(snapshot(world.cluster, 1), ttl=timedelta(hours=1), issued_at=issued)
+    result = await world.result()
+    assert (result.generation, result.outcome) == (1, "ignored")
+    assert "expired" in result.reason
+    await wait_warning(world, events.WarningReason.SNAPSHOT_REFUSED)
+    assert world.metric("apilane_renderer_snapshots_refused_total", reason="expired") == 1
+    after = await world.daemonset()
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+
+async def test_a_snapshot_that_expires_while_it_waits_is_not_applied(world: Harness) -> None:
+    await world.start()
+    await world.publish(snapshot(world.cluster, 1), ttl=timedelta(seconds=1))
+    assert (await world.result()).outcome == "waiting"  # no DaemonSet yet
+    await asyncio.sleep(1.2)
+    before = await world.create_daemonset()
+    result = await world.result()
+    assert (result.generation, result.outcome) == (1, "ignored")
+    assert "expired" in result.reason
+    assert world.metric("apilane_renderer_snapshots_refused_total", reason="expired") == 1
+    after = await world.daemonset()
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+
+
+async def test_a_re_signed_copy_of_the_applied_generation_is_taken_without_a_patch(
+    world: Harness,
+) -> None:
+    await world.create_daemonset()
+    await world.start()
+    first = await world.publish(snapshot(world.cluster, 1), ttl=timedelta(minutes=10))
+    assert (await world.result()).outcome == "applied"
+    applied = await world.daemonset()
+    held = open_snapshot(first, TrustedKeys.of(world.key))
+    await world.put(reseal_snapshot(world.key, held, now=utcnow(), ttl=timedelta(minutes=10)))
+    refreshed = await world.result()
+    assert (refreshed.generation, refreshed.outcome) == (1, "ignored")
+    assert "refresh" in refreshed.reason
+    assert world.metric("apilane_renderer_refreshes_total") == 1
+    assert world.metric("apilane_renderer_patches_total") == 1
+    now = await world.daemonset()
+    assert now["metadata"]["resourceVersion"] == applied["metadata"]["resourceVersion"]
+
+
+async def test_a_key_rotation_with_two_trusted_keys_refuses_nothing(world: Harness) -> None:
+    old, new = world.key, SigningKey.generate()
+    await world.create_daemonset()
+    await world.start(trusted_keys=TrustedKeys.of(old, new))
+    await world.publish(snapshot(world.cluster, 1), key=old)
+    assert (await world.result()).outcome == "applied"
+    # Discovery switches key: the next generation (same endpoints), then a new set.
+    await world.publish(snapshot(world.cluster, 2), key=new)
+    assert (await world.result()).outcome == "unchanged"
+    await world.publish(snapshot(world.cluster, 3, endpoints=("192.168.5.30",)), key=new)
+    assert (await world.result()).outcome == "applied"
+    refused = sum(
+        world.metric("apilane_renderer_snapshots_refused_total", reason=reason)
+        for reason in REFUSAL_REASONS
+    )
+    assert refused == 0
+    live = await world.daemonset()
+    assert live["metadata"]["annotations"][APPLIED_CONTENT_DIGEST].startswith("sha256:")

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from apilane.model.errors import ConfigError
-from apilane.model.signing import SigningKey
+from apilane.model.signing import SigningKey, TrustedKeys
 from apilane.runtime.config import (
     Env,
+    describe,
     load_common,
     load_signing_key,
     load_trusted_keys,
@@ -107,3 +109,18 @@ def test_the_signing_key_is_a_pem_file_named_by_a_variable(tmp_path: Path) -> No
     (tmp_path / "bad.pem").write_text("not a key")
     with pytest.raises(ConfigError, match="APILANE_SIGNING_KEY_FILE"):
         load_signing_key(Env({"APILANE_SIGNING_KEY_FILE": str(tmp_path / "bad.pem")}))
+
+
+def test_describe_shows_key_objects_by_type_and_id_never_their_bytes() -> None:
+    @dataclass(frozen=True)
+    class WithKeys:
+        signing_key: SigningKey
+        trusted: TrustedKeys
+
+    key = SigningKey.generate()
+    described = describe(WithKeys(key, TrustedKeys.of(key)))
+    assert described == {
+        "signing_key": {"private": "<Ed25519PrivateKey>"},
+        "trusted": {"keys": {key.key_id: "<Ed25519PublicKey>"}},
+    }
+    assert key.public_text not in repr(described)

@@ -4,8 +4,9 @@
     apilane render manifest --kubeconfig PATH                     # straight from the API server
 
 Prints the two env lines, then a YAML snippet for the calico-node DaemonSet. With neither
-option it uses APILANE_NATS_URL when set, else KUBECONFIG (or the in-cluster account). The
-snapshot is rendered by the renderer's own pure core (`apilane.renderer.render`), and read
+option it uses APILANE_NATS_URL when set, else KUBECONFIG (or the in-cluster account). A
+snapshot from the bus is used only when it verifies against APILANE_TRUSTED_KEYS(_FILE), or
+the local stack's keys when those are not set. The snapshot is rendered by the renderer's own pure core (`apilane.renderer.render`), and read
 from the API objects by `apilane.model.endpoints.build_snapshot`: the rules discovery
 publishes by. Exit codes: 0 printed, 1 nothing usable to print (no snapshot, no endpoints),
 2 bad usage.
@@ -22,9 +23,10 @@ from typing import Any, Literal, TextIO
 import yaml
 
 from apilane.cli.errors import CliError, UsageError
-from apilane.cli.target import Flags
+from apilane.cli.target import Flags, local_trusted_keys
 from apilane.kube.client import KubeClient, KubeError, NotFound
-from apilane.model import endpoints, events, subjects
+from apilane.model import endpoints, events, signing, subjects
+from apilane.model.signing import SignatureError, TrustedKeys
 from apilane.renderer import render
 from apilane.renderer.render import DesiredEnv
 from apilane.renderer.settings import RendererSettings
@@ -97,11 +99,12 @@ def write(
 
 
 async def manifest(flags: Flags, *, fmt: Format, out: TextIO) -> int:
-    settings = load_settings()
+    settings = load_settings(serving=False)
     cluster = subjects.snapshot_key(flags.cluster or settings.cluster)
     source = Source.choose(flags, settings, os.environ)
     if source.nats_urls:
-        snapshot = await from_bus(source.nats_urls, cluster)
+        trusted = settings.trusted_keys or local_trusted_keys()
+        snapshot = await from_bus(source.nats_urls, cluster, trusted)
         origin = f"cluster {cluster}: snapshot generation {snapshot.generation} from NATS"
     else:
         snapshot = await from_kube(source.kubeconfig, cluster)
@@ -118,7 +121,9 @@ async def manifest(flags: Flags, *, fmt: Format, out: TextIO) -> int:
     return 0
 
 
-async def from_bus(urls: tuple[str, ...], cluster: str) -> events.EndpointSnapshot:
+async def from_bus(
+    urls: tuple[str, ...], cluster: str, trusted: TrustedKeys
+) -> events.EndpointSnapshot:
     try:
         bus = await Bus.connect(urls, name="apilane-cli", initial_attempt_deadline=5.0)
     except BusError as exc:
@@ -131,7 +136,28 @@ async def from_bus(urls: tuple[str, ...], cluster: str) -> events.EndpointSnapsh
         raise CliError(
             f"no snapshot for cluster {cluster!r} in {subjects.SNAPSHOT_BUCKET}: is discovery running?"
         )
-    return events.decode_snapshot(entry.value)
+    return verified(entry.value, trusted)
+
+
+def verified(data: bytes, trusted: TrustedKeys) -> events.EndpointSnapshot:
+    """Only a snapshot a trusted key signed is rendered: anyone who can write the KV key
+    could have written any other."""
+    if not trusted:
+        raise CliError(
+            "the snapshot on the bus is signed: name the keys that may sign it with "
+            "APILANE_TRUSTED_KEYS (or APILANE_TRUSTED_KEYS_FILE)"
+        )
+    try:
+        signed = signing.open_snapshot(data, trusted)
+    except (SignatureError, events.MalformedEvent) as exc:
+        raise CliError(f"the snapshot on the bus is not trusted: {exc}") from exc
+    if signed.expired(signing.utcnow()):
+        # What the renderer would refuse too: nobody vouches for these endpoints any more.
+        raise CliError(
+            f"the snapshot on the bus expired at {signed.header.expires_at:%Y-%m-%d %H:%M:%S}Z:"
+            " is discovery running?"
+        )
+    return signed.snapshot
 
 
 async def from_kube(kubeconfig: str, cluster: str) -> events.EndpointSnapshot:

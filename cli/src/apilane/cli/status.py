@@ -1,5 +1,10 @@
 """`apilane status`: the snapshot, the calico-node env and each node's state, read from NATS
-and the API server (`--json` prints the same view for scripts)."""
+and the API server (`--json` prints the same view for scripts).
+
+The snapshot is shown as what the services would take it for: opened against the stack's
+trusted keys (the stack file's, or APILANE_TRUSTED_KEYS), with the key that signed it and
+until when. One that does not verify is shown as untrusted, with the reason, and none of its
+content."""
 
 from __future__ import annotations
 
@@ -15,20 +20,55 @@ import msgspec
 from apilane.cli.errors import CliError
 from apilane.cli.target import StackInfo
 from apilane.kube.client import KubeClient
-from apilane.model import events, subjects
+from apilane.model import events, signing, subjects
+from apilane.model.signing import SignatureError, TrustedKeys
 from apilane.runtime import tracing
 from apilane.runtime.bus import Bus, BusError
 
 
 @dataclass(frozen=True)
+class Seal:
+    """Who signed the snapshot on the bus, and its validity window."""
+
+    key_id: str
+    issued_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
 class View:
-    """What the stack holds right now, read from NATS and the API server."""
+    """What the stack holds right now, read from NATS and the API server. `snapshot` is set
+    only when it verified; `untrusted` says why the one on the bus did not."""
 
     snapshot: events.EndpointSnapshot | None
     trace_id: str
     nodes: list[events.NodeState]
     calico_env: dict[str, str]
     daemonset_generation: int
+    seal: Seal | None = None
+    untrusted: str = ""
+
+
+@dataclass(frozen=True)
+class SnapshotValue:
+    snapshot: events.EndpointSnapshot | None = None
+    seal: Seal | None = None
+    untrusted: str = ""
+
+
+def open_value(data: bytes, trusted: TrustedKeys) -> SnapshotValue:
+    """The snapshot KV value as a consumer sees it: verified, or untrusted and why."""
+    if not trusted:
+        return SnapshotValue(untrusted="no trusted keys: set APILANE_TRUSTED_KEYS (or _FILE)")
+    try:
+        signed = signing.open_snapshot(data, trusted)
+    except SignatureError as exc:
+        return SnapshotValue(untrusted=f"{exc.reason}: {exc}")
+    except events.MalformedEvent as exc:
+        return SnapshotValue(untrusted=f"malformed: {exc}")
+    header = signed.header
+    seal = Seal(key_id=header.key_id, issued_at=header.issued_at, expires_at=header.expires_at)
+    return SnapshotValue(snapshot=signed.snapshot, seal=seal)
 
 
 @contextlib.asynccontextmanager
@@ -56,13 +96,16 @@ async def connected(info: StackInfo) -> AsyncIterator[tuple[Bus, KubeClient]]:
 async def read_view(bus: Bus, kube: KubeClient, info: StackInfo) -> View:
     entry = await bus.kv_get(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(info.cluster))
     daemonset = await kube.get(info.daemonset_path)
+    opened = open_value(entry.value, info.trusted_keys) if entry is not None else SnapshotValue()
     return View(
-        snapshot=events.decode_snapshot(entry.value) if entry is not None else None,
+        snapshot=opened.snapshot,
         # The trace the snapshot's writer started, from its traceparent header.
         trace_id=tracing.trace_id(entry.headers) if entry is not None else "",
         nodes=await read_nodes(bus, info.cluster),
         calico_env=calico_env(daemonset),
         daemonset_generation=int(daemonset["metadata"].get("generation", 0)),
+        seal=opened.seal,
+        untrusted=opened.untrusted,
     )
 
 
@@ -100,6 +143,13 @@ def age(moment: datetime | None) -> str:
     return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
 
 
+def until(moment: datetime) -> str:
+    seconds = (moment - datetime.now(UTC)).total_seconds()
+    if seconds <= 0:
+        return f"EXPIRED {age(moment)}"
+    return f"expires in {seconds:.0f}s" if seconds < 120 else f"expires in {seconds / 60:.0f}m"
+
+
 def render_view(view: View, info: StackInfo) -> str:
     lines = [f"cluster {info.cluster!r}"]
     lines += snapshot_lines(view, info)
@@ -111,6 +161,8 @@ def render_view(view: View, info: StackInfo) -> str:
 
 def snapshot_lines(view: View, info: StackInfo) -> list[str]:
     snapshot = view.snapshot
+    if view.untrusted:
+        return [f"  snapshot: UNTRUSTED, not shown ({view.untrusted})"]
     if snapshot is None:
         return ["  snapshot: none published yet"]
     apiservers = ", ".join(f"{e.ip}:{e.port}" for e in snapshot.apiserver_endpoints)
@@ -121,6 +173,8 @@ def snapshot_lines(view: View, info: StackInfo) -> list[str]:
         f"    service VIPs:          {services}",
         f"    API server endpoints:  {apiservers}",
     ]
+    if view.seal is not None:
+        lines.append(f"    signed by {view.seal.key_id}, {until(view.seal.expires_at)}")
     lines += [f"    finding: {f.reason}: {f.message}" for f in snapshot.findings]
     if view.trace_id and info.zipkin_url:
         lines.append(f"    trace: {info.zipkin_url}/zipkin/traces/{view.trace_id}")
@@ -142,6 +196,7 @@ def node_lines(view: View) -> list[str]:
             f"    {node.node:<16} generation {node.generation:<4} {state:<8} "
             f"{node.maps.frontends} frontends, {node.maps.backends} backends, "
             f"{programs} programs attached, applied {age(node.applied_at)}"
+            + ("  STALE (its snapshot expired)" if node.stale else "")
             + (f"  last error: {node.last_error}" if node.last_error else "")
         )
     return lines
@@ -155,6 +210,10 @@ def view_as_json(view: View, info: StackInfo) -> str:
             "generation": snapshot.generation if snapshot else 0,
             "digest": snapshot.digest if snapshot else "",
             "trace_id": view.trace_id,
+            "trusted": snapshot is not None,
+            "untrusted": view.untrusted,
+            "signed_by": view.seal.key_id if view.seal else "",
+            "expires_at": view.seal.expires_at.isoformat() if view.seal else "",
             "snapshot": msgspec.to_builtins(snapshot) if snapshot else None,
             "daemonset": info.daemonset,
             "daemonset_generation": view.daemonset_generation,

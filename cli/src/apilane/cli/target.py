@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from apilane.cli.errors import CliError
+from apilane.model.errors import ConfigError
+from apilane.model.signing import TrustedKeys
 from apilane.runtime import config
 
 CALICO_NODE = "calico-system/calico-node"
@@ -55,6 +57,10 @@ class StackInfo:
     kubeconfig: str
     zipkin_url: str
     daemonset: str = CALICO_NODE  # namespace/name of calico-node
+    # Whose signatures make a snapshot trusted; empty: every snapshot shows as untrusted.
+    trusted_keys: TrustedKeys = field(default_factory=lambda: TrustedKeys({}))
+    # The operator's private key (PEM) that control requests are sealed with; empty: none.
+    operator_key_file: str = ""
 
     @property
     def daemonset_path(self) -> str:
@@ -70,18 +76,22 @@ class StackInfo:
         checkout: Path | None = None,
     ) -> StackInfo:
         """Named by flags when NATS is (--nats-url or APILANE_NATS_URL; the rest then comes
-        from flags or APILANE_CLUSTER and KUBECONFIG), else the stack file `apilane up`
-        writes (which only flags override: a shell's KUBECONFIG is not the local stack's)."""
+        from flags or APILANE_CLUSTER, KUBECONFIG, APILANE_TRUSTED_KEYS(_FILE) and
+        APILANE_OPERATOR_KEY_FILE), else the stack file `apilane up` writes (which only flags
+        override: a shell's KUBECONFIG is not the local stack's)."""
         environ = os.environ if environ is None else environ
         daemonset = flags.daemonset or CALICO_NODE
         if flags.nats_urls or environ.get("APILANE_NATS_URL"):
             common = config.load_common(environ)
+            env = config.Env(environ)
             return cls(
                 cluster=flags.cluster or common.cluster,
                 nats_urls=flags.nats_urls or common.nats_urls,
                 kubeconfig=flags.kubeconfig or common.kubeconfig,
                 zipkin_url="",
                 daemonset=daemonset,
+                trusted_keys=config.load_trusted_keys(env),
+                operator_key_file=env.str("OPERATOR_KEY_FILE", ""),
             )
         data = read_stack_file(checkout or find_checkout())
         return cls(
@@ -90,7 +100,25 @@ class StackInfo:
             kubeconfig=flags.kubeconfig or data["kubeconfig"],
             zipkin_url=data["zipkin_url"],
             daemonset=daemonset,
+            trusted_keys=stack_trusted_keys(data),
+            operator_key_file=data.get("operator_key_file", ""),
         )
+
+
+def stack_trusted_keys(data: dict[str, Any]) -> TrustedKeys:
+    """The keys the local stack's discovery signs with, as `apilane up` recorded them."""
+    try:
+        return TrustedKeys.parse(data.get("trusted_keys", ""), source="the stack file")
+    except ConfigError as exc:
+        raise CliError(f"{exc}: restart `apilane up`") from exc
+
+
+def local_trusted_keys(checkout: Path | None = None) -> TrustedKeys:
+    """The local stack's trusted keys, or none when it is not running."""
+    try:
+        return stack_trusted_keys(read_stack_file(checkout or find_checkout()))
+    except CliError:
+        return TrustedKeys({})
 
 
 def read_stack_file(checkout: Path | None) -> dict[str, Any]:

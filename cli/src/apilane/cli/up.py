@@ -7,6 +7,11 @@ Starts, on this machine and on loopback only:
   node-loader through their real entry points, each with its own ServiceAccount identity and
   the RBAC from deploy/ · the Zipkin tracing UI.
 
+Keys are made fresh for each run under .apilane/keys/: discovery signs snapshots with
+signing.pem, the renderer and the node-loader trust its public key, and the node-loader
+accepts control requests (`apilane node lb`) sealed with operator.pem, which the CLI finds
+through the stack file.
+
 The node-loader programs real eBPF maps and attaches to a dedicated, empty child cgroup
 (never the root cgroup) when this runs as root with bcc; otherwise it says what is missing
 and runs with APILANE_MAP_BACKEND=memory. Everything lives under .apilane/ (`make clean`
@@ -38,9 +43,11 @@ from typing import Any, NoReturn
 import yaml
 
 from apilane.cli.errors import CliError
+from apilane.cli.keys import write_private
 from apilane.cli.target import STATE_DIR, find_checkout, stack_file
 from apilane.kube.client import Conflict, KubeClient
 from apilane.model.errors import ApilaneError
+from apilane.model.signing import SigningKey
 from apilane.testing import bpf, procs
 from apilane.testing.kube import ControlPlane, object_path, resource_paths
 from apilane.testing.nats import NatsServer
@@ -109,6 +116,34 @@ class Layout:
     def node_loader_state(self) -> Path:
         return self.state / "node-loader"
 
+    @property
+    def keys(self) -> Path:
+        return self.state / "keys"
+
+
+@dataclass(frozen=True)
+class StackKeys:
+    """Discovery's signing key and the operator's control key (PEM files), with the public
+    halves the services trust."""
+
+    signing_key_file: Path
+    trusted_keys: str
+    operator_key_file: Path
+    operator_keys: str
+
+    @classmethod
+    def generate(cls, directory: Path) -> StackKeys:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        signing, operator = SigningKey.generate(), SigningKey.generate()
+        write_private(directory / "signing.pem", signing.to_pem())
+        write_private(directory / "operator.pem", operator.to_pem())
+        return cls(
+            signing_key_file=directory / "signing.pem",
+            trusted_keys=signing.public_text,
+            operator_key_file=directory / "operator.pem",
+            operator_keys=operator.public_text,
+        )
+
 
 @dataclass(frozen=True)
 class DataPlane:
@@ -137,6 +172,7 @@ class Wiring:
     data_plane: DataPlane
     ports: dict[str, int]
     nats_url: str
+    keys: StackKeys
     kubeconfigs: dict[str, Path] = field(default_factory=dict)
 
     def url(self, name: str) -> str:
@@ -164,6 +200,7 @@ def service_env(wiring: Wiring, service: str) -> dict[str, str]:
     )
     if service in KUBE_SERVICES:
         env["APILANE_LEASE_NAMESPACE"] = NAMESPACE
+    env.update(signing_env(wiring.keys, service))
     if service == "renderer":
         env.update(
             {
@@ -175,6 +212,17 @@ def service_env(wiring: Wiring, service: str) -> dict[str, str]:
         )
     if service == "node-loader":
         env.update(node_loader_env(wiring))
+    return env
+
+
+def signing_env(keys: StackKeys, service: str) -> dict[str, str]:
+    """Each service gets only its own part: discovery the private signing key, the snapshot
+    consumers its public key, the node-loader also the operator's public key."""
+    if service == "discovery":
+        return {"APILANE_SIGNING_KEY_FILE": str(keys.signing_key_file)}
+    env = {"APILANE_TRUSTED_KEYS": keys.trusted_keys}
+    if service == "node-loader":
+        env["APILANE_OPERATOR_KEYS"] = keys.operator_keys
     return env
 
 
@@ -321,7 +369,8 @@ class LocalStack:
         self.nats = start_nats(self.layout, self.ports["nats"])
         self.control_plane, kubeconfigs = start_control_plane(self.layout)
         asyncio.run(seed(kubeconfigs["admin"], self.layout.repo))
-        wiring = Wiring(self.layout, self.data_plane, self.ports, self.nats.url, kubeconfigs)
+        keys = StackKeys.generate(self.layout.keys)
+        wiring = Wiring(self.layout, self.data_plane, self.ports, self.nats.url, keys, kubeconfigs)
         self.start_services(wiring)
         self.processes.wait_ready(
             "zipkin", f"{wiring.url('zipkin')}/health", timeout=ZIPKIN_TIMEOUT
@@ -388,6 +437,8 @@ def stack_record(wiring: Wiring, *, apiserver: str, pids: dict[str, int]) -> dic
         "kubeconfig": str(wiring.kubeconfigs["admin"]),
         "apiserver": apiserver,
         "zipkin_url": wiring.url("zipkin"),
+        "trusted_keys": wiring.keys.trusted_keys,
+        "operator_key_file": str(wiring.keys.operator_key_file),
         "map_backend": wiring.data_plane.backend,
         "node": NODE_NAME,
         "cgroup": str(wiring.data_plane.cgroup) if bpf_backend else "",
@@ -461,7 +512,7 @@ def remove_bpf_state(*, pin_dir: Path | None, cgroup: Path | None) -> None:
 def reset_runtime_state(layout: Layout) -> None:
     """Each `apilane up` starts from nothing: a fresh control plane, an empty JetStream store,
     no node-loader record, new logs. (The kubeconfigs are rewritten as the stack starts.)"""
-    for name in ("nats", "node-loader", "tmp", "logs"):
+    for name in ("nats", "node-loader", "tmp", "logs", "keys"):
         shutil.rmtree(layout.state / name, ignore_errors=True)
     (layout.state / "nats.log").unlink(missing_ok=True)
     layout.logs.mkdir(parents=True)

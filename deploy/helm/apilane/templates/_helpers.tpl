@@ -155,3 +155,28 @@ affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/* The trusted keys of a snapshot consumer (renderer, node-loader): env, mount, volume. */}}
+{{- define "apilane.trustedKeysEnv" -}}
+{{- with .Values.signing.trustedKeysConfigMap }}
+# The public keys snapshots must be signed with (deploy/README.md: "Signing keys").
+- name: APILANE_TRUSTED_KEYS_FILE
+  value: /etc/apilane/trusted/{{ $.Values.signing.trustedKeysConfigMapKey }}
+{{- end }}
+{{- end }}
+
+{{- define "apilane.trustedKeysMounts" -}}
+{{- if .Values.signing.trustedKeysConfigMap }}
+- name: trusted-keys
+  mountPath: /etc/apilane/trusted
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "apilane.trustedKeysVolumes" -}}
+{{- with .Values.signing.trustedKeysConfigMap }}
+- name: trusted-keys
+  configMap:
+    name: {{ . }}
+{{- end }}
+{{- end }}

@@ -57,6 +57,18 @@ class DiscoveryMetrics:
             "Snapshots not published because they had no endpoints (the last good one stays).",
             registry=registry,
         )
+        self.refreshes = Counter(
+            "apilane_discovery_refreshes_total",
+            "Snapshots re-signed with a later expiry (same generation and content).",
+            registry=registry,
+        )
+        self.untrusted_entries = Counter(
+            "apilane_discovery_untrusted_entries_total",
+            "KV values discovery read back and could not verify as its own, by reason (its next"
+            " publish replaces them).",
+            ["reason"],
+            registry=registry,
+        )
         self.publish_failures = Counter(
             "apilane_discovery_publish_failures_total",
             "Publish attempts that failed (NATS unreachable, compare-and-set lost repeatedly).",

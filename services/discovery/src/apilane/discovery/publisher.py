@@ -1,17 +1,26 @@
 """When and what discovery publishes: coalescing, no-op suppression, generations, warnings.
 
 The watcher calls `offer(result, change)` for every observed change; `run` turns those into
-KV writes. The rules (issue 3):
+KV writes while this replica leads. The rules:
 
+- every snapshot is sealed with discovery's key (`sealing`), valid for a TTL, and re-signed
+  at half of it (same generation and payload bytes, a later expiry) while this replica
+  leads, so consumers can refuse an expired one without a quiet cluster expiring;
 - changes within the coalescing window become one publish naming every resourceVersion;
-- a publish happens only when the digest differs from the one in the KV bucket;
+- a publish happens only when the bucket does not hold the same data-plane inputs already,
+  judged by what discovery can verify with its own key: a value it cannot verify is not
+  its own, whatever digest it claims, and is overwritten;
 - an empty endpoint set is never published: the last good snapshot stays, a
   `NoReadyEndpoints` warning goes out instead;
-- the generation only increases, across restarts and leader changes: it is derived from the
-  KV entry and written with compare-and-set on its revision;
+- the generation only increases, across restarts and leader changes: it continues from the
+  snapshot in the bucket that discovery verified, else from the entry's KV revision, and is
+  written with compare-and-set on that revision (see `_read_back`);
 - when NATS is down the latest state stays pending and is retried with backoff, so once
   NATS is back the latest state is published (intermediate states may be skipped: every
-  snapshot is complete, so nothing is lost by skipping).
+  snapshot is complete, so nothing is lost by skipping);
+- a view is done when its snapshot, its bus warnings and its Kubernetes Events are all out:
+  a warning or an Event that failed keeps the view pending, retried on the same backoff
+  (the snapshot itself is then suppressed: the bucket holds it already).
 
 The bus and the Kubernetes event recorder are small protocols, so the whole state machine
 runs in tests without NATS.
@@ -22,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import random
 import secrets
 import time
 from collections.abc import Callable
@@ -36,9 +44,12 @@ from opentelemetry import trace
 from apilane.model import events, subjects
 from apilane.model.endpoints import SnapshotResult
 from apilane.model.events import ClusterWarning, EndpointSnapshot, Finding
+from apilane.model.signing import Refused, SignatureError, SignedSnapshot
+from apilane.runtime.aio import Backoff, first_of
 from apilane.runtime.bus import BusError, KvEntry, RevisionMismatch
 
 from .metrics import DiscoveryMetrics
+from .sealing import Sealer
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("apilane.discovery")
@@ -63,7 +74,7 @@ class SnapshotBus(Protocol):
         self,
         bucket: str,
         key: str,
-        event: events.Event,
+        value: events.Event | bytes,
         *,
         expected_revision: int | None = None,
         msg_id: str | None = None,
@@ -117,6 +128,7 @@ class ObservedChange:
 class Outcome(Enum):
     IDLE = "idle"  # nothing to do
     PUBLISHED = "published"
+    REFRESHED = "refreshed"  # the current snapshot re-signed with a later expiry
     SUPPRESSED = "suppressed"  # same digest as the KV entry
     REFUSED_EMPTY = "refused-empty"
     NOT_LEADER = "not-leader"
@@ -130,24 +142,24 @@ class Publisher:
         cluster: str,
         bus: SnapshotBus,
         metrics: DiscoveryMetrics,
+        sealer: Sealer,
         recorder: EventRecorder | None = None,
         coalesce_window: float = 0.1,
         is_leader: Callable[[], bool] = lambda: True,
         retry_initial: float = 0.2,
         retry_max: float = 5.0,
-        event_retry_interval: float = 10.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.cluster = subjects.check_token(cluster, "cluster name")
         self.key = subjects.snapshot_key(cluster)
         self.bus = bus
         self.metrics = metrics
+        self.sealer = sealer
         self.recorder = recorder
         self.coalesce_window = coalesce_window
         self.is_leader = is_leader
         self.retry_initial = retry_initial
         self.retry_max = retry_max
-        self.event_retry_interval = event_retry_interval
         self.clock = clock
 
         self.latest: SnapshotResult | None = None  # the newest view offered
@@ -163,9 +175,10 @@ class Publisher:
         self._warned_kube: set[tuple[str, str, str]] = set()
         # One id per appearance of a finding, for the warning's JetStream message id.
         self._warning_ids: dict[tuple[str, str, str], str] = {}
-        self._retry_delay = retry_initial
-        self._events_pending = False
         self._reconciled: SnapshotResult | None = None  # the last view fully handled
+        # What the bucket holds as far as discovery verified it, and at which revision: the
+        # snapshot to re-sign before it expires.
+        self.current: tuple[SignedSnapshot, int] | None = None
 
     # -- input
 
@@ -185,7 +198,9 @@ class Publisher:
             return
         self.latest = result
         self._dirty = True
-        if change is not None:
+        # A follower keeps the latest view (to publish when it leads) but does not account
+        # changes it will never publish.
+        if change is not None and self.is_leader():
             if len(self._changes) >= MAX_PENDING_CHANGES:
                 del self._changes[0]
             self._changes.append(change)
@@ -194,12 +209,19 @@ class Publisher:
         self._wakeup.set()
 
     def wake(self) -> None:
-        """Reconcile again (e.g. this replica just became the leader)."""
+        """Reconcile again and announce every finding again (this replica just became the
+        leader: the previous one may not have announced them)."""
         if self.latest is not None:
-            self._dirty = True
             self._warned_bus.clear()
             self._warned_kube.clear()
             self._warning_ids.clear()  # announce again, not a duplicate JetStream drops
+        self._reconcile_again()
+
+    def _reconcile_again(self) -> None:
+        """Read the bucket again before publishing or re-signing anything."""
+        self.current = None
+        if self.latest is not None:
+            self._dirty = True
         self._wakeup.set()
 
     @property
@@ -209,33 +231,37 @@ class Publisher:
     # -- the loop
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Publish pending state until `stop` is set."""
+        """Publish pending state, and re-sign the current snapshot when it is due, until
+        `stop` is set (the end of this replica's term)."""
+        backoff = Backoff(initial=self.retry_initial, maximum=self.retry_max)
         while not stop.is_set():
-            if not await _wait_either(self._wakeup, stop):
+            woke = await first_of(self._wakeup.wait(), stop.wait(), timeout=self._refresh_in())
+            if woke == 1:
                 break
-            self._wakeup.clear()
-            if self._first_change_at is not None:
-                remaining = self._first_change_at + self.coalesce_window - time.monotonic()
-                if remaining > 0 and await _sleep_unless(stop, remaining):
+            if woke is None:
+                outcome = await self.refresh()
+            else:
+                self._wakeup.clear()
+                if await self._coalesce(stop):
                     break
-            outcome = await self.flush()
-            if outcome is Outcome.RETRY:
-                # Newer changes do not cut the backoff short: NATS is down for all of them.
-                delay = self._retry_delay * (0.5 + random.random() / 2)
-                self._retry_delay = min(self._retry_delay * 2, self.retry_max)
-                if await _sleep_unless(stop, delay):
-                    break
-                self._wakeup.set()
+                outcome = await self.flush()
+            if outcome is not Outcome.RETRY:
+                backoff.reset()
                 continue
-            self._retry_delay = self.retry_initial
-            if not self._events_pending or self._wakeup.is_set():
-                continue
-            # Kubernetes Events are best effort but not forgotten: try again later.
-            if not await _wait_either(self._wakeup, stop, timeout=self.event_retry_interval):
-                if stop.is_set():
-                    break
-                self._dirty = self.latest is not None
-                self._wakeup.set()
+            # Newer changes do not cut the backoff short: NATS is down for all of them.
+            if await backoff.sleep(stop):
+                break
+            self._wakeup.set()
+
+    def _refresh_in(self) -> float | None:
+        return None if self.current is None else self.sealer.refresh_in(self.current[0])
+
+    async def _coalesce(self, stop: asyncio.Event) -> bool:
+        """Wait out the rest of the coalescing window; True when `stop` came meanwhile."""
+        if self._first_change_at is None:
+            return False
+        remaining = self._first_change_at + self.coalesce_window - time.monotonic()
+        return remaining > 0 and await first_of(stop.wait(), timeout=remaining) == 0
 
     async def flush(self) -> Outcome:
         """Reconcile the latest view with the bucket once (the loop's body; tests call it)."""
@@ -270,93 +296,194 @@ class Publisher:
 
     async def _publish(self, result: SnapshotResult) -> Outcome:
         changes = list(self._changes)
-        if not result.apiserver_endpoints or not result.service_endpoints:
-            # Never an empty set: the data plane would drop the API server. The finding
-            # (NoReadyEndpoints / ServiceMissing) goes out as a warning instead.
-            self.metrics.refused_empty.inc()
-            self._forget_changes(changes)
-            log.warning(
-                "not publishing a snapshot without endpoints; the last good one stays",
-                extra={"cluster": self.cluster, "digest": result.digest},
-            )
-            return Outcome.REFUSED_EMPTY
-
         for _attempt in range(MAX_CAS_ATTEMPTS):
             entry = await self.bus.kv_get(subjects.SNAPSHOT_BUCKET, self.key, include_deleted=True)
-            if entry is not None and entry.operation != "PUT":
-                # Someone deleted or purged the key: its marker's revision is the CAS base, and
-                # generations stay above every revision the key has had.
-                self.last_generation = max(self.last_generation, entry.revision)
-            current = (
-                _decode_entry(entry) if entry is not None and entry.operation == "PUT" else None
+            current = self._read_back(entry)
+            # Even while nothing new can be published, the last good snapshot is kept valid.
+            self.current = (
+                (current, entry.revision) if entry is not None and current is not None else None
             )
-            if current is not None:
-                self.last_generation = max(self.last_generation, current.generation)
-                if _same_data_plane_inputs(current, result):
-                    self.last_published = current
-                    self.metrics.suppressed.inc(len(changes))
-                    self._forget_changes(changes)
-                    return Outcome.SUPPRESSED
-            generation = self.last_generation + 1
-            snapshot = self._snapshot(result, generation=generation, changes=changes)
-            observed = [c.span_context for c in changes if c.span_context is not None]
-            links = [trace.Link(context) for context in observed]
-            # The publish continues the trace of the first change it covers (one change, one
-            # trace); every other change it coalesced is a link.
-            parent = (
-                trace.set_span_in_context(trace.NonRecordingSpan(observed[0])) if observed else None
-            )
-            with tracer.start_as_current_span(
-                "discovery publish",
-                context=parent,
-                kind=trace.SpanKind.PRODUCER,
-                links=links[-128:],
-                attributes={
-                    "messaging.system": "nats",
-                    "messaging.destination.name": subjects.kv_subject(
-                        subjects.SNAPSHOT_BUCKET, self.key
-                    ),
-                    "apilane.cluster": self.cluster,
-                    "apilane.generation": generation,
-                    "apilane.digest": result.digest,
-                    "apilane.coalesced_changes": len(changes),
-                    "apilane.resource_versions": list(snapshot.resource_versions),
-                },
-            ) as span:
-                try:
-                    revision = await self.bus.kv_put(
-                        subjects.SNAPSHOT_BUCKET,
-                        self.key,
-                        snapshot,
-                        expected_revision=entry.revision if entry is not None else 0,
-                        msg_id=f"{self.cluster}:{generation}:{result.digest}",
-                    )
-                except RevisionMismatch:
-                    span.set_attribute("apilane.cas_lost", True)
-                    continue  # someone else wrote: read again, the generation moves on
-            published_at = self.clock()
-            self.last_generation = generation
-            self.last_published = snapshot
-            self.metrics.publishes.inc()
-            if len(changes) > 1:
-                self.metrics.coalesced.inc(len(changes) - 1)
-            for change in changes:
-                self.metrics.change_to_publish.observe(max(0.0, published_at - change.started_at))
-            self._forget_changes(changes)
-            log.info(
-                "published endpoint snapshot",
-                extra={
-                    "cluster": self.cluster,
-                    "generation": generation,
-                    "revision": revision,
-                    "digest": result.digest,
-                    "endpoints": [f"{e.ip}:{e.port}" for e in result.apiserver_endpoints],
-                    "changes": len(changes),
-                },
-            )
+            if not result.apiserver_endpoints or not result.service_endpoints:
+                return self._refuse_empty(result, changes)
+            if current is not None and _same_data_plane_inputs(current.snapshot, result):
+                self.last_published = current.snapshot
+                self.metrics.suppressed.inc(len(changes))
+                self._forget_changes(changes)
+                return Outcome.SUPPRESSED
+            snapshot = self._snapshot(result, generation=self.last_generation + 1, changes=changes)
+            sealed = self.sealer.seal(snapshot)
+            expected = entry.revision if entry is not None else 0
+            revision = await self._write(snapshot, sealed, changes, expected_revision=expected)
+            if revision is None:
+                continue  # someone else wrote: read again, the generation moves on
+            self.current = (self.sealer.open(sealed), revision)
+            self._published(snapshot, revision, changes)
             return Outcome.PUBLISHED
         raise BusError(
-            f"compare-and-set on {subjects.SNAPSHOT_BUCKET}/{self.key} lost {MAX_CAS_ATTEMPTS} times in a row"
+            f"compare-and-set on {subjects.SNAPSHOT_BUCKET}/{self.key} lost"
+            f" {MAX_CAS_ATTEMPTS} times in a row"
+        )
+
+    async def refresh(self) -> Outcome:
+        """Re-sign the current snapshot: the same generation and payload bytes, a later
+        expiry, written with compare-and-set on the revision it was verified at. Consumers
+        holding that generation take it as a refresh, not as something to apply."""
+        if self.current is None:
+            return Outcome.IDLE
+        if not self.is_leader():
+            return Outcome.RETRY  # a slow renewal; look again after the backoff
+        held, revision = self.current
+        sealed = self.sealer.reseal(held)
+        refreshed = self.sealer.open(sealed)
+        issued = int(refreshed.header.issued_at.timestamp() * 1000)
+        try:
+            new_revision = await self.bus.kv_put(
+                subjects.SNAPSHOT_BUCKET,
+                self.key,
+                sealed,
+                expected_revision=revision,
+                msg_id=f"{self.cluster}:{held.header.generation}:{held.snapshot.digest}:{issued}",
+            )
+        except RevisionMismatch:
+            # Someone wrote since: reconcile with the bucket first (verify, keep or replace).
+            self._reconcile_again()
+            return Outcome.IDLE
+        except BusError as exc:
+            self.metrics.publish_failures.inc()
+            log.warning(
+                "re-signing the snapshot failed, will retry",
+                extra={"error": str(exc), "cluster": self.cluster},
+            )
+            return Outcome.RETRY
+        self.current = (refreshed, new_revision)
+        self.metrics.refreshes.inc()
+        log.info(
+            "re-signed the snapshot",
+            extra={
+                "cluster": self.cluster,
+                "generation": held.header.generation,
+                "revision": new_revision,
+                "expires_at": refreshed.header.expires_at.isoformat(),
+            },
+        )
+        return Outcome.REFRESHED
+
+    def _refuse_empty(self, result: SnapshotResult, changes: list[ObservedChange]) -> Outcome:
+        # Never an empty set: the data plane would drop the API server. The finding
+        # (NoReadyEndpoints / ServiceMissing) goes out as a warning instead.
+        self.metrics.refused_empty.inc()
+        self._forget_changes(changes)
+        log.warning(
+            "not publishing a snapshot without endpoints; the last good one stays",
+            extra={"cluster": self.cluster, "digest": result.digest},
+        )
+        return Outcome.REFUSED_EMPTY
+
+    def _read_back(self, entry: KvEntry | None) -> SignedSnapshot | None:
+        """The snapshot in the bucket if discovery signed it, and the generation to go on from.
+
+        Generations come only from what discovery can verify, or from the entry's revision:
+        a revision is assigned by the server, grows by one per write and bounds every
+        generation discovery ever wrote to this key (each one was written at a revision at
+        least as high as itself). A forged value claiming generation 2**62 therefore moves
+        the next generation only past its revision, never to its number, and a value
+        discovery cannot verify (tampered, unsigned, the key before a rotation) is replaced
+        by a generation above every one it may have displaced, which consumers accept.
+        """
+        if entry is None:
+            return None
+        if entry.operation != "PUT":
+            # Someone deleted or purged the key: its marker's revision is the CAS base, and
+            # generations stay above every revision the key has had.
+            self.last_generation = max(self.last_generation, entry.revision)
+            return None
+        try:
+            verified = self.sealer.open(entry.value)
+            if verified.snapshot.cluster != self.cluster:
+                raise Refused("other-cluster", f"signed for {verified.snapshot.cluster!r}")
+        except (SignatureError, events.MalformedEvent) as exc:
+            reason = exc.reason if isinstance(exc, SignatureError) else "malformed"
+            self.metrics.untrusted_entries.labels(reason).inc()
+            self.last_generation = max(self.last_generation, entry.revision)
+            log.error(
+                "the KV entry is not a snapshot discovery signed; it will be replaced",
+                extra={
+                    "cluster": self.cluster,
+                    "revision": entry.revision,
+                    "reason": reason,
+                    "error": str(exc),
+                },
+            )
+            return None
+        self.last_generation = max(self.last_generation, verified.header.generation)
+        return verified
+
+    async def _write(
+        self,
+        snapshot: EndpointSnapshot,
+        sealed: bytes,
+        changes: list[ObservedChange],
+        *,
+        expected_revision: int,
+    ) -> int | None:
+        """The compare-and-set write, traced; its revision, or None when it lost the race."""
+        observed = [c.span_context for c in changes if c.span_context is not None]
+        # The publish continues the trace of the first change it covers (one change, one
+        # trace); every other change it coalesced is a link.
+        parent = (
+            trace.set_span_in_context(trace.NonRecordingSpan(observed[0])) if observed else None
+        )
+        with tracer.start_as_current_span(
+            "discovery publish",
+            context=parent,
+            kind=trace.SpanKind.PRODUCER,
+            links=[trace.Link(context) for context in observed][-128:],
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": subjects.kv_subject(
+                    subjects.SNAPSHOT_BUCKET, self.key
+                ),
+                "apilane.cluster": self.cluster,
+                "apilane.generation": snapshot.generation,
+                "apilane.digest": snapshot.digest,
+                "apilane.coalesced_changes": len(changes),
+                "apilane.resource_versions": list(snapshot.resource_versions),
+            },
+        ) as span:
+            try:
+                return await self.bus.kv_put(
+                    subjects.SNAPSHOT_BUCKET,
+                    self.key,
+                    sealed,
+                    expected_revision=expected_revision,
+                    msg_id=f"{self.cluster}:{snapshot.generation}:{snapshot.digest}",
+                )
+            except RevisionMismatch:
+                span.set_attribute("apilane.cas_lost", True)
+                return None
+
+    def _published(
+        self, snapshot: EndpointSnapshot, revision: int, changes: list[ObservedChange]
+    ) -> None:
+        published_at = self.clock()
+        self.last_generation = snapshot.generation
+        self.last_published = snapshot
+        self.metrics.publishes.inc()
+        if len(changes) > 1:
+            self.metrics.coalesced.inc(len(changes) - 1)
+        for change in changes:
+            self.metrics.change_to_publish.observe(max(0.0, published_at - change.started_at))
+        self._forget_changes(changes)
+        log.info(
+            "published endpoint snapshot",
+            extra={
+                "cluster": self.cluster,
+                "generation": snapshot.generation,
+                "revision": revision,
+                "digest": snapshot.digest,
+                "endpoints": [f"{e.ip}:{e.port}" for e in snapshot.apiserver_endpoints],
+                "changes": len(changes),
+            },
         )
 
     def _snapshot(
@@ -379,10 +506,9 @@ class Publisher:
     # -- warnings
 
     async def _emit_warnings(self, result: SnapshotResult) -> bool:
-        """Emit each finding once while it lasts (again if it goes away and comes back).
-
-        Returns False when a warning could not be published on the bus (retried with the
-        snapshot's backoff); Kubernetes Events that failed are retried on a slower timer."""
+        """Emit each finding once while it lasts (again if it goes away and comes back), on
+        the bus and as a Kubernetes Event. False when one of them failed (retried with the
+        snapshot's backoff; what went out already is not sent again)."""
         current = {_finding_key(f): f for f in result.findings}
         self._warned_bus &= current.keys()
         self._warned_kube &= current.keys()
@@ -395,53 +521,55 @@ class Publisher:
         ok = True
         for key, finding in sorted(current.items()):
             if key not in self._warned_bus:
-                warning = ClusterWarning(
-                    cluster=self.cluster,
-                    reason=finding.reason,
-                    message=finding.message,
-                    source=SOURCE,
-                    object_ref=finding.object_ref,
-                    generation=self.last_generation,
-                )
-                digest = hashlib.sha256("\x00".join(key).encode()).hexdigest()[:16]
-                try:
-                    await self.bus.publish(
-                        subjects.warnings_subject(self.cluster),
-                        warning,
-                        msg_id=(
-                            f"{self.cluster}:warning:{digest}:{self.last_generation}"
-                            f":{self._warning_ids[key]}"
-                        ),
-                    )
-                except BusError as exc:
-                    log.warning(
-                        "publishing a warning failed, will retry",
-                        extra={"reason": finding.reason, "error": str(exc)},
-                    )
-                    ok = False
-                else:
-                    self._warned_bus.add(key)
-                    self.metrics.warnings.labels(finding.reason).inc()
-                    log.warning(
-                        "finding",
-                        extra={
-                            "reason": finding.reason,
-                            "object_ref": finding.object_ref,
-                            "detail": finding.message,
-                        },
-                    )
+                ok = await self._announce(key, finding) and ok
             if self.recorder is not None and key not in self._warned_kube:
-                try:
-                    await self.recorder.record(finding)
-                except Exception as exc:  # retried on the next round; never stops publishing
-                    log.warning(
-                        "recording a Kubernetes Event failed, will retry",
-                        extra={"reason": finding.reason, "error": str(exc)},
-                    )
-                    ok = False
-                else:
-                    self._warned_kube.add(key)
+                ok = await self._record(self.recorder, key, finding) and ok
         return ok
+
+    async def _announce(self, key: tuple[str, str, str], finding: Finding) -> bool:
+        warning = ClusterWarning(
+            cluster=self.cluster,
+            reason=finding.reason,
+            message=finding.message,
+            source=SOURCE,
+            object_ref=finding.object_ref,
+            generation=self.last_generation,
+        )
+        digest = hashlib.sha256("\x00".join(key).encode()).hexdigest()[:16]
+        msg_id = f"{self.cluster}:warning:{digest}:{self.last_generation}:{self._warning_ids[key]}"
+        try:
+            await self.bus.publish(subjects.warnings_subject(self.cluster), warning, msg_id=msg_id)
+        except BusError as exc:
+            log.warning(
+                "publishing a warning failed, will retry",
+                extra={"reason": finding.reason, "error": str(exc)},
+            )
+            return False
+        self._warned_bus.add(key)
+        self.metrics.warnings.labels(finding.reason).inc()
+        log.warning(
+            "finding",
+            extra={
+                "reason": finding.reason,
+                "object_ref": finding.object_ref,
+                "detail": finding.message,
+            },
+        )
+        return True
+
+    async def _record(
+        self, recorder: EventRecorder, key: tuple[str, str, str], finding: Finding
+    ) -> bool:
+        try:
+            await recorder.record(finding)
+        except Exception as exc:  # retried on the next round; never stops publishing
+            log.warning(
+                "recording a Kubernetes Event failed, will retry",
+                extra={"reason": finding.reason, "error": str(exc)},
+            )
+            return False
+        self._warned_kube.add(key)
+        return True
 
 
 def _same_view(a: SnapshotResult, b: SnapshotResult) -> bool:
@@ -465,41 +593,3 @@ def _same_data_plane_inputs(published: EndpointSnapshot, result: SnapshotResult)
 
 def _finding_key(finding: Finding) -> tuple[str, str, str]:
     return (finding.reason, finding.object_ref, finding.message)
-
-
-def _decode_entry(entry: KvEntry | None) -> EndpointSnapshot | None:
-    if entry is None:
-        return None
-    try:
-        return events.decode_snapshot(entry.value)
-    except events.MalformedEvent as exc:
-        # Not ours to fix; overwrite it (with CAS) and keep generations from what we know.
-        log.error(
-            "the KV entry is not a snapshot; it will be replaced",
-            extra={"error": str(exc), "revision": entry.revision},
-        )
-        return None
-
-
-async def _wait_either(
-    wakeup: asyncio.Event, stop: asyncio.Event, *, timeout: float | None = None
-) -> bool:
-    """Wait for `wakeup`; False when `stop` came first or `timeout` passed."""
-    if stop.is_set():
-        return False
-    waiters = [asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(stop.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-    return wakeup.is_set() and not stop.is_set()
-
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
-    """Sleep; True when `stop` was set meanwhile."""
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        return False
-    return True

@@ -1,7 +1,7 @@
 """discovery's I/O wiring: watches → pure snapshot → publisher, under a leader Lease.
 
-`run(settings, stop)` is the whole service; `__main__` runs it under `apilane.runtime.serve`
-and tests run it in-process.
+`main(ctx, settings)` is the whole service; `__main__` runs it through
+`apilane.runtime.lifecycle.command_line` and tests run it in-process.
 """
 
 from __future__ import annotations
@@ -10,27 +10,32 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, Final
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Final
 
 from opentelemetry import trace
-from prometheus_client import CollectorRegistry
 
 from apilane.kube import recorder
 from apilane.kube.client import KubeClient
-from apilane.kube.leader import LeaderElector
+from apilane.kube.leader import elector_for, lead
 from apilane.kube.watch import WatchEvent
 from apilane.model.endpoints import (
     TRIGGER_TIME_ANNOTATION,
     SnapshotInputs,
+    SnapshotResult,
     build_snapshot,
     parse_trigger_time,
 )
 from apilane.model.events import Finding
-from apilane.runtime.bus import Bus, BusError
+from apilane.model.objects import as_dict, as_str
+from apilane.runtime.bus import Bus
+from apilane.runtime.lifecycle import bus_session
 from apilane.runtime.serve import Health, ServiceContext
 
 from .metrics import DiscoveryMetrics
 from .publisher import ObservedChange, Publisher
+from .sealing import Sealer
 from .settings import SERVICE_NAME, DiscoverySettings
 from .watcher import ClusterWatcher, WatchTarget, targets_for
 
@@ -38,12 +43,6 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("apilane.discovery")
 
 COMPONENT: Final = "apilane-discovery"
-_API_VERSIONS: Final = {
-    "Service": "v1",
-    "EndpointSlice": "discovery.k8s.io/v1",
-    "DaemonSet": "apps/v1",
-    "Node": "v1",
-}
 
 
 class DiscoveryService:
@@ -66,18 +65,7 @@ class DiscoveryService:
             kube_proxy_namespace=settings.kube_proxy_namespace,
             kube_proxy_name=settings.kube_proxy_name,
         )
-        self.elector: LeaderElector | None = None
-        if settings.leader_election:
-            self.elector = LeaderElector(
-                client,
-                namespace=settings.lease_namespace,
-                name=settings.lease_name,
-                identity=settings.identity,
-                lease_duration=settings.lease_duration,
-                renew_interval=settings.lease_renew_interval,
-                retry_interval=settings.lease_retry_interval,
-                on_change=self._leadership_changed,
-            )
+        self.elector = elector_for(client, settings.lease)
         self.watcher = ClusterWatcher(
             client,
             targets_for(settings),
@@ -88,6 +76,7 @@ class DiscoveryService:
             cluster=settings.cluster,
             bus=bus,
             metrics=metrics,
+            sealer=Sealer(settings.signing_key, timedelta(seconds=settings.snapshot_ttl)),
             recorder=_KubeEventRecorder(client, self.watcher),
             coalesce_window=settings.coalesce_window,
             is_leader=self.is_leader,
@@ -101,36 +90,47 @@ class DiscoveryService:
     def ready(self) -> bool:
         return self.watcher.synced and self.bus.connected
 
-    def _leadership_changed(self, leading: bool) -> None:
-        if leading:
-            self.publisher.wake()  # continue the generations from the bucket
+    async def serve(self, stop: asyncio.Event, health: Health) -> None:
+        """Watch always; publish while leading; until `stop`, then give the Lease up.
+
+        The watches run outside `lead`, for every replica: a follower keeps its caches
+        listed and current, so a takeover only has to reconcile the latest view with the
+        bucket (one KV read and, if needed, one write) instead of listing every Service,
+        EndpointSlice, DaemonSet and Node first, which takes seconds in a large cluster
+        while nobody publishes. Only the publisher is the leader's work, one run per term.
+        """
+        watch_task = asyncio.create_task(self.watcher.run(), name="discovery-watches")
+        lead_task = asyncio.create_task(
+            lead(self.elector, self._publish_while_leading, stop), name="discovery-lead"
+        )
+        health.add_live("tasks-running", lambda: not (watch_task.done() or lead_task.done()))
+        try:
+            await stop.wait()
+        finally:
+            # `lead` ends the term (the publisher stops) before it releases the Lease. A
+            # write still in flight when the next leader starts is harmless: both write
+            # with compare-and-set on the KV revision, so one of them re-reads.
+            watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(lead_task, timeout=10)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watch_task
+
+    async def _publish_while_leading(self, term_over: asyncio.Event) -> None:
+        self.publisher.wake()  # continue the generations from the bucket
+        await self.publisher.run(term_over)
 
     def _observed(self, target: WatchTarget, event: WatchEvent) -> None:
         """A watch changed the view: recompute the snapshot and hand it to the publisher."""
         if not self.watcher.synced:
             return  # nothing is published before every initial list has completed
         observed_at = time.time()
-        if event.object is not None:
-            metadata = event.object.get("metadata") or {}
-            namespace = metadata.get("namespace")
-            name = metadata.get("name") or "?"
-            object_ref = (
-                f"{target.kind}/{namespace}/{name}" if namespace else f"{target.kind}/{name}"
-            )
-            resource_version = str(metadata.get("resourceVersion") or event.resource_version)
-        else:
-            object_ref = f"{target.kind}List"
-            resource_version = event.resource_version
-        trigger_time = None
-        if target.kind == "EndpointSlice" and event.type != "DELETED" and event.object is not None:
-            annotations = (event.object.get("metadata") or {}).get("annotations") or {}
-            trigger_time = parse_trigger_time(annotations.get(TRIGGER_TIME_ANNOTATION))
-
+        object_ref, resource_version = _versioned_ref(target, event)
+        trigger_time = _trigger_time(target, event)
+        root = trace.set_span_in_context(trace.INVALID_SPAN)  # a change starts a trace
         with tracer.start_as_current_span(
             "discovery observe",
-            context=trace.set_span_in_context(
-                trace.INVALID_SPAN
-            ),  # a root: a change starts a trace
+            context=root,
             attributes={
                 "apilane.cluster": self.settings.cluster,
                 "apilane.event": event.type,
@@ -139,15 +139,7 @@ class DiscoveryService:
                 "apilane.base_generation": self.publisher.last_generation,
             },
         ) as span:
-            result = build_snapshot(
-                service=self._service(),
-                endpoint_slices=self.watcher.objects("EndpointSlice"),
-                kube_proxy=self.watcher.get(
-                    "DaemonSet", self.settings.kube_proxy_namespace, self.settings.kube_proxy_name
-                ),
-                nodes=self.watcher.objects("Node"),
-                inputs=self.inputs,
-            )
+            result = self._view()
             span.set_attribute("apilane.digest", result.digest)
             span.set_attribute("apilane.endpoints", len(result.apiserver_endpoints))
             if trigger_time is not None:
@@ -161,10 +153,38 @@ class DiscoveryService:
             )
         self.publisher.offer(result, change)
 
-    def _service(self) -> dict[str, Any] | None:
-        return self.watcher.get(
-            "Service", self.settings.service_namespace, self.settings.service_name
+    def _view(self) -> SnapshotResult:
+        """The snapshot of what the watches hold now."""
+        return build_snapshot(
+            service=self.watcher.get(
+                "Service", self.settings.service_namespace, self.settings.service_name
+            ),
+            endpoint_slices=self.watcher.objects("EndpointSlice"),
+            kube_proxy=self.watcher.get(
+                "DaemonSet", self.settings.kube_proxy_namespace, self.settings.kube_proxy_name
+            ),
+            nodes=self.watcher.objects("Node"),
+            inputs=self.inputs,
         )
+
+
+def _versioned_ref(target: WatchTarget, event: WatchEvent) -> tuple[str, str]:
+    """("EndpointSlice/default/kubernetes-abc", its resourceVersion) of what the event is about."""
+    if event.object is None:
+        return f"{target.kind}List", event.resource_version
+    metadata = as_dict(event.object.get("metadata"))
+    namespace = as_str(metadata.get("namespace"))
+    name = as_str(metadata.get("name")) or "?"
+    object_ref = f"{target.kind}/{namespace}/{name}" if namespace else f"{target.kind}/{name}"
+    return object_ref, str(metadata.get("resourceVersion") or event.resource_version)
+
+
+def _trigger_time(target: WatchTarget, event: WatchEvent) -> datetime | None:
+    """An EndpointSlice change's last-change-trigger-time, when it has one."""
+    if target.kind != "EndpointSlice" or event.type == "DELETED" or event.object is None:
+        return None
+    annotations = as_dict(as_dict(event.object.get("metadata")).get("annotations"))
+    return parse_trigger_time(annotations.get(TRIGGER_TIME_ANNOTATION))
 
 
 class _KubeEventRecorder:
@@ -177,7 +197,8 @@ class _KubeEventRecorder:
     async def record(self, finding: Finding) -> None:
         kind, _, rest = finding.object_ref.partition("/")
         namespace, _, name = rest.rpartition("/")
-        if kind not in _API_VERSIONS or not name:
+        target = self.watcher.targets.get(kind)
+        if target is None or not name:
             return  # nothing to attach it to; the bus warning carries it
         involved = self.watcher.get(kind, namespace, name) or {
             "metadata": {"name": name, **({"namespace": namespace} if namespace else {})}
@@ -189,113 +210,44 @@ class _KubeEventRecorder:
             message=finding.message,
             type_="Warning",
             component=COMPONENT,
-            api_version=_API_VERSIONS[kind],
+            api_version=target.api_version,
             kind=kind,
         )
         if recorded is None:
             raise RuntimeError(f"Event {finding.reason} on {finding.object_ref} not recorded")
 
 
-async def run(
-    settings: DiscoverySettings,
-    stop: asyncio.Event,
-    *,
-    registry: CollectorRegistry | None = None,
-    health: Health | None = None,
-    started: asyncio.Future[DiscoveryService] | None = None,  # used in tests to look inside
+Started = Callable[[DiscoveryService], None]
+
+
+async def main(
+    ctx: ServiceContext, settings: DiscoverySettings, *, started: Started | None = None
 ) -> None:
-    """Run discovery until `stop` is set; then release the Lease and close connections."""
-    metrics = DiscoveryMetrics(registry if registry is not None else CollectorRegistry())
-    log.info(
-        "discovery starting", extra={"cluster": settings.cluster, "identity": settings.identity}
-    )
-    client = await KubeClient.from_config(settings.common.kubeconfig or None)
-    bus: Bus | None = None
+    """The service body for `apilane.runtime.lifecycle.command_line`: run discovery until
+    `ctx.stopping` is set; then release the Lease and close connections.
+
+    `started(service)` is a test hook, called once the running pieces exist so that an
+    in-process test can look inside them; production passes None."""
+    context = {"cluster": settings.cluster, "identity": settings.identity}
+    log.info("discovery starting", extra=context)
     service: DiscoveryService | None = None
-    if health is not None:
-        # Before connecting: the probes are served from the start, and while NATS is not
-        # there yet (nothing watched either) they must say "not ready", not "no checks".
-        health.add_ready("watches-listed", lambda: service is not None and service.watcher.synced)
-        health.add_ready("nats-connected", lambda: bus is not None and bus.connected)
+    # Before connecting: probes are served from the start, and while NATS is not there yet
+    # (nothing watched either) they must say "not ready", not "no checks".
+    ctx.health.add_ready("watches-listed", lambda: service is not None and service.watcher.synced)
+    client = await KubeClient.from_config(settings.common.kubeconfig or None)
     try:
-        bus = await _until_stopped(_connect_bus(settings), stop)
-        if bus is None:
-            return
-        service = DiscoveryService(settings, client=client, bus=bus, metrics=metrics)
-        if started is not None and not started.done():
-            started.set_result(service)
-        await _serve(service, stop, health)
+        client_name = f"{COMPONENT}-{settings.identity}"
+        async with bus_session(ctx, settings.common, client_name=client_name) as bus:
+            if bus is None:
+                return  # stopped before NATS was there
+            metrics = DiscoveryMetrics(ctx.registry)
+            service = DiscoveryService(settings, client=client, bus=bus, metrics=metrics)
+            if started is not None:
+                started(service)
+            await service.serve(ctx.stopping, ctx.health)
     finally:
-        if bus is not None:
-            await bus.drain()
         await client.close()
-        log.info(
-            "discovery stopped", extra={"cluster": settings.cluster, "identity": settings.identity}
-        )
+        log.info("discovery stopped", extra=context)
 
 
-async def main(ctx: ServiceContext, settings: DiscoverySettings) -> None:
-    """The service body for `apilane.runtime.lifecycle.command_line`."""
-    await run(settings, ctx.stopping, registry=ctx.registry, health=ctx.health)
-
-
-async def _serve(service: DiscoveryService, stop: asyncio.Event, health: Health | None) -> None:
-    publisher_stop = asyncio.Event()
-    watch_task = asyncio.create_task(service.watcher.run(), name="discovery-watches")
-    publish_task = asyncio.create_task(
-        service.publisher.run(publisher_stop), name="discovery-publisher"
-    )
-    elector_task = (
-        asyncio.create_task(service.elector.run(stop), name="discovery-leader")
-        if service.elector is not None
-        else None
-    )
-    tasks = [t for t in (watch_task, publish_task, elector_task) if t is not None]
-    if health is not None:
-        health.add_live("tasks-running", lambda: not any(t.done() for t in tasks))
-    try:
-        await stop.wait()
-    finally:
-        # Stop publishing first, then give the Lease up, so the next leader takes over from
-        # a bucket nobody writes to any more.
-        publisher_stop.set()
-        watch_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(publish_task, timeout=5)
-        if elector_task is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(elector_task, timeout=5)
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await watch_task
-
-
-async def _connect_bus(settings: DiscoverySettings) -> Bus:
-    bus = await Bus.connect(settings.common.nats_urls, name=f"{COMPONENT}-{settings.identity}")
-    delay = 0.2
-    while True:
-        try:
-            await bus.ensure_streams()
-            return bus
-        except (BusError, Exception) as exc:  # nats-py raises its own types here too
-            log.warning("cannot create the streams yet, retrying", extra={"error": str(exc)})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-
-async def _until_stopped(work: Any, stop: asyncio.Event) -> Any:
-    """Await `work` unless `stop` comes first (then cancel it and return None)."""
-    task = asyncio.ensure_future(work)
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
-    return None
-
-
-__all__ = ["SERVICE_NAME", "DiscoveryService", "main", "run"]
+__all__ = ["SERVICE_NAME", "DiscoveryService", "main"]

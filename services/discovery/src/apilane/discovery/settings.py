@@ -1,4 +1,9 @@
-"""discovery's settings, read once at start from APILANE_* (see `apilane.runtime.config`)."""
+"""discovery's settings, read once at start from APILANE_* (see `apilane.runtime.config`).
+
+Every variable is listed with its default in docs/configuration.md. Discovery signs every
+snapshot with the Ed25519 key in APILANE_SIGNING_KEY_FILE (required), valid for
+APILANE_SNAPSHOT_TTL and re-signed at half of it.
+"""
 
 from __future__ import annotations
 
@@ -9,64 +14,64 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from apilane.kube.leader import LeaseSettings, load_lease_settings
 from apilane.model import subjects
-from apilane.model.errors import ConfigError
-from apilane.runtime.config import CommonSettings, Env, load_common
+from apilane.model.signing import SigningKey
+from apilane.runtime.config import CommonSettings, Env, load_common, load_signing_key
 
 SERVICE_NAME: Final = "apilane-discovery"
 
 
 @dataclass(frozen=True, kw_only=True)
 class DiscoverySettings:
+    signing_key: SigningKey
+    snapshot_ttl: float = 3600.0  # seconds a signed snapshot is valid; re-signed at half
     common: CommonSettings = field(default_factory=CommonSettings)
     service_namespace: str = "default"
     service_name: str = "kubernetes"
     kube_proxy_namespace: str = "kube-system"
     kube_proxy_name: str = "kube-proxy"
-    lease_namespace: str = "apilane"
-    identity: str = ""  # the pod name; unique per replica
     coalesce_window: float = 0.1
-    leader_election: bool = True
-    lease_duration: float = 15.0
-    lease_renew_interval: float = 5.0
-    lease_retry_interval: float = 2.0
     publish_retry_max: float = 5.0
     watch_backoff_max: float = 10.0
+    # `load` names the Lease after the cluster; a caller building settings by hand sets it.
+    lease: LeaseSettings = field(
+        default_factory=lambda: LeaseSettings(
+            name=subjects.discovery_lease("default"), identity=_default_identity()
+        )
+    )
 
     @property
     def cluster(self) -> str:
         return self.common.cluster
 
     @property
-    def lease_name(self) -> str:
-        return subjects.discovery_lease(self.common.cluster)
+    def identity(self) -> str:
+        """The replica's name: the pod name, unique per replica."""
+        return self.lease.identity
 
 
 def load(environ: Mapping[str, str] | None = None) -> DiscoverySettings:
     """Raise ConfigError naming the variable when a value is bad."""
     env = Env(environ)
-    identity = env.str("POD_NAME", "") or _default_identity()
-    settings = DiscoverySettings(
-        common=load_common(environ),
+    common = load_common(environ)
+    return DiscoverySettings(
+        signing_key=load_signing_key(env),
+        snapshot_ttl=env.seconds("SNAPSHOT_TTL", 3600.0, low=1.0),
+        common=common,
         service_namespace=env.str("SERVICE_NAMESPACE", "default"),
         service_name=env.str("SERVICE_NAME", "kubernetes"),
         kube_proxy_namespace=env.str("KUBE_PROXY_NAMESPACE", "kube-system"),
         kube_proxy_name=env.str("KUBE_PROXY_NAME", "kube-proxy"),
-        lease_namespace=env.str("LEASE_NAMESPACE", "apilane"),
-        identity=identity,
         coalesce_window=env.seconds("COALESCE_WINDOW", 0.1),
-        leader_election=env.bool("LEADER_ELECTION", True),
-        lease_duration=env.seconds("LEASE_DURATION", 15.0, low=1.0),
-        lease_renew_interval=env.seconds("LEASE_RENEW_INTERVAL", 5.0, low=0.05),
-        lease_retry_interval=env.seconds("LEASE_RETRY_INTERVAL", 2.0, low=0.05),
         publish_retry_max=env.seconds("PUBLISH_RETRY_MAX", 5.0, low=0.05),
         watch_backoff_max=env.seconds("WATCH_BACKOFF_MAX", 10.0, low=0.05),
+        lease=load_lease_settings(
+            env,
+            name=subjects.discovery_lease(common.cluster),
+            identity=env.str("POD_NAME", "") or _default_identity(),
+        ),
     )
-    if not settings.lease_renew_interval < settings.lease_duration * 2 / 3:
-        raise ConfigError(
-            "APILANE_LEASE_RENEW_INTERVAL must be shorter than two thirds of APILANE_LEASE_DURATION"
-        )
-    return settings
 
 
 def _default_identity() -> str:

@@ -11,8 +11,10 @@
 | APILANE_DESTROY_STALE_SOCKETS   | true                     | destroy sockets to removed backends       |
 | APILANE_NODE_STATE_INTERVAL     | 30s                      | NodeState heartbeat and map audit period  |
 | APILANE_MAP_BACKEND             | bpf                      | bpf, or memory (scale runs, no root)      |
-| APILANE_TRUSTED_KEYS(_FILE)     | (required to serve)      | public keys whose snapshots are applied   |
-| APILANE_OPERATOR_KEYS(_FILE)    | none: control refused    | public keys whose control requests count  |
+| APILANE_TRUSTED_KEYS            | (this or _FILE to serve) | public keys whose snapshots are applied   |
+| APILANE_TRUSTED_KEYS_FILE       | none                     | more of them, one per line                |
+| APILANE_OPERATOR_KEYS           | none: control refused    | public keys whose control requests count  |
+| APILANE_OPERATOR_KEYS_FILE      | none                     | more of them, one per line                |
 
 Only snapshots signed by a trusted key reach the maps (admission.py); `uninstall` reads no
 key, so it works on a node whatever became of the key configuration.

@@ -12,7 +12,7 @@ written by the same request that changes the env. That makes the record atomic w
 change (the render-result stream could miss a result if we stopped between patch and
 publish, and would then let a restart patch twice), keeps it when NATS loses its data, and
 drops it with the DaemonSet (a recreated DaemonSet must be rendered again). The record of
-which env variables apilane set (render.MANAGED_ENV_ANNOTATION, so it can remove them when
+which env variables apilane set (ownership.MANAGED_ENV_ANNOTATION, so it can remove them when
 they are no longer wanted) travels in the same patch for the same reasons.
 """
 
@@ -21,22 +21,27 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 from apilane.kube.client import Conflict, KubeClient, KubeError, NotFound, Unavailable
-from apilane.model.events import EndpointSnapshot, RenderOutcome
+from apilane.model.events import RenderOutcome
+from apilane.model.objects import as_dict, as_int
+from apilane.model.signing import SignedSnapshot
 from apilane.renderer.render import DesiredEnv, EnvDiff, diff
 from apilane.renderer.settings import FIELD_MANAGER, RendererSettings
+from apilane.runtime.aio import Backoff
 
 log = logging.getLogger(__name__)
 
-# The snapshot generation and digest whose env the DaemonSet holds, and the DaemonSet
-# generation that our patch produced (to tell our own rollout from someone else's).
+# The snapshot generation, endpoint digest and signed content digest whose env the DaemonSet
+# holds (the generation and content digest are what a restarted renderer judges new
+# snapshots against), and the DaemonSet generation that our patch produced (to tell our
+# own rollout from someone else's).
 APPLIED_GENERATION: Final = "apilane.dev/applied-generation"
 APPLIED_DIGEST: Final = "apilane.dev/applied-digest"
+APPLIED_CONTENT_DIGEST: Final = "apilane.dev/applied-content-digest"
 PATCHED_DAEMONSET_GENERATION: Final = "apilane.dev/daemonset-generation"
 
 
@@ -66,6 +71,12 @@ def applied_generation(daemonset: Mapping[str, Any]) -> int:
     return int(raw) if isinstance(raw, str) and raw.isdigit() else 0
 
 
+def applied_content_digest(daemonset: Mapping[str, Any]) -> str:
+    """The signed content digest recorded with the applied generation ("": none)."""
+    raw = _annotations(daemonset).get(APPLIED_CONTENT_DIGEST, "")
+    return raw if isinstance(raw, str) else ""
+
+
 def rollout_in_progress(daemonset: Mapping[str, Any]) -> str | None:
     """Why our own last rollout is still running, or None when it is not (or not ours).
 
@@ -73,22 +84,46 @@ def rollout_in_progress(daemonset: Mapping[str, Any]) -> str | None:
     unavailable, must not hold our patches back. A DaemonSet whose status the controller has
     not written yet gives no evidence either way, and does not hold anything.
     """
-    metadata = _as_dict(daemonset.get("metadata"))
-    status = _as_dict(daemonset.get("status"))
-    generation = _as_int(metadata.get("generation"))
+    metadata = as_dict(daemonset.get("metadata"))
+    status = as_dict(daemonset.get("status"))
+    generation = as_int(metadata.get("generation"))
     if _annotations(daemonset).get(PATCHED_DAEMONSET_GENERATION) != str(generation):
         return None
     if "observedGeneration" not in status:
         return None
-    observed = _as_int(status.get("observedGeneration"))
+    observed = as_int(status.get("observedGeneration"))
     if observed < generation:
         return f"the controller has not observed generation {generation} yet (observed {observed})"
-    desired = _as_int(status.get("desiredNumberScheduled"))
-    updated = _as_int(status.get("updatedNumberScheduled"))
-    available = _as_int(status.get("numberAvailable"))
+    desired = as_int(status.get("desiredNumberScheduled"))
+    updated = as_int(status.get("updatedNumberScheduled"))
+    available = as_int(status.get("numberAvailable"))
     if updated < desired or available < desired:
         return f"rollout of generation {generation}: {updated} updated, {available} available of {desired}"
     return None
+
+
+PatchHook = Callable[[int], Awaitable[None]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class _PlannedPatch:
+    """A decision to patch: the diff it comes from and the request body."""
+
+    generation: int  # the DaemonSet's, as read
+    diff: EnvDiff
+    body: dict[str, Any]
+
+    def report(
+        self, outcome: RenderOutcome, reason: str, *, retryable: bool = False
+    ) -> ApplyReport:
+        return ApplyReport(
+            outcome=outcome,
+            reason=reason,
+            daemonset_generation=self.generation,
+            diff=self.diff,
+            patch=self.body,
+            retryable=retryable,
+        )
 
 
 class Applier:
@@ -97,11 +132,14 @@ class Applier:
         kube: KubeClient,
         settings: RendererSettings,
         *,
-        _before_patch: Callable[[int], Awaitable[None]] | None = None,  # used in tests
+        before_patch: PatchHook | None = None,
     ) -> None:
+        """`before_patch(attempt)` is a test hook: awaited after the DaemonSet was read and
+        compared, just before the patch is sent, so a test can change the DaemonSet in
+        between and see the conflict handling. Production passes None."""
         self.kube = kube
         self.settings = settings
-        self._before_patch = _before_patch
+        self.before_patch = before_patch
 
     async def get_daemonset(self) -> dict[str, Any] | None:
         try:
@@ -110,11 +148,12 @@ class Applier:
             return None
 
     async def apply(
-        self, snapshot: EndpointSnapshot, desired: DesiredEnv, *, may_hold: bool
+        self, accepted: SignedSnapshot, desired: DesiredEnv, *, may_hold: bool
     ) -> ApplyReport:
-        """Decide and act for one snapshot. Never raises for API trouble: it is reported."""
+        """Decide and act for one verified snapshot. Never raises for API trouble: it is
+        reported."""
         try:
-            return await self._apply(snapshot, desired, may_hold=may_hold)
+            return await self._apply(accepted, desired, may_hold=may_hold)
         except Unavailable as exc:
             return ApplyReport(
                 outcome="failed", reason=f"API server unavailable: {exc}", retryable=True
@@ -124,83 +163,46 @@ class Applier:
             return ApplyReport(outcome="failed", reason=f"{type(exc).__name__}: {exc}")
 
     async def _apply(
-        self, snapshot: EndpointSnapshot, desired: DesiredEnv, *, may_hold: bool
+        self, accepted: SignedSnapshot, desired: DesiredEnv, *, may_hold: bool
     ) -> ApplyReport:
         seen: list[dict[str, Any]] = []  # the last DaemonSet read, for the report
-        report = await self._decide_and_patch(snapshot, desired, may_hold=may_hold, seen=seen)
+        report = await self._decide_and_patch(accepted, desired, may_hold=may_hold, seen=seen)
         return dataclasses.replace(report, daemonset=seen[-1]) if seen else report
 
     async def _decide_and_patch(
         self,
-        snapshot: EndpointSnapshot,
+        accepted: SignedSnapshot,
         desired: DesiredEnv,
         *,
         may_hold: bool,
         seen: list[dict[str, Any]],
     ) -> ApplyReport:
+        """Read, compare, patch; on a 409 read and compare again, up to conflict_retries."""
         attempts = self.settings.conflict_retries
+        backoff = Backoff(initial=0.05, maximum=1.0)
         for attempt in range(1, attempts + 1):
             live = await self.get_daemonset()
-            if live is not None:
-                seen.append(live)
             if live is None:
                 return ApplyReport(
                     outcome="waiting",
                     reason=f"DaemonSet {self.settings.daemonset_ref} does not exist yet;"
                     " it will be patched when it appears",
                 )
-            generation = _as_int(_as_dict(live.get("metadata")).get("generation"))
-            env_diff = diff(live, desired, field_manager=FIELD_MANAGER)
-            if not env_diff.present_containers:
-                return ApplyReport(
-                    outcome="failed",
-                    reason="none of the target containers exists: " + "; ".join(env_diff.problems),
-                    daemonset_generation=generation,
-                    diff=env_diff,
-                )
-            if env_diff.unchanged:
-                return self._unchanged(env_diff, generation)
-            if may_hold and (holding := rollout_in_progress(live)):
-                return ApplyReport(
-                    outcome="waiting",
-                    reason=f"coalescing: {holding}",
-                    daemonset_generation=generation,
-                    diff=env_diff,
-                )
-            patch = env_diff.patch(
-                annotations={
-                    APPLIED_GENERATION: str(snapshot.generation),
-                    APPLIED_DIGEST: snapshot.digest,
-                    # Changing the pod template bumps the generation by exactly one, and the
-                    # resourceVersion below guarantees nobody else changes it in between.
-                    PATCHED_DAEMONSET_GENERATION: str(generation + 1),
-                }
-            )
-            assert patch is not None  # not unchanged, so there is something to send
-            patch["metadata"]["resourceVersion"] = _as_dict(live.get("metadata")).get(
-                "resourceVersion"
-            )
-            if self._before_patch is not None:
-                await self._before_patch(attempt)
+            seen.append(live)
+            planned = self._decide(accepted, desired, live, may_hold=may_hold)
+            if isinstance(planned, ApplyReport):
+                return planned
             try:
-                result = await self.kube.patch(
-                    self.settings.daemonset_path,
-                    patch,
-                    patch_type="strategic",
-                    field_manager=FIELD_MANAGER,
-                    dry_run=self.settings.dry_run,
-                )
+                return await self._send(planned, attempt)
             except Conflict as exc:
                 if attempt == attempts:
-                    return ApplyReport(
-                        outcome="failed",
-                        reason=f"the DaemonSet kept changing: {attempts} conflicts in a row ({exc.message})",
-                        daemonset_generation=generation,
-                        diff=env_diff,
-                        patch=patch,
+                    return planned.report(
+                        "failed",
+                        f"the DaemonSet kept changing: {attempts} conflicts in a row"
+                        f" ({exc.message})",
                         retryable=True,
                     )
-                delay = min(1.0, 0.05 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+                delay = backoff.next_delay()
                 log.info(
                     "DaemonSet changed under us, reading it again",
                     extra={
@@ -210,27 +212,77 @@ class Applier:
                     },
                 )
                 await asyncio.sleep(delay)
-                continue
-            new_generation = _as_int(_as_dict(result.get("metadata")).get("generation")) or None
-            if self.settings.dry_run:
-                return ApplyReport(
-                    outcome="dry-run",
-                    reason=_with_problems(
-                        "server-side dry run accepted the patch; nothing changed", env_diff
-                    ),
-                    daemonset_generation=generation,
-                    diff=env_diff,
-                    patch=patch,
-                )
-            return ApplyReport(
-                outcome="applied",
-                reason=_with_problems("", env_diff),
-                daemonset_generation=new_generation,
-                diff=env_diff,
-                patch=patch,
-                patched=True,
-            )
         raise AssertionError("unreachable: the loop returns on its last attempt")
+
+    def _decide(
+        self,
+        accepted: SignedSnapshot,
+        desired: DesiredEnv,
+        live: Mapping[str, Any],
+        *,
+        may_hold: bool,
+    ) -> ApplyReport | _PlannedPatch:
+        """What to do with this live DaemonSet: a report when there is nothing to send."""
+        metadata = as_dict(live.get("metadata"))
+        generation = as_int(metadata.get("generation"))
+        env_diff = diff(live, desired, field_manager=FIELD_MANAGER)
+        if not env_diff.present_containers:
+            return ApplyReport(
+                outcome="failed",
+                reason="none of the target containers exists: " + "; ".join(env_diff.problems),
+                daemonset_generation=generation,
+                diff=env_diff,
+            )
+        if env_diff.unchanged:
+            return self._unchanged(env_diff, generation)
+        if may_hold and (holding := rollout_in_progress(live)):
+            return ApplyReport(
+                outcome="waiting",
+                reason=f"coalescing: {holding}",
+                daemonset_generation=generation,
+                diff=env_diff,
+            )
+        body = env_diff.patch(
+            annotations={
+                APPLIED_GENERATION: str(accepted.snapshot.generation),
+                APPLIED_DIGEST: accepted.snapshot.digest,
+                APPLIED_CONTENT_DIGEST: accepted.content_digest,
+                # Changing the pod template bumps the generation by exactly one, and the
+                # resourceVersion below guarantees nobody else changes it in between.
+                PATCHED_DAEMONSET_GENERATION: str(generation + 1),
+            }
+        )
+        if body is None:  # `unchanged` above: there are changes, so there is a patch
+            raise AssertionError("a diff with changes made no patch")
+        body["metadata"]["resourceVersion"] = metadata.get("resourceVersion")
+        return _PlannedPatch(generation=generation, diff=env_diff, body=body)
+
+    async def _send(self, planned: _PlannedPatch, attempt: int) -> ApplyReport:
+        """Send the patch (raises Conflict when the DaemonSet changed since it was read)."""
+        if self.before_patch is not None:
+            await self.before_patch(attempt)
+        result = await self.kube.patch(
+            self.settings.daemonset_path,
+            planned.body,
+            patch_type="strategic",
+            field_manager=FIELD_MANAGER,
+            dry_run=self.settings.dry_run,
+        )
+        if self.settings.dry_run:
+            return planned.report(
+                "dry-run",
+                _with_problems(
+                    "server-side dry run accepted the patch; nothing changed", planned.diff
+                ),
+            )
+        return ApplyReport(
+            outcome="applied",
+            reason=_with_problems("", planned.diff),
+            daemonset_generation=as_int(as_dict(result.get("metadata")).get("generation")) or None,
+            diff=planned.diff,
+            patch=planned.body,
+            patched=True,
+        )
 
     def _unchanged(self, env_diff: EnvDiff, generation: int) -> ApplyReport:
         if env_diff.conflicts:
@@ -254,12 +306,4 @@ def _with_problems(reason: str, env_diff: EnvDiff) -> str:
 
 
 def _annotations(daemonset: Mapping[str, Any]) -> Mapping[str, Any]:
-    return _as_dict(_as_dict(daemonset.get("metadata")).get("annotations"))
-
-
-def _as_dict(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _as_int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    return as_dict(as_dict(daemonset.get("metadata")).get("annotations"))

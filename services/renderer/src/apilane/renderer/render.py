@@ -6,22 +6,33 @@
 the live DaemonSet and says what would change, what cannot be changed safely (a variable
 the DaemonSet sets through `valueFrom`), which target containers are not there, and which
 variables apilane set earlier and no longer wants (removed, or given their old value back;
-see "Which variables are ours"). The patch is built from the diff alone, so it names only
-variables that change: a strategic merge patch that merges containers and env by name and
-touches nothing else.
+`apilane.renderer.ownership` says which are apilane's). The patch is built from the diff
+alone, so it names only variables that change: a strategic merge patch that merges
+containers and env by name and touches nothing else.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from apilane.model import envformat
 from apilane.model.envformat import EnvFormatError, IpPort
 from apilane.model.errors import ApilaneError
 from apilane.model.events import EndpointSnapshot
+from apilane.model.objects import as_dict, as_list, as_str
+from apilane.renderer.ownership import (
+    CONTAINER_KINDS,
+    FIELD_MANAGER,
+    MANAGED_ENV_ANNOTATION,
+    ContainerKind,
+    EnvOwners,
+    ManagedEnv,
+    Record,
+    format_managed_env,
+    recorded_ownership,
+)
 
 SERVICE_IPS_PORTS: Final = "KUBERNETES_SERVICE_IPS_PORTS"
 APISERVER_ENDPOINTS: Final = "KUBERNETES_APISERVER_ENDPOINTS"
@@ -34,9 +45,6 @@ KUBE_PROXY_COEXISTENCE_ENV: Final = (
     ("FELIX_BPFKUBEPROXYIPTABLESCLEANUPENABLED", "false"),
     ("FELIX_BPFKUBEPROXYHEALTHZPORT", "0"),
 )
-
-ContainerKind = Literal["initContainers", "containers"]
-CONTAINER_KINDS: Final[tuple[ContainerKind, ...]] = ("initContainers", "containers")
 
 
 class RenderError(ApilaneError):
@@ -128,63 +136,6 @@ def manageable_env(options: RenderOptions) -> frozenset[str]:
     if options.manage_kube_proxy_cleanup:
         names |= {name for name, _ in options.kube_proxy_coexistence_env}
     return frozenset(names)
-
-
-# -- Which variables are ours ---------------------------------------------------------------
-#
-# The renderer removes a variable only when it put it there. That fact is recorded in an
-# annotation on the DaemonSet, written by the same patch that changes the env:
-#
-#   apilane.dev/managed-env: {"calico-node":{"FELIX_BPFKUBEPROXYHEALTHZPORT":"10256",
-#                                            "FELIX_BPFKUBEPROXYIPTABLESCLEANUPENABLED":null}}
-#
-# per container, each variable apilane set, with the literal value it replaced: null when
-# apilane created the variable (released by deleting it), a string when apilane overwrote a
-# value someone else had set (released by putting that value back). A variable that already
-# held the wanted value is not recorded: apilane never wrote it, so it never takes it away.
-#
-# The record is checked against managedFields before a variable is released: when another
-# field manager has set its value since apilane did, the variable is theirs now and stays.
-# A DaemonSet without the annotation (patched by a renderer from before the record existed)
-# gets its record from managedFields: the env entries our field manager created are ours.
-
-MANAGED_ENV_ANNOTATION: Final = "apilane.dev/managed-env"
-FIELD_MANAGER: Final = "apilane-renderer"
-
-# container name -> variable -> the literal value it had before apilane set it (None: none).
-ManagedEnv = Mapping[str, Mapping[str, str | None]]
-
-
-class ManagedEnvError(ApilaneError):
-    """The managed-env annotation is not what this renderer writes."""
-
-
-def parse_managed_env(raw: str) -> dict[str, dict[str, str | None]]:
-    """The record in a managed-env annotation; raises ManagedEnvError."""
-    try:
-        decoded = json.loads(raw)
-    except ValueError as exc:
-        raise ManagedEnvError(f"not JSON: {exc}") from exc
-    if not isinstance(decoded, dict):
-        raise ManagedEnvError("expected an object of containers")
-    record: dict[str, dict[str, str | None]] = {}
-    for container, variables in decoded.items():
-        if not isinstance(variables, dict) or not all(
-            isinstance(previous, str | None) for previous in variables.values()
-        ):
-            raise ManagedEnvError(
-                f"container {container!r}: expected an object of variable -> string or null"
-            )
-        record[container] = dict(variables)
-    return record
-
-
-def format_managed_env(record: ManagedEnv) -> str | None:
-    """The annotation value for a record (canonical), or None when apilane owns nothing."""
-    kept = {container: dict(env) for container, env in record.items() if env}
-    if not kept:
-        return None
-    return json.dumps(kept, sort_keys=True, separators=(",", ":"))
 
 
 # -- Comparing with the live DaemonSet ------------------------------------------------------
@@ -331,89 +282,129 @@ def diff(
 ) -> EnvDiff:
     """What applying `desired` to this DaemonSet would change, including the variables apilane
     set earlier and needs no more. Tolerates any input shape."""
-    metadata = _as_dict(live_daemonset.get("metadata"))
-    daemonset = f"{_as_str(metadata.get('namespace'))}/{_as_str(metadata.get('name'))}"
-    pod_spec = _as_dict(_as_dict(_as_dict(live_daemonset.get("spec")).get("template")).get("spec"))
-    record, record_problems = _recorded_ownership(metadata)
-    owners = _EnvOwners(metadata)
-    live_by_kind: dict[ContainerKind, dict[str, Mapping[str, Any]]] = {
-        kind: {
-            _as_str(c.get("name")): c
-            for c in _as_list(pod_spec.get(kind))
-            if isinstance(c, Mapping)
-        }
-        for kind in CONTAINER_KINDS
-    }
-    changes: list[EnvChange] = []
-    conflicts: list[EnvConflict] = []
-    kept: list[EnvKept] = []
-    missing: list[tuple[ContainerKind, str]] = []
-    present: list[tuple[ContainerKind, str]] = []
-    managed: dict[str, dict[str, str | None]] = {}
+    live = _LiveDaemonSet.read(live_daemonset, field_manager=field_manager)
+    found = _Found()
     for kind, wanted_by_container in desired.by_kind():
-        for container_name, wanted_env in wanted_by_container.items():
-            container = live_by_kind[kind].get(container_name)
-            if container is None:
+        for container, wanted_env in wanted_by_container.items():
+            live_env = live.env(kind, container)
+            if live_env is None:
                 # Its variables went with it; a container of that name added later is new.
-                missing.append((kind, container_name))
+                found.missing.append((kind, container))
                 continue
-            present.append((kind, container_name))
-            live_env = _env_by_name(container.get("env"))
-            if record is None:
-                ours: Mapping[str, str | None] = {
-                    name: None
-                    for name in live_env
-                    if field_manager in owners.created_by(kind, container_name, name)
-                }
-            else:
-                ours = record.get(container_name, {})
-            plan = _plan_container(
+            found.present.append((kind, container))
+            planner = _ContainerPlanner(
                 kind=kind,
-                container=container_name,
+                container=container,
                 live_env=live_env,
-                wanted_env=wanted_env,
-                ours=ours,
-                manageable=desired.manageable,
-                owners=owners,
+                ours=live.ours(kind, container, live_env),
+                owners=live.owners,
                 field_manager=field_manager,
             )
-            changes += plan.changes
-            conflicts += plan.conflicts
-            kept += plan.kept
-            managed[container_name] = plan.ours
-    # Containers apilane set variables in but no longer targets (the configuration changed):
-    # left as they are, and still recorded, rather than stripped because of a typo.
+            found.add(container, planner.plan(wanted_env, desired.manageable))
     targeted = {name for _, by_name in desired.by_kind() for name in by_name}
-    for container_name, recorded in sorted((record or {}).items()):
-        if container_name in targeted:
+    _keep_untargeted(live, targeted, found)
+    return EnvDiff(
+        daemonset=live.ref,
+        changes=tuple(found.changes),
+        conflicts=tuple(found.conflicts),
+        kept=tuple(found.kept),
+        missing_containers=tuple(found.missing),
+        present_containers=tuple(found.present),
+        managed_env={name: env for name, env in found.managed.items() if env},
+        record_problems=live.record_problems,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class _LiveDaemonSet:
+    """The parts of the live object a diff reads, each read once and tolerantly."""
+
+    ref: str  # "namespace/name"
+    containers: Mapping[ContainerKind, Mapping[str, Mapping[str, Any]]]
+    record: Record | None  # None: no trustworthy annotation, ownership from managedFields
+    record_problems: tuple[str, ...]
+    owners: EnvOwners
+    field_manager: str
+
+    @classmethod
+    def read(cls, daemonset: Mapping[str, Any], *, field_manager: str) -> _LiveDaemonSet:
+        metadata = as_dict(daemonset.get("metadata"))
+        pod_spec = as_dict(as_dict(as_dict(daemonset.get("spec")).get("template")).get("spec"))
+        record, problems = recorded_ownership(metadata)
+        return cls(
+            ref=f"{as_str(metadata.get('namespace'))}/{as_str(metadata.get('name'))}",
+            containers={
+                kind: {
+                    as_str(c.get("name")): c
+                    for c in as_list(pod_spec.get(kind))
+                    if isinstance(c, Mapping)
+                }
+                for kind in CONTAINER_KINDS
+            },
+            record=record,
+            record_problems=problems,
+            owners=EnvOwners(metadata),
+            field_manager=field_manager,
+        )
+
+    def env(self, kind: ContainerKind, container: str) -> dict[str, Mapping[str, Any]] | None:
+        """The container's env entries by name; None when there is no such container."""
+        found = self.containers[kind].get(container)
+        return None if found is None else _env_by_name(found.get("env"))
+
+    def ours(
+        self, kind: ContainerKind, container: str, live_env: Mapping[str, Any]
+    ) -> Mapping[str, str | None]:
+        """What apilane owns in this container: the record, else what our manager created."""
+        if self.record is not None:
+            return self.record.get(container, {})
+        return {
+            name: None
+            for name in live_env
+            if self.field_manager in self.owners.created_by(kind, container, name)
+        }
+
+
+@dataclass
+class _Found:
+    """A diff being collected, container by container."""
+
+    changes: list[EnvChange] = field(default_factory=list)
+    conflicts: list[EnvConflict] = field(default_factory=list)
+    kept: list[EnvKept] = field(default_factory=list)
+    missing: list[tuple[ContainerKind, str]] = field(default_factory=list)
+    present: list[tuple[ContainerKind, str]] = field(default_factory=list)
+    managed: dict[str, dict[str, str | None]] = field(default_factory=dict)
+
+    def add(self, container: str, plan: _ContainerPlan) -> None:
+        self.changes += plan.changes
+        self.conflicts += plan.conflicts
+        self.kept += plan.kept
+        self.managed[container] = plan.ours
+
+
+def _keep_untargeted(live: _LiveDaemonSet, targeted: set[str], found: _Found) -> None:
+    """Containers apilane set variables in but no longer targets (the configuration changed):
+    left as they are, and still recorded, rather than stripped because of a typo."""
+    for container, recorded in sorted((live.record or {}).items()):
+        if container in targeted:
             continue
         for kind in CONTAINER_KINDS:
-            container = live_by_kind[kind].get(container_name)
-            if container is None:
+            live_env = live.env(kind, container)
+            if live_env is None:
                 continue
-            live_env = _env_by_name(container.get("env"))
             still_there = {name: prev for name, prev in recorded.items() if name in live_env}
-            managed[container_name] = still_there
-            kept += [
+            found.managed[container] = still_there
+            found.kept += [
                 EnvKept(
                     kind=kind,
-                    container=container_name,
+                    container=container,
                     name=name,
                     value=_shown_value(live_env[name]),
                     why="set by apilane in a container it no longer targets; left as is",
                 )
                 for name in sorted(still_there)
             ]
-    return EnvDiff(
-        daemonset=daemonset,
-        changes=tuple(changes),
-        conflicts=tuple(conflicts),
-        kept=tuple(kept),
-        missing_containers=tuple(missing),
-        present_containers=tuple(present),
-        managed_env={name: env for name, env in managed.items() if env},
-        record_problems=record_problems,
-    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -424,180 +415,108 @@ class _ContainerPlan:
     ours: dict[str, str | None]  # the container's record after the changes
 
 
-def _plan_container(
-    *,
-    kind: ContainerKind,
-    container: str,
-    live_env: Mapping[str, Mapping[str, Any]],
-    wanted_env: Mapping[str, str],
-    ours: Mapping[str, str | None],
-    manageable: frozenset[str],
-    owners: _EnvOwners,
-    field_manager: str,
-) -> _ContainerPlan:
+@dataclass(kw_only=True)
+class _ContainerPlanner:
     """One container: set what is wanted, release what is ours and not wanted, leave the rest."""
-    changes: list[EnvChange] = []
-    conflicts: list[EnvConflict] = []
-    kept: list[EnvKept] = []
-    after: dict[str, str | None] = {}
-    present_manageable = {name for name in live_env if name in manageable}
-    for name in sorted(set(wanted_env) | set(ours) | present_manageable):
-        entry = live_env.get(name)
+
+    kind: ContainerKind
+    container: str
+    live_env: Mapping[str, Mapping[str, Any]]
+    ours: Mapping[str, str | None]
+    owners: EnvOwners
+    field_manager: str
+    changes: list[EnvChange] = field(default_factory=list)
+    conflicts: list[EnvConflict] = field(default_factory=list)
+    kept: list[EnvKept] = field(default_factory=list)
+    after: dict[str, str | None] = field(default_factory=dict)
+
+    def plan(self, wanted_env: Mapping[str, str], manageable: frozenset[str]) -> _ContainerPlan:
+        present_manageable = {name for name in self.live_env if name in manageable}
+        for name in sorted(set(wanted_env) | set(self.ours) | present_manageable):
+            if name in wanted_env:
+                self._want(name, wanted_env[name])
+            elif name in self.live_env:  # else recorded as ours, but someone removed it already
+                self._release(name, self.live_env[name])
+        return _ContainerPlan(
+            changes=tuple(self.changes),
+            conflicts=tuple(self.conflicts),
+            kept=tuple(self.kept),
+            ours=self.after,
+        )
+
+    def _want(self, name: str, value: str) -> None:
+        entry = self.live_env.get(name)
         source = _value_from_source(entry)
-        live_value = None if entry is None else _as_str(entry.get("value"))
-
-        if name in wanted_env:
-            value = wanted_env[name]
-            if source is not None:
-                conflicts.append(
-                    EnvConflict(
-                        kind=kind, container=container, name=name, source=source, wanted=value
-                    )
-                )
-                continue  # not ours to write, and no longer ours to release
-            if entry is None:
-                after[name] = None
-            elif name in ours:
-                after[name] = ours[name]
-            elif live_value != value:
-                after[name] = live_value  # we replace someone's value: give it back later
-            # else: someone else set exactly what we want; we never wrote it, so never take it
-            if live_value != value:
-                changes.append(
-                    EnvChange(kind=kind, container=container, name=name, old=live_value, new=value)
-                )
-            continue
-
-        if entry is None:
-            continue  # recorded as ours, but someone removed it already
-        if name not in ours:
-            kept.append(
-                EnvKept(
-                    kind=kind,
-                    container=container,
-                    name=name,
-                    value=_shown_value(entry),
-                    why="not set by apilane; left as is",
-                )
-            )
-            continue
         if source is not None:
-            others: frozenset[str] | None = frozenset({f"a valueFrom ({source})"})
-        else:
-            setters = owners.value_set_by(kind, container, name)
-            others = None if setters is None else setters - {field_manager}
-        if others:
-            kept.append(
-                EnvKept(
-                    kind=kind,
-                    container=container,
-                    name=name,
-                    value=_shown_value(entry),
-                    why=f"set by {', '.join(sorted(others))} since apilane set it; left as is",
+            # Not ours to write, and no longer ours to release.
+            self.conflicts.append(
+                EnvConflict(
+                    kind=self.kind, container=self.container, name=name, source=source, wanted=value
                 )
             )
-            continue
-        previous = ours[name]
-        if previous != live_value:  # None: we created it, so it goes; else its old value returns
-            changes.append(
-                EnvChange(kind=kind, container=container, name=name, old=live_value, new=previous)
+            return
+        live_value = None if entry is None else as_str(entry.get("value"))
+        if entry is None:
+            self.after[name] = None
+        elif name in self.ours:
+            self.after[name] = self.ours[name]
+        elif live_value != value:
+            self.after[name] = live_value  # we replace someone's value: give it back later
+        # else: someone else set exactly what we want; we never wrote it, so never take it
+        if live_value != value:
+            self._change(name, old=live_value, new=value)
+
+    def _release(self, name: str, entry: Mapping[str, Any]) -> None:
+        if name not in self.ours:
+            self._keep(name, entry, "not set by apilane; left as is")
+            return
+        if others := self._set_by_others(name, entry):
+            self._keep(
+                name, entry, f"set by {', '.join(sorted(others))} since apilane set it; left as is"
             )
-    return _ContainerPlan(
-        changes=tuple(changes), conflicts=tuple(conflicts), kept=tuple(kept), ours=after
-    )
+            return
+        previous, live_value = self.ours[name], as_str(entry.get("value"))
+        if previous != live_value:  # None: we created it, so it goes; else its old value returns
+            self._change(name, old=live_value, new=previous)
 
+    def _set_by_others(self, name: str, entry: Mapping[str, Any]) -> frozenset[str]:
+        """Who else has set this variable's value since apilane did (empty: nobody)."""
+        source = _value_from_source(entry)
+        if source is not None:
+            return frozenset({f"a valueFrom ({source})"})
+        setters = self.owners.value_set_by(self.kind, self.container, name)
+        return frozenset() if setters is None else setters - {self.field_manager}
 
-def _recorded_ownership(
-    metadata: Mapping[str, Any],
-) -> tuple[dict[str, dict[str, str | None]] | None, tuple[str, ...]]:
-    """The record from the annotation; None when there is none to trust (then managedFields)."""
-    raw = _as_dict(metadata.get("annotations")).get(MANAGED_ENV_ANNOTATION)
-    if raw is None:
-        return None, ()
-    if not isinstance(raw, str):
-        return None, (f"annotation {MANAGED_ENV_ANNOTATION} is not a string; ignored",)
-    try:
-        return parse_managed_env(raw), ()
-    except ManagedEnvError as exc:
-        return None, (
-            f"annotation {MANAGED_ENV_ANNOTATION} is malformed ({exc}); ownership taken from"
-            " managedFields until the next patch rewrites it",
+    def _change(self, name: str, *, old: str | None, new: str | None) -> None:
+        self.changes.append(
+            EnvChange(kind=self.kind, container=self.container, name=name, old=old, new=new)
         )
 
-
-class _EnvOwners:
-    """Who owns which env entry, from managedFields (fieldsV1).
-
-    An Update that adds a list entry gives its manager the entry itself (".") and its
-    fields; an Update that changes a value gives its manager that value only.
-    """
-
-    def __init__(self, metadata: Mapping[str, Any]) -> None:
-        self._entries = [
-            (_as_str(entry.get("manager")), _as_dict(entry.get("fieldsV1")))
-            for entry in _as_list(metadata.get("managedFields"))
-            if isinstance(entry, Mapping)
-        ]
-
-    def created_by(self, kind: ContainerKind, container: str, name: str) -> frozenset[str]:
-        return frozenset(
-            manager
-            for manager, fields in self._entries
-            if "." in _env_entry_fields(fields, kind, container, name)
+    def _keep(self, name: str, entry: Mapping[str, Any], why: str) -> None:
+        self.kept.append(
+            EnvKept(
+                kind=self.kind,
+                container=self.container,
+                name=name,
+                value=_shown_value(entry),
+                why=why,
+            )
         )
-
-    def value_set_by(self, kind: ContainerKind, container: str, name: str) -> frozenset[str] | None:
-        """Managers owning the entry's value; None when the object carries no managedFields
-        (then there is no evidence against the record, and it is trusted)."""
-        if not self._entries:
-            return None
-        return frozenset(
-            manager
-            for manager, fields in self._entries
-            if {"f:value", "f:valueFrom"} & set(_env_entry_fields(fields, kind, container, name))
-        )
-
-
-def _env_entry_fields(
-    fields: Mapping[str, Any], kind: ContainerKind, container: str, name: str
-) -> Mapping[str, Any]:
-    path = ("f:spec", "f:template", "f:spec", f"f:{kind}", _list_key(container), "f:env")
-    node = fields
-    for step in (*path, _list_key(name)):
-        node = _as_dict(node.get(step))
-    return node
-
-
-def _list_key(name: str) -> str:
-    """How fieldsV1 names the entry of a list merged by `name`."""
-    return "k:" + json.dumps({"name": name}, separators=(",", ":"))
 
 
 def _value_from_source(entry: Mapping[str, Any] | None) -> str | None:
     if entry is None or entry.get("valueFrom") is None:
         return None
-    return next(iter(_as_dict(entry.get("valueFrom"))), "valueFrom")
+    return next(iter(as_dict(entry.get("valueFrom"))), "valueFrom")
 
 
 def _shown_value(entry: Mapping[str, Any]) -> str:
     source = _value_from_source(entry)
-    return f"<from {source}>" if source is not None else _as_str(entry.get("value"))
+    return f"<from {source}>" if source is not None else as_str(entry.get("value"))
 
 
 def _env_by_name(raw: Any) -> dict[str, Mapping[str, Any]]:
     """Env entries by name; with duplicate names the last wins, as in the kubelet."""
     return {
-        _as_str(entry.get("name")): entry for entry in _as_list(raw) if isinstance(entry, Mapping)
+        as_str(entry.get("name")): entry for entry in as_list(raw) if isinstance(entry, Mapping)
     }
-
-
-def _as_dict(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _as_list(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, list | tuple) else []
-
-
-def _as_str(value: Any) -> str:
-    return value if isinstance(value, str) else ""

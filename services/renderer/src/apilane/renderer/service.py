@@ -2,17 +2,25 @@
 
 Flow, while this replica leads:
 
-1. Read the DaemonSet once to recover the last applied snapshot generation (annotation).
+1. Read the DaemonSet once to recover what it holds: the applied snapshot generation and
+   its signed content digest (annotations written by our patches).
 2. Render the latest snapshot in the KV bucket, before anything else.
 3. Then follow the bucket (`Bus.watch_kv`) and the DaemonSet (a list-then-watch): every new
    snapshot is rendered and applied in order, one at a time; a DaemonSet event only matters
-   when a snapshot is pending (the DaemonSet did not exist, or our rollout was running).
+   when a snapshot is waiting (the DaemonSet did not exist, or our rollout was running).
 
-Every snapshot gets a RenderResult on `subjects.renders_subject(cluster)`: applied,
-unchanged, dry-run, waiting (held: DaemonSet missing or coalescing), failed (with the
-reason) or ignored (at or below the last applied generation). A held snapshot gets a
-second result when it is finally applied; when a newer snapshot arrives first, the newer one
-takes its place (that is the coalescing) and the held one's `waiting` stays its last word.
+Before anything else every snapshot is verified (`signing.open_snapshot`, against the
+trusted keys) and judged (`signing.judge`, against the generation and content held). One
+that is unsigned, signed by an unknown key or badly, an older generation, the held one with
+other content, or expired, is refused: a metric by reason, a log line, a SnapshotRefused
+warning on the bus, and nothing changes on the DaemonSet. A re-signed copy of the held generation is a refresh:
+taken, never patched again.
+
+Every verified snapshot gets a RenderResult on `subjects.renders_subject(cluster)`: applied,
+unchanged, dry-run, waiting (DaemonSet missing or coalescing), failed (with the reason) or
+ignored (refused, or a refresh of what is held). A waiting snapshot gets a second result
+when it is finally applied; when a newer snapshot arrives first, the newer one takes its
+place (that is the coalescing) and the waiting one's `waiting` stays its last word.
 """
 
 from __future__ import annotations
@@ -21,25 +29,43 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 from opentelemetry import trace
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from apilane.kube.client import KubeClient, KubeError
-from apilane.kube.leader import LeaderElector
+from apilane.kube.leader import LeaderElector, elector_for, lead
 from apilane.kube.recorder import record_event
 from apilane.kube.watch import list_then_watch
 from apilane.model import events, subjects
 from apilane.model.events import EndpointSnapshot, RenderOutcome, RenderResult, WarningReason
+from apilane.model.signing import (
+    Held,
+    Refused,
+    SignatureError,
+    SignedSnapshot,
+    Verdict,
+    judge,
+    open_snapshot,
+    utcnow,
+)
 from apilane.renderer import render as rendering
-from apilane.renderer.applier import Applier, ApplyReport, applied_generation
+from apilane.renderer.applier import (
+    Applier,
+    ApplyReport,
+    PatchHook,
+    applied_content_digest,
+    applied_generation,
+)
+from apilane.renderer.metrics import RendererMetrics
 from apilane.renderer.settings import SERVICE_NAME, RendererSettings
-from apilane.runtime import config, tracing
+from apilane.runtime import tracing
+from apilane.runtime.aio import Backoff
 from apilane.runtime.bus import Bus, BusError, KvEntry
+from apilane.runtime.lifecycle import bus_session
 from apilane.runtime.serve import ServiceContext
 
 log = logging.getLogger(__name__)
@@ -52,57 +78,27 @@ RETRY_DELAY_MAX: Final = 30.0
 WAITING_BACKSTOP: Final = 30.0
 
 
-class Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.renders = Counter(
-            "apilane_renderer_renders_total",
-            "Render results published, by outcome.",
-            ["outcome"],
-            registry=registry,
-        )
-        self.patches = Counter(
-            "apilane_renderer_patches_total",
-            "DaemonSet patches accepted by the API server (dry runs excluded).",
-            registry=registry,
-        )
-        self.noop = Counter(
-            "apilane_renderer_noop_total",
-            "Snapshots that needed no patch: the live DaemonSet already held their env.",
-            registry=registry,
-        )
-        self.failures = Counter(
-            "apilane_renderer_failures_total",
-            "Snapshots that could not be rendered or applied, and malformed bus messages.",
-            ["stage"],
-            registry=registry,
-        )
-        self.latency = Histogram(
-            "apilane_renderer_snapshot_to_patch_seconds",
-            "From a snapshot's observed_at to the accepted patch.",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-            registry=registry,
-        )
-        self.applied_generation = Gauge(
-            "apilane_renderer_applied_generation",
-            "The snapshot generation the DaemonSet holds, as far as this replica knows.",
-            registry=registry,
-        )
-        for outcome in ("applied", "unchanged", "dry-run", "failed", "ignored", "waiting"):
-            self.renders.labels(outcome)
-        for stage in ("decode", "render", "apply", "publish"):
-            self.failures.labels(stage)
-
-
 @dataclass
-class _Held:
+class _Waiting:
     """A snapshot that could not be applied yet, and will be when something changes."""
 
-    snapshot: EndpointSnapshot
+    signed: SignedSnapshot
     desired: rendering.DesiredEnv
     since: float
     retry_at: float | None = None  # monotonic time of the next timed attempt, if any
-    retry_delay: float = RETRY_DELAY_INITIAL
+    # Carried from attempt to attempt of the same snapshot; a new snapshot starts afresh.
+    backoff: Backoff = field(
+        default_factory=lambda: Backoff(initial=RETRY_DELAY_INITIAL, maximum=RETRY_DELAY_MAX)
+    )
     outcome: str = ""  # the last outcome published for it
+
+    @property
+    def snapshot(self) -> EndpointSnapshot:
+        return self.signed.snapshot
+
+    @property
+    def held(self) -> Held:
+        return Held(generation=self.snapshot.generation, content_digest=self.signed.content_digest)
 
 
 class Renderer:
@@ -115,17 +111,20 @@ class Renderer:
         kube: KubeClient,
         settings: RendererSettings,
         registry: CollectorRegistry | None = None,
-        _before_patch: Callable[[int], Awaitable[None]] | None = None,  # used in tests
+        before_patch: PatchHook | None = None,
     ) -> None:
+        """`before_patch` is the applier's test hook (see `Applier`); production passes None."""
         self.bus = bus
         self.kube = kube
         self.settings = settings
         self.options = settings.render_options()
-        self.applier = Applier(kube, settings, _before_patch=_before_patch)
-        self.metrics = Metrics(registry or CollectorRegistry())
+        self.applier = Applier(kube, settings, before_patch=before_patch)
+        self.metrics = RendererMetrics(registry or CollectorRegistry())
         self.tracer = tracing.tracer("apilane.renderer")
-        self.last_applied_generation = 0
-        self.held: _Held | None = None
+        # What the DaemonSet holds (applied, or found unchanged): the generation and content
+        # new snapshots are judged against. Recovered from the DaemonSet at start.
+        self.accepted: Held | None = None
+        self.waiting: _Waiting | None = None
         self.running = False  # readiness: the loop is following the bucket
         self._queue: asyncio.Queue[KvEntry | None] = asyncio.Queue()
         self._last_revision = 0
@@ -160,7 +159,11 @@ class Renderer:
                     await task
 
     async def _recover(self) -> None:
-        """The last applied generation, from the DaemonSet's annotation (0 if absent)."""
+        """What the DaemonSet holds, from its annotations (nothing when they are absent).
+
+        Only a patch writes them: a later generation found unchanged is held in memory, so a
+        restarted renderer judges against the last patched one. Any generation between the
+        two renders the env the DaemonSet already has."""
         try:
             live = await self.applier.get_daemonset()
         except KubeError as exc:
@@ -168,24 +171,29 @@ class Renderer:
                 "cannot read the DaemonSet at start; nothing recovered", extra={"error": str(exc)}
             )
             return
-        if live is not None:
-            recovered = applied_generation(live)
-            if recovered > self.last_applied_generation:
-                self.last_applied_generation = recovered
-                self.metrics.applied_generation.set(recovered)
-                log.info("recovered the last applied generation", extra={"generation": recovered})
+        if live is None:
+            return
+        recovered = Held(
+            generation=applied_generation(live), content_digest=applied_content_digest(live)
+        )
+        if recovered.generation > 0 and (
+            self.accepted is None or recovered.generation > self.accepted.generation
+        ):
+            self._accept(recovered)
+            log.info(
+                "recovered the applied generation",
+                extra={"generation": recovered.generation, "content": recovered.content_digest},
+            )
 
     async def _kv_get_latest(self, stop: asyncio.Event) -> KvEntry | None:
         key = subjects.snapshot_key(self.settings.cluster)
-        delay = 0.2
+        backoff = Backoff(initial=0.2, maximum=5.0)
         while not stop.is_set():
             try:
                 return await self.bus.kv_get(subjects.SNAPSHOT_BUCKET, key)
             except BusError as exc:
                 log.warning("cannot read the latest snapshot yet", extra={"error": str(exc)})
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.sleep(stop)
         return None
 
     async def _follow_bucket(self, stop: asyncio.Event) -> None:
@@ -202,7 +210,7 @@ class Renderer:
                 async for event in list_then_watch(self.kube, path, field_selector=selector):
                     if event.type == "DELETED":
                         continue
-                    if self.held is not None and (event.type != "LISTED" or event.objects):
+                    if self.waiting is not None and (event.type != "LISTED" or event.objects):
                         self._wake()
             except KubeError as exc:
                 # The timed backstop in `_process` keeps held snapshots moving meanwhile.
@@ -245,13 +253,13 @@ class Renderer:
             self._queue.put_nowait(None)
 
     def _next_timed_attempt(self) -> float | None:
-        if self.held is None:
+        if self.waiting is None:
             return None
         deadlines = []
-        if self.held.retry_at is not None:
-            deadlines.append(self.held.retry_at)
+        if self.waiting.retry_at is not None:
+            deadlines.append(self.waiting.retry_at)
         if self.settings.coalesce_during_rollout:
-            deadlines.append(self.held.since + self.settings.coalesce_max_wait)
+            deadlines.append(self.waiting.since + self.settings.coalesce_max_wait)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
@@ -259,7 +267,7 @@ class Renderer:
     # -- one snapshot ---------------------------------------------------------------------
 
     async def handle_entry(self, entry: KvEntry) -> None:
-        """Decode, render, apply and report one KV entry. Never raises on bad input."""
+        """Verify, judge, render, apply and report one KV entry. Never raises on bad input."""
         if entry.revision <= self._last_revision:
             return  # already seen (the watch starts with the value kv_get returned)
         self._last_revision = entry.revision
@@ -269,55 +277,49 @@ class Renderer:
                 extra={"revision": entry.revision},
             )
             return
-        try:
-            snapshot = events.decode_snapshot(entry.value)
-        except events.MalformedEvent as exc:
-            self.metrics.failures.labels("decode").inc()
-            log.warning(
-                "malformed snapshot on the bus, skipped",
-                extra={"revision": entry.revision, "error": str(exc)},
-            )
-            await self._warn(
-                WarningReason.INVALID_SNAPSHOT,
-                f"malformed snapshot at revision {entry.revision}: {exc}",
-            )
+        signed = await self._verified(entry)
+        if signed is None:
             return
-        if snapshot.cluster != self.settings.cluster:
-            log.warning(
-                "snapshot for another cluster, skipped",
-                extra={"snapshot_cluster": snapshot.cluster},
-            )
-            await self._warn(
-                WarningReason.INVALID_SNAPSHOT,
-                f"snapshot at revision {entry.revision} names cluster {snapshot.cluster!r}",
-                generation=snapshot.generation,
-            )
-            return
+        snapshot = signed.snapshot
         attributes: dict[str, str | int | float | bool] = {
             "apilane.cluster": snapshot.cluster,
             "apilane.generation": snapshot.generation,
             "apilane.digest": snapshot.digest,
+            "apilane.key_id": signed.header.key_id,
             "messaging.destination.name": entry.bucket,
         }
         with tracing.consuming(self.tracer, "renderer consume", entry.headers, attributes) as span:
-            await self.handle_snapshot(snapshot)
-            span.set_attribute("apilane.render.held", self.held is not None)
+            await self.handle_snapshot(signed, revision=entry.revision)
+            span.set_attribute("apilane.render.held", self.waiting is not None)
 
-    async def handle_snapshot(self, snapshot: EndpointSnapshot) -> None:
-        if snapshot.generation <= self.last_applied_generation:
+    async def _verified(self, entry: KvEntry) -> SignedSnapshot | None:
+        """The entry's snapshot if a trusted key signed it for this cluster; else reported."""
+        try:
+            signed = open_snapshot(entry.value, self.settings.trusted_keys)
+        except (SignatureError, events.MalformedEvent) as exc:
+            await self._refuse(exc, revision=entry.revision)
+            return None
+        if signed.snapshot.cluster != self.settings.cluster:
+            await self._refuse(
+                Refused("other-cluster", f"names cluster {signed.snapshot.cluster!r}"),
+                revision=entry.revision,
+                generation=signed.snapshot.generation,
+            )
+            return None
+        return signed
+
+    async def handle_snapshot(self, signed: SignedSnapshot, *, revision: int = 0) -> None:
+        snapshot = signed.snapshot
+        try:
+            verdict = judge(signed, self._judged_against(), now=utcnow())
+        except Refused as exc:
+            await self._refuse(exc, revision=revision, generation=snapshot.generation)
             await self._publish(
-                snapshot,
-                outcome="ignored",
-                reason=f"generation {snapshot.generation} is at or below the last applied"
-                f" generation {self.last_applied_generation}",
+                snapshot, outcome="ignored", reason=f"refused ({exc.reason}): {exc}"
             )
             return
-        if self.held is not None and snapshot.generation <= self.held.snapshot.generation:
-            await self._publish(
-                snapshot,
-                outcome="ignored",
-                reason=f"generation {self.held.snapshot.generation} is already waiting to be applied",
-            )
+        if verdict is Verdict.REFRESH:
+            await self._refreshed(signed)
             return
         with self.tracer.start_as_current_span("render") as span:
             try:
@@ -333,77 +335,93 @@ class Renderer:
                 await self._warn(
                     WarningReason.RENDER_FAILED, str(exc), generation=snapshot.generation
                 )
-                return  # a held, valid snapshot stays held
-        since = self.held.since if self.held is not None else time.monotonic()
-        self.held = None
-        await self._attempt(snapshot, desired, since=since)
+                return  # a waiting, valid snapshot stays waiting
+        since = self.waiting.since if self.waiting is not None else time.monotonic()
+        self.waiting = None
+        await self._attempt(signed, desired, since=since)
+
+    def _judged_against(self) -> Held | None:
+        """The highest generation taken: held by the DaemonSet, or waiting to be applied."""
+        if self.waiting is not None and (
+            self.accepted is None or self.waiting.held.generation > self.accepted.generation
+        ):
+            return self.waiting.held
+        return self.accepted
+
+    async def _refreshed(self, signed: SignedSnapshot) -> None:
+        """A re-signed copy of what is held or waiting: taken, not applied again."""
+        generation = signed.snapshot.generation
+        self.metrics.refreshes.inc()
+        if self.waiting is not None and self.waiting.snapshot.generation == generation:
+            self.waiting.signed = signed  # keeps it valid while it waits
+            reason = f"generation {generation} is already waiting to be applied"
+        else:
+            reason = f"generation {generation} is applied already; this is a refresh"
+        log.info(
+            "snapshot refreshed",
+            extra={"generation": generation, "expires_at": signed.header.expires_at.isoformat()},
+        )
+        await self._publish(signed.snapshot, outcome="ignored", reason=reason)
+
+    async def _refuse(
+        self, exc: SignatureError | events.MalformedEvent, *, revision: int, generation: int = 0
+    ) -> None:
+        """Report a snapshot that must not be used; the DaemonSet is left as it is."""
+        reason = refusal_label(exc)
+        self.metrics.refused.labels(reason).inc()
+        if refusal_warning(exc) is WarningReason.INVALID_SNAPSHOT:
+            self.metrics.failures.labels("decode").inc()
+        log.warning(
+            "snapshot refused; the DaemonSet is left as it is",
+            extra={
+                "reason": reason,
+                "revision": revision,
+                "generation": generation,
+                "error": str(exc),
+            },
+        )
+        await self._warn(
+            refusal_warning(exc),
+            f"snapshot at revision {revision} refused ({reason}): {exc}",
+            generation=generation,
+        )
 
     async def retry_held(self) -> None:
-        if self.held is None:
+        if self.waiting is None:
             return
-        held = self.held
-        await self._attempt(held.snapshot, held.desired, since=held.since, previous=held)
+        waiting = self.waiting
+        if waiting.signed.expired(utcnow()):
+            # Its validity ended while it waited, and no refresh came: not applied.
+            self.waiting = None
+            exc = Refused("expired", f"expired at {waiting.signed.header.expires_at} while waiting")
+            await self._refuse(exc, revision=0, generation=waiting.snapshot.generation)
+            await self._publish(waiting.snapshot, outcome="ignored", reason=f"refused: {exc}")
+            return
+        await self._attempt(waiting.signed, waiting.desired, since=waiting.since, previous=waiting)
 
     async def _attempt(
         self,
-        snapshot: EndpointSnapshot,
+        signed: SignedSnapshot,
         desired: rendering.DesiredEnv,
         *,
         since: float,
-        previous: _Held | None = None,
+        previous: _Waiting | None = None,
     ) -> None:
+        snapshot = signed.snapshot
         may_hold = (
             self.settings.coalesce_during_rollout
             and time.monotonic() - since < self.settings.coalesce_max_wait
         )
         with self.tracer.start_as_current_span("patch") as span:
-            report = await self.applier.apply(snapshot, desired, may_hold=may_hold)
+            report = await self.applier.apply(signed, desired, may_hold=may_hold)
             span.set_attribute("apilane.render.outcome", report.outcome)
             if report.daemonset_generation is not None:
                 span.set_attribute("k8s.daemonset.generation", report.daemonset_generation)
             if report.outcome == "failed":
                 span.set_status(trace.Status(trace.StatusCode.ERROR, report.reason))
-
-        if report.outcome == "waiting" or report.retryable:
-            held = _Held(snapshot=snapshot, desired=desired, since=since)
-            if report.retryable:
-                delay = (
-                    RETRY_DELAY_INITIAL
-                    if previous is None
-                    else min(previous.retry_delay * 2, RETRY_DELAY_MAX)
-                )
-            else:
-                delay = WAITING_BACKSTOP  # the DaemonSet watch normally wakes us long before
-            held.retry_delay = delay
-            held.retry_at = time.monotonic() + delay
-            held.outcome = report.outcome
-            self.held = held
-            # A snapshot reports its waiting or its failure once, not on every retry.
-            if (
-                previous is not None
-                and previous.snapshot.generation == snapshot.generation
-                and previous.outcome == report.outcome
-            ):
-                return
-        else:
-            self.held = None
-
-        if report.patched:
-            self.last_applied_generation = snapshot.generation
-            self.metrics.applied_generation.set(snapshot.generation)
-            self.metrics.patches.inc()
-            self.metrics.latency.observe(
-                max(0.0, (datetime.now(UTC) - snapshot.observed_at).total_seconds())
-            )
-        elif report.outcome == "unchanged":
-            self.last_applied_generation = max(self.last_applied_generation, snapshot.generation)
-            self.metrics.applied_generation.set(self.last_applied_generation)
-            self.metrics.noop.inc()
-        elif report.outcome == "failed":
-            self.metrics.failures.labels("apply").inc()
-            await self._warn(
-                WarningReason.APPLY_FAILED, report.reason, generation=snapshot.generation
-            )
+        if not self._wait_or_release(signed, desired, report, since=since, previous=previous):
+            return  # already reported for this snapshot
+        await self._account(signed, report)
         self._record_event(snapshot, report)
         log.info(
             "snapshot rendered",
@@ -417,6 +435,60 @@ class Renderer:
         await self._publish(
             snapshot, outcome=report.outcome, reason=report.reason, report=report, desired=desired
         )
+
+    def _wait_or_release(
+        self,
+        signed: SignedSnapshot,
+        desired: rendering.DesiredEnv,
+        report: ApplyReport,
+        *,
+        since: float,
+        previous: _Waiting | None,
+    ) -> bool:
+        """Keep the snapshot for another attempt when it is waiting or may heal; False when
+        this outcome was reported for it already (a snapshot reports its waiting or its
+        failure once, not on every retry)."""
+        if report.outcome != "waiting" and not report.retryable:
+            self.waiting = None
+            return True
+        waiting = _Waiting(signed=signed, desired=desired, since=since, outcome=report.outcome)
+        if report.retryable:
+            if previous is not None:
+                waiting.backoff = previous.backoff
+            delay = waiting.backoff.next_delay()
+        else:
+            delay = WAITING_BACKSTOP  # the DaemonSet watch normally wakes us long before
+        waiting.retry_at = time.monotonic() + delay
+        self.waiting = waiting
+        repeated = (
+            previous is not None
+            and previous.snapshot.generation == signed.snapshot.generation
+            and previous.outcome == report.outcome
+        )
+        return not repeated
+
+    async def _account(self, signed: SignedSnapshot, report: ApplyReport) -> None:
+        """Metrics, what the DaemonSet now holds, and a warning for a failure."""
+        snapshot = signed.snapshot
+        held = Held(generation=snapshot.generation, content_digest=signed.content_digest)
+        if report.patched:
+            self._accept(held)
+            self.metrics.patches.inc()
+            self.metrics.latency.observe(
+                max(0.0, (datetime.now(UTC) - snapshot.observed_at).total_seconds())
+            )
+        elif report.outcome == "unchanged":
+            self._accept(held)
+            self.metrics.noop.inc()
+        elif report.outcome == "failed":
+            self.metrics.failures.labels("apply").inc()
+            await self._warn(
+                WarningReason.APPLY_FAILED, report.reason, generation=snapshot.generation
+            )
+
+    def _accept(self, held: Held) -> None:
+        self.accepted = held
+        self.metrics.applied_generation.set(held.generation)
 
     def _record_event(self, snapshot: EndpointSnapshot, report: ApplyReport) -> None:
         """A Kubernetes Event on the DaemonSet for what a person may look for with
@@ -501,83 +573,42 @@ class Renderer:
             log.warning("warning not published", extra={"error": str(exc)})
 
 
-async def lead_and_render(
-    renderer: Renderer, elector: LeaderElector | None, stop: asyncio.Event
-) -> None:
-    """Render while leading; between terms, wait. Without an elector, render until stopped."""
-    if elector is None:
-        await renderer.run(stop)
-        return
-    campaign = asyncio.create_task(elector.run(stop), name="renderer-leader-election")
-    try:
-        while not stop.is_set():
-            await _first_of(elector.leading.wait(), stop.wait())
-            if stop.is_set():
-                break
-            term_over = asyncio.Event()
-            watcher = asyncio.create_task(_set_when_any(term_over, elector.lost, stop))
-            try:
-                log.info("leading: rendering", extra={"identity": elector.identity})
-                await renderer.run(term_over)
-            finally:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-    finally:
-        stop.set()
-        with contextlib.suppress(Exception):
-            await campaign
-
-
-async def _first_of(*waits: Awaitable[Any]) -> None:
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _set_when_any(target: asyncio.Event, *sources: asyncio.Event) -> None:
-    await _first_of(*(source.wait() for source in sources))
-    target.set()
-
-
 async def main(ctx: ServiceContext, settings: RendererSettings) -> None:
-    """The service body for `runtime.serve`: connect, elect, render until stopped."""
-    log.info("starting", extra={"settings": config.describe(settings)})
-    # Probes are served from the start: until NATS and the renderer exist, not ready.
-    started: dict[str, Any] = {}
+    """The service body for `apilane.runtime.lifecycle.command_line`: connect, elect, render
+    until stopped."""
+    renderer: Renderer | None = None
+    elector: LeaderElector | None = None
+
+    def ready() -> bool:
+        # A follower is ready (it can take over); a leader once it follows the bucket.
+        return renderer is not None and (renderer.running or not _leading(elector))
+
     ctx.health.add_live("event-loop", lambda: True)
-    ctx.health.add_ready("nats", lambda: "bus" in started and started["bus"].connected)
-    # A follower is ready (it can take over); a leader once it follows the bucket.
-    ctx.health.add_ready(
-        "renderer",
-        lambda: (
-            "renderer" in started
-            and (started["renderer"].running or not _leading(started["elector"]))
-        ),
-    )
+    ctx.health.add_ready("renderer", ready)
     kube = await KubeClient.from_config(settings.common.kubeconfig or None)
-    bus = await Bus.connect(settings.common.nats_urls, name=SERVICE_NAME)
-    started["bus"] = bus
     try:
-        await bus.ensure_streams()
-        renderer = Renderer(bus=bus, kube=kube, settings=settings, registry=ctx.registry)
-        elector = None
-        if settings.leader_election:
-            elector = LeaderElector(
-                kube,
-                namespace=settings.lease_namespace,
-                name=subjects.renderer_lease(settings.cluster),
-                identity=settings.identity,
-            )
-        started.update(renderer=renderer, elector=elector)
-        await lead_and_render(renderer, elector, ctx.stopping)
+        async with bus_session(ctx, settings.common, client_name=SERVICE_NAME) as bus:
+            if bus is None:
+                return  # stopped before NATS was there
+            elector = elector_for(kube, settings.lease)
+            renderer = Renderer(bus=bus, kube=kube, settings=settings, registry=ctx.registry)
+            await lead(elector, renderer.run, ctx.stopping)
     finally:
-        await bus.drain()
         await kube.close()
+
+
+def refusal_label(exc: SignatureError | events.MalformedEvent) -> str:
+    """The `reason` label of apilane_renderer_snapshots_refused_total for a refusal."""
+    return exc.reason if isinstance(exc, SignatureError) else "malformed"
+
+
+def refusal_warning(exc: SignatureError | events.MalformedEvent) -> WarningReason:
+    """As every consumer reports it: SnapshotRefused for what a trusted key did not sign or
+    that is not acceptable now (unsigned, unknown key, bad signature, rollback, expired...);
+    InvalidSnapshot for a validly signed payload that is not a snapshot (a producer bug)."""
+    if isinstance(exc, events.MalformedEvent):
+        return WarningReason.INVALID_SNAPSHOT
+    return WarningReason.SNAPSHOT_REFUSED
 
 
 def report_env(report: ApplyReport) -> dict[str, str]:

@@ -1,22 +1,10 @@
 """The renderer's settings, read once at start from APILANE_* variables.
 
-| Variable                               | Default          | Meaning                                                |
-|----------------------------------------|------------------|--------------------------------------------------------|
-| APILANE_TARGET_NAMESPACE               | calico-system    | namespace of the DaemonSet to patch                    |
-| APILANE_TARGET_DAEMONSET               | calico-node      | the DaemonSet to patch                                 |
-| APILANE_TARGET_INIT_CONTAINERS         | ebpf-bootstrap   | init containers that get the two endpoint variables    |
-| APILANE_TARGET_CONTAINERS              | calico-node      | containers that get them (and the kube-proxy settings) |
-| APILANE_DRY_RUN                        | false            | server-side dry run only; publish the diff             |
-| APILANE_COALESCE_DURING_ROLLOUT        | true             | hold new patches while our last rollout runs           |
-| APILANE_COALESCE_MAX_WAIT              | 5m               | stop holding after this long (a stuck rollout)         |
-| APILANE_MANAGE_KUBE_PROXY_CLEANUP      | true             | Felix kube-proxy coexistence env when kube-proxy is    |
-|                                        |                  | managed by something else                              |
-| APILANE_LEASE_NAMESPACE                | apilane          | namespace of the leader-election Lease                 |
-| APILANE_LEADER_ELECTION                | true             | only the Lease holder patches                          |
-| APILANE_CONFLICT_RETRIES               | 5                | attempts per snapshot when the DaemonSet changed under us |
-| APILANE_POD_NAME / HOSTNAME            | (host name)      | identity in the Lease                                  |
-
-Plus the common ones (`config.load_common`): APILANE_CLUSTER, APILANE_NATS_URL, KUBECONFIG, ...
+Every variable is listed with its default in docs/configuration.md. Besides its own, the
+renderer reads the common ones (`config.load_common`) and the Lease settings every
+leader-elected service shares (`apilane.kube.leader.load_lease_settings`). It verifies
+every snapshot against the public keys in APILANE_TRUSTED_KEYS and/or
+APILANE_TRUSTED_KEYS_FILE (at least one is required; two at once during a key rotation).
 """
 
 from __future__ import annotations
@@ -27,18 +15,22 @@ from collections.abc import Mapping
 
 import msgspec
 
+from apilane.kube.leader import LeaseSettings, load_lease_settings
+from apilane.model import subjects
 from apilane.model.errors import ConfigError
-from apilane.renderer import render
+from apilane.model.signing import TrustedKeys
+from apilane.renderer import ownership
 from apilane.renderer.render import RenderOptions
 from apilane.runtime import config
 from apilane.runtime.config import CommonSettings, Env
 
 SERVICE_NAME = "apilane-renderer"
 # Also how render recognises, in managedFields, the env entries the renderer created.
-FIELD_MANAGER = render.FIELD_MANAGER
+FIELD_MANAGER = ownership.FIELD_MANAGER
 
 
 class RendererSettings(msgspec.Struct, frozen=True, kw_only=True):
+    trusted_keys: TrustedKeys
     common: CommonSettings = CommonSettings()
     target_namespace: str = "calico-system"
     target_daemonset: str = "calico-node"
@@ -48,14 +40,21 @@ class RendererSettings(msgspec.Struct, frozen=True, kw_only=True):
     coalesce_during_rollout: bool = True
     coalesce_max_wait: float = 300.0
     manage_kube_proxy_cleanup: bool = True
-    lease_namespace: str = "apilane"
-    leader_election: bool = True
     conflict_retries: int = 5
-    identity: str = msgspec.field(default_factory=lambda: _default_identity(Env({})))
+    # `load` names the Lease after the cluster; a caller building settings by hand sets it.
+    lease: LeaseSettings = msgspec.field(
+        default_factory=lambda: LeaseSettings(
+            name=subjects.renderer_lease("default"), identity=_default_identity(Env({}))
+        )
+    )
 
     @property
     def cluster(self) -> str:
         return self.common.cluster
+
+    @property
+    def identity(self) -> str:
+        return self.lease.identity
 
     @property
     def daemonset_ref(self) -> str:
@@ -75,30 +74,38 @@ class RendererSettings(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
-def load(environ: Mapping[str, str] | None = None) -> RendererSettings:
-    """Read and validate everything; raises ConfigError naming the bad variable."""
+def load(environ: Mapping[str, str] | None = None, *, serving: bool = True) -> RendererSettings:
+    """Read and validate everything; raises ConfigError naming the bad variable. Serving
+    needs a trusted key; a tool that only renders (`apilane render manifest` from the API
+    server) reads the keys when given and needs none."""
     env = Env(environ)
-    init_containers = _names(env, "TARGET_INIT_CONTAINERS", ("ebpf-bootstrap",), allow_none=True)
-    containers = _names(env, "TARGET_CONTAINERS", ("calico-node",), allow_none=True)
+    init_containers = _names("TARGET_INIT_CONTAINERS", env, ("ebpf-bootstrap",), allow_none=True)
+    containers = _names("TARGET_CONTAINERS", env, ("calico-node",), allow_none=True)
     if not init_containers and not containers:
         raise ConfigError(
             "APILANE_TARGET_INIT_CONTAINERS and APILANE_TARGET_CONTAINERS are both empty:"
             " nothing to patch"
         )
+    common = config.load_common(environ)
+    lease = load_lease_settings(
+        env, name=subjects.renderer_lease(common.cluster), identity=_default_identity(env)
+    )
+    _check_dns_label("LEASE_NAMESPACE", lease.namespace)
     return RendererSettings(
-        common=config.load_common(environ),
-        target_namespace=_dns_label(env, "TARGET_NAMESPACE", "calico-system"),
-        target_daemonset=_dns_label(env, "TARGET_DAEMONSET", "calico-node"),
+        trusted_keys=(
+            config.require_trusted_keys(env) if serving else config.load_trusted_keys(env)
+        ),
+        common=common,
+        target_namespace=_dns_label("TARGET_NAMESPACE", env, default="calico-system"),
+        target_daemonset=_dns_label("TARGET_DAEMONSET", env, default="calico-node"),
         target_init_containers=init_containers,
         target_containers=containers,
         dry_run=env.bool("DRY_RUN", False),
         coalesce_during_rollout=env.bool("COALESCE_DURING_ROLLOUT", True),
         coalesce_max_wait=env.seconds("COALESCE_MAX_WAIT", 300.0),
         manage_kube_proxy_cleanup=env.bool("MANAGE_KUBE_PROXY_CLEANUP", True),
-        lease_namespace=_dns_label(env, "LEASE_NAMESPACE", "apilane"),
-        leader_election=env.bool("LEADER_ELECTION", True),
         conflict_retries=env.int("CONFLICT_RETRIES", 5, low=1, high=100),
-        identity=_default_identity(env),
+        lease=lease,
     )
 
 
@@ -108,14 +115,17 @@ def _default_identity(env: Env) -> str:
     return named or f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _dns_label(env: Env, name: str, default: str) -> str:
-    value = env.str(name, default)
+def _dns_label(name: str, env: Env, *, default: str) -> str:
+    return _check_dns_label(name, env.str(name, default))
+
+
+def _check_dns_label(name: str, value: str) -> str:
     if not _is_dns_label(value):
         raise ConfigError(f"{config.PREFIX}{name}={value!r}: expected a DNS label (a-z, 0-9, '-')")
     return value
 
 
-def _names(env: Env, name: str, default: tuple[str, ...], *, allow_none: bool) -> tuple[str, ...]:
+def _names(name: str, env: Env, default: tuple[str, ...], *, allow_none: bool) -> tuple[str, ...]:
     """A comma-separated list of container names; "-" (or "none") means none at all."""
     raw = env.raw(name)
     if allow_none and raw is not None and raw.lower() in ("-", "none"):

@@ -27,6 +27,7 @@ from apilane.model.events import (
     ServiceEndpoint,
     WarningReason,
 )
+from apilane.model.objects import as_dict, as_int, as_items, as_list, as_str
 
 # -- The parts of the API objects we read (kopf-style: documentation, not validation) -------
 
@@ -202,7 +203,7 @@ def build_snapshot(
     """The canonical endpoint state of these objects. Never raises on any input."""
     findings: list[Finding] = []
     service_ref = f"Service/{inputs.service_namespace}/{inputs.service_name}"
-    slices = [s for s in _as_list(endpoint_slices) if isinstance(s, Mapping)]
+    slices = [s for s in as_items(endpoint_slices) if isinstance(s, Mapping)]
 
     service_endpoints, service_ports = _service_endpoints(service, service_ref, findings)
     candidates = _apiserver_candidates(slices, service_ports, findings)
@@ -218,7 +219,7 @@ def build_snapshot(
     _check_families(service_endpoints, apiserver_endpoints, service_ref, findings)
 
     kube_proxy_state = _kube_proxy_state(kube_proxy, inputs, findings)
-    managed_provider = _managed_provider(_as_list(nodes), findings)
+    managed_provider = _managed_provider(as_items(nodes), findings)
 
     resource_versions = [_resource_version("EndpointSlice", s) for s in slices]
     if isinstance(service, Mapping):
@@ -264,7 +265,7 @@ def _service_endpoints(
             )
         )
         return (), []
-    spec = _as_dict(service.get("spec"))
+    spec = as_dict(service.get("spec"))
     raw_ips = spec.get("clusterIPs")
     if not isinstance(raw_ips, list) or not raw_ips:
         raw_ips = [spec.get("clusterIP")] if spec.get("clusterIP") is not None else []
@@ -280,7 +281,7 @@ def _service_endpoints(
         ips.append(parsed)
 
     ports: list[_ServicePort] = []
-    for index, raw_port in enumerate(_as_list(spec.get("ports"))):
+    for index, raw_port in enumerate(as_list(spec.get("ports"))):
         port = _service_port(raw_port)
         if isinstance(port, str):
             findings.append(_invalid(service_ref, f"port #{index}: {port}"))
@@ -306,25 +307,39 @@ def _service_port(raw: Any) -> _ServicePort | str:
     """A valid Service port, or why it is not one."""
     if not isinstance(raw, Mapping):
         return f"not an object: {raw!r}"
-    port = raw.get("port")
-    if not _valid_port(port):
-        return f"port {port!r} is not in 1-65535"
+    port: Any = raw.get("port")
     protocol = raw.get("protocol", "TCP")
-    if protocol not in _PROTOCOLS:
-        return f"protocol {protocol!r} is not one of {', '.join(_PROTOCOLS)}"
     name = raw.get("name", "")
-    if not isinstance(name, str):
-        return f"name {name!r} is not a string"
-    target = raw.get("targetPort")
-    if target is None or target in ("", 0):  # a tuple: target may be unhashable
-        target = port  # unset: the API defaults targetPort to the port itself
-    elif isinstance(target, str) and target.isdigit():
-        target = int(target)  # an IntOrString sent as a numeric string
+    target = _target_port(raw.get("targetPort"), port)
+    problems = (
+        None if _valid_port(port) else f"port {port!r} is not in 1-65535",
+        None
+        if protocol in _PROTOCOLS
+        else f"protocol {protocol!r} is not one of {', '.join(_PROTOCOLS)}",
+        None if isinstance(name, str) else f"name {name!r} is not a string",
+        _target_port_problem(target),
+    )
+    problem = next((p for p in problems if p is not None), None)
+    if problem is not None:
+        return problem
+    return _ServicePort(port=port, protocol=protocol, name=name, target=target)
+
+
+def _target_port(raw: Any, port: Any) -> Any:
+    """The targetPort as the API means it: unset is the port itself, a numeric string a number."""
+    if raw is None or raw in ("", 0):  # a tuple: raw may be unhashable
+        return port
+    if isinstance(raw, str) and raw.isdigit():
+        return int(raw)  # an IntOrString sent as a numeric string
+    return raw
+
+
+def _target_port_problem(target: Any) -> str | None:
     if isinstance(target, bool) or not isinstance(target, int | str):
         return f"targetPort {target!r} is neither a number nor a name"
     if isinstance(target, int) and not _valid_port(target):
         return f"targetPort {target!r} is not in 1-65535"
-    return _ServicePort(port=port, protocol=protocol, name=name, target=target)
+    return None
 
 
 # -- The EndpointSlices ------------------------------------------------------------------
@@ -355,45 +370,66 @@ def _apiserver_candidates(
             )
             continue
         ports = _matching_slice_ports(slice_, service_ports, ref, findings)
-        for index, raw_endpoint in enumerate(_as_list(slice_.get("endpoints"))):
+        for index, raw_endpoint in enumerate(as_list(slice_.get("endpoints"))):
             if not isinstance(raw_endpoint, Mapping):
                 findings.append(_invalid(ref, f"endpoint #{index} is not an object"))
                 continue
-            ready, serving, terminating = _conditions(raw_endpoint.get("conditions"))
-            node_name = _as_str(raw_endpoint.get("nodeName"))
-            zone = _as_str(raw_endpoint.get("zone"))
-            for raw_ip in _as_list(raw_endpoint.get("addresses")):
-                parsed = _parse_endpoint_ip(raw_ip)
-                if isinstance(parsed, str):
-                    findings.append(_invalid(ref, f"endpoint #{index}: {parsed}"))
-                    continue
-                ip, family = parsed
-                if family != address_type:
-                    findings.append(
-                        _invalid(
-                            ref,
-                            f"endpoint #{index}: {ip} is {family} in a slice of addressType {address_type}",
-                        )
-                    )
-                    continue
-                for port, protocol in ports:
-                    candidates.append(
-                        _Candidate(
-                            endpoint=ApiServerEndpoint(
-                                ip=ip,
-                                port=port,
-                                family=family,
-                                protocol=protocol,  # type: ignore[arg-type]  # checked
-                                ready=ready,
-                                serving=serving,
-                                terminating=terminating,
-                                node_name=node_name,
-                                zone=zone,
-                            ),
-                            ready=ready,
-                            serving=serving,
-                        )
-                    )
+            where = _SliceEndpoint(ref=ref, index=index, address_type=address_type, ports=ports)
+            candidates += _endpoint_candidates(where, raw_endpoint, findings)
+    return candidates
+
+
+@dataclass(frozen=True, kw_only=True)
+class _SliceEndpoint:
+    """Where an endpoint entry is: its slice, its position, what the slice says of it."""
+
+    ref: str
+    index: int
+    address_type: str
+    ports: list[tuple[int, str]]
+
+
+def _endpoint_candidates(
+    where: _SliceEndpoint, raw: Mapping[str, Any], findings: list[Finding]
+) -> list[_Candidate]:
+    """One endpoint entry: each of its valid addresses on each selected port."""
+    ready, serving, terminating = _conditions(raw.get("conditions"))
+    node_name = as_str(raw.get("nodeName"))
+    zone = as_str(raw.get("zone"))
+    candidates: list[_Candidate] = []
+    for raw_ip in as_list(raw.get("addresses")):
+        parsed = _parse_endpoint_ip(raw_ip)
+        if isinstance(parsed, str):
+            findings.append(_invalid(where.ref, f"endpoint #{where.index}: {parsed}"))
+            continue
+        ip, family = parsed
+        if family != where.address_type:
+            findings.append(
+                _invalid(
+                    where.ref,
+                    f"endpoint #{where.index}: {ip} is {family} in a slice of addressType"
+                    f" {where.address_type}",
+                )
+            )
+            continue
+        candidates += [
+            _Candidate(
+                endpoint=ApiServerEndpoint(
+                    ip=ip,
+                    port=port,
+                    family=family,
+                    protocol=protocol,  # type: ignore[arg-type]  # checked
+                    ready=ready,
+                    serving=serving,
+                    terminating=terminating,
+                    node_name=node_name,
+                    zone=zone,
+                ),
+                ready=ready,
+                serving=serving,
+            )
+            for port, protocol in where.ports
+        ]
     return candidates
 
 
@@ -406,28 +442,7 @@ def _matching_slice_ports(
     slice ports after the Service port, so the Service port's own name matches too. A numeric
     targetPort matches by number. Protocols must agree.
     """
-    valid: list[tuple[str, int, str]] = []
-    for index, raw in enumerate(_as_list(slice_.get("ports"))):
-        if not isinstance(raw, Mapping):
-            findings.append(_invalid(ref, f"port #{index} is not an object"))
-            continue
-        port = raw.get("port")
-        if port is None:
-            continue  # "all ports" in the API: nothing we can program for a given target
-        protocol = raw.get("protocol", "TCP")
-        name = raw.get("name") or ""
-        if not _valid_port(port):
-            findings.append(
-                _invalid(ref, f"port #{index} ({name or 'unnamed'}): {port!r} is not in 1-65535")
-            )
-            continue
-        if protocol not in _PROTOCOLS or not isinstance(name, str):
-            findings.append(
-                _invalid(ref, f"port #{index}: protocol {protocol!r} or name {name!r} is invalid")
-            )
-            continue
-        valid.append((name, port, protocol))
-
+    valid = _valid_slice_ports(slice_, ref, findings)
     selected: set[tuple[int, str]] = set()
     for service_port in service_ports:
         if isinstance(service_port.target, str):
@@ -453,13 +468,41 @@ def _matching_slice_ports(
     return sorted(selected)
 
 
+def _valid_slice_ports(
+    slice_: Body, ref: str, findings: list[Finding]
+) -> list[tuple[str, int, str]]:
+    """(name, port, protocol) of each slice port that can be programmed."""
+    valid: list[tuple[str, int, str]] = []
+    for index, raw in enumerate(as_list(slice_.get("ports"))):
+        if not isinstance(raw, Mapping):
+            findings.append(_invalid(ref, f"port #{index} is not an object"))
+            continue
+        port = raw.get("port")
+        if port is None:
+            continue  # "all ports" in the API: nothing we can program for a given target
+        protocol = raw.get("protocol", "TCP")
+        name = raw.get("name") or ""
+        if not _valid_port(port):
+            findings.append(
+                _invalid(ref, f"port #{index} ({name or 'unnamed'}): {port!r} is not in 1-65535")
+            )
+            continue
+        if protocol not in _PROTOCOLS or not isinstance(name, str):
+            findings.append(
+                _invalid(ref, f"port #{index}: protocol {protocol!r} or name {name!r} is invalid")
+            )
+            continue
+        valid.append((name, port, protocol))
+    return valid
+
+
 def _conditions(raw: Any) -> tuple[bool, bool, bool]:
     """(ready, serving, terminating) with the API's defaults for unset values.
 
     ready unset counts as ready; serving unset defers to ready; terminating unset is false.
     A value of the wrong type counts as unset.
     """
-    conditions = _as_dict(raw)
+    conditions = as_dict(raw)
     ready_raw = conditions.get("ready")
     ready = ready_raw if isinstance(ready_raw, bool) else True
     serving_raw = conditions.get("serving")
@@ -556,29 +599,8 @@ def _kube_proxy_state(
             present=False, namespace=inputs.kube_proxy_namespace, name=inputs.kube_proxy_name
         )
 
-    metadata = _as_dict(ds.get("metadata"))
-    status = _as_dict(ds.get("status"))
-    desired = _as_int(status.get("desiredNumberScheduled"))
-    ready_count = _as_int(status.get("numberReady"))
-    generation = _as_int(metadata.get("generation"))
-    observed = _as_int(status.get("observedGeneration"))
-    # Ready: every scheduled pod is ready, for the DaemonSet's current spec.
-    ready = desired > 0 and ready_count >= desired and observed >= generation
-    if not ready:
-        findings.append(
-            Finding(
-                reason=WarningReason.KUBE_PROXY_NOT_READY,
-                message=f"kube-proxy has {ready_count} of {desired} pods ready",
-                object_ref=ref,
-                detail={
-                    "numberReady": str(ready_count),
-                    "desiredNumberScheduled": str(desired),
-                    "observedGeneration": str(observed),
-                    "generation": str(generation),
-                },
-            )
-        )
-
+    metadata = as_dict(ds.get("metadata"))
+    ready = _kube_proxy_ready(metadata, as_dict(ds.get("status")), ref, findings)
     markers = _management_markers(metadata)
     if markers:
         findings.append(
@@ -598,9 +620,35 @@ def _kube_proxy_state(
     )
 
 
+def _kube_proxy_ready(
+    metadata: Mapping[str, Any], status: Mapping[str, Any], ref: str, findings: list[Finding]
+) -> bool:
+    """Every scheduled pod is ready, for the DaemonSet's current spec."""
+    desired = as_int(status.get("desiredNumberScheduled"))
+    ready_count = as_int(status.get("numberReady"))
+    generation = as_int(metadata.get("generation"))
+    observed = as_int(status.get("observedGeneration"))
+    if desired > 0 and ready_count >= desired and observed >= generation:
+        return True
+    findings.append(
+        Finding(
+            reason=WarningReason.KUBE_PROXY_NOT_READY,
+            message=f"kube-proxy has {ready_count} of {desired} pods ready",
+            object_ref=ref,
+            detail={
+                "numberReady": str(ready_count),
+                "desiredNumberScheduled": str(desired),
+                "observedGeneration": str(observed),
+                "generation": str(generation),
+            },
+        )
+    )
+    return False
+
+
 def _management_markers(metadata: Mapping[str, Any]) -> list[str]:
-    labels = _as_dict(metadata.get("labels"))
-    annotations = _as_dict(metadata.get("annotations"))
+    labels = as_dict(metadata.get("labels"))
+    annotations = as_dict(metadata.get("annotations"))
     markers = [f"label:{key}={labels[key]}" for key in MANAGED_BY_LABELS if key in labels]
     markers += [f"annotation:{key}" for key in MANAGED_BY_ANNOTATIONS if key in annotations]
     return markers
@@ -621,15 +669,15 @@ def _managed_provider(nodes: list[Any], findings: list[Finding]) -> str:
     for node in nodes:
         if not isinstance(node, Mapping):
             continue
-        metadata = _as_dict(node.get("metadata"))
-        name = _as_str(metadata.get("name"))
-        labels = _as_dict(metadata.get("labels"))
+        metadata = as_dict(node.get("metadata"))
+        name = as_str(metadata.get("name"))
+        labels = as_dict(metadata.get("labels"))
         if any(key in labels for key in CONTROL_PLANE_NODE_LABELS):
             has_control_plane_node = True
         for key, provider in MANAGED_NODE_LABELS:
             if key in labels:
                 label_hits.append((provider, f"label:{key}", name))
-        provider_id = _as_str(_as_dict(node.get("spec")).get("providerID"))
+        provider_id = as_str(as_dict(node.get("spec")).get("providerID"))
         for prefix, provider in MANAGED_PROVIDER_ID_PREFIXES:
             if provider_id.startswith(prefix):
                 provider_id_hits.append((provider, f"providerID:{prefix}", name))
@@ -703,19 +751,19 @@ def _object_ref(kind: str, obj: Body) -> str:
 
 
 def _object_key_suffix(obj: Body) -> str:
-    metadata = _as_dict(obj.get("metadata"))
-    namespace = _as_str(metadata.get("namespace"))
-    name = _as_str(metadata.get("name")) or "?"
+    metadata = as_dict(obj.get("metadata"))
+    namespace = as_str(metadata.get("namespace"))
+    name = as_str(metadata.get("name")) or "?"
     return f"{namespace}/{name}" if namespace else name
 
 
 def _resource_version(kind: str, obj: Body) -> str:
-    rv = _as_str(_as_dict(obj.get("metadata")).get("resourceVersion"))
+    rv = as_str(as_dict(obj.get("metadata")).get("resourceVersion"))
     return f"{_object_ref(kind, obj)}@{rv}" if rv else ""
 
 
 def _trigger_time(obj: Body) -> datetime | None:
-    annotations = _as_dict(_as_dict(obj.get("metadata")).get("annotations"))
+    annotations = as_dict(as_dict(obj.get("metadata")).get("annotations"))
     return parse_trigger_time(annotations.get(TRIGGER_TIME_ANNOTATION))
 
 
@@ -735,26 +783,6 @@ def _dedupe_findings(findings: list[Finding]) -> tuple[Finding, ...]:
     for finding in findings:
         seen.setdefault((finding.reason, finding.object_ref, finding.message), finding)
     return tuple(sorted(seen.values(), key=lambda f: (f.reason, f.object_ref, f.message)))
-
-
-def _as_dict(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _as_list(value: Any) -> list[Any]:
-    if isinstance(value, list | tuple):
-        return list(value)
-    if isinstance(value, Iterable) and not isinstance(value, str | bytes | Mapping):
-        return list(value)
-    return []
-
-
-def _as_str(value: Any) -> str:
-    return value if isinstance(value, str) else ""
-
-
-def _as_int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 __all__ = [

@@ -229,7 +229,7 @@ class Bus:
         self,
         bucket: str,
         key: str,
-        event: events.Event,
+        value: events.Event | bytes,
         *,
         expected_revision: int | None = None,
         msg_id: str | None = None,
@@ -238,6 +238,7 @@ class Bus:
     ) -> int:
         """Write a KV value with headers; with `expected_revision`, only if nobody wrote since.
 
+        `value` is an event (encoded here) or bytes already encoded (a signed envelope).
         `expected_revision=0` means the key must not exist yet. Returns the new revision.
         """
         hdrs = dict(headers or {})
@@ -249,7 +250,7 @@ class Bus:
         try:
             ack = await self.js.publish(
                 subjects.kv_subject(bucket, key),
-                events.encode(event),
+                value if isinstance(value, bytes) else events.encode(value),
                 headers=hdrs or None,
                 timeout=timeout,
             )

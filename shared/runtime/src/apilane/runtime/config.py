@@ -158,8 +158,13 @@ def load_common(environ: Mapping[str, str] | None = None) -> CommonSettings:
 
 
 def describe(settings: Any) -> dict[str, Any]:
-    """Settings as a dict for the start-up log line."""
-    return dict(msgspec.to_builtins(settings))
+    """Settings as a dict for the start-up log line. A value msgspec cannot encode (a key
+    object) shows as its type name only, so no key material reaches a log."""
+    return dict(msgspec.to_builtins(settings, enc_hook=_type_name))
+
+
+def _type_name(value: Any) -> str:
+    return f"<{type(value).__name__}>"
 
 
 def load_trusted_keys(env: Env, name: str = "TRUSTED_KEYS") -> TrustedKeys:

@@ -1,12 +1,14 @@
 """Signed snapshots and control requests for tests: what discovery and the CLI produce.
 
 `TEST_KEY` is generated once per test process; tests that need a second key (rotation, an
-unknown signer) generate their own with `SigningKey.generate()`.
+unknown signer) generate their own with `SigningKey.generate()`. Services run as processes
+get a key of their own from `signing_environment`.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import msgspec
 
@@ -17,6 +19,24 @@ from apilane.runtime.bus import Bus
 
 TEST_KEY = SigningKey.generate()
 HOUR = timedelta(hours=1)
+
+
+def write_signing_key(directory: Path, name: str = "discovery") -> tuple[SigningKey, Path]:
+    """A new key and the PEM file holding it (readable by its owner only), as discovery reads
+    it from APILANE_SIGNING_KEY_FILE."""
+    key = SigningKey.generate()
+    path = directory / f"{name}-signing-key.pem"
+    path.write_bytes(key.to_pem())
+    path.chmod(0o600)
+    return key, path
+
+
+def signing_environment(directory: Path) -> dict[str, str]:
+    """For services run as processes: a fresh key, named to discovery by its PEM file
+    (APILANE_SIGNING_KEY_FILE) and to the snapshot consumers by its public key
+    (APILANE_TRUSTED_KEYS). Each service reads only its own of the two."""
+    key, path = write_signing_key(directory)
+    return {"APILANE_SIGNING_KEY_FILE": str(path), "APILANE_TRUSTED_KEYS": key.public_text}
 
 
 def trusted_env(*keys: SigningKey, name: str = "APILANE_TRUSTED_KEYS") -> dict[str, str]:

@@ -25,6 +25,7 @@ import pytest
 
 from apilane.kube.client import KubeClient
 from apilane.model import events, subjects
+from apilane.model.signing import TrustedKeys, open_snapshot
 from apilane.runtime.bus import Bus
 from apilane.testing.compose import ComposeStack, host_kubeconfig
 from apilane.testing.docker import DockerDaemon
@@ -139,18 +140,22 @@ async def change_flows_through(stack: ComposeStack, tmp_path: Path) -> None:
         bus = await Bus.connect(
             [f"nats://127.0.0.1:{stack.port('nats', 4222)}"], name="compose-test"
         )
+        # The stack's own signing key, made by its signing-key step: the only one trusted.
+        trusted = TrustedKeys.parse(stack.read("renderer", "/trusted/keys"))
         try:
-            await check_change(kube, bus, zipkin_port=stack.port("zipkin", 9411))
+            await check_change(kube, bus, trusted, zipkin_port=stack.port("zipkin", 9411))
         finally:
             await bus.drain()
     finally:
         await kube.close()
 
 
-async def check_change(kube: KubeClient, bus: Bus, *, zipkin_port: int) -> None:
+async def check_change(
+    kube: KubeClient, bus: Bus, trusted: TrustedKeys, *, zipkin_port: int
+) -> None:
     async def snapshot() -> events.EndpointSnapshot | None:
         entry = await bus.kv_get(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(CLUSTER))
-        return None if entry is None else events.decode_snapshot(entry.value)
+        return None if entry is None else open_snapshot(entry.value, trusted).snapshot
 
     async def node_generation() -> int:
         entry = await bus.kv_get(subjects.NODE_STATE_BUCKET, subjects.node_state_key(CLUSTER, NODE))

@@ -30,8 +30,10 @@ import yaml
 
 from apilane.kube.client import KubeClient, NotFound
 from apilane.model import events, subjects
+from apilane.model.signing import TrustedKeys, open_snapshot
 from apilane.runtime.bus import Bus
 from apilane.testing.cluster import OneNodeCluster, local_values, nats_volumes
+from apilane.testing.deploy_secrets import make_deploy_secrets
 from apilane.testing.docker import DockerDaemon
 from apilane.testing.images import BuildReport
 from apilane.testing.kube import endpoint_slice
@@ -204,10 +206,20 @@ async def test_deploy_runs_as_real_pods_and_an_endpoint_change_flows_through(
     for index in range(3):  # the NATS pods run as uid 1000
         (cluster.work / f"nats-{index}").mkdir()
         os.chown(cluster.work / f"nats-{index}", 1000, 1000)
+    docs = manifests(cluster)
+    namespaces = [doc for doc in docs if doc["kind"] == "Namespace"]
+    # What an installer makes between the namespace and the workloads (deploy/README.md).
+    secrets = make_deploy_secrets(namespace=NAMESPACE)
     kube = await KubeClient.from_config(str(cluster.admin_kubeconfig))
     try:
-        await apply_all(kube, nats_volumes(cluster.work) + manifests(cluster))
-        await check_workloads(kube, cluster)
+        await apply_all(
+            kube,
+            nats_volumes(cluster.work)
+            + namespaces
+            + secrets.objects
+            + [doc for doc in docs if doc["kind"] != "Namespace"],
+        )
+        await check_workloads(kube, cluster, TrustedKeys.of(secrets.signing_key))
     finally:
         await kube.close()
 
@@ -228,7 +240,7 @@ async def one_leader(
     return None
 
 
-async def check_workloads(kube: KubeClient, cluster: OneNodeCluster) -> None:
+async def check_workloads(kube: KubeClient, cluster: OneNodeCluster, trusted: TrustedKeys) -> None:
     started = time.monotonic()
     nats = await eventually(
         lambda: all_ready(kube, "app.kubernetes.io/name=nats", 3), what="3 NATS pods Ready"
@@ -266,14 +278,16 @@ async def check_workloads(kube: KubeClient, cluster: OneNodeCluster) -> None:
     assert [n for n in attached_programs(cluster.cgroup) if n.startswith("apilane_")]
     assert not [n for n in attached_programs(cluster.cgroup.parent) if n.startswith("apilane_")]
 
-    await check_endpoint_change(kube, cluster, nats_ip=nats[0]["status"]["podIP"])
+    await check_endpoint_change(kube, cluster, trusted, nats_ip=nats[0]["status"]["podIP"])
 
 
 def bridge_address(action: str, address: str, bridge: str) -> None:
     subprocess.run(["ip", "addr", action, address, "dev", bridge], check=True, timeout=10)
 
 
-async def check_endpoint_change(kube: KubeClient, cluster: OneNodeCluster, *, nats_ip: str) -> None:
+async def check_endpoint_change(
+    kube: KubeClient, cluster: OneNodeCluster, trusted: TrustedKeys, *, nats_ip: str
+) -> None:
     bus = await Bus.connect([f"nats://{nats_ip}:4222"], name="deploy-test")
     second = str(list(cluster.subnet.hosts())[-1])
     await asyncio.to_thread(bridge_address, "add", f"{second}/32", cluster.bridge)
@@ -282,7 +296,8 @@ async def check_endpoint_change(kube: KubeClient, cluster: OneNodeCluster, *, na
 
         async def settled(addresses: set[str]) -> events.EndpointSnapshot | None:
             entry = await bus.kv_get(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(CLUSTER))
-            snapshot = None if entry is None else events.decode_snapshot(entry.value)
+            # Signed by discovery with the key the test made: it opens with that key only.
+            snapshot = None if entry is None else open_snapshot(entry.value, trusted).snapshot
             if snapshot is None or {e.ip for e in snapshot.apiserver_endpoints} != addresses:
                 return None
             ds = await kube.get("/apis/apps/v1/namespaces/calico-system/daemonsets/calico-node")

@@ -27,7 +27,7 @@ from typing import Any
 from apilane.kube.client import KubeClient, NotFound
 from apilane.model import subjects
 from apilane.model.signing import TrustedKeys, open_snapshot
-from apilane.runtime.bus import Bus
+from apilane.runtime.natsauth import Role
 from apilane.testing.benchstats import percentile, resident_kib
 from apilane.testing.kube import ControlPlane, endpoint_slice
 from apilane.testing.nats import NatsServer
@@ -54,8 +54,11 @@ async def put_slice(kube: KubeClient, body: dict[str, Any]) -> None:
 async def run(plane: ControlPlane, nats: NatsServer) -> int:
     cluster = f"bench-{secrets.token_hex(3)}"
     kube = await plane.client()
-    bus = await Bus.connect([nats.url], name="bench", initial_attempt_deadline=10)
-    await bus.ensure_streams()
+    provisioner = await nats.connect(Role.DISCOVERY, cluster, name="bench-provisioner")
+    await provisioner.create_streams()
+    await provisioner.drain()
+    # The bench follows the bucket as a renderer would; discovery runs with its own identity.
+    bus = await nats.connect(Role.RENDERER, cluster, name="bench")
     target = (await kube.get("/api/v1/namespaces/default/services/kubernetes"))["spec"]["ports"][0][
         "targetPort"
     ]
@@ -70,8 +73,8 @@ async def run(plane: ControlPlane, nats: NatsServer) -> int:
     env = {
         **os.environ,
         "APILANE_SIGNING_KEY_FILE": str(key_file),
+        **nats.env(Role.DISCOVERY, cluster),
         "APILANE_CLUSTER": cluster,
-        "APILANE_NATS_URL": nats.url,
         "KUBECONFIG": str(plane.kubeconfig_path),
         "APILANE_LEASE_NAMESPACE": "default",
         "APILANE_POD_NAME": "bench-discovery",

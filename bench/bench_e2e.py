@@ -28,7 +28,9 @@ from pathlib import Path
 from apilane.kube.client import KubeClient
 from apilane.model import events, subjects
 from apilane.model.signing import TrustedKeys, open_snapshot
+from apilane.runtime import natsauth
 from apilane.runtime.bus import Bus
+from apilane.runtime.natsauth import Role
 from apilane.testing.benchstats import load_average, percentile
 from apilane.testing.bpf import BpfLab, check_bpf_environment
 from apilane.testing.kube import (
@@ -81,10 +83,14 @@ async def run(
     node_count: int, *, plane: ControlPlane, lab: BpfLab, workdir: Path
 ) -> dict[str, float]:
     cluster = f"bench{node_count}"
-    nats = NatsServer(store_dir=workdir / f"nats-{node_count}").start()
+    nodes = [f"node-{i:02d}" for i in range(node_count)]
+    nats = NatsServer(store_dir=workdir / f"nats-{node_count}")
+    # Every identity up front (one per node-loader): one configuration, no reload per node.
+    nats.identities.add_all(natsauth.identities_for(cluster, nodes))
+    nats.start()
     stack = ServiceProcesses(workdir)
     kube = await KubeClient.from_config(str(plane.kubeconfig_path))
-    bus = await Bus.connect([nats.url], name="bench", initial_attempt_deadline=10)
+    bus = await nats.connect(Role.OPERATOR, cluster, name="bench")  # reads every node state
     try:
         await delete_kubernetes_endpoint_slices(kube)
         service = await kube.get("/api/v1/namespaces/default/services/kubernetes")
@@ -100,12 +106,13 @@ async def run(
             "APILANE_LEADER_ELECTION": "false",
             "APILANE_COALESCE_WINDOW": WINDOW,
         }
-        stack.start(f"discovery-{cluster}", "apilane.discovery", env)
-        nodes = [f"node-{i:02d}" for i in range(node_count)]
+        discovery_env = env | nats.env(Role.DISCOVERY, cluster)
+        stack.start(f"discovery-{cluster}", "apilane.discovery", discovery_env)
         for i, node in enumerate(nodes):
             state_dir = workdir / f"state-{cluster}-{node}"
             state_dir.mkdir()
-            loader_env = env | {
+            loader_env = env | nats.env(Role.NODE_LOADER, cluster, node)
+            loader_env |= {
                 "APILANE_NODE_NAME": node,
                 "APILANE_STATE_DIR": str(state_dir),
                 "APILANE_NODE_STATE_INTERVAL": "30s",

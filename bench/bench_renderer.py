@@ -27,7 +27,7 @@ from typing import Any
 from apilane.model import events, subjects
 from apilane.model.events import EndpointSnapshot
 from apilane.model.signing import SigningKey
-from apilane.runtime.bus import Bus
+from apilane.runtime.natsauth import Role
 from apilane.testing.benchstats import percentile, resident_kib
 from apilane.testing.kube import ControlPlane
 from apilane.testing.nats import NatsServer
@@ -83,8 +83,11 @@ async def measure(plane: ControlPlane, nats: NatsServer, work: Path) -> None:
     cluster = f"bench-{secrets.token_hex(3)}"
     namespace = f"bench-{secrets.token_hex(3)}"
     kube = await plane.client()
-    bus = await Bus.connect([nats.url], name="bench", initial_attempt_deadline=10)
-    await bus.ensure_streams()
+    # The bench writes snapshots as discovery and reads results as the operator; the renderer
+    # runs with its own identity.
+    bus = await nats.connect(Role.DISCOVERY, cluster, name="bench")
+    await bus.create_streams()
+    observer = await nats.connect(Role.OPERATOR, cluster, name="bench-observer")
     for ns in (namespace, "apilane"):
         try:
             await kube.create(
@@ -103,7 +106,8 @@ async def measure(plane: ControlPlane, nats: NatsServer, work: Path) -> None:
         if isinstance(event, events.RenderResult):
             results.put_nowait(event)
 
-    await bus.nc.subscribe(subjects.renders_subject(cluster), cb=on_result)
+    await observer.nc.subscribe(subjects.renders_subject(cluster), cb=on_result)
+    await observer.nc.flush()
     kubeconfig = plane.write_kubeconfig(
         work / "kubeconfig", user="admin", groups=("system:masters",)
     )
@@ -111,7 +115,7 @@ async def measure(plane: ControlPlane, nats: NatsServer, work: Path) -> None:
     env = {
         **os.environ,
         "KUBECONFIG": str(kubeconfig),
-        "APILANE_NATS_URL": nats.url,
+        **nats.env(Role.RENDERER, cluster),
         "APILANE_CLUSTER": cluster,
         "APILANE_TRUSTED_KEYS": signing_key.public_text,
         "APILANE_TARGET_NAMESPACE": namespace,
@@ -157,6 +161,7 @@ async def measure(plane: ControlPlane, nats: NatsServer, work: Path) -> None:
     finally:
         end_process(proc, grace=10)
         await bus.drain()
+        await observer.drain()
         await kube.close()
 
     print(f"renderer: {SNAPSHOTS} snapshots per row, one at a time, service in its own process\n")

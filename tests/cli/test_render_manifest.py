@@ -21,7 +21,10 @@ from apilane.model.events import EndpointSnapshot, KubeProxyState
 from apilane.model.signing import SigningKey
 from apilane.renderer.render import APISERVER_ENDPOINTS, SERVICE_IPS_PORTS
 from apilane.runtime.bus import Bus
+from apilane.runtime.natsauth import Role
 from apilane.testing.kube import ControlPlane
+from apilane.testing.nats import NatsServer
+from apilane.testing.nats_fixtures import ConnectAs
 from apilane.testing.sealing import put_sealed, seal
 from apilane.testing.snapshots import make_snapshot
 
@@ -56,15 +59,32 @@ def signer(monkeypatch: pytest.MonkeyPatch) -> SigningKey:
     return key
 
 
+@pytest.fixture
+def cluster(nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh cluster name; the command connects as its operator (APILANE_NATS_*)."""
+    name = f"c-{secrets.token_hex(4)}"
+    for variable, value in nats_server.env(Role.OPERATOR, name).items():
+        monkeypatch.setenv(variable, value)
+    return name
+
+
+@pytest.fixture
+async def discovery(bus: Bus, connect_as: ConnectAs, cluster: str) -> Bus:
+    """The snapshot key's writer (`bus` has created the streams)."""
+    return await connect_as(Role.DISCOVERY, cluster)
+
+
 async def test_manifest_prints_env_lines_and_a_snippet_from_the_bus(
     bus: Bus,
+    discovery: Bus,
+    cluster: str,
     signer: SigningKey,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    cluster, namespace = f"c-{secrets.token_hex(4)}", f"t-{secrets.token_hex(4)}"
+    namespace = f"t-{secrets.token_hex(4)}"
     sealed = seal(snapshot(cluster, 4, services=("10.96.0.1", "fd00:10:96::1")), key=signer)
-    await put_sealed(bus, sealed, cluster=cluster)
+    await put_sealed(discovery, sealed, cluster=cluster)
     monkeypatch.setenv("APILANE_TARGET_NAMESPACE", namespace)
     code = await apilane("render", "manifest", "--nats-url", server_url(bus), "--cluster", cluster)
     assert code == 0
@@ -80,11 +100,10 @@ async def test_manifest_prints_env_lines_and_a_snippet_from_the_bus(
 
 
 async def test_manifest_options_go_before_the_command_too_and_name_the_daemonset(
-    bus: Bus, signer: SigningKey, capsys: pytest.CaptureFixture[str]
+    bus: Bus, discovery: Bus, cluster: str, signer: SigningKey, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cluster = f"c-{secrets.token_hex(4)}"
     sealed = seal(snapshot(cluster, 2, services=("10.96.0.1",)), key=signer)
-    await put_sealed(bus, sealed, cluster=cluster)
+    await put_sealed(discovery, sealed, cluster=cluster)
     code = await apilane(
         "--nats-url",
         server_url(bus),
@@ -107,11 +126,10 @@ async def test_manifest_options_go_before_the_command_too_and_name_the_daemonset
 
 
 async def test_manifest_renders_no_snapshot_it_cannot_trust(
-    bus: Bus, signer: SigningKey, capsys: pytest.CaptureFixture[str]
+    bus: Bus, discovery: Bus, cluster: str, signer: SigningKey, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cluster = f"c-{secrets.token_hex(4)}"
     forged = seal(snapshot(cluster, 5, services=("10.96.0.1",)), key=SigningKey.generate())
-    await put_sealed(bus, forged, cluster=cluster)
+    await put_sealed(discovery, forged, cluster=cluster)
     argv = ("render", "manifest", "--nats-url", server_url(bus), "--cluster", cluster)
     assert await apilane(*argv) == 1
     captured = capsys.readouterr()
@@ -124,7 +142,7 @@ async def test_manifest_renders_no_snapshot_it_cannot_trust(
         issued_at=signing.utcnow() - timedelta(hours=2),
         ttl=timedelta(hours=1),
     )
-    await put_sealed(bus, expired, cluster=cluster)
+    await put_sealed(discovery, expired, cluster=cluster)
     assert await apilane(*argv) == 1
     captured = capsys.readouterr()
     assert "apilane: the snapshot on the bus expired at " in captured.err
@@ -132,24 +150,27 @@ async def test_manifest_renders_no_snapshot_it_cannot_trust(
 
 
 async def test_manifest_from_the_bus_without_trusted_keys_says_which_to_set(
-    bus: Bus, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    bus: Bus,
+    discovery: Bus,
+    cluster: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    cluster = f"c-{secrets.token_hex(4)}"
     key = SigningKey.generate()
     await put_sealed(
-        bus, seal(snapshot(cluster, 1, services=("10.96.0.1",)), key=key), cluster=cluster
+        discovery, seal(snapshot(cluster, 1, services=("10.96.0.1",)), key=key), cluster=cluster
     )
     monkeypatch.delenv("APILANE_TRUSTED_KEYS", raising=False)
     monkeypatch.delenv("APILANE_TRUSTED_KEYS_FILE", raising=False)
     # Run where no local stack's keys can be found either.
-    monkeypatch.setattr("apilane.cli.manifest.local_trusted_keys", lambda: signing.TrustedKeys({}))
+    # (This server is not the local stack's, so its keys do not count either.)
     code = await apilane("render", "manifest", "--nats-url", server_url(bus), "--cluster", cluster)
     assert code == 1
     assert "name the keys that may sign it with APILANE_TRUSTED_KEYS" in capsys.readouterr().err
 
 
 async def test_manifest_without_a_snapshot_says_so_and_exits_1(
-    bus: Bus, signer: SigningKey, capsys: pytest.CaptureFixture[str]
+    bus: Bus, cluster: str, signer: SigningKey, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = await apilane(
         "render", "manifest", "--nats-url", server_url(bus), "--cluster", "never-published"

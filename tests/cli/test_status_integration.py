@@ -17,7 +17,10 @@ from apilane.kube.client import KubeClient
 from apilane.model import events, subjects
 from apilane.model.signing import SigningKey
 from apilane.runtime.bus import Bus
+from apilane.runtime.natsauth import Role
 from apilane.testing.kube import ControlPlane
+from apilane.testing.nats import NatsServer
+from apilane.testing.nats_fixtures import ConnectAs
 from apilane.testing.sealing import put_sealed, seal
 from apilane.testing.snapshots import make_snapshot
 
@@ -46,17 +49,27 @@ def node_state(cluster: str, node: str, generation: int) -> events.NodeState:
     return events.NodeState(cluster=cluster, node=node, generation=generation, digest="sha256:x")
 
 
+def as_operator(monkeypatch: pytest.MonkeyPatch, nats_server: NatsServer, cluster: str) -> None:
+    """The command connects as the identity its environment names: the operator's."""
+    for name, value in nats_server.env(Role.OPERATOR, cluster).items():
+        monkeypatch.setenv(name, value)
+
+
 async def test_status_shows_the_snapshot_its_trace_the_env_and_this_clusters_nodes(
     bus: Bus,
     kube: KubeClient,
     kube_namespace: str,
     control_plane: ControlPlane,
+    nats_server: NatsServer,
+    connect_as: ConnectAs,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cluster, other = f"c-{secrets.token_hex(4)}", f"c-{secrets.token_hex(4)}"
     key = SigningKey.generate()
     monkeypatch.setenv("APILANE_TRUSTED_KEYS", key.public_text)
+    as_operator(monkeypatch, nats_server, cluster)
+    discovery = await connect_as(Role.DISCOVERY, cluster)
     await kube.create(
         f"/apis/apps/v1/namespaces/{kube_namespace}/daemonsets",
         calico_node(kube_namespace, "198.18.0.10:6443"),
@@ -64,17 +77,20 @@ async def test_status_shows_the_snapshot_its_trace_the_env_and_this_clusters_nod
     tracer = TracerProvider().get_tracer("test")
     with tracer.start_as_current_span("publish snapshot") as span:
         snapshot = make_snapshot(cluster=cluster, generation=3, apiservers=["198.18.0.10:6443"])
-        await put_sealed(bus, seal(snapshot, key=key), cluster=cluster)
+        await put_sealed(discovery, seal(snapshot, key=key), cluster=cluster)
     trace_id = f"{span.get_span_context().trace_id:032x}"
-    for node, generation in (("node-b", 3), ("node-a", 2)):
-        state = node_state(cluster, node, generation)
-        await bus.kv_put(subjects.NODE_STATE_BUCKET, subjects.node_state_key(cluster, node), state)
-    elsewhere = node_state(other, "node-z", 9)
-    await bus.kv_put(
-        subjects.NODE_STATE_BUCKET, subjects.node_state_key(other, "node-z"), elsewhere
-    )
+    # Each node writes its own state, as its own identity.
+    for where, node, generation in (
+        (cluster, "node-b", 3),
+        (cluster, "node-a", 2),
+        (other, "node-z", 9),
+    ):
+        loader = await connect_as(Role.NODE_LOADER, where, node)
+        state = node_state(where, node, generation)
+        await loader.kv_put(subjects.NODE_STATE_BUCKET, subjects.node_state_key(where, node), state)
     # An entry that is not a NodeState is left out, not fatal.
-    await bus.js.publish(
+    garbage = await connect_as(Role.NODE_LOADER, cluster, "garbage")
+    await garbage.js.publish(
         subjects.kv_subject(subjects.NODE_STATE_BUCKET, f"{cluster}.garbage"), b"not json"
     )
     url = bus.nc.connected_url
@@ -115,17 +131,21 @@ async def test_status_shows_a_snapshot_signed_by_an_unknown_key_as_untrusted(
     kube: KubeClient,
     kube_namespace: str,
     control_plane: ControlPlane,
+    nats_server: NatsServer,
+    connect_as: ConnectAs,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cluster = f"c-{secrets.token_hex(4)}"
+    as_operator(monkeypatch, nats_server, cluster)
     await kube.create(
         f"/apis/apps/v1/namespaces/{kube_namespace}/daemonsets",
         calico_node(kube_namespace, "198.18.0.10:6443"),
     )
     monkeypatch.setenv("APILANE_TRUSTED_KEYS", SigningKey.generate().public_text)
     forged = make_snapshot(cluster=cluster, generation=9, apiservers=["198.18.0.99:6443"])
-    await put_sealed(bus, seal(forged, key=SigningKey.generate()), cluster=cluster)
+    intruder = await connect_as(Role.DISCOVERY, cluster)
+    await put_sealed(intruder, seal(forged, key=SigningKey.generate()), cluster=cluster)
     url = bus.nc.connected_url
     assert url is not None
     stack = [

@@ -14,12 +14,29 @@ from pathlib import Path
 import pytest
 
 from apilane.cli import up
-from apilane.cli.target import Flags, StackInfo
+from apilane.cli.target import Flags, StackInfo, local_stack
 from apilane.model.signing import SigningKey, TrustedKeys
+from apilane.runtime import natsauth
+from apilane.testing.nats import NatsIdentities, auth_env
 
 pytestmark = [pytest.mark.unit]
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def nats_roles(tmp_path: Path) -> dict[str, dict[str, str]]:
+    """Each role's NATS environment, as `start_stack_nats` makes it (without a server)."""
+    identities = NatsIdentities(
+        tmp_path / ".apilane/nats/store-auth",
+        mutual_tls=True,
+        identities=natsauth.identities_for(up.CLUSTER, [up.NODE_NAME]),
+    )
+    url = {"APILANE_NATS_URL": "tls://127.0.0.1:4222"}
+    return {
+        (f"{i.role}:{i.node}" if i.node else str(i.role)): url | auth_env(identities.auth(i))
+        for i in identities.identities
+        if i.cluster == up.CLUSTER
+    }
 
 
 def wiring(tmp_path: Path, data_plane: up.DataPlane) -> up.Wiring:
@@ -27,8 +44,9 @@ def wiring(tmp_path: Path, data_plane: up.DataPlane) -> up.Wiring:
         layout=up.Layout(tmp_path),
         data_plane=data_plane,
         ports=dict(up.PREFERRED_PORTS),
-        nats_url="nats://127.0.0.1:4222",
+        nats_url="tls://127.0.0.1:4222",
         keys=up.StackKeys.generate(tmp_path / ".apilane/keys"),
+        nats_roles=nats_roles(tmp_path),
         kubeconfigs={
             "admin": tmp_path / ".apilane/kubeconfig",
             "discovery": tmp_path / ".apilane/kubeconfig-discovery",
@@ -48,7 +66,7 @@ def test_each_service_gets_its_own_port_identity_and_the_tracing_ui(
     for service in up.SERVICES:
         env = up.service_env(wired, service)
         assert env["APILANE_CLUSTER"] == "local"
-        assert env["APILANE_NATS_URL"] == "nats://127.0.0.1:4222"
+        assert env["APILANE_NATS_URL"] == "tls://127.0.0.1:4222"
         assert env["APILANE_HTTP_HOST"] == "127.0.0.1"
         assert env["APILANE_HTTP_PORT"] == str(up.PREFERRED_PORTS[service])
         assert env["OTEL_SERVICE_NAME"] == f"apilane-{service}"
@@ -88,6 +106,23 @@ def test_discovery_signs_with_a_fresh_key_the_others_trust_and_only_it_holds(
     assert TrustedKeys.parse(loader["APILANE_OPERATOR_KEYS"]).ids == (operator.key_id,)
     assert operator.key_id != signer.key_id
     assert "APILANE_OPERATOR_KEYS" not in up.service_env(wired, "renderer")
+
+
+def test_each_service_connects_as_its_own_nats_identity_over_mutual_tls(tmp_path: Path) -> None:
+    wired = wiring(tmp_path, up.DataPlane(backend="memory"))
+    seeds = {}
+    for service in up.SERVICES:
+        env = up.service_env(wired, service)
+        role = f"node-loader:{up.NODE_NAME}" if service == "node-loader" else service
+        assert (
+            env["APILANE_NATS_NKEY_SEED_FILE"]
+            == wired.nats_roles[role]["APILANE_NATS_NKEY_SEED_FILE"]
+        )
+        for variable in ("TLS_CA_FILE", "TLS_CERT_FILE", "TLS_KEY_FILE"):
+            assert Path(env[f"APILANE_NATS_{variable}"]).is_file(), (service, variable)
+        seeds[service] = env["APILANE_NATS_NKEY_SEED_FILE"]
+    assert len(set(seeds.values())) == 3  # nobody shares an identity
+    assert wired.nats_roles["operator"]["APILANE_NATS_NKEY_SEED_FILE"] not in seeds.values()
 
 
 def test_on_real_ebpf_the_node_loader_gets_a_dedicated_cgroup_and_pin_dir(tmp_path: Path) -> None:
@@ -138,13 +173,36 @@ def test_status_reads_the_stack_file_up_writes(tmp_path: Path) -> None:
     wired.layout.stack_file.write_text(json.dumps(record))
     info = StackInfo.load(Flags(), environ={}, checkout=tmp_path)
     assert info.cluster == "local"
-    assert info.nats_urls == ("nats://127.0.0.1:4222",)
+    assert info.nats_urls == ("tls://127.0.0.1:4222",)
     assert info.kubeconfig == str(tmp_path / ".apilane/kubeconfig")
     assert info.zipkin_url == "http://127.0.0.1:9411"
     # What status opens the snapshot with, and what control requests are sealed with.
     signer = SigningKey.load(wired.keys.signing_key_file)
     assert info.trusted_keys.ids == (signer.key_id,)
     assert info.operator_key_file == str(wired.keys.operator_key_file)
+    # ...and whom the commands connect to NATS as: the operator, never a service.
+    operator = wired.nats_roles["operator"]
+    assert "APILANE_NATS_URL" not in record["operator_nats"]
+    assert info.nats_auth.nkey_seed_file == operator["APILANE_NATS_NKEY_SEED_FILE"]
+    assert info.nats_auth.tls_cert_file == operator["APILANE_NATS_TLS_CERT_FILE"]
+
+
+def test_render_manifest_knows_the_local_stack_by_its_nats_url(tmp_path: Path) -> None:
+    (tmp_path / "cli").mkdir()
+    (tmp_path / "cli/pyproject.toml").write_text("")
+    (tmp_path / "deploy/demo").mkdir(parents=True)
+    wired = wiring(tmp_path, up.DataPlane(backend="memory"))
+    record = up.stack_record(wired, apiserver="https://127.0.0.1:6443", pids={})
+    wired.layout.stack_file.write_text(json.dumps(record))
+    local = local_stack(("tls://127.0.0.1:4222",), checkout=tmp_path)
+    assert local is not None
+    assert (
+        local.nats_auth.nkey_seed_file
+        == wired.nats_roles["operator"]["APILANE_NATS_NKEY_SEED_FILE"]
+    )
+    assert local.trusted_keys.ids == (SigningKey.load(wired.keys.signing_key_file).key_id,)
+    # Another server is not the local stack: none of its identity or keys apply there.
+    assert local_stack(("tls://nats.example.internal:4222",), checkout=tmp_path) is None
 
 
 def test_a_second_stack_is_refused_while_the_first_runs(tmp_path: Path) -> None:

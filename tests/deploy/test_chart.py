@@ -75,8 +75,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "nats": {
             "bundled": {"enabled": False},
             "urls": ["tls://nats-a.example.internal:4222", "tls://nats-b.example.internal:4222"],
-            "credentialsSecret": "apilane-nats",
-            "tls": {"caSecret": "apilane-nats-ca"},
+            "credentialsSecretPrefix": "acme-nats",
+            "tls": {"caSecret": "acme-nats-ca"},
         },
         "signing": {
             "trustedKeys": [SigningKey.generate().public_text],
@@ -233,7 +233,8 @@ def test_renderer_target_mode_and_namespace(helm: str) -> None:
     assert {ns for _, ns, _ in namespaced} - {""} == {"apilane-system", "kube-system", "default"}
     assert ("Namespace", "", "apilane-system") in objects
     urls = named(objects, "ConfigMap", "apilane-config")["data"]["APILANE_NATS_URL"]
-    assert urls.split(",")[0] == "nats://nats-0.nats-headless.apilane-system.svc:4222"
+    # The bundled servers take TLS only (nats.conf: tls with handshake_first).
+    assert urls.split(",")[0] == "tls://nats-0.nats-headless.apilane-system.svc:4222"
     assert (
         "apilane-system.svc:6222" in named(objects, "ConfigMap", "nats-config")["data"]["nats.conf"]
     )
@@ -256,18 +257,14 @@ def test_external_nats_credentials_and_signing_keys(helm: str) -> None:
     config = named(objects, "ConfigMap", "apilane-config")["data"]
     assert config["APILANE_NATS_URL"] == ",".join(values["nats"]["urls"])
     assert config["APILANE_TRUSTED_KEYS"] == values["signing"]["trustedKeys"][0]
-    seeds = {
-        "apilane-discovery": "discovery.nk",
-        "apilane-renderer": "renderer.nk",
-        "apilane-node-loader": "node-loader.nk",
-    }
     for kind, workload in WORKLOADS:
         env = env_of(objects, kind, workload)
-        assert env["APILANE_NATS_NKEY_SEED_FILE"] == f"/etc/apilane/nats/{seeds[workload]}"
+        # Each service's own identity, from the Secret of its own under the prefix.
+        assert env["APILANE_NATS_NKEY_SEED_FILE"] == "/etc/apilane/nats/seed.nk"
         assert env["APILANE_NATS_TLS_CA_FILE"] == "/etc/apilane/nats-tls/ca.crt"
         pod = named(objects, kind, workload)["spec"]["template"]["spec"]
         secrets = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
-        expected = {"apilane-nats", "apilane-nats-ca"}
+        expected = {f"acme-nats-{workload.removeprefix('apilane-')}", "acme-nats-ca"}
         if workload == "apilane-discovery":
             expected.add("apilane-signing")
             assert env["APILANE_SIGNING_KEY_FILE"] == "/etc/apilane/signing/signing-key.pem"
@@ -314,6 +311,25 @@ def test_operator_keys_reach_the_node_loader_only_and_the_configmap_can_be_left_
             assert "APILANE_OPERATOR_KEYS" not in env, workload
         assert "APILANE_TRUSTED_KEYS_FILE" not in env, workload
         assert "trusted-keys" not in volumes_of(objects, kind, workload), workload
+
+
+def test_nats_files_follow_the_credentials_and_tls_values(helm: str) -> None:
+    plain = {"bundled": {"enabled": False}, "urls": ["nats://nats.example.internal:4222"]}
+    # Credentials over plain NATS: the seed, no CA (a CA file would turn TLS on).
+    objects = rendered({"nats": plain}, helm)
+    for kind, workload in WORKLOADS:
+        env = env_of(objects, kind, workload)
+        assert env["APILANE_NATS_NKEY_SEED_FILE"] == "/etc/apilane/nats/seed.nk", workload
+        assert "APILANE_NATS_TLS_CA_FILE" not in env, workload
+    loader = container(objects, "DaemonSet", "apilane-node-loader")
+    [seed] = [m for m in loader["volumeMounts"] if m["name"] == "nats-credentials"]
+    assert seed["subPathExpr"] == "$(APILANE_NODE_NAME).nk"
+    # Neither: nothing of NATS is mounted or set.
+    objects = rendered({"nats": plain | {"credentialsSecretPrefix": ""}}, helm)
+    for kind, workload in WORKLOADS:
+        env = env_of(objects, kind, workload)
+        assert not [name for name in env if name.startswith("APILANE_NATS_")], workload
+        assert not {"nats-credentials", "nats-tls"} & set(volumes_of(objects, kind, workload))
 
 
 def test_optional_objects_follow_their_values(helm: str) -> None:

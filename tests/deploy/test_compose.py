@@ -1,11 +1,13 @@
 """docker-compose.yml and the Dockerfiles, checked without a Docker engine: the file is valid
 Compose (the specification's JSON schema, vendored in compose-spec/), and everything it names
 exists — build contexts, Dockerfiles and what they copy, bind-mounted paths, ports, and the
-APILANE_* variables (each one is read by the service it is given to)."""
+APILANE_* variables (each one is read by the service it is given to) — and NATS runs the
+generated config, with each service mounting only its own identity."""
 
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import shlex
 from pathlib import Path
@@ -14,6 +16,9 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+
+from apilane.runtime import natsauth
+from apilane.testing.nats_credentials import directory_of
 
 pytestmark = [pytest.mark.unit]
 
@@ -249,3 +254,83 @@ def test_node_loader_gets_the_host_mounts_and_a_dedicated_cgroup() -> None:
     assert cgroup.startswith("/host/cgroup2/") and cgroup.rstrip("/") != "/host/cgroup2"
     assert env.get("APILANE_ALLOW_ROOT_CGROUP", "false") == "false"
     assert env["APILANE_MAP_BACKEND"] == "bpf"
+
+
+# --------------------------------------------------------------------------- NATS
+
+COMPOSE_IDENTITIES = REPO / "deploy/compose/identities.toml"
+
+
+def mounts(name: str) -> dict[str, str]:
+    """target -> source of a service's volumes."""
+    found = {}
+    for volume in service(name).get("volumes", []):
+        if isinstance(volume, dict):
+            found[volume["target"]] = volume["source"]
+        else:
+            source, target, *_ = volume.split(":")
+            found[target] = source
+    return found
+
+
+def test_the_nats_config_is_the_generators_output() -> None:
+    committed = (REPO / "deploy/compose/nats.conf").read_text()
+    assert committed == natsauth.render_server_config(natsauth.PROFILES["compose"]), (
+        "regenerate it: python -m apilane.runtime.natsauth server-config compose"
+    )
+
+
+def test_nats_runs_the_committed_config_with_the_generated_accounts_and_tls() -> None:
+    command = service("nats")["command"]
+    config = command[command.index("--config") + 1]
+    volumes = mounts("nats")
+    assert volumes[config] == "./deploy/compose/nats.conf"
+    profile = natsauth.PROFILES["compose"]
+    included = posixpath.normpath(
+        posixpath.join(posixpath.dirname(config), profile.accounts_include)
+    )
+    auth_dir = posixpath.dirname(included)
+    assert volumes[auth_dir] == "nats-auth-server"
+    assert profile.tls is not None and profile.tls.verify, "compose runs mutual TLS"
+    for path in (profile.tls.cert_file, profile.tls.key_file, profile.tls.ca_file):
+        assert posixpath.dirname(path) == auth_dir
+    assert service("nats")["depends_on"]["nats-auth"]["condition"] == (
+        "service_completed_successfully"
+    )
+
+
+def test_the_nats_auth_step_writes_every_identity_of_the_identities_file() -> None:
+    step = service("nats-auth")
+    assert step["entrypoint"][-1] == "apilane.testing.nats_credentials"
+    volumes = mounts("nats-auth")
+    assert volumes["/config/identities.toml"] == "./deploy/compose/identities.toml"
+    written = {target.removeprefix("/auth/"): source for target, source in volumes.items()}
+    identities = natsauth.load_identities(COMPOSE_IDENTITIES)
+    expected = {directory_of(identity) for identity in identities} | {"server"}
+    assert expected <= set(written)
+    assert "--out=/auth" in step["command"] and "--server-host=nats" in step["command"]
+
+
+@pytest.mark.parametrize("name", sorted(BUILT))
+def test_each_service_mounts_only_its_own_nats_identity(name: str) -> None:
+    identities = natsauth.load_identities(COMPOSE_IDENTITIES)
+    env = environment(name)
+    [identity] = [
+        i
+        for i in identities
+        if str(i.role) == name and (i.node == env.get("APILANE_NODE_NAME", i.node))
+    ]
+    assert identity.cluster == env["APILANE_CLUSTER"]
+    step = {t.removeprefix("/auth/"): s for t, s in mounts("nats-auth").items()}
+    own_volume = step[directory_of(identity)]
+    credentials = {t: s for t, s in mounts(name).items() if s.startswith("nats-auth-")}
+    assert credentials == {"/etc/apilane/nats": own_volume}
+    assert f"{own_volume}:/etc/apilane/nats:ro" in service(name)["volumes"]
+    for variable, file in (
+        ("APILANE_NATS_NKEY_SEED_FILE", "seed.nk"),
+        ("APILANE_NATS_TLS_CA_FILE", "ca.crt"),
+        ("APILANE_NATS_TLS_CERT_FILE", "client.crt"),
+        ("APILANE_NATS_TLS_KEY_FILE", "client.key"),
+    ):
+        assert env[variable] == f"/etc/apilane/nats/{file}"
+    assert env["APILANE_NATS_URL"].startswith("tls://")

@@ -17,10 +17,13 @@ import pytest
 import yaml
 
 from apilane.kube.client import KubeClient, NotFound
+from apilane.runtime import natsauth
 from apilane.testing.manifests import (
+    FIELD_MANAGER,
     NAMESPACE,
     access_matrix,
     dry_run_apply_all,
+    ensure_namespace,
     rbac_created,
     service_needs,
     subject_may,
@@ -66,6 +69,40 @@ async def test_every_manifest_passes_server_side_dry_run_apply(kube: KubeClient)
     # Dry run: the workloads were validated but not created.
     with pytest.raises(NotFound):
         await kube.get(f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/apilane-discovery")
+
+
+async def test_the_generated_nats_secrets_pass_server_side_dry_run_apply(
+    kube: KubeClient, tmp_path: Path
+) -> None:
+    """What `python -m apilane.runtime.natsauth kubernetes-secrets` prints for an install is
+    valid to the apiserver (names, keys: a node name with dots is a valid key)."""
+    await ensure_namespace(kube, NAMESPACE)
+    listing = natsauth.kubernetes_secrets(
+        natsauth.identities_for("default", ["node-a.example.com", "node-b"]),
+        tmp_path,
+        ca_pem=b"-----BEGIN CERTIFICATE-----\n",
+        namespace=NAMESPACE,
+    )
+    names = []
+    for secret in listing["items"]:
+        name = secret["metadata"]["name"]
+        result = await kube.patch(
+            f"/api/v1/namespaces/{NAMESPACE}/secrets/{name}",
+            secret,
+            patch_type="apply",
+            field_manager=FIELD_MANAGER,
+            dry_run=True,
+            force=True,
+        )
+        assert result["kind"] == "Secret" and set(result["data"]) == set(secret["data"])
+        names.append(name)
+    assert sorted(names) == [
+        "apilane-nats-accounts",
+        "apilane-nats-discovery",
+        "apilane-nats-node-loader",
+        "apilane-nats-operator",
+        "apilane-nats-renderer",
+    ]
 
 
 @pytest.fixture

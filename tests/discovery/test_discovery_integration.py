@@ -34,9 +34,11 @@ from apilane.renderer.service import Renderer
 from apilane.renderer.settings import RendererSettings
 from apilane.runtime.bus import Bus
 from apilane.runtime.config import CommonSettings
+from apilane.runtime.natsauth import Role
 from apilane.runtime.serve import Health, ServiceContext, start_http
 from apilane.testing.kube import ControlPlane, endpoint_slice
 from apilane.testing.nats import NatsServer
+from apilane.testing.nats_fixtures import ConnectAs
 from apilane.testing.sealing import seal
 from apilane.testing.snapshots import make_snapshot
 
@@ -72,6 +74,8 @@ def settings_for(
         common=CommonSettings(
             cluster=cluster,
             nats_urls=(nats_server.url,),
+            # Discovery's own identity: the one writer of this cluster's snapshot key.
+            nats_auth=nats_server.credentials(Role.DISCOVERY, cluster),
             kubeconfig=str(control_plane.kubeconfig_path),
         ),
         service_namespace=service_namespace or namespace,
@@ -1186,7 +1190,8 @@ def calico_node() -> dict[str, Any]:
 
 
 class RendererRun:
-    """A renderer in-process, trusting `trusted`, patching calico-node in `namespace`."""
+    """A renderer in-process, trusting `trusted`, patching calico-node in `namespace`; `bus`
+    is the renderer's own NATS identity."""
 
     def __init__(self, bus: Bus, kube: KubeClient, namespace: str, cluster: str) -> None:
         self.bus, self.kube, self.namespace, self.cluster = bus, kube, namespace, cluster
@@ -1244,13 +1249,20 @@ async def calico(kube: KubeClient, own_service: str) -> str:
 
 
 async def test_discovery_re_signs_before_expiry_and_the_renderer_does_not_patch_again(
-    control_plane: ControlPlane, nats_server: NatsServer, bus: Bus, kube: KubeClient, calico: str
+    control_plane: ControlPlane,
+    nats_server: NatsServer,
+    bus: Bus,
+    connect_as: ConnectAs,
+    kube: KubeClient,
+    calico: str,
 ) -> None:
     ns = calico
     await put_slice(kube, ns, endpoint_slice("a", service="apiserver", addresses=["192.0.2.1"]))
     settings = settings_for(control_plane, nats_server, ns, snapshot_ttl=2.0)
     registry = CollectorRegistry()
-    renderer = RendererRun(bus, kube, ns, settings.cluster)
+    renderer = RendererRun(
+        await connect_as(Role.RENDERER, settings.cluster), kube, ns, settings.cluster
+    )
     async with running(settings, registry), renderer.running(TRUSTED):
         await wait_for_async(lambda: _equals(renderer.endpoints(), "192.0.2.1:6443"))
         patched = await kube.get(renderer.path)
@@ -1282,7 +1294,12 @@ async def _equals(value: Awaitable[str], wanted: str) -> bool:
 
 
 async def test_a_key_rotation_refuses_nothing_while_the_renderer_trusts_both_keys(
-    control_plane: ControlPlane, nats_server: NatsServer, bus: Bus, kube: KubeClient, calico: str
+    control_plane: ControlPlane,
+    nats_server: NatsServer,
+    bus: Bus,
+    connect_as: ConnectAs,
+    kube: KubeClient,
+    calico: str,
 ) -> None:
     ns = calico
     rotated = SigningKey.generate()
@@ -1290,7 +1307,7 @@ async def test_a_key_rotation_refuses_nothing_while_the_renderer_trusts_both_key
     old = settings_for(control_plane, nats_server, ns)
     new = settings_for(control_plane, nats_server, ns, cluster=old.cluster, signing_key=rotated)
     registry = CollectorRegistry()
-    renderer = RendererRun(bus, kube, ns, old.cluster)
+    renderer = RendererRun(await connect_as(Role.RENDERER, old.cluster), kube, ns, old.cluster)
     async with renderer.running(TrustedKeys.of(DISCOVERY_KEY, rotated)):
         async with running(old):
             await wait_for_async(lambda: _equals(renderer.endpoints(), "192.0.2.1:6443"))
@@ -1329,7 +1346,12 @@ def _verifies(value: bytes, trusted: TrustedKeys) -> bool:
 
 
 async def test_a_forged_value_with_a_huge_generation_moves_nothing(
-    control_plane: ControlPlane, nats_server: NatsServer, bus: Bus, kube: KubeClient, calico: str
+    control_plane: ControlPlane,
+    nats_server: NatsServer,
+    bus: Bus,
+    connect_as: ConnectAs,
+    kube: KubeClient,
+    calico: str,
 ) -> None:
     """Written with the same rights discovery has, before it starts, claiming the very
     endpoints discovery will see and generation 2**62: the renderer refuses it, discovery
@@ -1338,7 +1360,9 @@ async def test_a_forged_value_with_a_huge_generation_moves_nothing(
     await put_slice(kube, ns, endpoint_slice("a", service="apiserver", addresses=["192.0.2.1"]))
     settings = settings_for(control_plane, nats_server, ns)
     registry = CollectorRegistry()
-    renderer = RendererRun(bus, kube, ns, settings.cluster)
+    renderer = RendererRun(
+        await connect_as(Role.RENDERER, settings.cluster), kube, ns, settings.cluster
+    )
     forged = make_snapshot(
         cluster=settings.cluster,
         generation=2**62,
@@ -1346,7 +1370,9 @@ async def test_a_forged_value_with_a_huge_generation_moves_nothing(
         apiservers=["192.0.2.1:6443"],
     )
     async with renderer.running(TRUSTED):
-        forged_revision = await bus.kv_put(
+        # Discovery's own identity: the signature, not the NATS account, tells them apart.
+        intruder = await connect_as(Role.DISCOVERY, settings.cluster)
+        forged_revision = await intruder.kv_put(
             subjects.SNAPSHOT_BUCKET, settings.cluster, seal(forged, key=SigningKey.generate())
         )
         await wait_until(

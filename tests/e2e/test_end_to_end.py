@@ -3,6 +3,10 @@ points, the harness's real kube-apiserver and nats-server, two node-loaders on r
 its own cgroup, with a test namespace as its client), and an OTLP receiver collecting the spans
 the processes export.
 
+NATS runs as in production: mutual TLS on the client port and nkey authentication, each
+process with its own identity (discovery, the renderer, one per node-loader), the test and
+`apilane status` as the operator.
+
 The `kubernetes` EndpointSlice goes from an HA set of three backends to a set where one was
 replaced; the test then checks the DaemonSet env, both nodes' pinned maps (read with bpftool,
 independently of our own codec), connects through the VIP from each node's cgroup, `apilane
@@ -27,6 +31,7 @@ from apilane.kube.client import KubeClient
 from apilane.model import envformat, events, subjects
 from apilane.model.signing import TrustedKeys, open_snapshot
 from apilane.runtime.bus import Bus
+from apilane.runtime.natsauth import Role
 from apilane.testing.bpf import BpfLab, Topology
 from apilane.testing.kube import ControlPlane, endpoint_slice
 from apilane.testing.nats import NatsServer
@@ -142,7 +147,7 @@ async def test_one_endpoint_change_reaches_the_daemonset_both_nodes_and_forms_on
     control_plane: ControlPlane,
     kubernetes_endpoints: KubeClient,
     kube_namespace: str,
-    nats_server: NatsServer,
+    nats_server_tls: NatsServer,
     bpf_lab: BpfLab,
     otlp: OtlpReceiver,
     tmp_path: Path,
@@ -165,7 +170,8 @@ async def test_one_endpoint_change_reaches_the_daemonset_both_nodes_and_forms_on
         f"/apis/apps/v1/namespaces/{kube_namespace}/daemonsets", calico_node_daemonset()
     )
 
-    # The services, through their real entry points.
+    # The services, through their real entry points, each with its own NATS identity.
+    nats_server = nats_server_tls
     env = base_environment(
         cluster=CLUSTER,
         nats_url=nats_server.url,
@@ -180,6 +186,7 @@ async def test_one_endpoint_change_reaches_the_daemonset_both_nodes_and_forms_on
             "discovery",
             "apilane.discovery",
             env
+            | nats_server.env(Role.DISCOVERY, CLUSTER)
             | {
                 "APILANE_LEASE_NAMESPACE": kube_namespace,
                 "APILANE_POD_NAME": "discovery-0",
@@ -190,6 +197,7 @@ async def test_one_endpoint_change_reaches_the_daemonset_both_nodes_and_forms_on
             "apilane-renderer",
             "apilane.renderer",
             env
+            | nats_server.env(Role.RENDERER, CLUSTER)
             | {
                 "APILANE_LEASE_NAMESPACE": kube_namespace,
                 "APILANE_POD_NAME": "renderer-0",
@@ -204,6 +212,7 @@ async def test_one_endpoint_change_reaches_the_daemonset_both_nodes_and_forms_on
                 node,
                 "apilane.node_loader",
                 env
+                | nats_server.env(Role.NODE_LOADER, CLUSTER, node)
                 | {
                     "APILANE_NODE_NAME": node,
                     "APILANE_MAP_BACKEND": "bpf",
@@ -215,7 +224,7 @@ async def test_one_endpoint_change_reaches_the_daemonset_both_nodes_and_forms_on
                 },
             )
 
-        bus = await Bus.connect([nats_server.url], name="e2e-test", initial_attempt_deadline=10)
+        bus = await nats_server.connect(Role.OPERATOR, CLUSTER, name="e2e-test")
         try:
             await run_scenario(
                 kube=kube,
@@ -232,7 +241,7 @@ async def test_one_endpoint_change_reaches_the_daemonset_both_nodes_and_forms_on
                 first_set=first_set,
                 second_set=second_set,
                 removed=removed,
-                nats_url=nats_server.url,
+                nats_env=nats_server.env(Role.OPERATOR, CLUSTER),
                 kubeconfig=str(control_plane.kubeconfig_path),
                 namespace=kube_namespace,
                 tmp_path=tmp_path,
@@ -259,7 +268,7 @@ async def run_scenario(
     first_set: list[str],
     second_set: list[str],
     removed: str,
-    nats_url: str,
+    nats_env: dict[str, str],
     kubeconfig: str,
     namespace: str,
     tmp_path: Path,
@@ -366,9 +375,10 @@ async def run_scenario(
             "status",
             "--json",
         ],
+        # The operator's identity (APILANE_NATS_URL and its credentials): what a person has.
         env=os.environ
+        | nats_env
         | {
-            "APILANE_NATS_URL": nats_url,
             "APILANE_CLUSTER": CLUSTER,
             # What `apilane status` verifies the snapshot with.
             "APILANE_TRUSTED_KEYS": trusted_keys,

@@ -27,6 +27,7 @@ from apilane.node_loader.plan import check_invariants, dangling_references
 from apilane.node_loader.programs import ConnectTimeLB
 from apilane.node_loader.testing import contents_of
 from apilane.runtime.bus import Bus
+from apilane.runtime.natsauth import Role
 from apilane.testing.bpf import SERVICE_VIP4, BpfLab
 from apilane.testing.procs import end_process, tail
 from apilane.testing.sealing import put_sealed, seal, trusted_env
@@ -44,11 +45,11 @@ BUSY_SERVICES = tuple(f"10.96.{i // 200 + 1}.{i % 200 + 1}:{SERVICE_PORT}" for i
 
 class LoaderProcess:
     def __init__(
-        self, *, nats_url: str, cgroup: Path, pin_dir: Path, state_dir: Path, log: Path
+        self, *, nats_env: dict[str, str], cgroup: Path, pin_dir: Path, state_dir: Path, log: Path
     ) -> None:
         self.env = {
             **os.environ,
-            "APILANE_NATS_URL": nats_url,
+            **nats_env,  # APILANE_NATS_URL and this node's own credentials
             "APILANE_CLUSTER": CLUSTER,
             "APILANE_NODE_NAME": NODE,
             "APILANE_MAP_BACKEND": "bpf",
@@ -128,8 +129,8 @@ async def wait_generation(
     )
 
 
-async def put(bus: Bus, snapshot) -> None:
-    await put_sealed(bus, seal(snapshot), cluster=CLUSTER)
+async def put(discovery: Bus, snapshot) -> None:
+    await put_sealed(discovery, seal(snapshot), cluster=CLUSTER)
 
 
 def resolved_target(snapshot) -> list[str]:
@@ -142,8 +143,11 @@ def assert_unique_ids(contents) -> None:
         assert len(ids) == len(set(ids)), f"duplicate {family} ids: {sorted(ids)}"
 
 
-async def test_restart_and_kill_minus_9_mid_apply_converge(kernel_lab, bus, nats_server, tmp_path):
+async def test_restart_and_kill_minus_9_mid_apply_converge(
+    kernel_lab, bus, connect_as, nats_server, tmp_path
+):
     lab = kernel_lab
+    discovery = await connect_as(Role.DISCOVERY, CLUSTER)  # writes; `bus` (the operator) reads
     topology = lab.topology(backends=3)
     for backend in topology.backends:
         lab.server(netns=backend.netns, addresses=[backend.ipv4], ports=[BACKEND_PORT])
@@ -151,7 +155,7 @@ async def test_restart_and_kill_minus_9_mid_apply_converge(kernel_lab, bus, nats
     cgroup, pin_dir = lab.child_cgroup(), lab.pin_dir()
     agent = lab.agent(netns=topology.client, cgroup=cgroup)
     loader = LoaderProcess(
-        nats_url=nats_server.url,
+        nats_env=nats_server.env(Role.NODE_LOADER, CLUSTER, NODE),
         cgroup=cgroup,
         pin_dir=pin_dir,
         state_dir=tmp_path / "state",
@@ -165,7 +169,7 @@ async def test_restart_and_kill_minus_9_mid_apply_converge(kernel_lab, bus, nats
         first = make_snapshot(
             cluster=CLUSTER, generation=1, apiservers=[f"{ip}:{BACKEND_PORT}" for ip in backends]
         )
-        await put(bus, first)
+        await put(discovery, first)
         state = await wait_generation(bus, loader, 1)
         assert len(state.programs_attached) == 8, state
         servers = {r["server"][0] for r in agent.tcp_request(SERVICE_VIP4, SERVICE_PORT, count=30)}
@@ -188,7 +192,7 @@ async def test_restart_and_kill_minus_9_mid_apply_converge(kernel_lab, bus, nats
             generation += 1
             chosen = backends[: 1 + generation % 3]
             await put(
-                bus,
+                discovery,
                 make_snapshot(
                     cluster=CLUSTER,
                     generation=generation,
@@ -220,7 +224,7 @@ async def test_restart_and_kill_minus_9_mid_apply_converge(kernel_lab, bus, nats
             services=(f"{SERVICE_VIP4}:{SERVICE_PORT}", *BUSY_SERVICES[:50]),
             apiservers=[f"{backends[0]}:{BACKEND_PORT}", f"{backends[2]}:{BACKEND_PORT}"],
         )
-        await put(bus, latest)
+        await put(discovery, latest)
         loader.start()
         await wait_generation(bus, loader, latest.generation)
         loader.stop()

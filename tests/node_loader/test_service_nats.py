@@ -1,7 +1,8 @@
 """The node-loader service in-process, on MemoryNatMaps, against a real nats-server.
 
-Every snapshot is sealed by a trusted key, every control request by an operator key, as
-discovery and the CLI do (refusals are in test_signed_nats.py)."""
+Every snapshot is sealed by a trusted key and written as discovery's NATS identity, every
+control request sealed by an operator key and sent as the operator's, as discovery and the
+CLI do (refusals are in test_signed_nats.py); the loader connects as its node's identity."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ from apilane.node_loader.service import DataPlane, NodeLoader
 from apilane.node_loader.statefile import PersistedState, StateFile
 from apilane.node_loader.testing import contents_of
 from apilane.runtime.bus import Bus
+from apilane.runtime.natsauth import Role
+from apilane.testing.nats import NatsServer
+from apilane.testing.nats_fixtures import ConnectAs
 from apilane.testing.sealing import (
     control_request,
     put_sealed,
@@ -46,9 +50,11 @@ OPERATOR = SigningKey.generate()
 
 
 class Harness:
-    def __init__(self, nats_url: str, tmp_path: Path) -> None:
+    def __init__(self, nats_server: NatsServer, tmp_path: Path) -> None:
+        self.nats_server = nats_server
         self.env = {
-            "APILANE_NATS_URL": nats_url,
+            # This node's own identity: it may write only its own node-state key.
+            **nats_server.env(Role.NODE_LOADER, CLUSTER, NODE),
             "APILANE_CLUSTER": CLUSTER,
             "APILANE_NODE_NAME": NODE,
             "APILANE_MAP_BACKEND": "memory",
@@ -86,8 +92,12 @@ class Harness:
             await asyncio.wait_for(task, timeout=10)
 
     def configure(self, **env: str) -> None:
-        """Change APILANE_* variables for the next start (a DaemonSet edit)."""
+        """Change APILANE_* variables for the next start (a DaemonSet edit); another node
+        name comes with that node's NATS identity."""
         self.env.update(env)
+        if "APILANE_NODE_NAME" in env:
+            node = env["APILANE_NODE_NAME"]
+            self.env.update(self.nats_server.env(Role.NODE_LOADER, CLUSTER, node))
         self.settings = loader_settings.load(self.env)
 
     def persisted(self) -> PersistedState | None:
@@ -130,9 +140,9 @@ async def wait_node_generation(bus: Bus, generation: int) -> NodeState:
     )
 
 
-async def put(bus: Bus, snapshot) -> int:
-    """Publish a snapshot as discovery does: sealed by the trusted key."""
-    return await put_sealed(bus, seal(snapshot), cluster=CLUSTER)
+async def put(discovery: Bus, snapshot) -> int:
+    """Publish a snapshot as discovery does: sealed by the trusted key, as its identity."""
+    return await put_sealed(discovery, seal(snapshot), cluster=CLUSTER)
 
 
 async def control(bus: Bus, enabled: bool, *, node: str = NODE) -> bytes:
@@ -161,11 +171,18 @@ async def warnings(bus: Bus) -> list[ClusterWarning]:
 
 @pytest.fixture
 def harness(nats_server, tmp_path) -> Harness:
-    return Harness(nats_server.url, tmp_path)
+    return Harness(nats_server, tmp_path)
 
 
-async def test_latest_value_is_applied_at_start_then_every_new_one(bus, harness):
-    await put(bus, make_snapshot(generation=1))
+@pytest.fixture
+async def discovery(bus: Bus, connect_as: ConnectAs) -> Bus:
+    """The writer of snapshots: discovery's identity (`bus`, the operator, observes and
+    sends control requests)."""
+    return await connect_as(Role.DISCOVERY, CLUSTER)
+
+
+async def test_latest_value_is_applied_at_start_then_every_new_one(bus, discovery, harness):
+    await put(discovery, make_snapshot(generation=1))
     async with harness.running() as loader:
         assert harness.resolved() == ["IPv4 10.96.0.1:443/6 -> [10.0.0.1:6443]"]
         ok, checks = loader.health.ready()
@@ -175,7 +192,7 @@ async def test_latest_value_is_applied_at_start_then_every_new_one(bus, harness)
         assert state.maps.frontends == 1 and state.maps.backends == 1
         assert state.programs_attached == () and state.last_error == ""
 
-        await put(bus, make_snapshot(generation=2, apiservers=HA3))
+        await put(discovery, make_snapshot(generation=2, apiservers=HA3))
         await eventually(lambda: len(harness.resolved()[0].split(",")) == 3, what="three backends")
         assert harness.resolved() == [
             "IPv4 10.96.0.1:443/6 -> [10.0.0.1:6443, 10.0.0.2:6443, 10.0.0.3:6443]"
@@ -187,21 +204,21 @@ async def test_latest_value_is_applied_at_start_then_every_new_one(bus, harness)
         assert harness.metric("apilane_node_programming_latency_seconds_count") == 2
 
 
-async def test_without_any_snapshot_the_loader_is_ready_and_waits(bus, harness):
+async def test_without_any_snapshot_the_loader_is_ready_and_waits(bus, discovery, harness):
     async with harness.running() as loader:
         assert loader.health.ready()[0]
         assert (await wait_node_generation(bus, 0)).maps.frontends == 0
-        await put(bus, make_snapshot(generation=7))
+        await put(discovery, make_snapshot(generation=7))
         await wait_node_generation(bus, 7)
         assert harness.resolved() == ["IPv4 10.96.0.1:443/6 -> [10.0.0.1:6443]"]
 
 
-async def test_an_old_generation_replayed_is_ignored(bus, harness):
+async def test_an_old_generation_replayed_is_ignored(bus, discovery, harness):
     async with harness.running():
-        await put(bus, make_snapshot(generation=5, apiservers=HA3))
+        await put(discovery, make_snapshot(generation=5, apiservers=HA3))
         await wait_node_generation(bus, 5)
         before = harness.resolved()
-        await put(bus, make_snapshot(generation=4, apiservers=("10.0.0.9:6443",)))
+        await put(discovery, make_snapshot(generation=4, apiservers=("10.0.0.9:6443",)))
         await eventually(
             lambda: harness.metric("apilane_node_snapshots_ignored_total") == 1, what="ignored"
         )
@@ -210,17 +227,19 @@ async def test_an_old_generation_replayed_is_ignored(bus, harness):
         assert harness.metric("apilane_node_snapshots_refused_total", reason="rollback") == 1
 
 
-async def test_invalid_empty_and_malformed_snapshots_leave_the_maps_and_warn(bus, harness):
+async def test_invalid_empty_and_malformed_snapshots_leave_the_maps_and_warn(
+    bus, discovery, harness
+):
     async with harness.running():
-        await put(bus, make_snapshot(generation=1, apiservers=HA3))
+        await put(discovery, make_snapshot(generation=1, apiservers=HA3))
         await wait_node_generation(bus, 1)
         before, ops = harness.resolved(), harness.maps.operations
 
-        await put(bus, make_snapshot(generation=2, apiservers=()))
+        await put(discovery, make_snapshot(generation=2, apiservers=()))
         # Validly signed but invalid for this node (the digest is checked when the envelope
         # is opened: a bad one is a refused signature, see test_signed_nats.py).
-        await put(bus, make_snapshot(generation=3, cluster="elsewhere"))
-        await put_sealed(bus, seal_payload(b'{"truncated', generation=4), cluster=CLUSTER)
+        await put(discovery, make_snapshot(generation=3, cluster="elsewhere"))
+        await put_sealed(discovery, seal_payload(b'{"truncated', generation=4), cluster=CLUSTER)
         await eventually(
             lambda: (
                 harness.metric("apilane_node_applies_total", outcome="malformed") == 1
@@ -241,14 +260,14 @@ async def test_invalid_empty_and_malformed_snapshots_leave_the_maps_and_warn(bus
             ("NoReadyEndpoints", 2, f"node-loader/{NODE}"),
         ]
         # The next good snapshot is applied and clears the error.
-        await put(bus, make_snapshot(generation=4))
+        await put(discovery, make_snapshot(generation=4))
         assert (await wait_node_generation(bus, 4)).last_error == ""
 
 
-async def test_a_restarted_loader_resumes_from_its_state_file(bus, harness):
+async def test_a_restarted_loader_resumes_from_its_state_file(bus, discovery, harness):
     async with harness.running():
         await put(
-            bus,
+            discovery,
             make_snapshot(
                 generation=3, services=("10.96.0.1:443", "10.96.0.2:443"), apiservers=HA3
             ),
@@ -269,14 +288,18 @@ async def test_a_restarted_loader_resumes_from_its_state_file(bus, harness):
             sorted(v.service_id for v in contents_of(harness.maps)["IPv4"].frontends.values())
             == ids
         )
-        await put(bus, make_snapshot(generation=4, services=("10.96.0.1:443", "10.96.0.2:443")))
+        await put(
+            discovery, make_snapshot(generation=4, services=("10.96.0.1:443", "10.96.0.2:443"))
+        )
         await wait_node_generation(bus, 4)
         assert check_invariants(contents_of(harness.maps)) == []
 
 
-async def test_a_restart_while_nats_is_down_keeps_and_repairs_the_maps(nats_server, bus, harness):
+async def test_a_restart_while_nats_is_down_keeps_and_repairs_the_maps(
+    nats_server, bus, discovery, harness
+):
     async with harness.running():
-        await put(bus, make_snapshot(generation=2, apiservers=HA3))
+        await put(discovery, make_snapshot(generation=2, apiservers=HA3))
         await wait_node_generation(bus, 2)
     expected = harness.resolved()
     harness.maps.clear()  # a reboot, or a crash that left the maps empty
@@ -299,12 +322,13 @@ async def test_a_restart_while_nats_is_down_keeps_and_repairs_the_maps(nats_serv
 
 
 async def test_nats_restart_keeps_the_data_plane_and_the_loader_catches_up(nats_server, harness):
-    publisher = await Bus.connect([nats_server.url], name="publisher", initial_attempt_deadline=10)
-    await publisher.ensure_streams()
+    publisher = await nats_server.connect(Role.DISCOVERY, CLUSTER, name="publisher")
+    await publisher.create_streams()
+    observer = await nats_server.connect(Role.OPERATOR, CLUSTER, name="observer")
     try:
         async with harness.running():
             await put(publisher, make_snapshot(generation=1, apiservers=HA3))
-            await wait_node_generation(publisher, 1)
+            await wait_node_generation(observer, 1)
             before = harness.resolved()
 
             nats_server.stop()
@@ -319,15 +343,18 @@ async def test_nats_restart_keeps_the_data_plane_and_the_loader_catches_up(nats_
                 what="catch-up after the NATS restart",
                 timeout=30,
             )
-            await wait_node_generation(publisher, 2)
+            await wait_node_generation(observer, 2)
     finally:
         await publisher.drain()
+        await observer.drain()
 
 
-async def test_one_trace_from_the_publisher_through_apply_to_the_map_writes(bus, harness):
+async def test_one_trace_from_the_publisher_through_apply_to_the_map_writes(
+    bus, discovery, harness
+):
     async with harness.running():
         with harness.tracer.start_as_current_span("discovery publish") as producer:
-            await put(bus, make_snapshot(generation=1, apiservers=HA3))
+            await put(discovery, make_snapshot(generation=1, apiservers=HA3))
         await eventually(
             lambda: any(
                 s.name == "map writes" and s.attributes.get("entries_written")
@@ -371,9 +398,11 @@ class RecordingPrograms:
         self.calls.append("close")
 
 
-async def test_the_control_subject_switches_the_connect_time_lb_and_keeps_the_maps(bus, harness):
+async def test_the_control_subject_switches_the_connect_time_lb_and_keeps_the_maps(
+    bus, discovery, harness
+):
     programs = RecordingPrograms()
-    await put(bus, make_snapshot(generation=1))
+    await put(discovery, make_snapshot(generation=1))
     async with harness.running(programs=programs) as loader:
         before = harness.resolved()
         subject = subjects.node_control_subject(CLUSTER, NODE)
@@ -413,7 +442,9 @@ async def switch_lb(bus: Bus, enabled: bool) -> NodeState:
     return reply
 
 
-async def test_a_live_switch_holds_across_restarts_until_switched_back(bus, harness, caplog):
+async def test_a_live_switch_holds_across_restarts_until_switched_back(
+    bus, discovery, harness, caplog
+):
     caplog.set_level(logging.INFO, logger="apilane.node_loader.control")
     # Switched off before any snapshot was applied: the state file keeps the switch alone.
     async with harness.running(programs=RecordingPrograms()):
@@ -431,7 +462,7 @@ async def test_a_live_switch_holds_across_restarts_until_switched_back(bus, harn
         reported = loader.node_state()
         assert reported.connect_time_lb is False and reported.programs_attached == ()
         # A snapshot applied now is saved together with the switch.
-        await put(bus, make_snapshot(generation=1, apiservers=HA3))
+        await put(discovery, make_snapshot(generation=1, apiservers=HA3))
         await wait_node_generation(bus, 1)
     [decided] = [r for r in caplog.records if r.msg.startswith("connect-time load balancer")]
     assert decided.getMessage() == "connect-time load balancer off (live switch)"
@@ -456,9 +487,9 @@ async def test_a_live_switch_holds_across_restarts_until_switched_back(bus, harn
         assert programs.calls == ["enable"] and loader.connect_time_lb is True
 
 
-async def test_a_changed_variable_wins_over_an_earlier_live_switch(bus, harness, caplog):
+async def test_a_changed_variable_wins_over_an_earlier_live_switch(bus, discovery, harness, caplog):
     caplog.set_level(logging.INFO, logger="apilane.node_loader.control")
-    await put(bus, make_snapshot(generation=1))
+    await put(discovery, make_snapshot(generation=1))
     async with harness.running(programs=RecordingPrograms()):
         await switch_lb(bus, False)
 
@@ -483,12 +514,12 @@ async def test_a_changed_variable_wins_over_an_earlier_live_switch(bus, harness,
         await wait_node_state(bus, lambda s: s.connect_time_lb and bool(s.programs_attached))
 
 
-async def test_a_node_name_of_253_characters_works_for_state_and_control(bus, harness):
+async def test_a_node_name_of_253_characters_works_for_state_and_control(bus, discovery, harness):
     """Kubernetes allows node names of 253 characters: the KV key, the control subject and
     the state file all take one."""
     longest = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
     harness.configure(APILANE_NODE_NAME=longest)
-    await put(bus, make_snapshot(generation=3))
+    await put(discovery, make_snapshot(generation=3))
     async with harness.running(programs=RecordingPrograms()) as loader:
         key = subjects.node_state_key(CLUSTER, longest)
         deadline = time.monotonic() + 15

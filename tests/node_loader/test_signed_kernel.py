@@ -22,7 +22,9 @@ from apilane.node_loader.programs import HOOKS, detach_pinned_link, link_pin_nam
 from apilane.node_loader.service import NodeLoader, open_data_plane
 from apilane.node_loader.testing import contents_of
 from apilane.runtime.bus import Bus
+from apilane.runtime.natsauth import Role
 from apilane.testing.bpf import SERVICE_VIP4, Agent, BpfLab
+from apilane.testing.nats_fixtures import ConnectAs
 from apilane.testing.sealing import put_sealed, reseal, seal, trusted_env
 from apilane.testing.snapshots import make_snapshot
 
@@ -45,8 +47,9 @@ def snapshot(generation: int, backend: str) -> events.EndpointSnapshot:
 
 
 class KernelNode:
-    def __init__(self, bus: Bus, env: dict[str, str]) -> None:
-        self.bus = bus
+    def __init__(self, bus: Bus, discovery: Bus, env: dict[str, str]) -> None:
+        self.bus = bus  # the operator: reads the node's state
+        self.discovery = discovery  # the snapshot key's writer
         self.settings = loader_settings.load(env)
         self.loader: NodeLoader | None = None
         self.registry = CollectorRegistry()
@@ -78,7 +81,7 @@ class KernelNode:
         return self.registry.get_sample_value(name, labels) or 0.0
 
     async def put(self, data: bytes) -> None:
-        await put_sealed(self.bus, data, cluster=CLUSTER)
+        await put_sealed(self.discovery, data, cluster=CLUSTER)
 
     async def state(self, check: Callable[[NodeState], bool]) -> NodeState:
         deadline = time.monotonic() + 30
@@ -109,7 +112,7 @@ def served_by(agent: Agent) -> set[str]:
 
 
 async def test_only_signed_snapshots_reach_the_kernel_maps_across_a_restart(
-    bpf_lab: BpfLab, bus: Bus, nats_server, tmp_path: Path
+    bpf_lab: BpfLab, bus: Bus, connect_as: ConnectAs, nats_server, tmp_path: Path
 ) -> None:
     topology = bpf_lab.topology(backends=2)
     for backend in topology.backends:
@@ -119,8 +122,10 @@ async def test_only_signed_snapshots_reach_the_kernel_maps_across_a_restart(
     agent = bpf_lab.agent(netns=topology.client, cgroup=cgroup)
     node = KernelNode(
         bus,
+        await connect_as(Role.DISCOVERY, CLUSTER),
         {
-            "APILANE_NATS_URL": nats_server.url,
+            # This node's own NATS identity.
+            **nats_server.env(Role.NODE_LOADER, CLUSTER, NODE),
             "APILANE_CLUSTER": CLUSTER,
             "APILANE_NODE_NAME": NODE,
             "APILANE_MAP_BACKEND": "bpf",

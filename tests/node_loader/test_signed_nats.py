@@ -1,5 +1,9 @@
 """Only signed snapshots reach the maps, and only operators switch the LB: the node-loader
-in-process on MemoryNatMaps against a real nats-server (the kernel maps: test_signed_kernel)."""
+in-process on MemoryNatMaps against a real nats-server (the kernel maps: test_signed_kernel).
+
+The loader connects as its node's NATS identity. What reaches the snapshot key is written
+with discovery's (whoever holds its credentials can write anything there: the signature is
+what tells them apart); control requests and reads go as the operator's."""
 
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ from apilane.node_loader.memmaps import MemoryNatMaps, render_resolved
 from apilane.node_loader.service import DataPlane, NodeLoader
 from apilane.node_loader.testing import contents_of
 from apilane.runtime.bus import Bus
+from apilane.runtime.natsauth import Role
+from apilane.testing.nats import NatsServer
+from apilane.testing.nats_fixtures import ConnectAs
 from apilane.testing.sealing import (
     TEST_KEY,
     control_request,
@@ -63,10 +70,11 @@ class Programs:
 class Node:
     """One node-loader (restartable: maps and state file outlive it) and its view on NATS."""
 
-    def __init__(self, bus: Bus, nats_url: str, tmp_path: Path) -> None:
-        self.bus = bus
+    def __init__(self, bus: Bus, discovery: Bus, nats_server: NatsServer, tmp_path: Path) -> None:
+        self.bus = bus  # the operator: reads node states and warnings, sends control requests
+        self.discovery = discovery  # the snapshot key's writer
         self.env = {
-            "APILANE_NATS_URL": nats_url,
+            **nats_server.env(Role.NODE_LOADER, CLUSTER, NODE),
             "APILANE_CLUSTER": CLUSTER,
             "APILANE_NODE_NAME": NODE,
             "APILANE_MAP_BACKEND": "memory",
@@ -99,7 +107,7 @@ class Node:
             await asyncio.wait_for(task, timeout=10)
 
     async def put(self, data: bytes) -> int:
-        return await put_sealed(self.bus, data, cluster=CLUSTER)
+        return await put_sealed(self.discovery, data, cluster=CLUSTER)
 
     async def control(self, request: bytes, *, node: str = NODE) -> bytes:
         return await self.bus.request(
@@ -155,8 +163,9 @@ async def eventually(check: Callable[[], bool], *, what: str, timeout: float = 1
 
 
 @pytest.fixture
-def node(bus: Bus, nats_server, tmp_path: Path) -> Node:
-    return Node(bus, nats_server.url, tmp_path)
+async def node(bus: Bus, connect_as: ConnectAs, nats_server, tmp_path: Path) -> Node:
+    discovery = await connect_as(Role.DISCOVERY, CLUSTER)
+    return Node(bus, discovery, nats_server, tmp_path)
 
 
 def snapshot(generation: int, apiservers: tuple[str, ...] = HA3) -> events.EndpointSnapshot:

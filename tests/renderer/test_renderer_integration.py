@@ -50,7 +50,10 @@ from apilane.renderer.settings import load as load_settings
 from apilane.runtime import serve
 from apilane.runtime.bus import Bus
 from apilane.runtime.config import CommonSettings
+from apilane.runtime.natsauth import Role
 from apilane.testing.kube import ControlPlane
+from apilane.testing.nats import NatsServer
+from apilane.testing.nats_fixtures import ConnectAs
 from apilane.testing.sealing import seal, seal_payload
 from apilane.testing.snapshots import make_snapshot
 
@@ -136,10 +139,18 @@ def env_of(daemonset: dict[str, Any], kind: str, container: str) -> dict[str, An
 
 
 class Harness:
-    """One test's renderer world: a cluster name, a namespace, results as they arrive."""
+    """One test's renderer world: a cluster name, a namespace, results as they arrive.
 
-    def __init__(self, *, bus: Bus, kube: KubeClient, namespace: str) -> None:
-        self.bus = bus
+    Each part connects as whom it plays: the renderer with its identity (`bus`), snapshots
+    are written with discovery's (`discovery`), results are watched by the operator's."""
+
+    def __init__(
+        self, *, server: NatsServer, observer: Bus, kube: KubeClient, namespace: str
+    ) -> None:
+        self.server = server
+        self.observer = observer
+        self.bus = observer  # replaced by the renderer's own connection in `connect`
+        self.discovery = observer
         self.kube = kube
         self.namespace = namespace
         self.cluster = f"c-{secrets.token_hex(4)}"
@@ -154,6 +165,10 @@ class Harness:
     def ds_path(self) -> str:
         return f"/apis/apps/v1/namespaces/{self.namespace}/daemonsets/calico-node"
 
+    async def connect(self, connect_as: ConnectAs) -> None:
+        self.bus = await connect_as(Role.RENDERER, self.cluster)
+        self.discovery = await connect_as(Role.DISCOVERY, self.cluster)
+
     async def subscribe(self) -> None:
         async def on_result(msg: Any) -> None:
             event = events.decode(msg.data)
@@ -166,12 +181,12 @@ class Harness:
             self.warnings.put_nowait(event)
 
         self._subs.append(
-            await self.bus.nc.subscribe(subjects.renders_subject(self.cluster), cb=on_result)
+            await self.observer.nc.subscribe(subjects.renders_subject(self.cluster), cb=on_result)
         )
         self._subs.append(
-            await self.bus.nc.subscribe(subjects.warnings_subject(self.cluster), cb=on_warning)
+            await self.observer.nc.subscribe(subjects.warnings_subject(self.cluster), cb=on_warning)
         )
-        await self.bus.nc.flush()
+        await self.observer.nc.flush()
 
     def settings(self, **overrides: Any) -> RendererSettings:
         values: dict[str, Any] = {
@@ -223,8 +238,11 @@ class Harness:
         return value
 
     async def put(self, value: bytes) -> None:
-        """Put raw bytes into the snapshot key, as anyone who may write it can."""
-        await self.bus.kv_put(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(self.cluster), value)
+        """Put raw bytes into the snapshot key, as anyone who may write it can (discovery's
+        identity, or whoever holds its credentials)."""
+        await self.discovery.kv_put(
+            subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(self.cluster), value
+        )
 
     def metric(self, name: str, **labels: str) -> float:
         return self.registry.get_sample_value(name, labels) or 0.0
@@ -264,8 +282,15 @@ class Harness:
 
 
 @pytest.fixture
-async def world(bus: Bus, kube: KubeClient, kube_namespace: str) -> AsyncIterator[Harness]:
-    harness = Harness(bus=bus, kube=kube, namespace=kube_namespace)
+async def world(
+    nats_server: NatsServer,
+    bus: Bus,
+    connect_as: ConnectAs,
+    kube: KubeClient,
+    kube_namespace: str,
+) -> AsyncIterator[Harness]:
+    harness = Harness(server=nats_server, observer=bus, kube=kube, namespace=kube_namespace)
+    await harness.connect(connect_as)
     await harness.subscribe()
     try:
         yield harness
@@ -510,7 +535,7 @@ async def test_malformed_and_unrenderable_snapshots_are_reported_without_a_crash
     before = await world.create_daemonset()
     await world.start()
     # Garbage is not even an envelope: refused as unsigned.
-    await world.bus.js.publish(
+    await world.discovery.js.publish(
         subjects.kv_subject(subjects.SNAPSHOT_BUCKET, world.cluster), b'{"not": "a snapshot"'
     )
     warning = await asyncio.wait_for(world.warnings.get(), timeout=RESULT_TIMEOUT)
@@ -753,6 +778,7 @@ async def test_the_service_elects_renders_and_serves_probes_and_metrics(
         common=CommonSettings(
             cluster=world.cluster,
             nats_urls=(f"nats://{url.hostname}:{url.port}",),
+            nats_auth=world.server.credentials(Role.RENDERER, world.cluster),
             kubeconfig=str(kubeconfig),
             http_host="127.0.0.1",
             http_port=0,

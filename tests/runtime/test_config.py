@@ -124,3 +124,73 @@ def test_describe_shows_key_objects_by_type_and_id_never_their_bytes() -> None:
         "trusted": {"keys": {key.key_id: "<Ed25519PublicKey>"}},
     }
     assert key.public_text not in repr(described)
+
+
+def test_nats_credentials_and_tls_files_are_read_and_must_exist(tmp_path) -> None:
+    from apilane.runtime import natsauth
+    from apilane.runtime.config import NatsAuth
+
+    files = {}
+    for name in ("seed.nk", "ca.crt", "client.crt", "client.key"):
+        (tmp_path / name).write_text("x")
+        files[name] = str(tmp_path / name)
+    natsauth.write_seed(tmp_path / "seed.nk", natsauth.new_user_seed())
+    settings = load_common(
+        {
+            "APILANE_NATS_NKEY_SEED_FILE": files["seed.nk"],
+            "APILANE_NATS_TLS_CA_FILE": files["ca.crt"],
+            "APILANE_NATS_TLS_CERT_FILE": files["client.crt"],
+            "APILANE_NATS_TLS_KEY_FILE": files["client.key"],
+            "APILANE_NATS_INBOX_PREFIX": "_INBOX_me",
+        }
+    )
+    assert settings.nats_auth == NatsAuth(
+        nkey_seed_file=files["seed.nk"],
+        tls_ca_file=files["ca.crt"],
+        tls_cert_file=files["client.crt"],
+        tls_key_file=files["client.key"],
+        inbox_prefix="_INBOX_me",
+    )
+    assert settings.nats_auth.wants_tls
+    assert load_common({}).nats_auth == NatsAuth() and not NatsAuth().wants_tls
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"APILANE_NATS_NKEY_SEED_FILE": "/nonexistent/seed.nk"}, "APILANE_NATS_NKEY_SEED_FILE"),
+        ({"APILANE_NATS_TLS_CA_FILE": "/nonexistent/ca.crt"}, "APILANE_NATS_TLS_CA_FILE"),
+        ({"APILANE_NATS_INBOX_PREFIX": "two.tokens"}, "APILANE_NATS_INBOX_PREFIX"),
+        # Readable, but not a user nkey seed (a file of the wrong kind mounted there).
+        ({"APILANE_NATS_NKEY_SEED_FILE": __file__}, "APILANE_NATS_NKEY_SEED_FILE"),
+    ],
+)
+def test_bad_nats_credentials_settings_name_the_variable(
+    environ: dict[str, str], named: str
+) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_common(environ)
+
+
+def test_a_client_certificate_needs_its_key(tmp_path) -> None:
+    (tmp_path / "client.crt").write_text("x")
+    with pytest.raises(ConfigError, match="APILANE_NATS_TLS_KEY_FILE"):
+        load_common({"APILANE_NATS_TLS_CERT_FILE": str(tmp_path / "client.crt")})
+
+
+def test_the_bus_connects_with_the_seed_its_own_inbox_and_tls_first(tmp_path) -> None:
+    from apilane.runtime import natsauth
+    from apilane.runtime.bus import connect_options
+    from apilane.runtime.config import NatsAuth
+    from apilane.testing.pki import Pki
+
+    seed = natsauth.new_user_seed()
+    natsauth.write_seed(tmp_path / "seed.nk", seed)
+    pki = Pki(tmp_path / "tls")
+    auth = NatsAuth(nkey_seed_file=str(tmp_path / "seed.nk"), tls_ca_file=str(pki.ca_path))
+    options = connect_options(["nats://127.0.0.1:4222"], auth)
+    assert options["nkeys_seed"] == str(tmp_path / "seed.nk")
+    assert options["inbox_prefix"] == f"_INBOX_{natsauth.public_key(seed)}"
+    assert options["tls_handshake_first"] is True and options["tls"] is not None
+    assert connect_options(["nats://127.0.0.1:4222"], NatsAuth()) == {}
+    assert "tls" in connect_options(["tls://nats:4222"], NatsAuth())

@@ -1,4 +1,5 @@
-"""The one service shape: command_line and bus_session, against a real nats-server."""
+"""The one service shape: command_line and bus_session, against a real nats-server that
+authenticates every client (each test connects as the identity it plays)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from apilane.model.errors import ConfigError
 from apilane.runtime.bus import Bus
 from apilane.runtime.config import CommonSettings
 from apilane.runtime.lifecycle import bus_session, command_line, connect_bus
+from apilane.runtime.natsauth import Role
 from apilane.runtime.serve import Health, ServiceContext
 from apilane.testing.nats import NatsServer
 from apilane.testing.procs import free_port
@@ -57,9 +59,11 @@ async def test_bus_session_waits_for_nats_started_later_and_sets_streams_up(
     tmp_path: Path,
 ) -> None:
     port = free_port()
-    common = CommonSettings(nats_urls=(f"nats://127.0.0.1:{port}",))
-    ctx = _ctx(asyncio.Event())
     server = NatsServer(store_dir=tmp_path / "js", port=port)
+    # Discovery's identity: the provisioner, which creates the streams.
+    auth = server.credentials(Role.DISCOVERY)
+    common = CommonSettings(nats_urls=(f"nats://127.0.0.1:{port}",), nats_auth=auth)
+    ctx = _ctx(asyncio.Event())
 
     async def start_later() -> None:
         await asyncio.sleep(0.5)
@@ -67,7 +71,9 @@ async def test_bus_session_waits_for_nats_started_later_and_sets_streams_up(
 
     starter = asyncio.create_task(start_later())
     try:
-        async with bus_session(ctx, common, client_name="lifecycle-test") as bus:
+        async with bus_session(
+            ctx, common, client_name="lifecycle-test", setup=Bus.create_streams
+        ) as bus:
             assert bus is not None and bus.connected
             assert ctx.health.ready()[0]
             info = await bus.js.stream_info(subjects.EVENTS_STREAM)
@@ -89,7 +95,8 @@ async def test_setup_is_retried_until_it_succeeds(nats_server: NatsServer) -> No
             raise RuntimeError("JetStream not ready")
 
     stop = asyncio.Event()
-    common = CommonSettings(nats_urls=(nats_server.url,))
+    auth = nats_server.credentials(Role.RENDERER)
+    common = CommonSettings(nats_urls=(nats_server.url,), nats_auth=auth)
     bus = await connect_bus(common, client_name="t", setup=flaky_setup, stop=stop)
     assert bus is not None and len(attempts) == 3
     await bus.drain()
@@ -101,5 +108,46 @@ async def test_a_stop_while_nats_is_away_ends_the_session_promptly() -> None:
     common = CommonSettings(nats_urls=(f"nats://127.0.0.1:{free_port()}",))
     asyncio.get_running_loop().call_later(0.3, stopping.set)
     async with asyncio.timeout(10):
-        async with bus_session(_ctx(stopping), common, client_name="t") as bus:
+        async with bus_session(
+            _ctx(stopping), common, client_name="t", setup=Bus.wait_for_streams
+        ) as bus:
             assert bus is None
+
+
+@pytest.mark.integration
+@pytest.mark.nats
+async def test_a_consumer_waits_for_the_streams_the_provisioner_creates(
+    nats_server: NatsServer,
+) -> None:
+    """The renderer's identity may not create streams: its session waits until discovery's
+    has, and a stop while it waits ends the session promptly."""
+    renderer = CommonSettings(
+        nats_urls=(nats_server.url,), nats_auth=nats_server.credentials(Role.RENDERER)
+    )
+    stopping = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.5, stopping.set)
+    async with asyncio.timeout(10):
+        async with bus_session(
+            _ctx(stopping), renderer, client_name="early", setup=Bus.wait_for_streams
+        ) as bus:
+            assert bus is None  # stopped while the streams were still missing
+
+    ctx = _ctx(asyncio.Event())
+    provisioner = await nats_server.connect(Role.DISCOVERY)
+
+    async def create_later() -> None:
+        await asyncio.sleep(0.5)
+        await provisioner.create_streams()
+
+    creating = asyncio.create_task(create_later())
+    try:
+        async with asyncio.timeout(30):
+            async with bus_session(
+                ctx, renderer, client_name="waiting", setup=Bus.wait_for_streams
+            ) as bus:
+                assert creating.done() and bus is not None and bus.connected
+                info = await bus.js.stream_info(subjects.EVENTS_STREAM)
+                assert info.config.name == subjects.EVENTS_STREAM
+    finally:
+        await creating
+        await provisioner.drain()

@@ -2,13 +2,15 @@
 
     apilane status [--json]          the snapshot, calico-node's env, each node's generation
     apilane simulate failover        replace one API server endpoint, follow the change
+    apilane node lb on|off NODE      switch a node's connect-time LB (a signed request)
     apilane render manifest          the env and a DaemonSet snippet for manifest installs
     apilane up [--memory]            the local stack, until Ctrl-C (`make up`)
     apilane keys generate DIR        an Ed25519 key pair (snapshot signing, operator control)
 
-`status` and `simulate failover` talk to the local stack `apilane up` runs, or to the stack
---nats-url (APILANE_NATS_URL) names; --nats-url, --cluster, --kubeconfig and --daemonset go
-before or after the command.
+`status`, `simulate failover` and `node lb` talk to the local stack `apilane up` runs, or
+to the stack --nats-url (APILANE_NATS_URL) names, as the operator's NATS identity
+(APILANE_NATS_*); --nats-url, --cluster, --kubeconfig and --daemonset go before or after
+the command.
 """
 
 from __future__ import annotations
@@ -89,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", help="simulate a change in the cluster")
     what = simulate.add_subparsers(dest="what", required=True, metavar="WHAT")
     command(what, "failover", run_failover, "replace one API server endpoint, follow the change")
+    node = commands.add_parser("node", help="act on one node-loader")
+    node_commands = node.add_subparsers(dest="node_command", required=True, metavar="ACTION")
+    lb = command(
+        node_commands,
+        "lb",
+        run_node_lb,
+        "switch the node's connect-time load balancer on or off (its maps stay)",
+    )
+    lb.add_argument("state", choices=("on", "off"), help="the switch")
+    lb.add_argument("node", metavar="NODE", help="the node's name (APILANE_NODE_NAME)")
     render = commands.add_parser("render", help="render apilane's output for other installs")
     output = render.add_subparsers(dest="output", required=True, metavar="OUTPUT")
     manifest = command(
@@ -147,6 +159,13 @@ def run_failover(args: argparse.Namespace) -> int:
     from apilane.cli.failover import simulate_failover
 
     return asyncio.run(simulate_failover(StackInfo.load(flags(args)), out=sys.stdout))
+
+
+def run_node_lb(args: argparse.Namespace) -> int:
+    from apilane.cli.node import switch_lb
+
+    info = StackInfo.load(flags(args))
+    return asyncio.run(switch_lb(info, args.node, enabled=args.state == "on", out=sys.stdout))
 
 
 def run_manifest(args: argparse.Namespace) -> int:

@@ -5,8 +5,9 @@
 
 Prints the two env lines, then a YAML snippet for the calico-node DaemonSet. With neither
 option it uses APILANE_NATS_URL when set, else KUBECONFIG (or the in-cluster account). A
-snapshot from the bus is used only when it verifies against APILANE_TRUSTED_KEYS(_FILE), or
-the local stack's keys when those are not set. The snapshot is rendered by the renderer's own pure core (`apilane.renderer.render`), and read
+snapshot from the bus is used only when it verifies against APILANE_TRUSTED_KEYS(_FILE); the
+bus is read as the identity APILANE_NATS_* names. For the local stack's NATS (`apilane up`),
+its operator identity and trusted keys serve when the environment names none. The snapshot is rendered by the renderer's own pure core (`apilane.renderer.render`), and read
 from the API objects by `apilane.model.endpoints.build_snapshot`: the rules discovery
 publishes by. Exit codes: 0 printed, 1 nothing usable to print (no snapshot, no endpoints),
 2 bad usage.
@@ -23,7 +24,7 @@ from typing import Any, Literal, TextIO
 import yaml
 
 from apilane.cli.errors import CliError, UsageError
-from apilane.cli.target import Flags, local_trusted_keys
+from apilane.cli.target import Flags, local_stack
 from apilane.kube.client import KubeClient, KubeError, NotFound
 from apilane.model import endpoints, events, signing, subjects
 from apilane.model.signing import SignatureError, TrustedKeys
@@ -32,6 +33,7 @@ from apilane.renderer.render import DesiredEnv
 from apilane.renderer.settings import RendererSettings
 from apilane.renderer.settings import load as load_settings
 from apilane.runtime.bus import Bus, BusError
+from apilane.runtime.config import NatsAuth
 
 Format = Literal["all", "env", "yaml"]
 FORMATS: tuple[Format, ...] = ("all", "env", "yaml")
@@ -103,8 +105,13 @@ async def manifest(flags: Flags, *, fmt: Format, out: TextIO) -> int:
     cluster = subjects.snapshot_key(flags.cluster or settings.cluster)
     source = Source.choose(flags, settings, os.environ)
     if source.nats_urls:
-        trusted = settings.trusted_keys or local_trusted_keys()
-        snapshot = await from_bus(source.nats_urls, cluster, trusted)
+        # The local stack's NATS: its operator identity and keys, unless the environment names some.
+        local = local_stack(source.nats_urls)
+        auth = settings.common.nats_auth
+        if local is not None and auth == NatsAuth():
+            auth = local.nats_auth
+        trusted = settings.trusted_keys or (local.trusted_keys if local else TrustedKeys({}))
+        snapshot = await from_bus(source.nats_urls, cluster, auth, trusted)
         origin = f"cluster {cluster}: snapshot generation {snapshot.generation} from NATS"
     else:
         snapshot = await from_kube(source.kubeconfig, cluster)
@@ -122,10 +129,10 @@ async def manifest(flags: Flags, *, fmt: Format, out: TextIO) -> int:
 
 
 async def from_bus(
-    urls: tuple[str, ...], cluster: str, trusted: TrustedKeys
+    urls: tuple[str, ...], cluster: str, auth: NatsAuth, trusted: TrustedKeys
 ) -> events.EndpointSnapshot:
     try:
-        bus = await Bus.connect(urls, name="apilane-cli", initial_attempt_deadline=5.0)
+        bus = await Bus.connect(urls, name="apilane-cli", auth=auth, initial_attempt_deadline=5.0)
     except BusError as exc:
         raise CliError(str(exc)) from exc
     try:

@@ -71,18 +71,26 @@ def open_value(data: bytes, trusted: TrustedKeys) -> SnapshotValue:
     return SnapshotValue(snapshot=signed.snapshot, seal=seal)
 
 
-@contextlib.asynccontextmanager
-async def connected(info: StackInfo) -> AsyncIterator[tuple[Bus, KubeClient]]:
-    """A bus and an API server client for this stack, both closed afterwards."""
+async def connect_bus(info: StackInfo) -> Bus:
+    """This stack's NATS, connected as the operator's identity (`info.nats_auth`)."""
     try:
-        bus = await Bus.connect(
-            list(info.nats_urls), name="apilane-cli", initial_attempt_deadline=3
+        return await Bus.connect(
+            list(info.nats_urls),
+            name="apilane-cli",
+            auth=info.nats_auth,
+            initial_attempt_deadline=3,
         )
     except BusError as exc:
         where = ", ".join(info.nats_urls)
         raise CliError(
-            f"cannot reach NATS at {where}: is the stack (`apilane up`) running?"
+            f"cannot reach NATS at {where}: is the stack (`apilane up`) running? ({exc})"
         ) from exc
+
+
+@contextlib.asynccontextmanager
+async def connected(info: StackInfo) -> AsyncIterator[tuple[Bus, KubeClient]]:
+    """A bus and an API server client for this stack, both closed afterwards."""
+    bus = await connect_bus(info)
     try:
         kube = await KubeClient.from_config(info.kubeconfig)
         try:

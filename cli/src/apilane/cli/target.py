@@ -14,6 +14,7 @@ from apilane.cli.errors import CliError
 from apilane.model.errors import ConfigError
 from apilane.model.signing import TrustedKeys
 from apilane.runtime import config
+from apilane.runtime.config import NatsAuth
 
 CALICO_NODE = "calico-system/calico-node"
 STATE_DIR = ".apilane"
@@ -61,6 +62,8 @@ class StackInfo:
     trusted_keys: TrustedKeys = field(default_factory=lambda: TrustedKeys({}))
     # The operator's private key (PEM) that control requests are sealed with; empty: none.
     operator_key_file: str = ""
+    # Whom the commands connect to NATS as: the operator's identity (APILANE_NATS_*).
+    nats_auth: NatsAuth = field(default_factory=NatsAuth)
 
     @property
     def daemonset_path(self) -> str:
@@ -76,9 +79,10 @@ class StackInfo:
         checkout: Path | None = None,
     ) -> StackInfo:
         """Named by flags when NATS is (--nats-url or APILANE_NATS_URL; the rest then comes
-        from flags or APILANE_CLUSTER, KUBECONFIG, APILANE_TRUSTED_KEYS(_FILE) and
-        APILANE_OPERATOR_KEY_FILE), else the stack file `apilane up` writes (which only flags
-        override: a shell's KUBECONFIG is not the local stack's)."""
+        from flags or APILANE_CLUSTER, KUBECONFIG, APILANE_NATS_* (the operator's identity),
+        APILANE_TRUSTED_KEYS(_FILE) and APILANE_OPERATOR_KEY_FILE), else the stack file
+        `apilane up` writes (which only flags override: a shell's KUBECONFIG is not the local
+        stack's)."""
         environ = os.environ if environ is None else environ
         daemonset = flags.daemonset or CALICO_NODE
         if flags.nats_urls or environ.get("APILANE_NATS_URL"):
@@ -92,6 +96,7 @@ class StackInfo:
                 daemonset=daemonset,
                 trusted_keys=config.load_trusted_keys(env),
                 operator_key_file=env.str("OPERATOR_KEY_FILE", ""),
+                nats_auth=common.nats_auth,
             )
         data = read_stack_file(checkout or find_checkout())
         return cls(
@@ -102,6 +107,7 @@ class StackInfo:
             daemonset=daemonset,
             trusted_keys=stack_trusted_keys(data),
             operator_key_file=data.get("operator_key_file", ""),
+            nats_auth=stack_nats_auth(data),
         )
 
 
@@ -113,12 +119,23 @@ def stack_trusted_keys(data: dict[str, Any]) -> TrustedKeys:
         raise CliError(f"{exc}: restart `apilane up`") from exc
 
 
-def local_trusted_keys(checkout: Path | None = None) -> TrustedKeys:
-    """The local stack's trusted keys, or none when it is not running."""
+def stack_nats_auth(data: dict[str, Any]) -> NatsAuth:
+    """The operator's NATS identity, as `apilane up` recorded it (files under .apilane/)."""
     try:
-        return stack_trusted_keys(read_stack_file(checkout or find_checkout()))
+        return config.load_nats_auth(data.get("operator_nats", {}))
+    except ConfigError as exc:
+        raise CliError(f"the stack file's operator identity: {exc}: restart `apilane up`") from exc
+
+
+def local_stack(nats_urls: tuple[str, ...], checkout: Path | None = None) -> StackInfo | None:
+    """The local stack `apilane up` runs, when `nats_urls` name its NATS; else None."""
+    try:
+        data = read_stack_file(checkout or find_checkout())
     except CliError:
-        return TrustedKeys({})
+        return None
+    if data.get("nats_url") not in nats_urls:
+        return None
+    return StackInfo.load(Flags(), environ={}, checkout=checkout or find_checkout())
 
 
 def read_stack_file(checkout: Path | None) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """`apilane up` (`make up`): the local stack, wired and running until Ctrl-C.
 
 Starts, on this machine and on loopback only:
-  nats-server (JetStream) · etcd + kube-apiserver (the test harness's, RBAC on) seeded with a
+  nats-server (JetStream; every client with its own nkey identity and least privilege, over
+  mutual TLS, as in a cluster) · etcd + kube-apiserver (the test harness's, RBAC on) seeded with a
   demo calico-system/calico-node DaemonSet, a kube-system/kube-proxy DaemonSet and an HA
   `kubernetes` Service with three API server endpoints · discovery, renderer and one
   node-loader through their real entry points, each with its own ServiceAccount identity and
@@ -10,7 +11,9 @@ Starts, on this machine and on loopback only:
 Keys are made fresh for each run under .apilane/keys/: discovery signs snapshots with
 signing.pem, the renderer and the node-loader trust its public key, and the node-loader
 accepts control requests (`apilane node lb`) sealed with operator.pem, which the CLI finds
-through the stack file.
+through the stack file. The NATS identities (seeds, a throwaway CA, client certificates) are
+made under .apilane/nats/; each service gets only its own, and the stack file records the
+operator's, which the CLI commands connect as.
 
 The node-loader programs real eBPF maps and attaches to a dedicated, empty child cgroup
 (never the root cgroup) when this runs as root with bcc; otherwise it says what is missing
@@ -48,9 +51,10 @@ from apilane.cli.target import STATE_DIR, find_checkout, stack_file
 from apilane.kube.client import Conflict, KubeClient
 from apilane.model.errors import ApilaneError
 from apilane.model.signing import SigningKey
+from apilane.runtime.natsauth import Role
 from apilane.testing import bpf, procs
 from apilane.testing.kube import ControlPlane, object_path, resource_paths
-from apilane.testing.nats import NatsServer
+from apilane.testing.nats import StackNats, start_stack_nats
 from apilane.testing.stack import ServiceProcesses, base_environment
 
 CLUSTER = "local"
@@ -173,6 +177,9 @@ class Wiring:
     ports: dict[str, int]
     nats_url: str
     keys: StackKeys
+    # APILANE_NATS_URL and APILANE_NATS_* of each role ("discovery", "renderer", "operator",
+    # "node-loader:<node>"), as `start_stack_nats` made them.
+    nats_roles: dict[str, dict[str, str]] = field(default_factory=dict)
     kubeconfigs: dict[str, Path] = field(default_factory=dict)
 
     def url(self, name: str) -> str:
@@ -200,6 +207,7 @@ def service_env(wiring: Wiring, service: str) -> dict[str, str]:
     )
     if service in KUBE_SERVICES:
         env["APILANE_LEASE_NAMESPACE"] = NAMESPACE
+    env.update(wiring.nats_roles.get(nats_role(service), {}))
     env.update(signing_env(wiring.keys, service))
     if service == "renderer":
         env.update(
@@ -213,6 +221,11 @@ def service_env(wiring: Wiring, service: str) -> dict[str, str]:
     if service == "node-loader":
         env.update(node_loader_env(wiring))
     return env
+
+
+def nats_role(service: str) -> str:
+    """The NATS identity a service connects as: the node-loader's is its node's."""
+    return f"{Role.NODE_LOADER}:{NODE_NAME}" if service == "node-loader" else service
 
 
 def signing_env(keys: StackKeys, service: str) -> dict[str, str]:
@@ -254,11 +267,18 @@ def demo_documents(repo: Path) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- the components
 
 
-def start_nats(layout: Layout, port: int) -> NatsServer:
-    """nats-server with JetStream on loopback, its store under .apilane/nats."""
-    say(f"starting nats-server (JetStream) on 127.0.0.1:{port}")
-    server = NatsServer(store_dir=layout.state / "nats", port=port, server_name="apilane-local")
-    return server.start()
+def start_nats(layout: Layout, port: int) -> StackNats:
+    """nats-server with JetStream on loopback, its store and the identities of this cluster
+    (discovery, renderer, operator, the node's loader) under .apilane/nats, mutual TLS."""
+    say(f"starting nats-server (JetStream, nkeys, mutual TLS) on 127.0.0.1:{port}")
+    return start_stack_nats(
+        layout.state / "nats",
+        cluster=CLUSTER,
+        nodes=(NODE_NAME,),
+        port=port,
+        server_name="apilane-local",
+        mutual_tls=True,
+    )
 
 
 def start_control_plane(layout: Layout) -> tuple[ControlPlane, dict[str, Path]]:
@@ -357,7 +377,7 @@ class LocalStack:
         self.data_plane = data_plane
         self.ports = {name: procs.free_port(prefer=port) for name, port in PREFERRED_PORTS.items()}
         self.processes = ServiceProcesses(layout.logs, cwd=layout.repo)
-        self.nats: NatsServer | None = None
+        self.nats: StackNats | None = None
         self.control_plane: ControlPlane | None = None
 
     def start(self) -> Wiring:
@@ -370,7 +390,15 @@ class LocalStack:
         self.control_plane, kubeconfigs = start_control_plane(self.layout)
         asyncio.run(seed(kubeconfigs["admin"], self.layout.repo))
         keys = StackKeys.generate(self.layout.keys)
-        wiring = Wiring(self.layout, self.data_plane, self.ports, self.nats.url, keys, kubeconfigs)
+        wiring = Wiring(
+            self.layout,
+            self.data_plane,
+            self.ports,
+            self.nats.server.url,
+            keys,
+            nats_roles=self.nats.roles,
+            kubeconfigs=kubeconfigs,
+        )
         self.start_services(wiring)
         self.processes.wait_ready(
             "zipkin", f"{wiring.url('zipkin')}/health", timeout=ZIPKIN_TIMEOUT
@@ -399,8 +427,9 @@ class LocalStack:
                 self.processes.check_alive()
             except procs.ProcessExited as exc:
                 raise UpError(str(exc)) from exc
-            if self.nats is not None and not self.nats.running:
-                raise UpError(f"nats-server exited; its log:\n{procs.tail(self.nats.log_path)}")
+            server = self.nats.server if self.nats is not None else None
+            if server is not None and not server.running:
+                raise UpError(f"nats-server exited; its log:\n{procs.tail(server.log_path)}")
             time.sleep(0.5)
 
     def stop(self) -> None:
@@ -434,6 +463,12 @@ def stack_record(wiring: Wiring, *, apiserver: str, pids: dict[str, int]) -> dic
         "pid": os.getpid(),
         "cluster": CLUSTER,
         "nats_url": wiring.nats_url,
+        # What the CLI connects as: the operator's identity (APILANE_NATS_*).
+        "operator_nats": {
+            name: value
+            for name, value in wiring.nats_roles.get(str(Role.OPERATOR), {}).items()
+            if name != "APILANE_NATS_URL"
+        },
         "kubeconfig": str(wiring.kubeconfigs["admin"]),
         "apiserver": apiserver,
         "zipkin_url": wiring.url("zipkin"),
@@ -487,6 +522,7 @@ def summary(wiring: Wiring, *, apiserver: str, nats_log: Path) -> str:
             f"{BOLD}Try next{RESET} (in another terminal, with .venv/bin on PATH):",
             "  apilane status             # the snapshot, calico-node's env, each node",
             "  apilane simulate failover  # replace one API server endpoint, follow it",
+            f"  apilane node lb off {NODE_NAME}  # switch its connect-time LB (signed request)",
             f"  KUBECONFIG={wiring.kubeconfigs['admin'].relative_to(repo)} kubectl -n calico-system "
             "get ds calico-node -o yaml   # the rendered env",
             "",
@@ -514,7 +550,6 @@ def reset_runtime_state(layout: Layout) -> None:
     no node-loader record, new logs. (The kubeconfigs are rewritten as the stack starts.)"""
     for name in ("nats", "node-loader", "tmp", "logs", "keys"):
         shutil.rmtree(layout.state / name, ignore_errors=True)
-    (layout.state / "nats.log").unlink(missing_ok=True)
     layout.logs.mkdir(parents=True)
     (layout.state / "tmp").mkdir()  # the tracing UI's and the control plane's temp files
 
@@ -575,7 +610,7 @@ def run(*, memory: bool) -> int:
         wiring = stack.start()
         assert stack.nats is not None and stack.control_plane is not None
         print(
-            summary(wiring, apiserver=stack.control_plane.url, nats_log=stack.nats.log_path),
+            summary(wiring, apiserver=stack.control_plane.url, nats_log=stack.nats.server.log_path),
             flush=True,
         )
         stack.watch()

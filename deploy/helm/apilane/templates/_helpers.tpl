@@ -23,25 +23,32 @@ fixed namespaces such as default and kube-system, and it patches one calico-node
 {{- $image.pullPolicy | default $root.Values.image.pullPolicy -}}
 {{- end }}
 
-{{/* The bundled NATS servers' per-pod DNS names: (list $ port). */}}
+{{/* The bundled NATS servers' per-pod DNS names: (list $ port scheme). */}}
 {{- define "apilane.natsServers" -}}
 {{- $root := index . 0 -}}
 {{- $port := index . 1 -}}
+{{- $scheme := index . 2 -}}
 {{- $servers := list -}}
 {{- range $i := until (int $root.Values.nats.bundled.replicas) -}}
-{{- $servers = append $servers (printf "nats://nats-%d.nats-headless.%s.svc:%d" $i (include "apilane.namespace" $root) (int $port)) -}}
+{{- $servers = append $servers (printf "%s://nats-%d.nats-headless.%s.svc:%d" $scheme $i (include "apilane.namespace" $root) (int $port)) -}}
 {{- end -}}
 {{- join "," $servers -}}
 {{- end }}
 
+{{/* The bundled servers take TLS only (tls://); listed servers are taken as given. */}}
 {{- define "apilane.natsUrls" -}}
 {{- if .Values.nats.urls -}}
 {{- join "," .Values.nats.urls -}}
 {{- else if .Values.nats.bundled.enabled -}}
-{{- include "apilane.natsServers" (list . 4222) -}}
+{{- include "apilane.natsServers" (list . 4222 "tls") -}}
 {{- else -}}
 {{- fail "nats.urls must list the NATS servers when nats.bundled.enabled is false" -}}
 {{- end -}}
+{{- end }}
+
+{{/* "true" when the services reach NATS over TLS (the bundled servers, or a tls:// URL). */}}
+{{- define "apilane.natsTls" -}}
+{{- if contains "tls://" (include "apilane.natsUrls" .) }}true{{ end -}}
 {{- end }}
 
 {{/* A list of names as the renderer reads it: comma-separated, "-" for none. */}}
@@ -91,28 +98,55 @@ own namespace, the replica's identity. (list $ "<service>").
 {{- end }}
 {{- end }}
 
-{{/* NATS credentials and CA for one service: env entries. (list $ "<credentialsKeys key>"). */}}
+{{/*
+NATS: each service connects as its own identity, an nkey seed in a Secret of its own
+(<credentialsSecretPrefix>-discovery, -renderer: seed.nk; -node-loader: one <node name>.nk per
+node, of which each pod mounts only its own node's), with the servers' CA beside it (ca.crt)
+unless nats.tls.caSecret names another Secret for it. (list $ "<service>"), the service being
+discovery, renderer or node-loader.
+*/}}
 {{- define "apilane.natsAuthEnv" -}}
 {{- $root := index . 0 -}}
-{{- $service := index . 1 -}}
 {{- $nats := $root.Values.nats -}}
-{{- if $nats.credentialsSecret }}
+{{- if $nats.credentialsSecretPrefix }}
+# Its own NATS identity (Secret {{ $nats.credentialsSecretPrefix }}-{{ index . 1 }}): see deploy/README.md, "NATS".
 - name: APILANE_NATS_NKEY_SEED_FILE
-  value: /etc/apilane/nats/{{ required (printf "nats.credentialsKeys.%s must be set" $service) (index $nats.credentialsKeys $service) }}
+  value: /etc/apilane/nats/seed.nk
 {{- end }}
+{{- if include "apilane.natsTls" $root }}
 {{- if $nats.tls.caSecret }}
 - name: APILANE_NATS_TLS_CA_FILE
   value: /etc/apilane/nats-tls/{{ $nats.tls.caKey }}
+{{- else if $nats.credentialsSecretPrefix }}
+# The CA that signed the NATS servers' certificates.
+- name: APILANE_NATS_TLS_CA_FILE
+  value: /etc/apilane/nats/ca.crt
+{{- end }}
 {{- end }}
 {{- end }}
 
 {{- define "apilane.natsAuthMounts" -}}
-{{- if .Values.nats.credentialsSecret }}
+{{- $root := index . 0 -}}
+{{- $service := index . 1 -}}
+{{- $nats := $root.Values.nats -}}
+{{- if and $nats.credentialsSecretPrefix (eq $service "node-loader") }}
+# The one key named after this pod's node, never the whole Secret.
+- name: nats-credentials
+  mountPath: /etc/apilane/nats/seed.nk
+  subPathExpr: $(APILANE_NODE_NAME).nk
+  readOnly: true
+{{- if and (include "apilane.natsTls" $root) (not $nats.tls.caSecret) }}
+- name: nats-credentials
+  mountPath: /etc/apilane/nats/ca.crt
+  subPath: ca.crt
+  readOnly: true
+{{- end }}
+{{- else if $nats.credentialsSecretPrefix }}
 - name: nats-credentials
   mountPath: /etc/apilane/nats
   readOnly: true
 {{- end }}
-{{- if .Values.nats.tls.caSecret }}
+{{- if and $nats.tls.caSecret (include "apilane.natsTls" $root) }}
 - name: nats-tls
   mountPath: /etc/apilane/nats-tls
   readOnly: true
@@ -120,16 +154,23 @@ own namespace, the replica's identity. (list $ "<service>").
 {{- end }}
 
 {{- define "apilane.natsAuthVolumes" -}}
-{{- if .Values.nats.credentialsSecret }}
+{{- $root := index . 0 -}}
+{{- $service := index . 1 -}}
+{{- $nats := $root.Values.nats -}}
+{{- with $nats.credentialsSecretPrefix }}
 - name: nats-credentials
   secret:
-    secretName: {{ .Values.nats.credentialsSecret }}
-    defaultMode: 0440
+    secretName: {{ . }}-{{ $service }}
+    {{- if eq $service "node-loader" }}
+    defaultMode: 0400
+    {{- else }}
+    defaultMode: 0440  # readable by the fsGroup the service runs with
+    {{- end }}
 {{- end }}
-{{- if .Values.nats.tls.caSecret }}
+{{- if and $nats.tls.caSecret (include "apilane.natsTls" $root) }}
 - name: nats-tls
   secret:
-    secretName: {{ .Values.nats.tls.caSecret }}
+    secretName: {{ $nats.tls.caSecret }}
 {{- end }}
 {{- end }}
 

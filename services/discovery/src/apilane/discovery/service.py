@@ -237,7 +237,10 @@ async def main(
     client = await KubeClient.from_config(settings.common.kubeconfig or None)
     try:
         client_name = f"{COMPONENT}-{settings.identity}"
-        async with bus_session(ctx, settings.common, client_name=client_name) as bus:
+        # Discovery is the provisioner: its identity alone may create the streams.
+        async with bus_session(
+            ctx, settings.common, client_name=client_name, setup=Bus.create_streams
+        ) as bus:
             if bus is None:
                 return  # stopped before NATS was there
             metrics = DiscoveryMetrics(ctx.registry)

@@ -6,7 +6,7 @@ switches them live; the maps are kept either way. `ControlServer` answers reques
 node's control subject: a switch is an operator action, authorized by an operator's
 signature, and the reply (the node state afterwards) says whether it worked.
 
-The wire format (what `tools/apilane` sends): the request is the JSON envelope of
+The wire format (what `apilane node lb` sends): the request is the JSON envelope of
 `signing.seal_control(key, ControlRequest(cluster=, node=, connect_time_lb=, issued_at=now))`
 published as a core NATS request on `subjects.node_control_subject(cluster, node)`; the reply
 is a NodeState (`events.decode`) or `{"error": "...", "reason": "<label>"}`.

@@ -7,8 +7,8 @@ Start-up order (the data plane first, the bus second):
 3. decide the connect-time LB setting (APILANE_CONNECT_TIME_LB, or the operator's live switch
    recorded in the state file: precedence in settings.py), then attach the connect-time
    programs if it says on, detach them if off (control.py);
-4. connect to NATS (`lifecycle.bus_session`: retrying for as long as it takes), take the
-   latest KV value, then watch the snapshot key and take every new revision. Each value is
+4. connect to NATS as this node's own identity (`lifecycle.bus_session`: retrying for as
+   long as it takes), wait for the streams discovery creates, take the latest KV value, then watch the snapshot key and take every new revision. Each value is
    verified and judged before anything else (admission.py, intake.py): only snapshots
    signed by a trusted key, newer than the one held, reach the reconciler.
 
@@ -152,8 +152,12 @@ class NodeLoader:
     async def run(self, stopping: asyncio.Event) -> None:
         try:
             self._start_data_plane()
+            # Discovery provisions the streams; this node's identity may only look them up.
             async with bus_session(
-                self._context(stopping), self.settings.common, client_name=f"{SOURCE}-{self.node}"
+                self._context(stopping),
+                self.settings.common,
+                client_name=f"{SOURCE}-{self.node}",
+                setup=Bus.wait_for_streams,
             ) as bus:
                 if bus is None:
                     return  # stopped before NATS was there: the data plane stays as it is

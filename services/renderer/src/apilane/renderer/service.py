@@ -587,7 +587,10 @@ async def main(ctx: ServiceContext, settings: RendererSettings) -> None:
     ctx.health.add_ready("renderer", ready)
     kube = await KubeClient.from_config(settings.common.kubeconfig or None)
     try:
-        async with bus_session(ctx, settings.common, client_name=SERVICE_NAME) as bus:
+        # Discovery provisions the streams; the renderer's identity may only look them up.
+        async with bus_session(
+            ctx, settings.common, client_name=SERVICE_NAME, setup=Bus.wait_for_streams
+        ) as bus:
             if bus is None:
                 return  # stopped before NATS was there
             elector = elector_for(kube, settings.lease)

@@ -2,6 +2,13 @@
 
 Services never touch nats-py directly; they speak in `events` and `subjects`. Trace context
 rides in the message headers (`tracing.inject_headers` / `tracing.extract_context`).
+
+Every connection authenticates with the identity in `config.NatsAuth` (an nkey seed, TLS
+with an optional client certificate) and uses its own inbox prefix, the only one its
+identity may subscribe to (`natsauth`). Only the provisioner (discovery) creates streams
+(`create_streams`); everyone else waits until they exist (`wait_for_streams`). When the
+server refuses a subject (a permission violation), the call fails at once with
+`PermissionDenied` carrying the server's words, instead of timing out.
 """
 
 from __future__ import annotations
@@ -10,8 +17,11 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Final
+from pathlib import Path
+from typing import Any, Final, TypeVar
 
 import msgspec
 import nats
@@ -31,10 +41,12 @@ from nats.js.api import (
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from apilane.model import events, subjects
-from apilane.model.errors import ApilaneError
-from apilane.runtime import tracing
+from apilane.model.errors import ApilaneError, ConfigError
+from apilane.runtime import natsauth, tracing
+from apilane.runtime.config import NatsAuth, load_nats_auth
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check.
 _WRONG_LAST_SEQUENCE: Final = 10071
@@ -46,6 +58,46 @@ class BusError(ApilaneError):
 
 class RevisionMismatch(BusError):
     """A compare-and-set KV write lost: someone else wrote the key first."""
+
+
+class PermissionDenied(BusError):
+    """The server refused a subject to this connection's identity (a permissions violation)."""
+
+
+# nats-py hands the server's -ERR to the error callback, lower-cased.
+_VIOLATION = re.compile(r'permissions violation for (publish|subscription) to "([^"]+)"')
+
+
+class _Violations:
+    """The permission violations the server reports, matched to the calls waiting on them."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []  # the server's messages, oldest first (the last 100)
+        self.last_error = ""  # of any kind (a refused TLS handshake, say)
+        self._waiting: dict[str, list[asyncio.Future[str]]] = {}
+
+    def report(self, message: str) -> bool:
+        self.last_error = message
+        match = _VIOLATION.search(message.lower())
+        if match is None:
+            return False
+        self.seen = [*self.seen[-99:], message]
+        for waiter in self._waiting.pop(match.group(2), []):
+            if not waiter.done():
+                waiter.set_result(message)
+        return True
+
+    def watch(self, subject: str) -> asyncio.Future[str]:
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(subject.lower(), []).append(waiter)
+        return waiter
+
+    def forget(self, subject: str, waiter: asyncio.Future[str]) -> None:
+        waiters = self._waiting.get(subject.lower(), [])
+        if waiter in waiters:
+            waiters.remove(waiter)
+        if not waiters:
+            self._waiting.pop(subject.lower(), None)
 
 
 class KvEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -60,9 +112,12 @@ class KvEntry(msgspec.Struct, frozen=True, kw_only=True):
 class Bus:
     """One NATS connection with JetStream, shared by a service's components."""
 
-    def __init__(self, nc: NatsClient, js: JetStreamContext) -> None:
+    def __init__(
+        self, nc: NatsClient, js: JetStreamContext, violations: _Violations | None = None
+    ) -> None:
         self.nc = nc
         self.js = js
+        self._violations = violations or _Violations()
 
     @classmethod
     async def connect(
@@ -70,6 +125,7 @@ class Bus:
         servers: Sequence[str],
         *,
         name: str,
+        auth: NatsAuth | None = None,
         connect_timeout: float = 2.0,
         max_reconnect_wait: float = 5.0,
         initial_attempt_deadline: float | None = None,
@@ -79,7 +135,25 @@ class Bus:
         nats-py only reconnects after a first successful connect, so the first one is ours
         to retry: a service started before NATS must wait for it, not crash. (With unlimited
         reconnects nats-py itself retries a first connect forever: the deadline bounds it.)
+        `auth` is the identity to connect as; None means this process's own, from
+        APILANE_NATS_* (what a command-line tool wants).
         """
+        if auth is None:
+            try:
+                auth = load_nats_auth()
+            except ConfigError as exc:
+                raise BusError(str(exc)) from exc
+        violations = _Violations()
+        options = connect_options(servers, auth) | {
+            "name": name,
+            "connect_timeout": connect_timeout,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": min(1.0, max_reconnect_wait),
+            "error_cb": _error_logger(violations),
+            "disconnected_cb": _log_event("disconnected from NATS"),
+            "reconnected_cb": _log_event("reconnected to NATS"),
+        }
         loop = asyncio.get_running_loop()
         deadline = (
             None if initial_attempt_deadline is None else loop.time() + initial_attempt_deadline
@@ -88,37 +162,57 @@ class Bus:
         while True:
             remaining = None if deadline is None else max(deadline - loop.time(), delay)
             try:
-                connecting = nats.connect(
-                    servers=list(servers),
-                    name=name,
-                    connect_timeout=connect_timeout,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=min(1.0, max_reconnect_wait),
-                    error_cb=_log_error,
-                    disconnected_cb=_log_event("disconnected from NATS"),
-                    reconnected_cb=_log_event("reconnected to NATS"),
-                )
-                nc = await asyncio.wait_for(connecting, timeout=remaining)
+                attempt = nats.connect(servers=list(servers), **options)
+                nc = await asyncio.wait_for(attempt, timeout=remaining)
                 break
             except (OSError, NatsError, TimeoutError) as exc:
                 if deadline is not None and loop.time() + delay > deadline:
-                    detail = str(exc) or "no answer in time"
-                    raise BusError(f"cannot connect to NATS at {list(servers)}: {detail}") from exc
+                    why = violations.last_error or str(exc) or "no answer in time"
+                    raise BusError(f"cannot connect to NATS at {list(servers)}: {why}") from exc
                 log.warning(
-                    "NATS not reachable yet, retrying",
-                    extra={"servers": list(servers), "error": str(exc)},
+                    # An identity the server does not list yet (its config reloads later).
+                    "NATS refused our credentials, retrying"
+                    if "authorization violation" in str(exc).lower()
+                    else "NATS not reachable yet, retrying",
+                    extra={"servers": list(servers), "error": str(exc) or type(exc).__name__},
                 )
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, max_reconnect_wait)
-        return cls(nc, nc.jetstream())
+        return cls(nc, nc.jetstream(), violations)
 
     @property
     def connected(self) -> bool:
         return bool(self.nc.is_connected)
 
-    async def ensure_streams(self) -> None:
-        """Create (or leave as they are) every stream and bucket apilane uses. Idempotent."""
+    @property
+    def permission_violations(self) -> list[str]:
+        """What the server refused this connection, in its words (the last 100)."""
+        return list(self._violations.seen)
+
+    async def _guarded(self, subject: str, call: Awaitable[T]) -> T:
+        """Await `call`; if the server refuses `subject` meanwhile, raise PermissionDenied
+        at once (a refused publish is otherwise only a request that times out)."""
+        refused = self._violations.watch(subject)
+        task: asyncio.Future[T] = asyncio.ensure_future(call)
+        pending: set[asyncio.Future[Any]] = {task, refused}
+        try:
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            self._violations.forget(subject, refused)
+        if not refused.done():
+            refused.cancel()
+            return await task
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, NatsError, TimeoutError):
+            await task
+        raise PermissionDenied(f"NATS refused {subject}: {refused.result()}")
+
+    async def create_streams(self) -> None:
+        """Create (or converge) every stream and bucket apilane uses. Idempotent. Only the
+        provisioner's identity (discovery) may; for the others, see `wait_for_streams`."""
         await self._ensure_kv(
             KeyValueConfig(
                 bucket=subjects.SNAPSHOT_BUCKET,
@@ -145,21 +239,63 @@ class Bus:
             discard=DiscardPolicy.OLD,
             description="apilane: warnings and render results",
         )
+        create = f"$JS.API.STREAM.CREATE.{config.name}"
         try:
-            await self.js.add_stream(config)
+            await self._guarded(create, self.js.add_stream(config))
         except BadRequestError:
             # Already there with another config (an older apilane): converge it.
-            await self.js.update_stream(config)
+            update = f"$JS.API.STREAM.UPDATE.{config.name}"
+            await self._guarded(update, self.js.update_stream(config))
 
     async def _ensure_kv(self, config: KeyValueConfig) -> None:
+        stream = _kv_stream(config.bucket)
         try:
-            await self.js.key_value(config.bucket)
+            await self._guarded(f"$JS.API.STREAM.INFO.{stream}", self.js.key_value(config.bucket))
+            return
+        except PermissionDenied:
+            raise
         except (NotFoundError, BadRequestError):
-            await self.js.create_key_value(config)
+            pass
         except Exception as exc:  # nats-py raises BucketNotFoundError, an APIError subtype
             if "not found" not in str(exc).lower():
                 raise
-            await self.js.create_key_value(config)
+        await self._guarded(f"$JS.API.STREAM.CREATE.{stream}", self.js.create_key_value(config))
+
+    async def wait_for_streams(
+        self,
+        streams: Sequence[str] = natsauth.STREAMS,
+        *,
+        retry_max: float = 5.0,
+        stop: asyncio.Event | None = None,
+    ) -> bool:
+        """Until every stream in `streams` exists (looked up, never created: for identities
+        that may not create them). Retries with backoff and jitter while they are missing or
+        JetStream is not ready; True once they exist, False if `stop` was set first. A
+        permission violation is raised: waiting would not change it."""
+        delay = 0.2
+        missing = list(streams)
+        while missing:
+            try:
+                for stream in list(missing):
+                    await self._guarded(
+                        f"$JS.API.STREAM.INFO.{stream}", self.js.stream_info(stream)
+                    )
+                    missing.remove(stream)
+                continue
+            except (NatsError, OSError, TimeoutError) as exc:
+                log.info(
+                    "waiting for the apilane streams",
+                    extra={"missing": missing, "error": str(exc) or type(exc).__name__},
+                )
+            if stop is None:
+                await asyncio.sleep(delay * (0.5 + random.random()))
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay * (0.5 + random.random()))
+                if stop.is_set():
+                    return False
+            delay = min(delay * 2, retry_max)
+        return True
 
     async def publish(
         self,
@@ -176,8 +312,11 @@ class Bus:
         if msg_id:
             hdrs["Nats-Msg-Id"] = msg_id
         try:
-            ack = await self.js.publish(
-                subject, events.encode(event), headers=hdrs or None, timeout=timeout
+            ack = await self._guarded(
+                subject,
+                self.js.publish(
+                    subject, events.encode(event), headers=hdrs or None, timeout=timeout
+                ),
             )
         except (NatsError, TimeoutError) as exc:
             raise BusError(f"publish to {subject} failed: {exc}") from exc
@@ -190,8 +329,12 @@ class Bus:
 
         A deleted or purged key leaves a marker with a revision of its own; compare-and-set
         writers need it (`include_deleted=True` returns the marker, `operation` says which)."""
+        stream = _kv_stream(bucket)
         try:
-            raw = await self.js.get_last_msg(_kv_stream(bucket), subjects.kv_subject(bucket, key))
+            raw = await self._guarded(
+                f"$JS.API.STREAM.MSG.GET.{stream}",
+                self.js.get_last_msg(stream, subjects.kv_subject(bucket, key)),
+            )
         except NotFoundError:
             return None
         except (NatsError, TimeoutError) as exc:
@@ -215,9 +358,11 @@ class Bus:
         Read from the bucket's stream state, so no consumer is created and polling is cheap.
         A deleted key is listed until its marker is purged; `kv_get` then returns None."""
         subject = subjects.kv_subject(bucket, "")
+        stream = _kv_stream(bucket)
         try:
-            info = await self.js.stream_info(
-                _kv_stream(bucket), subjects_filter=subjects.kv_subject(bucket, key)
+            info = await self._guarded(
+                f"$JS.API.STREAM.INFO.{stream}",
+                self.js.stream_info(stream, subjects_filter=subjects.kv_subject(bucket, key)),
             )
         except NotFoundError as exc:
             raise BusError(f"bucket {bucket} does not exist") from exc
@@ -247,12 +392,16 @@ class Bus:
             hdrs["Nats-Expected-Last-Subject-Sequence"] = str(expected_revision)
         if msg_id:
             hdrs["Nats-Msg-Id"] = msg_id
+        subject = subjects.kv_subject(bucket, key)
         try:
-            ack = await self.js.publish(
-                subjects.kv_subject(bucket, key),
-                value if isinstance(value, bytes) else events.encode(value),
-                headers=hdrs or None,
-                timeout=timeout,
+            ack = await self._guarded(
+                subject,
+                self.js.publish(
+                    subject,
+                    value if isinstance(value, bytes) else events.encode(value),
+                    headers=hdrs or None,
+                    timeout=timeout,
+                ),
             )
         except APIError as exc:
             if exc.err_code == _WRONG_LAST_SEQUENCE:
@@ -346,11 +495,16 @@ class Bus:
             if msg.reply:
                 await msg.respond(reply)
 
-        return await self.nc.subscribe(subject, cb=on_request)
+        subscription = await self.nc.subscribe(subject, cb=on_request)
+        # A refused subscription is reported asynchronously: ask now, while it is known.
+        await self._guarded(subject, self.nc.flush())
+        return subscription
 
     async def request(self, subject: str, payload: bytes, *, timeout: float = 2.0) -> bytes:
         try:
-            response = await self.nc.request(subject, payload, timeout=timeout)
+            response = await self._guarded(
+                subject, self.nc.request(subject, payload, timeout=timeout)
+            )
         except (NatsError, TimeoutError) as exc:
             raise BusError(f"request to {subject} failed: {exc}") from exc
         return response.data or b""
@@ -386,6 +540,34 @@ def _kv_entry(bucket: str, msg: Msg) -> KvEntry | None:
     )
 
 
+def connect_options(servers: Sequence[str], auth: NatsAuth) -> dict[str, Any]:
+    """nats-py's options for connecting as `auth`'s identity. TLS, when used, comes first
+    (before the server's INFO), so a man in the middle cannot talk the client down to plain
+    text; the server's config has the matching `handshake_first`."""
+    options: dict[str, Any] = {}
+    if auth.nkey_seed_file:
+        options["nkeys_seed"] = auth.nkey_seed_file
+    inbox = auth.inbox_prefix
+    if not inbox and auth.nkey_seed_file:
+        seed = natsauth.read_seed(Path(auth.nkey_seed_file))
+        inbox = natsauth.inbox_prefix_for(natsauth.public_key(seed))
+    if inbox:
+        options["inbox_prefix"] = inbox
+    if auth.wants_tls or any(url.startswith("tls://") for url in servers):
+        options["tls"] = tls_context(auth)
+        options["tls_handshake_first"] = True
+    return options
+
+
+def tls_context(auth: NatsAuth) -> ssl.SSLContext:
+    """Verify the server against `tls_ca_file` (else the system's store); with a client
+    certificate, present it (mutual TLS)."""
+    context = ssl.create_default_context(cafile=auth.tls_ca_file or None)
+    if auth.tls_cert_file:
+        context.load_cert_chain(auth.tls_cert_file, auth.tls_key_file)
+    return context
+
+
 def _log_event(text: str) -> Any:
     async def callback() -> None:
         log.warning(text)
@@ -393,5 +575,12 @@ def _log_event(text: str) -> Any:
     return callback
 
 
-async def _log_error(exc: Exception) -> None:
-    log.warning("NATS client error", extra={"error": str(exc)})
+def _error_logger(violations: _Violations) -> Callable[[Exception], Awaitable[None]]:
+    async def on_error(exc: Exception) -> None:
+        text = str(exc) or type(exc).__name__
+        if violations.report(text):
+            log.error("NATS refused a subject to this identity", extra={"error": text})
+        else:
+            log.warning("NATS client error", extra={"error": text})
+
+    return on_error

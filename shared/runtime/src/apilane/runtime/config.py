@@ -20,6 +20,7 @@ import msgspec
 from apilane.model import subjects
 from apilane.model.errors import ConfigError
 from apilane.model.signing import SigningKey, TrustedKeys
+from apilane.runtime import natsauth
 
 PREFIX = "APILANE_"
 T = TypeVar("T")
@@ -28,11 +29,30 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
+class NatsAuth(msgspec.Struct, frozen=True, kw_only=True):
+    """How a client proves to NATS who it is (an nkey seed) and checks the server (TLS).
+
+    Paths only: the seed itself is read when connecting, never kept in settings or logs.
+    Empty means not used; TLS is used when a CA, a client certificate or a `tls://` URL is
+    given."""
+
+    nkey_seed_file: str = ""
+    tls_ca_file: str = ""  # empty with TLS: the system's trust store
+    tls_cert_file: str = ""  # with tls_key_file: mutual TLS
+    tls_key_file: str = ""
+    inbox_prefix: str = ""  # empty: derived from the seed's public key (natsauth)
+
+    @property
+    def wants_tls(self) -> bool:
+        return bool(self.tls_ca_file or self.tls_cert_file)
+
+
 class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
     """What every service reads."""
 
     cluster: str = "default"
     nats_urls: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    nats_auth: NatsAuth = NatsAuth()
     kubeconfig: str = ""  # empty: in-cluster config
     http_host: str = "0.0.0.0"
     http_port: int = 8080
@@ -150,11 +170,49 @@ def load_common(environ: Mapping[str, str] | None = None) -> CommonSettings:
     return CommonSettings(
         cluster=env.token("CLUSTER", "default"),
         nats_urls=urls,
+        nats_auth=load_nats_auth(environ),
         kubeconfig=(env.environ.get("KUBECONFIG") or "").strip(),
         http_host=env.str("HTTP_HOST", "0.0.0.0"),
         http_port=env.int("HTTP_PORT", 8080, low=0, high=65535),
         log_level=env.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
     )
+
+
+def load_nats_auth(environ: Mapping[str, str] | None = None) -> NatsAuth:
+    """The NATS credential and TLS files; each must be readable now, not at the first connect."""
+    env = Env(environ)
+    auth = NatsAuth(
+        nkey_seed_file=env.str("NATS_NKEY_SEED_FILE", ""),
+        tls_ca_file=env.str("NATS_TLS_CA_FILE", ""),
+        tls_cert_file=env.str("NATS_TLS_CERT_FILE", ""),
+        tls_key_file=env.str("NATS_TLS_KEY_FILE", ""),
+        inbox_prefix=env.str("NATS_INBOX_PREFIX", ""),
+    )
+    files = {
+        "NATS_NKEY_SEED_FILE": auth.nkey_seed_file,
+        "NATS_TLS_CA_FILE": auth.tls_ca_file,
+        "NATS_TLS_CERT_FILE": auth.tls_cert_file,
+        "NATS_TLS_KEY_FILE": auth.tls_key_file,
+    }
+    for name, path in files.items():
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"{PREFIX}{name}={path!r}: no readable file there")
+    if auth.nkey_seed_file:
+        try:
+            natsauth.public_key(natsauth.read_seed(Path(auth.nkey_seed_file)))
+        except natsauth.NatsAuthError as exc:
+            raise ConfigError(
+                f"{PREFIX}NATS_NKEY_SEED_FILE={auth.nkey_seed_file!r}: {exc}"
+            ) from exc
+    if bool(auth.tls_cert_file) != bool(auth.tls_key_file):
+        raise ConfigError(
+            f"{PREFIX}NATS_TLS_CERT_FILE and {PREFIX}NATS_TLS_KEY_FILE go together (mutual TLS)"
+        )
+    if auth.inbox_prefix and not re.match(r"^[A-Za-z0-9_-]+$", auth.inbox_prefix):
+        raise ConfigError(
+            f"{PREFIX}NATS_INBOX_PREFIX={auth.inbox_prefix!r}: expected one subject token"
+        )
+    return auth
 
 
 def describe(settings: Any) -> dict[str, Any]:

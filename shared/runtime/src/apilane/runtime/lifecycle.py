@@ -1,6 +1,7 @@
 """The one shape every apilane service has.
 
-    settings -> connect to NATS (retrying) -> streams and buckets (retrying)
+    settings -> connect to NATS as the service's identity (retrying)
+             -> streams and buckets: created (discovery) or waited for (the others)
              -> [leadership, in apilane.kube.leader.lead] -> work loop -> drain
 
 `command_line` is every service's `main(argv)`; `bus_session` is the NATS part of its body.
@@ -25,7 +26,7 @@ from apilane.runtime.config import CommonSettings, describe
 
 log = logging.getLogger(__name__)
 
-StreamSetup = Callable[[Bus], Awaitable[None]]
+StreamSetup = Callable[[Bus], Awaitable[object]]
 
 
 class HasCommon(Protocol):
@@ -82,15 +83,21 @@ async def connect_bus(
     setup: StreamSetup,
     stop: asyncio.Event,
 ) -> Bus | None:
-    """Connect and set up streams, each retried with backoff; None if `stop` came first.
-    A service started before NATS, or before JetStream is ready, waits instead of exiting."""
-    bus = await unless_stopped(Bus.connect(common.nats_urls, name=client_name), stop)
+    """Connect as the service's NATS identity (`common.nats_auth`) and set up the streams
+    (`setup`: `Bus.create_streams` for the provisioner, `Bus.wait_for_streams` for the
+    others), each retried with backoff; None if `stop` came first. A service started before
+    NATS, or before JetStream or the streams are there, waits instead of exiting."""
+    connecting = Bus.connect(common.nats_urls, name=client_name, auth=common.nats_auth)
+    bus = await unless_stopped(connecting, stop)
     if bus is None:
         return None
     backoff = Backoff(initial=0.2, maximum=5.0)
     while True:
         try:
-            await setup(bus)
+            await unless_stopped(setup(bus), stop)
+            if stop.is_set():
+                await bus.drain()
+                return None
             return bus
         except Exception as exc:  # nats-py raises its own types besides BusError here
             log.warning("streams not ready yet, retrying", extra={"error": str(exc)})
@@ -105,7 +112,7 @@ async def bus_session(
     common: CommonSettings,
     *,
     client_name: str,
-    setup: StreamSetup = Bus.ensure_streams,
+    setup: StreamSetup,
 ) -> AsyncIterator[Bus | None]:
     """The bus for the body of a service, drained on the way out. Yields None when the
     service was stopped before the bus was usable (the body should then just return).

@@ -116,7 +116,7 @@ def control_request(
     key: SigningKey = TEST_KEY,
     issued_at: datetime | None = None,
 ) -> bytes:
-    """A sealed control request, as `tools/apilane` sends it to one node-loader."""
+    """A sealed control request, as `apilane node lb` sends it to one node-loader."""
     request = ControlRequest(
         cluster=cluster,
         node=node,

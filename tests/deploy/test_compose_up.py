@@ -27,6 +27,7 @@ from apilane.kube.client import KubeClient
 from apilane.model import events, subjects
 from apilane.model.signing import TrustedKeys, open_snapshot
 from apilane.runtime.bus import Bus
+from apilane.runtime.config import NatsAuth
 from apilane.testing.compose import ComposeStack, host_kubeconfig
 from apilane.testing.docker import DockerDaemon
 from apilane.testing.images import BuildReport
@@ -137,8 +138,18 @@ async def change_flows_through(stack: ComposeStack, tmp_path: Path) -> None:
     )
     kube = await KubeClient.from_config(str(kubeconfig))
     try:
+        # As the stack's operator (its seed and client certificate, from the nats-auth step),
+        # over mutual TLS.
+        operator = tmp_path / "operator"
+        await asyncio.to_thread(stack.copy_out, "nats-auth", "/auth/operator", operator)
+        auth = NatsAuth(
+            nkey_seed_file=str(operator / "seed.nk"),
+            tls_ca_file=str(operator / "ca.crt"),
+            tls_cert_file=str(operator / "client.crt"),
+            tls_key_file=str(operator / "client.key"),
+        )
         bus = await Bus.connect(
-            [f"nats://127.0.0.1:{stack.port('nats', 4222)}"], name="compose-test"
+            [f"tls://127.0.0.1:{stack.port('nats', 4222)}"], name="compose-test", auth=auth
         )
         # The stack's own signing key, made by its signing-key step: the only one trusted.
         trusted = TrustedKeys.parse(stack.read("renderer", "/trusted/keys"))

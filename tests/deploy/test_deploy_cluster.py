@@ -33,7 +33,7 @@ from apilane.model import events, subjects
 from apilane.model.signing import TrustedKeys, open_snapshot
 from apilane.runtime.bus import Bus
 from apilane.testing.cluster import OneNodeCluster, local_values, nats_volumes
-from apilane.testing.deploy_secrets import make_deploy_secrets
+from apilane.testing.deploy_secrets import DeploySecrets, make_deploy_secrets
 from apilane.testing.docker import DockerDaemon
 from apilane.testing.images import BuildReport
 from apilane.testing.kube import endpoint_slice
@@ -209,7 +209,10 @@ async def test_deploy_runs_as_real_pods_and_an_endpoint_change_flows_through(
     docs = manifests(cluster)
     namespaces = [doc for doc in docs if doc["kind"] == "Namespace"]
     # What an installer makes between the namespace and the workloads (deploy/README.md).
-    secrets = make_deploy_secrets(namespace=NAMESPACE)
+    secrets = make_deploy_secrets(
+        cluster.work / "secrets", nodes=[cluster.node], pod_subnet=cluster.subnet,
+        cluster=CLUSTER, namespace=NAMESPACE,
+    )  # fmt: skip
     kube = await KubeClient.from_config(str(cluster.admin_kubeconfig))
     try:
         await apply_all(
@@ -219,7 +222,7 @@ async def test_deploy_runs_as_real_pods_and_an_endpoint_change_flows_through(
             + secrets.objects
             + [doc for doc in docs if doc["kind"] != "Namespace"],
         )
-        await check_workloads(kube, cluster, TrustedKeys.of(secrets.signing_key))
+        await check_workloads(kube, cluster, secrets)
     finally:
         await kube.close()
 
@@ -240,7 +243,9 @@ async def one_leader(
     return None
 
 
-async def check_workloads(kube: KubeClient, cluster: OneNodeCluster, trusted: TrustedKeys) -> None:
+async def check_workloads(
+    kube: KubeClient, cluster: OneNodeCluster, secrets: DeploySecrets
+) -> None:
     started = time.monotonic()
     nats = await eventually(
         lambda: all_ready(kube, "app.kubernetes.io/name=nats", 3), what="3 NATS pods Ready"
@@ -278,7 +283,7 @@ async def check_workloads(kube: KubeClient, cluster: OneNodeCluster, trusted: Tr
     assert [n for n in attached_programs(cluster.cgroup) if n.startswith("apilane_")]
     assert not [n for n in attached_programs(cluster.cgroup.parent) if n.startswith("apilane_")]
 
-    await check_endpoint_change(kube, cluster, trusted, nats_ip=nats[0]["status"]["podIP"])
+    await check_endpoint_change(kube, cluster, secrets, nats_ip=nats[0]["status"]["podIP"])
 
 
 def bridge_address(action: str, address: str, bridge: str) -> None:
@@ -286,9 +291,11 @@ def bridge_address(action: str, address: str, bridge: str) -> None:
 
 
 async def check_endpoint_change(
-    kube: KubeClient, cluster: OneNodeCluster, trusted: TrustedKeys, *, nats_ip: str
+    kube: KubeClient, cluster: OneNodeCluster, secrets: DeploySecrets, *, nats_ip: str
 ) -> None:
-    bus = await Bus.connect([f"nats://{nats_ip}:4222"], name="deploy-test")
+    # As the cluster's operator, over TLS checked against the CA the test made.
+    bus = await Bus.connect([f"tls://{nats_ip}:4222"], name="deploy-test", auth=secrets.operator)
+    trusted = TrustedKeys.of(secrets.signing_key)
     second = str(list(cluster.subnet.hosts())[-1])
     await asyncio.to_thread(bridge_address, "add", f"{second}/32", cluster.bridge)
     relay = Relay(second, (cluster.address, 6443))

@@ -42,11 +42,11 @@ from apilane.testing.kube import (
     SERVICE_IPS,
     ApiServer,
     Etcd,
-    Pki,
     _pick_test_subnet,
     find_kube_binaries,
     stop_process,
 )
+from apilane.testing.pki import Pki
 from apilane.testing.procs import ComponentMissing, start_process, tail
 
 REPO = Path(__file__).resolve().parents[5]

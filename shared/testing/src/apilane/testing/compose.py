@@ -102,6 +102,10 @@ class ComposeStack:
     def read(self, service: str, path: str) -> str:
         return self.compose("exec", "-T", service, "cat", path).stdout
 
+    def copy_out(self, service: str, path: str, target: Path) -> None:
+        """`docker compose cp` out of a service's container, a finished one-shot's too."""
+        self.compose("cp", f"{service}:{path}", str(target))
+
     def logs(self) -> str:
         result = self.compose("logs", "--no-color", "--timestamps", check=False, timeout=60)
         return result.stdout + result.stderr

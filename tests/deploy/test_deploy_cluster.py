@@ -1,0 +1,334 @@
+"""deploy/ as real pods on a one-node cluster (apilane.testing.cluster), with the values of
+this machine (apilane.testing.cluster.local_values) and the images built here.
+
+Proves: the three NATS pods form one JetStream cluster; discovery and renderer run two
+replicas each and exactly one of each leads; the node-loader DaemonSet pod pins its maps and
+attaches its programs to the cluster's child cgroup (and nothing to the host's cgroup2 root);
+every probe passes; and one endpoint change (a second API server address) flows to the
+snapshot, calico-node's DaemonSet env (patched by the renderer, which reaches the API server
+at its ClusterIP through apilane's own connect-time load balancer) and the node's state.
+Pod and component logs are kept under the test's tmp_path when it fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+from apilane.kube.client import KubeClient, NotFound
+from apilane.model import events, subjects
+from apilane.model.signing import TrustedKeys, open_snapshot
+from apilane.runtime.bus import Bus
+from apilane.testing.cluster import OneNodeCluster, local_values, nats_volumes
+from apilane.testing.deploy_secrets import DeploySecrets, make_deploy_secrets
+from apilane.testing.docker import DockerDaemon
+from apilane.testing.images import BuildReport
+from apilane.testing.kube import endpoint_slice
+from apilane.testing.procs import ComponentMissing
+
+pytestmark = [pytest.mark.integration, pytest.mark.docker, pytest.mark.kube, pytest.mark.bpf]
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+NAMESPACE = "apilane"
+CLUSTER = "default"  # APILANE_CLUSTER in deploy/config.yaml
+WAIT = 240.0
+T = TypeVar("T")
+
+# The order `kubectl apply` would need on a fresh cluster (deploy/README.md).
+APPLY_ORDER = (
+    "namespace.yaml",
+    "config.yaml",
+    "nats.yaml",
+    # The renderer's Role lives in calico-system: the demo Calico objects come first.
+    "demo/calico-system.yaml",
+    "demo/kube-proxy.yaml",
+    "rbac-discovery.yaml",
+    "rbac-renderer.yaml",
+    "rbac-node-loader.yaml",
+    "discovery.yaml",
+    "renderer.yaml",
+    "node-loader.yaml",
+)
+
+
+async def eventually(check: Callable[[], Awaitable[T | None]], *, what: str) -> T:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        found = await check()
+        if found:
+            return found
+        await asyncio.sleep(1.0)
+    raise AssertionError(f"timed out after {WAIT:.0f} s waiting for {what}")
+
+
+def manifests(cluster: OneNodeCluster) -> list[dict[str, Any]]:
+    docs = [
+        doc
+        for name in APPLY_ORDER
+        for doc in yaml.safe_load_all((DEPLOY / name).read_text())
+        if doc
+    ]
+    return local_values(docs, cgroup_name=cluster.cgroup_name, api_address=cluster.address)
+
+
+async def collection_of(kube: KubeClient, doc: dict[str, Any], cache: dict[str, Any]) -> str:
+    api = doc["apiVersion"]
+    base = "/api/v1" if api == "v1" else f"/apis/{api}"
+    if base not in cache:
+        cache[base] = {
+            r["kind"]: r for r in (await kube.get(base))["resources"] if "/" not in r["name"]
+        }
+    resource = cache[base][doc["kind"]]
+    if resource["namespaced"]:
+        return f"{base}/namespaces/{doc['metadata']['namespace']}/{resource['name']}"
+    return f"{base}/{resource['name']}"
+
+
+async def apply_all(kube: KubeClient, docs: list[dict[str, Any]]) -> None:
+    cache: dict[str, Any] = {}
+    for doc in docs:
+        await kube.create(await collection_of(kube, doc, cache), doc)
+
+
+class Relay:
+    """A second "API server" address: a TCP relay on the bridge from a new address to the real
+    one, so the changed endpoint set is all live (connections may pick either)."""
+
+    def __init__(self, listen: str, target: tuple[str, int]) -> None:
+        self.server = socket.create_server((listen, target[1]))
+        self.target = target
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.server.accept()
+                threading.Thread(target=self.pipe_pair, args=(client,), daemon=True).start()
+
+    def pipe_pair(self, client: socket.socket) -> None:
+        with contextlib.suppress(OSError), client, socket.create_connection(self.target, 5) as up:
+            threading.Thread(target=self.pipe, args=(up, client), daemon=True).start()
+            self.pipe(client, up)
+
+    @staticmethod
+    def pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.fixture
+def cluster(
+    docker_daemon: DockerDaemon, local_images: BuildReport, tmp_path: Path
+) -> Iterator[OneNodeCluster]:
+    try:
+        node = OneNodeCluster(docker_daemon)
+    except ComponentMissing as exc:
+        pytest.fail(f"the one-node cluster cannot run here: {exc}")
+    node.start()
+    print(f"one-node cluster ready in {node.timings['ready']:.1f} s ({node.timings})")
+    failed = True
+    try:
+        yield node
+        failed = False
+    finally:
+        if failed or os.environ.get("APILANE_KEEP_POD_LOGS"):
+            keep_logs(node, tmp_path / "cluster-logs")
+        node.stop()
+        assert node.leftovers() == {}
+
+
+def keep_logs(node: OneNodeCluster, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for key, text in {**node.pod_logs(), **node.component_logs()}.items():
+        (directory / (key.replace("/", "__") + ".log")).write_text(text)
+    print(f"pod and component logs kept in {directory}")
+
+
+async def pods(kube: KubeClient, selector: str) -> list[dict[str, Any]]:
+    listing = await kube.get(
+        f"/api/v1/namespaces/{NAMESPACE}/pods", params={"labelSelector": selector}
+    )
+    return list(listing["items"])
+
+
+def ready(pod: dict[str, Any]) -> bool:
+    conditions = pod.get("status", {}).get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+async def all_ready(kube: KubeClient, selector: str, count: int) -> list[dict[str, Any]] | None:
+    found = [
+        p for p in await pods(kube, selector) if p["metadata"].get("deletionTimestamp") is None
+    ]
+    return found if len(found) == count and all(map(ready, found)) else None
+
+
+def jetstream_meta(pod_ip: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://{pod_ip}:8222/jsz", timeout=5) as response:
+        meta: dict[str, Any] = json.load(response).get("meta_cluster", {})
+        return meta
+
+
+def attached_programs(cgroup: Path) -> list[str]:
+    shown = subprocess.run(
+        ["bpftool", "-j", "cgroup", "show", str(cgroup)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return [str(entry.get("name", "")) for entry in json.loads(shown.stdout.strip() or "[]")]
+
+
+async def test_deploy_runs_as_real_pods_and_an_endpoint_change_flows_through(
+    cluster: OneNodeCluster, tmp_path: Path
+) -> None:
+    for index in range(3):  # the NATS pods run as uid 1000
+        (cluster.work / f"nats-{index}").mkdir()
+        os.chown(cluster.work / f"nats-{index}", 1000, 1000)
+    docs = manifests(cluster)
+    namespaces = [doc for doc in docs if doc["kind"] == "Namespace"]
+    # What an installer makes between the namespace and the workloads (deploy/README.md).
+    secrets = make_deploy_secrets(
+        cluster.work / "secrets", nodes=[cluster.node], pod_subnet=cluster.subnet,
+        cluster=CLUSTER, namespace=NAMESPACE,
+    )  # fmt: skip
+    kube = await KubeClient.from_config(str(cluster.admin_kubeconfig))
+    try:
+        await apply_all(
+            kube,
+            nats_volumes(cluster.work)
+            + namespaces
+            + secrets.objects
+            + [doc for doc in docs if doc["kind"] != "Namespace"],
+        )
+        await check_workloads(kube, cluster, secrets)
+    finally:
+        await kube.close()
+
+
+async def one_leader(
+    kube: KubeClient, cluster: OneNodeCluster, service: str, lease: str
+) -> str | None:
+    names = {p["metadata"]["name"] for p in await pods(kube, f"app.kubernetes.io/name={service}")}
+    with contextlib.suppress(NotFound):
+        held = await kube.get(f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases/{lease}")
+        holder = held["spec"].get("holderIdentity")
+        leading = [
+            key for key, text in cluster.pod_logs().items()
+            if key.startswith(f"{NAMESPACE}_{service}") and "became the leader" in text
+        ]  # fmt: skip
+        if holder in names and len(leading) == 1 and holder in leading[0]:
+            return str(holder)
+    return None
+
+
+async def check_workloads(
+    kube: KubeClient, cluster: OneNodeCluster, secrets: DeploySecrets
+) -> None:
+    started = time.monotonic()
+    nats = await eventually(
+        lambda: all_ready(kube, "app.kubernetes.io/name=nats", 3), what="3 NATS pods Ready"
+    )
+    for name, count in (
+        ("apilane-discovery", 2),
+        ("apilane-renderer", 2),
+        ("apilane-node-loader", 1),
+    ):
+        await eventually(
+            lambda n=name, c=count: all_ready(kube, f"app.kubernetes.io/name={n}", c),  # type: ignore[misc]
+            what=f"{count} {name} pods Ready",
+        )
+    print(f"deploy/ Ready {time.monotonic() - started:.1f} s after apply")
+
+    # One JetStream cluster of three, with a leader, seen from every server.
+    for pod in nats:
+        meta = await asyncio.to_thread(jetstream_meta, pod["status"]["podIP"])
+        assert meta.get("cluster_size") == 3 and meta.get("leader"), meta
+
+    # Exactly one leader each: the Lease names one of the two Ready pods, and one pod's log
+    # says it leads. (Ready does not wait for leadership; the renderer reaches the API server
+    # only through the ClusterIP, so its Lease also proves the connect-time LB works.)
+    for service, lease in (
+        ("apilane-discovery", subjects.discovery_lease(CLUSTER)),
+        ("apilane-renderer", subjects.renderer_lease(CLUSTER)),
+    ):
+        await eventually(
+            lambda s=service, n=lease: one_leader(kube, cluster, s, n),  # type: ignore[misc]
+            what=f"exactly one {service} leader",
+        )
+
+    # The node-loader programmed its maps, on the cluster's child cgroup only.
+    assert sorted(p.name for p in cluster.pin_dir.iterdir()), cluster.pin_dir
+    assert [n for n in attached_programs(cluster.cgroup) if n.startswith("apilane_")]
+    assert not [n for n in attached_programs(cluster.cgroup.parent) if n.startswith("apilane_")]
+
+    await check_endpoint_change(kube, cluster, secrets, nats_ip=nats[0]["status"]["podIP"])
+
+
+def bridge_address(action: str, address: str, bridge: str) -> None:
+    subprocess.run(["ip", "addr", action, address, "dev", bridge], check=True, timeout=10)
+
+
+async def check_endpoint_change(
+    kube: KubeClient, cluster: OneNodeCluster, secrets: DeploySecrets, *, nats_ip: str
+) -> None:
+    # As the cluster's operator, over TLS checked against the CA the test made.
+    bus = await Bus.connect([f"tls://{nats_ip}:4222"], name="deploy-test", auth=secrets.operator)
+    trusted = TrustedKeys.of(secrets.signing_key)
+    second = str(list(cluster.subnet.hosts())[-1])
+    await asyncio.to_thread(bridge_address, "add", f"{second}/32", cluster.bridge)
+    relay = Relay(second, (cluster.address, 6443))
+    try:
+
+        async def settled(addresses: set[str]) -> events.EndpointSnapshot | None:
+            entry = await bus.kv_get(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(CLUSTER))
+            # Signed by discovery with the key the test made: it opens with that key only.
+            snapshot = None if entry is None else open_snapshot(entry.value, trusted).snapshot
+            if snapshot is None or {e.ip for e in snapshot.apiserver_endpoints} != addresses:
+                return None
+            ds = await kube.get("/apis/apps/v1/namespaces/calico-system/daemonsets/calico-node")
+            init = ds["spec"]["template"]["spec"]["initContainers"][0]
+            env = {e["name"]: e.get("value", "") for e in init.get("env", [])}
+            if not all(a in env.get("KUBERNETES_APISERVER_ENDPOINTS", "") for a in addresses):
+                return None
+            state = await bus.kv_get(
+                subjects.NODE_STATE_BUCKET, subjects.node_state_key(CLUSTER, cluster.node)
+            )
+            node = None if state is None else events.decode(state.value)
+            assert node is None or isinstance(node, events.NodeState)
+            return snapshot if node is not None and node.generation == snapshot.generation else None
+
+        first = await eventually(lambda: settled({cluster.address}), what="the initial endpoints")
+        await kube.create(
+            "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
+            endpoint_slice("kubernetes-second", addresses=[second], port=6443),
+        )
+        changed = await eventually(
+            lambda: settled({cluster.address, second}), what="the second API server everywhere"
+        )
+        assert changed.generation > first.generation
+    finally:
+        relay.close()
+        await bus.drain()
+        await asyncio.to_thread(bridge_address, "del", f"{second}/32", cluster.bridge)

@@ -43,6 +43,7 @@ from nats.js.errors import APIError, BadRequestError, NotFoundError
 from apilane.model import events, subjects
 from apilane.model.errors import ApilaneError, ConfigError
 from apilane.runtime import natsauth, tracing
+from apilane.runtime.aio import Backoff
 from apilane.runtime.config import NatsAuth, load_nats_auth
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ class Bus:
         that may not create them). Retries with backoff and jitter while they are missing or
         JetStream is not ready; True once they exist, False if `stop` was set first. A
         permission violation is raised: waiting would not change it."""
-        delay = 0.2
+        backoff = Backoff(initial=0.2, maximum=retry_max)
         missing = list(streams)
         while missing:
             try:
@@ -287,14 +288,8 @@ class Bus:
                     "waiting for the apilane streams",
                     extra={"missing": missing, "error": str(exc) or type(exc).__name__},
                 )
-            if stop is None:
-                await asyncio.sleep(delay * (0.5 + random.random()))
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay * (0.5 + random.random()))
-                if stop.is_set():
-                    return False
-            delay = min(delay * 2, retry_max)
+            if await backoff.sleep(stop):
+                return False
         return True
 
     async def publish(

@@ -16,11 +16,12 @@ PROMETHEUS_VERSION=3.16.0
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache_root="${APILANE_CACHE:-$HOME/.cache/apilane}"
 
-# Bump when a build command changes, so caches built the old way are rebuilt.
 # Bump when the way a binary is built changes, so cached builds are redone.
 RECIPE=2
 
 say() { echo "install-chart-tools: $*" >&2; }
+# shellcheck source=tools/lib/go-build-progress.sh
+source "$here/lib/go-build-progress.sh"
 
 is_ready() { # dir binary
     [[ -x "$1/$2" && "$(cat "$1/.recipe" 2>/dev/null)" == "$RECIPE" ]]
@@ -31,44 +32,6 @@ require_pin() { # module_dir module version
         say "$1/go.mod does not pin $2 $3 (the cache key would lie about what it holds)"
         exit 1
     }
-}
-
-# Runs `go build -v ...` (already given as arguments) and reports how many of the target's
-# packages have been compiled, every few seconds: on one line on a terminal, as a new line
-# every 30 s otherwise (CI logs).
-build_with_progress() { # label package go-build-args...
-    local label=$1 package=$2
-    shift 2
-    local log total started=$SECONDS pid interval=30 last=0
-    log="$(mktemp)"
-    total=$(go list -deps "$package" | wc -l)
-    [[ -t 2 ]] && interval=3
-    go build -v "$@" 2>"$log" &
-    pid=$!
-    while kill -0 "$pid" 2>/dev/null; do
-        sleep 1
-        if ((SECONDS - last >= interval)); then
-            last=$SECONDS
-            local done_count
-            done_count=$(grep -cv '^#\|: ' "$log" || true)
-            if [[ -t 2 ]]; then
-                printf '\r  %s: %d of at most %d packages compiled, %d s ' \
-                    "$label" "$done_count" "$total" $((SECONDS - started)) >&2
-            else
-                printf '  %s: %d of at most %d packages compiled, %d s\n' \
-                    "$label" "$done_count" "$total" $((SECONDS - started)) >&2
-            fi
-        fi
-    done
-    [[ -t 2 ]] && printf '\n' >&2
-    if ! wait "$pid"; then
-        say "building $label failed:"
-        grep -v '^[a-zA-Z0-9_./-]*$' "$log" | tail -40 >&2 || true
-        rm -f "$log"
-        return 1
-    fi
-    rm -f "$log"
-    say "$label built in $((SECONDS - started)) s"
 }
 
 # Builds one binary into dir unless it is there already. Concurrent runs (two worktrees'
@@ -96,7 +59,7 @@ install_one() { # name dir module_dir package ldflags [build tags]
             export CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -buildvcs=false"
             say "fetching the modules of $name (go mod download)"
             go mod download
-            build_with_progress "$name" "$package" \
+            go_build_with_progress "$name" "$package" \
                 -trimpath -tags="$tags" -ldflags="-s -w $ldflags" -o "$scratch/$name" "$package"
         ) || { rm -rf "$scratch"; exit 1; }
         mv -f "$scratch/$name" "$dir/$name"

@@ -8,6 +8,9 @@
 set -euo pipefail
 
 COMPOSE_VERSION=v2.40.3
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=tools/lib/go-build-progress.sh
+source "$here/lib/go-build-progress.sh"
 cache_dir="${APILANE_CACHE:-$HOME/.cache/apilane}/compose-${COMPOSE_VERSION}"
 binary="$cache_dir/docker-compose"
 
@@ -38,7 +41,8 @@ cp -r "$module_dir" "$scratch/src"
 chmod -R u+w "$scratch/src"
 (
     cd "$scratch/src"
-    CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -buildvcs=false" go build -trimpath \
+    export CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -buildvcs=false"
+    go_build_with_progress docker-compose ./cmd -trimpath \
         -ldflags "-s -w -X github.com/docker/compose/v2/internal.Version=${COMPOSE_VERSION}" \
         -o "$scratch/docker-compose" ./cmd
 ) >&2

@@ -11,6 +11,8 @@ COREDNS_VERSION=v1.12.4
 RECIPE=slim-1
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 module_dir="$here/coredns"
+# shellcheck source=tools/lib/go-build-progress.sh
+source "$here/lib/go-build-progress.sh"
 cache_dir="${APILANE_CACHE:-$HOME/.cache/apilane}/coredns-${COREDNS_VERSION}"
 binary="$cache_dir/coredns"
 
@@ -44,7 +46,8 @@ echo "install-coredns: building CoreDNS ${COREDNS_VERSION} (kubernetes and a few
 started=$SECONDS
 (
     cd "$module_dir"
-    CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -buildvcs=false -mod=readonly" go build -trimpath \
+    export CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -buildvcs=false -mod=readonly"
+    go_build_with_progress coredns . -trimpath \
         -ldflags="-s -w -X github.com/coredns/coredns/coremain.GitCommit=${COREDNS_VERSION}" \
         -o "$scratch/coredns" .
 ) >&2

@@ -14,6 +14,8 @@ KUBE_VERSION=v1.34.4
 ETCD_VERSION=v3.6.4
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 module_dir="$here/kube-binaries"
+# shellcheck source=tools/lib/go-build-progress.sh
+source "$here/lib/go-build-progress.sh"
 cache_dir="${APILANE_CACHE:-$HOME/.cache/apilane}/kube-${KUBE_VERSION}-etcd-${ETCD_VERSION}"
 
 # Bump when the build command changes, so caches built the old way are rebuilt.
@@ -69,8 +71,10 @@ if ! [[ -x "$cache_dir/kube-apiserver" && -x "$cache_dir/etcd" &&
     started=$SECONDS
     (
         cd "$module_dir"
-        go build -trimpath -ldflags="-s -w ${version_flags}" -o "$scratch/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
-        go build -trimpath -ldflags='-s -w' -o "$scratch/etcd" go.etcd.io/etcd/server/v3
+        go_build_with_progress kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver \
+            -trimpath -ldflags="-s -w ${version_flags}" -o "$scratch/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
+        go_build_with_progress etcd go.etcd.io/etcd/server/v3 \
+            -trimpath -ldflags='-s -w' -o "$scratch/etcd" go.etcd.io/etcd/server/v3
     ) >&2
     mv -f "$scratch/kube-apiserver" "$cache_dir/kube-apiserver"
     mv -f "$scratch/etcd" "$cache_dir/etcd"
@@ -82,8 +86,8 @@ if $want_node; then
     for binary in "${NODE_BINARIES[@]}"; do
         started=$SECONDS
         echo "install-kube-binaries: building $binary ${KUBE_VERSION}" >&2
-        (cd "$module_dir" && go build -trimpath -ldflags="-s -w ${version_flags}" \
-            -o "$scratch/$binary" "k8s.io/kubernetes/cmd/$binary") >&2
+        (cd "$module_dir" && go_build_with_progress "$binary" "k8s.io/kubernetes/cmd/$binary" \
+            -trimpath -ldflags="-s -w ${version_flags}" -o "$scratch/$binary" "k8s.io/kubernetes/cmd/$binary") >&2
         mv -f "$scratch/$binary" "$cache_dir/$binary"
         echo "install-kube-binaries: $binary built in $((SECONDS - started)) s" >&2
     done

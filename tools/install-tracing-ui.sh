@@ -8,7 +8,6 @@ set -euo pipefail
 
 ZIPKIN_VERSION=3.6.1
 ZIPKIN_SHA256=d8326e0ed4f43855dba81228f688554706e52578a7c782d9a90b73f8680654a1
-ARTIFACT="io.zipkin:zipkin-server:${ZIPKIN_VERSION}:jar:exec"
 cache_dir="${APILANE_CACHE:-$HOME/.cache/apilane}/zipkin/${ZIPKIN_VERSION}"
 jar="$cache_dir/zipkin-server-${ZIPKIN_VERSION}-exec.jar"
 
@@ -40,20 +39,24 @@ if [[ -f "$jar" && "$(cat "$marker" 2>/dev/null)" == "$ZIPKIN_SHA256" ]]; then
     exit 0
 fi
 
-if ! command -v mvn >/dev/null 2>&1; then
-    apt_install "Maven (fetches the jar from Maven Central)" maven
+if ! command -v curl >/dev/null 2>&1; then
+    apt_install "curl (fetches the jar from Maven Central)" curl
 fi
 
 mkdir -p "$cache_dir"
-# A private local repository, removed afterwards: the jar is ~130 MB and needs no second copy
-# in ~/.m2. Fetched into a scratch directory and moved into place once verified, so an
-# interrupted download never leaves a jar the fast path above would trust.
+# Fetched into a scratch directory and moved into place once verified, so an interrupted
+# download never leaves a jar the fast path above would trust. Straight from the repository
+# (not through mvn): one file, no local repository copy, and curl can show its progress.
 scratch="$(mktemp -d "$cache_dir/.fetch.XXXXXX")"
 trap 'rm -rf "$scratch"' EXIT
-say "fetching ${ARTIFACT} from Maven Central (~130 MB, first time only)"
-mvn -B -q --strict-checksums \
-    -Dmaven.repo.local="$scratch/m2" \
-    dependency:copy -Dartifact="$ARTIFACT" -DoutputDirectory="$scratch" -Dmdep.overWriteReleases=true >&2
+url="${MAVEN_REPOSITORY:-https://repo1.maven.org/maven2}/io/zipkin/zipkin-server/${ZIPKIN_VERSION}/zipkin-server-${ZIPKIN_VERSION}-exec.jar"
+say "fetching $url (~130 MB, first time only)"
+progress=(--no-progress-meter)
+[[ -t 2 ]] && progress=(--progress-bar)
+curl --fail --location --retry 3 "${progress[@]}" -o "$scratch/zipkin-server-${ZIPKIN_VERSION}-exec.jar" "$url" || {
+    say "could not fetch $url (is Maven Central reachable? set MAVEN_REPOSITORY to a mirror)"
+    exit 1
+}
 fetched="$scratch/zipkin-server-${ZIPKIN_VERSION}-exec.jar"
 if ! echo "${ZIPKIN_SHA256}  $fetched" | sha256sum --check --status; then
     say "checksum mismatch for $fetched (expected sha256 ${ZIPKIN_SHA256})"

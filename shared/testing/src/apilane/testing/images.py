@@ -168,11 +168,31 @@ def build_order(images: dict[str, Image], wanted: Iterable[str]) -> list[str]:
 # --------------------------------------------------------------------------- builders
 
 
+PROGRESS_INTERVAL = 30.0
+
+
 def _run(argv: Sequence[str], **kwargs: object) -> None:
-    result = subprocess.run(list(argv), capture_output=True, check=False, **kwargs)  # type: ignore[call-overload]
-    if result.returncode != 0:
-        output = (result.stdout + result.stderr).decode(errors="replace")
-        raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}):\n{output[-4000:]}")
+    """Run argv to completion, its output kept for the error; a line on stderr every 30 s
+    says it is still going (debootstrap and image builds take minutes the first time)."""
+    command = list(argv[3:] if list(argv[:2]) == ["nice", "-n"] else argv)
+    started = time.monotonic()
+    with subprocess.Popen(
+        list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs
+    ) as process:  # type: ignore[call-overload]
+        while True:
+            try:
+                output, _ = process.communicate(timeout=PROGRESS_INTERVAL)
+                break
+            except subprocess.TimeoutExpired:
+                elapsed = time.monotonic() - started
+                print(
+                    f"  {' '.join(command[:2])}: still running, {elapsed:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    if process.returncode != 0:
+        text = output.decode(errors="replace")
+        raise RuntimeError(f"{' '.join(argv)} failed ({process.returncode}):\n{text[-4000:]}")
 
 
 def _rootfs_inputs() -> list[tuple[str, bytes]]:

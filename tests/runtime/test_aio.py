@@ -73,3 +73,46 @@ async def test_set_when_any_sets_the_target_once_one_source_is_set() -> None:
     second.set()
     await asyncio.wait_for(task, 2)
     assert target.is_set()
+
+
+async def test_cancelling_the_caller_of_unless_stopped_cancels_the_work_and_propagates() -> None:
+    started = asyncio.Event()
+    work_cancelled = asyncio.Event()
+
+    async def work() -> int:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            work_cancelled.set()
+            raise
+        return 1
+
+    caller = asyncio.ensure_future(unless_stopped(work(), asyncio.Event()))
+    await started.wait()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert work_cancelled.is_set()
+
+
+async def test_a_caller_cancelled_while_the_stopped_work_winds_down_stays_cancelled() -> None:
+    winding_down = asyncio.Event()
+
+    async def slow_to_stop() -> int:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            winding_down.set()
+            await asyncio.sleep(30)
+            raise
+        return 1
+
+    stop = asyncio.Event()
+    caller = asyncio.ensure_future(unless_stopped(slow_to_stop(), stop))
+    await asyncio.sleep(0)
+    stop.set()
+    await winding_down.wait()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(caller, timeout=5)

@@ -61,18 +61,30 @@ async def first_of(*waits: Awaitable[object], timeout: float | None = None) -> i
 
 
 async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
-    """Await `work` unless `stop` comes first; then cancel it and return None."""
+    """Await `work` unless `stop` comes first; then cancel it and return None.
+
+    Cancelling the caller cancels `work` too and propagates: the work never outlives its
+    caller, and the caller's cancellation is never mistaken for the work's."""
     task = asyncio.ensure_future(work)
     stopper = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
     finally:
         stopper.cancel()
     if task.done():
         return task.result()
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
+    try:
         await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+    except Exception:  # the work was abandoned: its failure is moot
+        pass
     return None
 
 

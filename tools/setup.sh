@@ -10,6 +10,14 @@ cd "$(dirname "$0")/.."
 
 UV_VERSION=0.13.9
 say() { printf '\033[1msetup:\033[0m %s\n' "$*"; }
+# Runs a step and, when it took a while (a first run), says how long: the cold set-up's
+# breakdown, without a second tool.
+timed() { # label command...
+    local label=$1 started=$SECONDS
+    shift
+    "$@"
+    if ((SECONDS - started >= 5)); then say "$label took $((SECONDS - started)) s" >&2; fi
+}
 
 python_for_venv() {
   for candidate in python3.11 /usr/bin/python3.11 python3; do
@@ -30,23 +38,23 @@ if ! command -v uv >/dev/null 2>&1 || [ "$(uv --version | awk '{print $2}')" != 
 fi
 UV=$(command -v uv)
 say "python venv (uv sync --frozen)"
-"$UV" sync --frozen --quiet --python "$(python_for_venv)"
+timed "uv sync" "$UV" sync --frozen --quiet --python "$(python_for_venv)"
 
 # 2. The eBPF side: Debian packages, kernel headers, bpffs, bcc importable from the venv.
-bash tools/setup-bpf.sh
+timed "eBPF packages" bash tools/setup-bpf.sh
 
 # 3. kube-apiserver and etcd for the test harness and the local stack.
-bash tools/install-kube-binaries.sh >/dev/null
+timed "kube-apiserver and etcd" bash tools/install-kube-binaries.sh >/dev/null
 
 # 4. helm and promtool for the chart and alert tests (progress on stderr when building).
-bash tools/install-chart-tools.sh >/dev/null
+timed "helm and promtool" bash tools/install-chart-tools.sh >/dev/null
 
 # 5. The run modes: docker daemon packages, the compose CLI plugin, and what the one-node
 #    test cluster adds (kubelet, kube-controller-manager, kube-scheduler, CoreDNS).
-bash tools/setup-docker.sh
-bash tools/install-kube-binaries.sh node >/dev/null
-bash tools/install-coredns.sh >/dev/null
-compose=$(bash tools/install-compose.sh)
+timed "docker packages" bash tools/setup-docker.sh
+timed "kubelet, kube-controller-manager, kube-scheduler" bash tools/install-kube-binaries.sh node >/dev/null
+timed CoreDNS bash tools/install-coredns.sh >/dev/null
+compose=$(timed "docker compose" bash tools/install-compose.sh)
 plugin_dir=/usr/local/lib/docker/cli-plugins
 if [ "$(readlink -f "$plugin_dir/docker-compose" 2>/dev/null)" != "$compose" ]; then
   if [ -e "$plugin_dir/docker-compose" ] && [ ! -L "$plugin_dir/docker-compose" ]; then
@@ -56,4 +64,4 @@ if [ "$(readlink -f "$plugin_dir/docker-compose" 2>/dev/null)" != "$compose" ]; 
     say "docker compose plugin -> $compose"
   fi
 fi
-say "done"
+say "done in $SECONDS s"

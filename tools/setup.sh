@@ -29,6 +29,15 @@ python_for_venv() {
   echo "setup: Python 3.11 is required (apt-get install python3.11)" >&2; return 1
 }
 
+# 0. On a cold machine (no kube-apiserver built yet), fetch every Go module in the background
+#    while the steps below install packages; the builds then find their modules there.
+kube_cache="${APILANE_CACHE:-$HOME/.cache/apilane}"
+if command -v go >/dev/null 2>&1 && ! compgen -G "$kube_cache/kube-*/kube-apiserver" >/dev/null; then
+  mkdir -p "$kube_cache"
+  say "cold machine: fetching the Go modules of the tools in the background"
+  bash tools/prefetch-go-modules.sh "$kube_cache/prefetch-go-modules.log" &
+fi
+
 # 1. uv, pinned, then the locked workspace venv.
 if ! command -v uv >/dev/null 2>&1 || [ "$(uv --version | awk '{print $2}')" != "$UV_VERSION" ]; then
   say "installing uv $UV_VERSION"
@@ -64,4 +73,5 @@ if [ "$(readlink -f "$plugin_dir/docker-compose" 2>/dev/null)" != "$compose" ]; 
     say "docker compose plugin -> $compose"
   fi
 fi
+wait
 say "done in $SECONDS s"

@@ -150,6 +150,7 @@ def test_a_cluster_ready_for_ebpf_passes_every_check() -> None:
         "managed-provider",
         "apiserver-location",
         "calico-node",
+        "calico-installation",
         "renderer-target",
     ]
     assert {c.name: c.level for c in checks if c.level is not Level.OK} == {}
@@ -573,6 +574,65 @@ def test_two_calico_node_daemonsets_warn() -> None:
     facts = healthy(calico_nodes=both)
     assert doctor.calico_node_layout(facts) == "both"
     assert verdict(facts, "calico-node").level is Level.WARN
+
+
+def installation(**network: str) -> Obj:
+    return {"metadata": {"name": "default"}, "spec": {"calicoNetwork": network}}
+
+
+def test_an_installation_with_the_defaults_is_named() -> None:
+    check = verdict(healthy(installation={"metadata": {"name": "default"}}), "calico-installation")
+    assert (check.level, check.summary) == (
+        Level.OK,
+        "Installation default: linuxDataplane Iptables, bpfNetworkBootstrap Disabled, "
+        "kubeProxyManagement Disabled",
+    )
+    assert verdict(healthy(), "calico-installation").summary.startswith("no Tigera operator")
+
+
+def test_kube_proxy_management_over_an_externally_managed_kube_proxy_fails() -> None:
+    managed = daemonset(
+        "kube-system", "kube-proxy", labels={"addonmanager.kubernetes.io/mode": "Reconcile"}
+    )
+    facts = healthy(kube_proxy=managed, installation=installation(kubeProxyManagement="Enabled"))
+    check = verdict(facts, "calico-installation")
+    assert check.level is Level.FAIL
+    assert "managed by label:addonmanager.kubernetes.io/mode=Reconcile" in check.summary
+    assert "set kubeProxyManagement Disabled" in check.advice
+    unmanaged = healthy(installation=installation(kubeProxyManagement="Enabled"))
+    assert verdict(unmanaged, "calico-installation").level is Level.OK
+
+
+@pytest.mark.parametrize(
+    ("network", "changes", "expected"),
+    [
+        ({"bpfNetworkBootstrap": "Enabled"}, {}, "with linuxDataplane Iptables"),
+        (
+            {"bpfNetworkBootstrap": "Enabled", "linuxDataplane": "BPF"},
+            {"kube_proxy": None},
+            "no kube-proxy DaemonSet",
+        ),
+        (
+            {"bpfNetworkBootstrap": "Enabled", "linuxDataplane": "BPF"},
+            {},
+            "both write KUBERNETES_SERVICE_IPS_PORTS",
+        ),
+    ],
+)
+def test_the_automatic_bootstrap_warns_where_its_conditions_do_not_hold(
+    network: dict[str, str], changes: dict[str, Any], expected: str
+) -> None:
+    check = verdict(healthy(installation=installation(**network), **changes), "calico-installation")
+    assert check.level is Level.WARN and expected in check.summary
+
+
+def test_the_bootstrap_beside_a_renderer_aimed_elsewhere_is_fine() -> None:
+    facts = healthy(
+        installation=installation(bpfNetworkBootstrap="Enabled", linuxDataplane="BPF"),
+        renderer_target="apilane-test/calico-node",
+    )
+    check = verdict(facts, "calico-installation")
+    assert check.level is Level.OK and "bpfNetworkBootstrap Enabled" in check.summary
 
 
 def test_access_failure_is_one_failed_check() -> None:

@@ -29,6 +29,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.kube]
 DAEMONSETS = "/apis/apps/v1/namespaces/{namespace}/daemonsets"
 SLICES = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
 NODES = "/api/v1/nodes"
+INSTALLATIONS = "/apis/operator.tigera.io/v1/installations"
+CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 APISERVER = "198.18.0.10"
 FIXED = ("kube-system/kube-proxy", "calico-system/calico-node", "kube-system/calico-node")
 INSTALLATION = {
@@ -48,6 +50,8 @@ async def clear(kube: KubeClient) -> None:
     for item in (await kube.list(NODES))["items"]:
         with contextlib.suppress(NotFound):
             await kube.delete(f"{NODES}/{item['metadata']['name']}")
+    with contextlib.suppress(NotFound):  # also when the CRD is not there
+        await kube.delete(f"{INSTALLATIONS}/default")
 
 
 @pytest.fixture
@@ -159,6 +163,45 @@ async def kubeadm_like(kube: KubeClient) -> None:
     )
 
 
+async def install_installation_crd(kube: KubeClient) -> None:
+    """The Tigera operator's Installation CRD (its schema left open), once per control plane."""
+    crd = {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "installations.operator.tigera.io"},
+        "spec": {
+            "group": "operator.tigera.io",
+            "scope": "Cluster",
+            "names": {
+                "plural": "installations",
+                "singular": "installation",
+                "kind": "Installation",
+            },
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "x-kubernetes-preserve-unknown-fields": True,
+                        }
+                    },
+                }
+            ],
+        },
+    }
+    with contextlib.suppress(Conflict):
+        await kube.create(CRDS, crd)
+    for _ in range(100):
+        with contextlib.suppress(NotFound):
+            await kube.list(INSTALLATIONS)
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the Installation CRD is not served after 10 s")
+
+
 async def doctor(
     control_plane: ControlPlane, capsys: pytest.CaptureFixture[str], *args: str
 ) -> tuple[int, dict[str, dict[str, str]]]:
@@ -238,6 +281,39 @@ async def test_kube_proxy_applied_by_eks_is_a_manager_the_operator_would_miss(
         "fieldManager:eks(eks)"
     )
     assert "does not recognise" in manager["advice"]
+
+
+async def test_kube_proxy_management_over_a_managed_kube_proxy_fails(
+    cluster: KubeClient, control_plane: ControlPlane, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Calico v3.31's third condition: an Installation that would disable a kube-proxy
+    someone else manages."""
+    await kubeadm_like(cluster)
+    await install_installation_crd(cluster)
+    network = {"linuxDataplane": "BPF", "kubeProxyManagement": "Enabled"}
+    await cluster.create(
+        INSTALLATIONS,
+        {
+            "apiVersion": "operator.tigera.io/v1",
+            "kind": "Installation",
+            "metadata": {"name": "default"},
+            "spec": {"calicoNetwork": network},
+        },
+    )
+    code, checks = await doctor(control_plane, capsys)
+    assert (code, levels(checks)) == (0, {})
+    assert checks["calico-installation"]["summary"] == (
+        "Installation default: linuxDataplane BPF, bpfNetworkBootstrap Disabled, "
+        "kubeProxyManagement Enabled"
+    )
+    await cluster.patch(
+        f"{DAEMONSETS.format(namespace='kube-system')}/kube-proxy",
+        {"metadata": {"labels": {"app.kubernetes.io/managed-by": "Helm"}}},
+    )
+    code, checks = await doctor(control_plane, capsys)
+    assert code == 2
+    assert levels(checks) == {"kube-proxy-manager": "warn", "calico-installation": "fail"}
+    assert "set kubeProxyManagement Disabled" in checks["calico-installation"]["advice"]
 
 
 async def test_missing_service_slices_fail_and_exit_2(

@@ -100,6 +100,8 @@ class ClusterFacts:
     # "namespace/name" -> DaemonSet, for each calico-node found.
     calico_nodes: Mapping[str, Body] = field(default_factory=dict)
     tigera_operator: Body | None = None
+    # The Tigera operator's Installation "default" (operator.tigera.io/v1), if there is one.
+    installation: Body | None = None
     # The DaemonSet apilane's renderer patches ("namespace/name").
     renderer_target: str = OPERATOR_CALICO_NODE
 
@@ -111,8 +113,7 @@ def access_failed(error: str) -> Check:
         Level.FAIL,
         f"cannot read the cluster: {error}",
         "check --kubeconfig/--context (or KUBECONFIG), that the API server answers, and that "
-        "the identity may get and list Services, EndpointSlices, DaemonSets, Deployments, "
-        "Pods in kube-system and Nodes",
+        "the identity may read what the doctor reads (README: apilane doctor)",
     )
 
 
@@ -134,6 +135,7 @@ def cluster_checks(facts: ClusterFacts) -> list[Check]:
         provider_check(snapshot),
         apiserver_location_check(facts.nodes, snapshot),
         calico_node_check(facts),
+        installation_check(facts),
         renderer_target_check(facts),
     ]
 
@@ -488,6 +490,85 @@ def calico_node_check(facts: ClusterFacts) -> Check:
             "manifest install",
         )
     return Check(name, Level.OK, f"operator install: {OPERATOR_CALICO_NODE} (owner: {owner})")
+
+
+@dataclass(frozen=True)
+class InstallationSettings:
+    """The Installation's eBPF settings, with the operator's defaults for unset ones."""
+
+    dataplane: str
+    bootstrap: str
+    kube_proxy_management: str
+
+    @classmethod
+    def of(cls, installation: Body) -> InstallationSettings:
+        network = as_dict(as_dict(installation.get("spec")).get("calicoNetwork"))
+        return cls(
+            dataplane=as_str(network.get("linuxDataplane")) or "Iptables",
+            bootstrap=as_str(network.get("bpfNetworkBootstrap")) or "Disabled",
+            kube_proxy_management=as_str(network.get("kubeProxyManagement")) or "Disabled",
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"linuxDataplane {self.dataplane}, bpfNetworkBootstrap {self.bootstrap}, "
+            f"kubeProxyManagement {self.kube_proxy_management}"
+        )
+
+
+def installation_problem(facts: ClusterFacts, settings: InstallationSettings) -> Check | None:
+    """The first way these settings contradict the cluster (Calico v3.31's three conditions
+    for its automatic bootstrap, and apilane's renderer writing the same env), or None."""
+    name = "calico-installation"
+    markers = management_markers(facts.kube_proxy) if facts.kube_proxy is not None else []
+    if settings.kube_proxy_management == "Enabled" and markers:
+        return Check(
+            name,
+            Level.FAIL,
+            f"kubeProxyManagement is Enabled but kube-proxy is managed by {', '.join(markers)}",
+            "set kubeProxyManagement Disabled and bpfKubeProxyIptablesCleanupEnabled false: "
+            "the operator goes Degraded on the markers it knows and fights the others",
+        )
+    if settings.bootstrap != "Enabled":
+        return None
+    if settings.dataplane != "BPF":
+        return Check(
+            name,
+            Level.WARN,
+            f"bpfNetworkBootstrap is Enabled with linuxDataplane {settings.dataplane}",
+            "the bootstrap only applies to linuxDataplane BPF: set it, or the bootstrap off",
+        )
+    if facts.kube_proxy is None:
+        return Check(
+            name,
+            Level.WARN,
+            "bpfNetworkBootstrap is Enabled but no kube-proxy DaemonSet runs",
+            "the operator learns the API server through kube-proxy's Service before it turns "
+            "kube-proxy off: install kube-proxy first, or configure the endpoints by hand",
+        )
+    if facts.renderer_target == OPERATOR_CALICO_NODE:
+        return Check(
+            name,
+            Level.WARN,
+            "bpfNetworkBootstrap is Enabled and apilane's renderer patches "
+            f"{OPERATOR_CALICO_NODE}: both write KUBERNETES_SERVICE_IPS_PORTS and "
+            "KUBERNETES_APISERVER_ENDPOINTS",
+            "let one of them own the env: set bpfNetworkBootstrap Disabled to keep apilane's "
+            "watched values (the operator refreshes its own only on a reconcile)",
+        )
+    return None
+
+
+def installation_check(facts: ClusterFacts) -> Check:
+    if facts.installation is None:
+        return Check(
+            "calico-installation",
+            Level.OK,
+            "no Tigera operator Installation (not an operator install)",
+        )
+    settings = InstallationSettings.of(facts.installation)
+    problem = installation_problem(facts, settings)
+    return problem or Check("calico-installation", Level.OK, f"Installation default: {settings}")
 
 
 def renderer_target_check(facts: ClusterFacts) -> Check:

@@ -21,6 +21,7 @@ SERVICE = "/api/v1/namespaces/default/services/kubernetes"
 SLICES = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
 KUBE_SYSTEM_PODS = "/api/v1/namespaces/kube-system/pods"
 NODES = "/api/v1/nodes"
+INSTALLATION = "/apis/operator.tigera.io/v1/installations/default"
 KUBE_PROXY_POD_SELECTORS = ("k8s-app=kube-proxy", "component=kube-proxy")
 
 
@@ -62,6 +63,8 @@ async def collect_cluster(kube: KubeClient, *, renderer_target: str) -> ClusterF
         nodes=(await kube.list(NODES))["items"],
         calico_nodes=calico_nodes,
         tigera_operator=await get_or_none(kube, deployment_path(doctor.TIGERA_OPERATOR)),
+        # Without the operator's CRD the path is unknown to the server: also a 404.
+        installation=await get_or_none(kube, INSTALLATION),
         renderer_target=renderer_target,
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
@@ -19,9 +20,16 @@ from typing import Any
 import pytest
 import yaml
 
+from apilane.cli import doctor_collect
+from apilane.cli.doctor_collect import DoctorOptions
 from apilane.cli.main import main
 from apilane.kube.client import Conflict, KubeClient, KubeError, NotFound
-from apilane.testing.kube import ControlPlane, delete_kubernetes_endpoint_slices, endpoint_slice
+from apilane.testing.kube import (
+    ControlPlane,
+    delete_kubernetes_endpoint_slices,
+    endpoint_slice,
+    service_account_token,
+)
 from apilane.testing.procs import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube]
@@ -442,6 +450,81 @@ async def test_the_node_checks_read_this_machine(
     }
     assert checks["kernel-headers"]["level"] in ("ok", "warn")  # a mismatch only warns
     assert code == (1 if checks["kernel-headers"]["level"] == "warn" else 0)
+
+
+RBAC = "/apis/rbac.authorization.k8s.io/v1"
+
+
+def cluster_role(name: str, reads: Sequence[tuple[str, str, str]]) -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": name},
+        "rules": [
+            {"apiGroups": [group], "resources": [resource], "verbs": [verb]}
+            for group, resource, verb in reads
+        ],
+    }
+
+
+async def doctor_in_a_pod(mounted: Path, control_plane: ControlPlane) -> dict[str, Any]:
+    environ = {
+        "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+        "KUBERNETES_SERVICE_PORT": str(control_plane.apiserver.port),
+    }
+    out = io.StringIO()
+    options = DoctorOptions(node=False, as_json=True, in_cluster_dir=mounted)
+    code = await doctor_collect.run(options, out=out, environ=environ)
+    report: dict[str, Any] = json.loads(out.getvalue())
+    assert report["exit_code"] == code
+    return report
+
+
+async def test_in_a_pod_it_reads_as_its_service_account_with_only_the_documented_rules(
+    cluster: KubeClient,
+    kube_namespace: str,
+    control_plane: ControlPlane,
+    tmp_path: Path,
+) -> None:
+    await kubeadm_like(cluster)
+    await install_installation_crd(cluster)
+    role = f"apilane-doctor-{kube_namespace}"
+    await cluster.create(f"{RBAC}/clusterroles", cluster_role(role, doctor_collect.READS))
+    subject = {"kind": "ServiceAccount", "name": "doctor", "namespace": kube_namespace}
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": role},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [subject],
+    }
+    await cluster.create(f"{RBAC}/clusterrolebindings", binding)
+    mounted = tmp_path / "serviceaccount"
+    mounted.mkdir()
+    (mounted / "ca.crt").write_bytes(control_plane.pki.ca_pem)
+    (mounted / "token").write_text(await service_account_token(cluster, kube_namespace, "doctor"))
+    try:
+        report = await doctor_in_a_pod(mounted, control_plane)
+        assert report["result"] == "ok", report
+        # One read fewer (Nodes) and the doctor says it cannot read the cluster.
+        without_nodes = [r for r in doctor_collect.READS if r[1] != "nodes"]
+        current = await cluster.get(f"{RBAC}/clusterroles/{role}")
+        await cluster.replace(
+            f"{RBAC}/clusterroles/{role}",
+            cluster_role(role, without_nodes) | {"metadata": current["metadata"]},
+        )
+        for _ in range(50):  # the authorizer sees the change through its informer
+            report = await doctor_in_a_pod(mounted, control_plane)
+            if report["exit_code"] == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert [c["name"] for c in report["checks"]] == ["api-access"]
+        assert "403 Forbidden" in report["checks"][0]["summary"]
+        assert "nodes" in report["checks"][0]["summary"]
+    finally:
+        for kind in ("clusterrolebindings", "clusterroles"):
+            with contextlib.suppress(NotFound):
+                await cluster.delete(f"{RBAC}/{kind}/{role}")
 
 
 async def test_doctor_takes_no_nats_options(capsys: pytest.CaptureFixture[str]) -> None:

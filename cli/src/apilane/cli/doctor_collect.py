@@ -9,12 +9,17 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 from apilane.cli import doctor
 from apilane.cli.doctor import Check, ClusterFacts, Mount, NodeFacts
 from apilane.kube.client import KubeClient, KubeError, NotFound
-from apilane.kube.credentials import kubeconfig_paths, load_in_cluster, load_kubeconfig
+from apilane.kube.credentials import (
+    IN_CLUSTER_DIR,
+    kubeconfig_paths,
+    load_in_cluster,
+    load_kubeconfig,
+)
 from apilane.model.errors import ConfigError
 
 SERVICE = "/api/v1/namespaces/default/services/kubernetes"
@@ -23,6 +28,17 @@ KUBE_SYSTEM_PODS = "/api/v1/namespaces/kube-system/pods"
 NODES = "/api/v1/nodes"
 INSTALLATION = "/apis/operator.tigera.io/v1/installations/default"
 KUBE_PROXY_POD_SELECTORS = ("k8s-app=kube-proxy", "component=kube-proxy")
+# Everything the collectors read, as RBAC rules (API group, resource, verb): a ClusterRole
+# with these is all the doctor needs (README: apilane doctor; a test runs it with just these).
+READS: Final = (
+    ("", "services", "get"),
+    ("discovery.k8s.io", "endpointslices", "list"),
+    ("apps", "daemonsets", "get"),
+    ("apps", "deployments", "get"),
+    ("", "pods", "list"),
+    ("", "nodes", "list"),
+    ("operator.tigera.io", "installations", "get"),
+)
 
 
 def daemonset_path(namespaced_name: str) -> str:
@@ -142,14 +158,22 @@ def kubeconfig_files(kubeconfig: str, environ: Mapping[str, str]) -> list[str]:
     return [str(default)] if default.is_file() else []
 
 
-async def kube_client(kubeconfig: str, context: str, environ: Mapping[str, str]) -> KubeClient:
+async def kube_client(
+    kubeconfig: str,
+    context: str,
+    environ: Mapping[str, str],
+    *,
+    in_cluster_dir: Path = IN_CLUSTER_DIR,
+) -> KubeClient:
     """As kubectl finds its credentials: --kubeconfig, else $KUBECONFIG, else the pod's
     service account inside a pod, else ~/.kube/config."""
     paths = kubeconfig_files(kubeconfig, environ)
     if paths:
         configuration = await load_kubeconfig(paths, context=context or None)
         return KubeClient(configuration, source=f"kubeconfig {', '.join(paths)}")
-    return KubeClient(load_in_cluster(environ), source="in-cluster service account")
+    return KubeClient(
+        load_in_cluster(environ, base=in_cluster_dir), source="in-cluster service account"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,12 +183,15 @@ class DoctorOptions:
     renderer_target: str = doctor.OPERATOR_CALICO_NODE
     node: bool = True  # also check the machine the command runs on
     as_json: bool = False
+    in_cluster_dir: Path = IN_CLUSTER_DIR  # the service account's mount, inside a pod
 
 
 async def cluster_checks(options: DoctorOptions, environ: Mapping[str, str]) -> list[Check]:
     """The cluster's checks; one failed `api-access` check when the objects cannot be read."""
     try:
-        kube = await kube_client(options.kubeconfig, options.context, environ)
+        kube = await kube_client(
+            options.kubeconfig, options.context, environ, in_cluster_dir=options.in_cluster_dir
+        )
         try:
             facts = await collect_cluster(kube, renderer_target=options.renderer_target)
         finally:

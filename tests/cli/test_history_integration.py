@@ -170,3 +170,14 @@ async def test_the_bucket_keeps_the_last_revisions_and_the_reader_may_not_write(
     assert [
         e.revision for e in await operator.kv_history(subjects.SNAPSHOT_BUCKET, key)
     ] == revisions
+
+
+async def test_history_before_the_bucket_exists_says_so(
+    nats_server: NatsServer, connect_as: ConnectAs, cluster: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    operator = await connect_as(Role.OPERATOR, cluster)  # nobody provisioned the streams
+    url = operator.nc.connected_url
+    assert url is not None
+    argv = ["--nats-url", f"nats://{url.hostname}:{url.port}", "--cluster", cluster, "history"]
+    assert await asyncio.to_thread(main, argv) == 1
+    assert f"bucket {subjects.SNAPSHOT_BUCKET} does not exist" in capsys.readouterr().err

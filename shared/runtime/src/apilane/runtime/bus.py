@@ -52,6 +52,7 @@ T = TypeVar("T")
 
 # JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check.
 _WRONG_LAST_SEQUENCE: Final = 10071
+_STREAM_NOT_FOUND: Final = 10059
 
 
 class BusError(ApilaneError):
@@ -365,8 +366,10 @@ class Bus:
                     f"$JS.API.STREAM.MSG.GET.{stream}",
                     self.js.get_msg(stream, seq=sequence, subject=subject, next=True),
                 )
-            except NotFoundError:
-                return found
+            except NotFoundError as exc:
+                if exc.err_code == _STREAM_NOT_FOUND:
+                    raise BusError(f"bucket {bucket} does not exist") from exc
+                return found  # no message of the key from `sequence` on
             except (NatsError, TimeoutError) as exc:
                 raise BusError(f"reading the history of {bucket}/{key} failed: {exc}") from exc
             headers = dict(raw.headers or {})

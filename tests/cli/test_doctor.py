@@ -458,7 +458,8 @@ def test_several_markers_are_all_named_in_order() -> None:
     )
     check = verdict(healthy(kube_proxy=ds), "kube-proxy-manager")
     assert check.summary.endswith(
-        "label:addonmanager.kubernetes.io/mode=Reconcile, label:eks.amazonaws.com/component=kube-proxy"
+        "label:addonmanager.kubernetes.io/mode=Reconcile, "
+        "label:eks.amazonaws.com/component=kube-proxy"
     )
     # The operator sees one of them, so it would leave kube-proxy alone.
     assert "does not recognise" not in check.advice

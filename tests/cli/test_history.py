@@ -66,6 +66,10 @@ def test_the_first_kept_generation_counts_everything_as_added() -> None:
     assert change.services_added == ("10.96.0.1:443",)
     assert (change.apiservers_removed, change.ports_before) == ((), ())
     assert change.ports_after == ("443/TCP", "6443/TCP")
+    assert change.first
+    assert (
+        history.diff_lines(change)[0] == "(the first trusted generation kept: all shown as added)"
+    )
 
 
 def test_endpoints_added_removed_and_ports_changed_are_named() -> None:
@@ -85,7 +89,7 @@ def test_endpoints_added_removed_and_ports_changed_are_named() -> None:
         ("443/TCP", "6443/TCP"),
         ("443/TCP", "6443/TCP", "8443/TCP"),
     )
-    assert not change.empty
+    assert not change.empty and not change.first
 
 
 def test_the_same_endpoints_are_no_change() -> None:

@@ -118,7 +118,9 @@ async def test_history_lists_each_generation_its_diff_signature_and_trace(
         "services_removed": [],
         "ports_before": ["443/TCP", "6443/TCP"],
         "ports_after": ["443/TCP", "8443/TCP"],
+        "first": False,
     }
+    assert kept[0]["diff"]["first"] is True
 
     assert await asyncio.to_thread(main, ["history", *stack]) == 0  # options after it
     text = capsys.readouterr().out

@@ -213,12 +213,16 @@ def ports_check(snapshot: SnapshotResult) -> Check:
     )
     service_ports = sorted({f"{e.port}/{e.protocol}" for e in snapshot.service_endpoints})
     endpoint_ports = sorted({f"{e.port}/{e.protocol}" for e in snapshot.apiserver_endpoints})
-    summary = f"Service {', '.join(service_ports) or 'none'} -> endpoints {', '.join(endpoint_ports) or 'none'}"
+    summary = (
+        f"Service {', '.join(service_ports) or 'none'} -> "
+        f"endpoints {', '.join(endpoint_ports) or 'none'}"
+    )
     if bad:
         return Check(
             "kubernetes-ports",
             Level.WARN,
-            f"{summary}; {len(bad)} entry(ies) left out, first: {bad[0].object_ref}: {bad[0].message}",
+            f"{summary}; {len(bad)} entry(ies) left out, "
+            f"first: {bad[0].object_ref}: {bad[0].message}",
             "fix or remove the entries the data plane cannot program (they are ignored)",
         )
     if not endpoint_ports:
@@ -684,7 +688,8 @@ def headers_check(facts: NodeFacts) -> Check:
                 Level.WARN,
                 f"{facts.headers_dir} holds headers for {facts.headers_release}, not for the "
                 f"running {facts.kernel_release}",
-                f"install the headers of the running kernel (linux-headers-{facts.kernel_release}): "
+                "install the headers of the running kernel "
+                f"(linux-headers-{facts.kernel_release}): "
                 "bcc compiles against these, and struct layouts may differ",
             )
         return Check("kernel-headers", Level.OK, f"kernel headers at {facts.headers_dir}")
@@ -693,7 +698,8 @@ def headers_check(facts: NodeFacts) -> Check:
     return Check(
         "kernel-headers",
         Level.FAIL,
-        f"no kernel headers for {facts.kernel_release} (no {facts.headers_dir or '/lib/modules/<release>/build'}, "
+        f"no kernel headers for {facts.kernel_release} "
+        f"(no {facts.headers_dir or '/lib/modules/<release>/build'}, "
         "no /sys/kernel/kheaders.tar.xz): bcc cannot compile the programs",
         f"install linux-headers-{facts.kernel_release} (or load the kheaders module)",
     )

@@ -62,6 +62,7 @@ class Diff:
     services_removed: tuple[str, ...] = ()
     ports_before: tuple[str, ...] = ()
     ports_after: tuple[str, ...] = ()  # equal to ports_before when they did not change
+    first: bool = False  # no trusted generation before it is kept: everything is "added"
 
     @property
     def ports_changed(self) -> bool:
@@ -110,8 +111,9 @@ def diff(previous: events.EndpointSnapshot | None, current: events.EndpointSnaps
         apiservers_removed=_ordered(set(old_api) - set(new_api), old_api),
         services_added=_ordered(set(new_svc) - set(old_svc), new_svc),
         services_removed=_ordered(set(old_svc) - set(new_svc), old_svc),
-        ports_before=ports_before if previous else (),
+        ports_before=ports_before,
         ports_after=tuple(_ports([*current.service_endpoints, *current.apiserver_endpoints])),
+        first=previous is None,
     )
 
 
@@ -177,7 +179,8 @@ def _when(moment: datetime | None) -> str:
 
 
 def diff_lines(change: Diff) -> list[str]:
-    lines = [f"+ API server {a}" for a in change.apiservers_added]
+    lines = ["(the first trusted generation kept: all shown as added)"] if change.first else []
+    lines += [f"+ API server {a}" for a in change.apiservers_added]
     lines += [f"- API server {a}" for a in change.apiservers_removed]
     lines += [f"+ service VIP {a}" for a in change.services_added]
     lines += [f"- service VIP {a}" for a in change.services_removed]
@@ -204,7 +207,8 @@ def generation_lines(generation: Generation) -> list[str]:
 
 def render_text(cluster: str, kept: Sequence[Generation]) -> str:
     lines = [
-        f"cluster {cluster!r}: {len(kept)} kept revision(s) (the bucket keeps {subjects.SNAPSHOT_HISTORY})"
+        f"cluster {cluster!r}: {len(kept)} kept revision(s) "
+        f"(the bucket keeps {subjects.SNAPSHOT_HISTORY})"
     ]
     if not kept:
         lines.append("  no snapshot published yet")
@@ -237,6 +241,7 @@ def generation_json(generation: Generation) -> dict[str, Any]:
                 "services_removed": list(generation.diff.services_removed),
                 "ports_before": list(generation.diff.ports_before),
                 "ports_after": list(generation.diff.ports_after),
+                "first": generation.diff.first,
             }
             if generation.diff
             else None

@@ -28,7 +28,7 @@ def test_the_console_script_is_installed_and_lists_every_command() -> None:
         [str(script), "--help"], capture_output=True, text=True, check=False, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    for command in ("status", "simulate", "render", "up"):
+    for command in ("status", "history", "doctor", "simulate", "render", "up"):
         assert command in result.stdout
     assert "apilane simulate failover" in result.stdout
     assert "apilane render manifest" in result.stdout
@@ -41,6 +41,8 @@ def test_the_console_script_is_installed_and_lists_every_command() -> None:
         (["simulate", "failover", "--help"], "--nats-url"),
         (["render", "manifest", "--help"], "--format {all,env,yaml}"),
         (["up", "--help"], "--memory"),
+        (["history", "--help"], "--output {text,json}"),
+        (["doctor", "--help"], "--context CONTEXT"),
     ],
 )
 def test_each_command_has_help(
@@ -72,6 +74,8 @@ def test_up_help_says_what_it_starts_and_takes_no_stack_options(
         (["simulate"], "the following arguments are required: WHAT"),
         (["simulate", "outage"], "invalid choice: 'outage'"),
         (["render", "manifest", "--format", "json"], "invalid choice: 'json'"),
+        (["doctor", "--output", "yaml"], "invalid choice: 'yaml'"),
+        (["--cluster", "x", "doctor"], "doctor reads the API server only"),
         (
             ["render", "manifest", "--nats-url", "nats://127.0.0.1:1", "--kubeconfig", "/x"],
             "--nats-url and --kubeconfig name two sources: give one",
@@ -102,13 +106,22 @@ def test_up_without_the_local_extra_says_how_to_get_it(monkeypatch: pytest.Monke
 def test_other_commands_do_not_import_the_harness() -> None:
     script = (
         "import sys; import apilane.cli.main, apilane.cli.status, apilane.cli.failover, "
-        "apilane.cli.manifest, apilane.cli.target; "
+        "apilane.cli.manifest, apilane.cli.target, apilane.cli.history, apilane.cli.doctor, "
+        "apilane.cli.doctor_collect; "
         "assert not any(m.startswith('apilane.testing') for m in sys.modules), 'harness imported'"
     )
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_doctor_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "the exit code is the worst result: 0 all ok, 1 a warning, 2 a failure" in out
+    assert main(["--help"]) == 0
+    assert "exit 0 all ok, 1 a warning, 2 a failure" in capsys.readouterr().out
 
 
 def test_status_without_a_running_stack_says_how_to_start_one(

@@ -1,6 +1,9 @@
 """`apilane`: the operator command line.
 
     apilane status [--json]          the snapshot, calico-node's env, each node's generation
+    apilane history [--output json]  the kept snapshot generations: diffs, signatures, traces
+    apilane doctor [--output json]   the eBPF bootstrap's preconditions, cluster and node;
+                                     exit 0 all ok, 1 a warning, 2 a failure
     apilane simulate failover        replace one API server endpoint, follow the change
     apilane node lb on|off NODE      switch a node's connect-time LB (a signed request)
     apilane render manifest          the env and a DaemonSet snippet for manifest installs
@@ -10,7 +13,8 @@
 `status`, `simulate failover` and `node lb` talk to the local stack `apilane up` runs, or
 to the stack --nats-url (APILANE_NATS_URL) names, as the operator's NATS identity
 (APILANE_NATS_*); --nats-url, --cluster, --kubeconfig and --daemonset go before or after
-the command.
+the command. `doctor` reads only the API server (--kubeconfig, --context; KUBECONFIG, the
+pod's service account or ~/.kube/config) and the machine it runs on.
 """
 
 from __future__ import annotations
@@ -88,6 +92,31 @@ def build_parser() -> argparse.ArgumentParser:
         commands, "status", run_status, "the snapshot, the calico-node env and each node's state"
     )
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    history = command(
+        commands,
+        "history",
+        run_history,
+        "the kept generations of the snapshot: when, what changed, signature, trace",
+    )
+    history.add_argument("--output", choices=("text", "json"), default="text")
+    doctor = command(
+        commands,
+        "doctor",
+        run_doctor,
+        "check the eBPF bootstrap's preconditions (exit 0 ok, 1 warn, 2 fail)",
+        description=(
+            "Check what an eBPF kube-proxy replacement needs, read-only: the kubernetes "
+            "Service and its EndpointSlices, kube-proxy and who manages it, a managed or "
+            "external API server, calico-node's install, and on this machine bpffs, cgroup "
+            "v2, the kernel and its headers. One line per check; the exit code is the worst "
+            "result: 0 all ok, 1 a warning, 2 a failure."
+        ),
+    )
+    doctor.add_argument("--context", default="", help="the kubeconfig context (default: current)")
+    doctor.add_argument("--output", choices=("text", "json"), default="text")
+    doctor.add_argument(
+        "--no-node", action="store_true", help="skip the checks of the machine it runs on"
+    )
     simulate = commands.add_parser("simulate", help="simulate a change in the cluster")
     what = simulate.add_subparsers(dest="what", required=True, metavar="WHAT")
     command(what, "failover", run_failover, "replace one API server endpoint, follow the change")
@@ -153,6 +182,28 @@ def run_status(args: argparse.Namespace) -> int:
     from apilane.cli.status import status
 
     return asyncio.run(status(StackInfo.load(flags(args)), as_json=args.json, out=sys.stdout))
+
+
+def run_history(args: argparse.Namespace) -> int:
+    from apilane.cli.history import history
+
+    info = StackInfo.load(flags(args))
+    return asyncio.run(history(info, as_json=args.output == "json", out=sys.stdout))
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    from apilane.cli import doctor_collect
+
+    if args.nats_url or args.cluster:
+        raise UsageError("doctor reads the API server only: --nats-url and --cluster do not apply")
+    options = doctor_collect.DoctorOptions(
+        kubeconfig=args.kubeconfig or "",
+        context=args.context,
+        renderer_target=args.daemonset or CALICO_NODE,
+        node=not args.no_node,
+        as_json=args.output == "json",
+    )
+    return asyncio.run(doctor_collect.run(options, out=sys.stdout))
 
 
 def run_failover(args: argparse.Namespace) -> int:

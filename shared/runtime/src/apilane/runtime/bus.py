@@ -20,6 +20,7 @@ import random
 import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -51,6 +52,7 @@ T = TypeVar("T")
 
 # JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check.
 _WRONG_LAST_SEQUENCE: Final = 10071
+_STREAM_NOT_FOUND: Final = 10059
 
 
 class BusError(ApilaneError):
@@ -108,6 +110,7 @@ class KvEntry(msgspec.Struct, frozen=True, kw_only=True):
     revision: int
     headers: dict[str, str] = {}
     operation: str = "PUT"  # PUT, DEL or PURGE
+    written_at: datetime | None = None  # when the server stored it (kv_get, kv_history)
 
 
 class Bus:
@@ -345,7 +348,46 @@ class Bus:
             revision=int(raw.seq or 0),
             headers=headers,
             operation=operation,
+            written_at=raw.time,
         )
+
+    async def kv_history(self, bucket: str, key: str) -> list[KvEntry]:
+        """Every revision of a key the bucket still keeps (its `history` setting), oldest
+        first, deletes and purges included. One direct message get per revision (the
+        next message of the key's subject from a sequence on), so no consumer is made and
+        an identity that may only read messages can call it."""
+        stream = _kv_stream(bucket)
+        subject = subjects.kv_subject(bucket, key)
+        found: list[KvEntry] = []
+        sequence = 1
+        while True:
+            try:
+                raw = await self._guarded(
+                    f"$JS.API.STREAM.MSG.GET.{stream}",
+                    self.js.get_msg(stream, seq=sequence, subject=subject, next=True),
+                )
+            except NotFoundError as exc:
+                if exc.err_code == _STREAM_NOT_FOUND:
+                    raise BusError(f"bucket {bucket} does not exist") from exc
+                return found  # no message of the key from `sequence` on
+            except (NatsError, TimeoutError) as exc:
+                raise BusError(f"reading the history of {bucket}/{key} failed: {exc}") from exc
+            headers = dict(raw.headers or {})
+            revision = int(raw.seq or 0)
+            found.append(
+                KvEntry(
+                    bucket=bucket,
+                    key=key,
+                    value=raw.data or b"",
+                    revision=revision,
+                    headers=headers,
+                    operation=headers.get("KV-Operation", "PUT"),
+                    written_at=raw.time,
+                )
+            )
+            if revision < sequence:  # a server that sent no sequence: do not ask again
+                return found
+            sequence = revision + 1
 
     async def kv_keys(self, bucket: str, key: str = ">") -> list[str]:
         """The keys of `bucket` that match `key` (a subject pattern: `local.>`), sorted.

@@ -197,6 +197,9 @@ class Harness:
                 enabled=False, name=subjects.renderer_lease(self.cluster), identity="renderer-test"
             ),
             "coalesce_during_rollout": False,
+            # The tests below were written for literal env and keep it; configmap mode (the
+            # default) has its own, in test_renderer_configmap.py.
+            "render_mode": "literal",
         }
         values.update(overrides)
         return RendererSettings(**values)

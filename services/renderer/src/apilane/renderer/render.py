@@ -356,6 +356,38 @@ def diff(
     )
 
 
+def release(
+    live_daemonset: Mapping[str, Any],
+    *,
+    keep_values: Mapping[str, str] | None = None,
+    field_manager: str = FIELD_MANAGER,
+) -> EnvDiff:
+    """Undo what apilane did to the DaemonSet's env, as its ownership record says: each
+    variable apilane created is removed, each value it replaced comes back.
+
+    With `keep_values` (the ConfigMap's data), an entry that reads apilane's ConfigMap gets
+    that value as literal env instead (and stays apilane's, so a later release still gives
+    the original back): calico-node keeps booting with the current endpoints."""
+    live = _LiveDaemonSet.read(live_daemonset, field_manager=field_manager)
+    wanted: dict[ContainerKind, dict[str, dict[str, str]]] = {}
+    for kind in CONTAINER_KINDS:
+        wanted[kind] = {}
+        for container in live.containers[kind]:
+            live_env = live.env(kind, container) or {}
+            ours = live.ours(kind, container, live_env)
+            wanted[kind][container] = {
+                name: keep_values[name]
+                for name in ours
+                if keep_values is not None
+                and name in keep_values
+                and _configmap_ref(live_env.get(name), name) is not None
+            }
+    desired = DesiredEnv(
+        init_containers=wanted["initContainers"], containers=wanted["containers"], env={}
+    )
+    return diff(live_daemonset, desired, field_manager=field_manager)
+
+
 @dataclass(frozen=True, kw_only=True)
 class _LiveDaemonSet:
     """The parts of the live object a diff reads, each read once and tolerantly."""

@@ -51,6 +51,7 @@ from apilane.runtime import serve
 from apilane.runtime.bus import Bus
 from apilane.runtime.config import CommonSettings
 from apilane.runtime.natsauth import Role
+from apilane.testing.calico import container_env
 from apilane.testing.kube import ControlPlane
 from apilane.testing.nats import NatsServer
 from apilane.testing.nats_fixtures import ConnectAs
@@ -1069,26 +1070,6 @@ OPERATOR_OWNER = {
 }
 
 
-async def resolved_env(
-    kube: KubeClient, daemonset: dict[str, Any], kind: str, container: str
-) -> dict[str, str]:
-    """The env the kubelet would give the container: literal values, and configMapKeyRefs
-    read from the live ConfigMaps (other valueFrom kinds are left out)."""
-    namespace = daemonset["metadata"]["namespace"]
-    resolved = {}
-    for entry in daemonset["spec"]["template"]["spec"].get(kind, []):
-        if entry["name"] != container:
-            continue
-        for item in entry.get("env", []):
-            ref = item.get("valueFrom", {}).get("configMapKeyRef")
-            if ref is None and "valueFrom" not in item:
-                resolved[item["name"]] = item.get("value", "")
-            elif ref is not None:
-                cm = await kube.get(f"/api/v1/namespaces/{namespace}/configmaps/{ref['name']}")
-                resolved[item["name"]] = cm["data"][ref["key"]]
-    return resolved
-
-
 async def events_with(world: Harness, reason: str) -> list[dict[str, Any]]:
     for _ in range(100):  # the Kubernetes Event is written off the hot path
         listed = await world.kube.list(f"/api/v1/namespaces/{world.namespace}/events")
@@ -1143,9 +1124,9 @@ async def test_configmap_mode_adopts_with_one_generation_and_then_never_moves_it
         APISERVER_ENDPOINTS: (await configmap_data(world))[APISERVER_ENDPOINTS],
     }
     assert "192.168.7.21:6443" in wanted_env[APISERVER_ENDPOINTS]
-    init = await resolved_env(world.kube, now, "initContainers", "ebpf-bootstrap")
+    init = await container_env(world.kube, now, "initContainers", "ebpf-bootstrap")
     assert init == {"CALICO_CGROUP_PATH": "/run/calico/cgroup", **wanted_env}
-    main = await resolved_env(world.kube, now, "containers", "calico-node")
+    main = await container_env(world.kube, now, "containers", "calico-node")
     assert main == {"DATASTORE_TYPE": "kubernetes", **wanted_env}
     cm = await world.kube.get(f"/api/v1/namespaces/{world.namespace}/configmaps/{CONFIGMAP}")
     assert cm["metadata"]["annotations"][APPLIED_GENERATION] == "21"
@@ -1162,7 +1143,7 @@ async def test_either_mode_gives_calico_node_the_current_endpoints(
         assert (await world.result()).outcome == "applied"
     live = await world.daemonset()
     for kind, container in (("initContainers", "ebpf-bootstrap"), ("containers", "calico-node")):
-        env = await resolved_env(world.kube, live, kind, container)
+        env = await container_env(world.kube, live, kind, container)
         assert env[APISERVER_ENDPOINTS] == "192.168.5.4:6443,192.168.5.5:6443"
         assert env[SERVICE_IPS_PORTS] == "10.96.0.1:443"
 
@@ -1358,7 +1339,7 @@ async def test_auto_detection_takes_the_layout_whose_daemonset_exists(world: Har
         assert renderer.settings.target_preset == "manifest"
         live = await world.kube.get(manifest_ds)
         # The manifest layout: calico-node reads the values itself; no init container is aimed at.
-        env = await resolved_env(world.kube, live, "containers", "calico-node")
+        env = await container_env(world.kube, live, "containers", "calico-node")
         assert env[APISERVER_ENDPOINTS] == "192.168.5.4:6443"
         assert SERVICE_IPS_PORTS not in env_of(live, "initContainers", "ebpf-bootstrap")
         await world.stop()
@@ -1373,6 +1354,6 @@ async def test_auto_detection_takes_the_layout_whose_daemonset_exists(world: Har
             assert result.daemonset == "calico-system/calico-node"
             assert renderer.settings.target_preset == "operator"
             live = await world.kube.get(operator_ds)
-            env = await resolved_env(world.kube, live, "initContainers", "ebpf-bootstrap")
+            env = await container_env(world.kube, live, "initContainers", "ebpf-bootstrap")
             assert env[APISERVER_ENDPOINTS] == "192.168.5.5:6443"
             await world.stop()

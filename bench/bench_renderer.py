@@ -119,6 +119,9 @@ async def measure(plane: ControlPlane, nats: NatsServer, work: Path) -> None:
         "APILANE_CLUSTER": cluster,
         "APILANE_TRUSTED_KEYS": signing_key.public_text,
         "APILANE_TARGET_NAMESPACE": namespace,
+        # Literal env, so every row is a DaemonSet patch as in earlier runs; the ConfigMap
+        # mode's cost in rollouts is bench_rollouts.py's.
+        "APILANE_RENDER_MODE": "literal",
         "APILANE_HTTP_PORT": "0",
         "APILANE_HTTP_HOST": "127.0.0.1",
         "APILANE_COALESCE_DURING_ROLLOUT": "false",

@@ -1130,6 +1130,8 @@ async def test_configmap_mode_adopts_with_one_generation_and_then_never_moves_it
     assert main == {"DATASTORE_TYPE": "kubernetes", **wanted_env}
     cm = await world.kube.get(f"/api/v1/namespaces/{world.namespace}/configmaps/{CONFIGMAP}")
     assert cm["metadata"]["annotations"][APPLIED_GENERATION] == "21"
+    assert world.metric("apilane_renderer_patches_total") == 1.0  # the adoption: one rollout
+    assert world.metric("apilane_renderer_configmap_writes_total") == 21.0
 
 
 @pytest.mark.parametrize("mode", ["literal", "configmap"])

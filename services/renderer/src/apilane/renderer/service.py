@@ -544,7 +544,10 @@ class Renderer:
         held = Held(generation=snapshot.generation, content_digest=signed.content_digest)
         if report.patched:
             self._accept(held)
-            self.metrics.patches.inc()
+            if report.daemonset_patched:
+                self.metrics.patches.inc()
+            if report.configmap is not None and not report.configmap.unchanged:
+                self.metrics.configmap_writes.inc()
             self.metrics.latency.observe(
                 max(0.0, (datetime.now(UTC) - snapshot.observed_at).total_seconds())
             )

@@ -1,19 +1,26 @@
-"""Bringing the live DaemonSet to a desired env: read, compare, patch, retry on conflict.
+"""Bringing the live DaemonSet (and its ConfigMap) to a desired env: read, compare, write,
+retry on conflict.
 
 One call to `Applier.apply` is one decision about one snapshot. It reads the live
-DaemonSet, compares, and then either does nothing (unchanged), holds the snapshot (the
-DaemonSet is missing, or our previous rollout is still running), or sends the patch:
-server-side dry run or for real, with the field manager, guarded by the resourceVersion it
-compared against. A 409 means the DaemonSet changed between read and write: read again,
+DaemonSet (and, in configmap mode, the endpoints ConfigMap), compares, and then either does
+nothing (unchanged), holds the snapshot (the DaemonSet is missing, or our previous rollout
+is still running and the DaemonSet itself would change), or writes: the ConfigMap first,
+then the DaemonSet patch if its entries change (adoption, or a variable coming or going),
+server-side dry run or for real, with the field manager, guarded by the resourceVersions it
+compared against. A 409 means something changed between read and write: read again,
 compare again, and try again, a bounded number of times.
 
-Where the last applied snapshot generation is kept: in annotations on the DaemonSet itself,
-written by the same request that changes the env. That makes the record atomic with the
-change (the render-result stream could miss a result if we stopped between patch and
-publish, and would then let a restart patch twice), keeps it when NATS loses its data, and
-drops it with the DaemonSet (a recreated DaemonSet must be rendered again). The record of
-which env variables apilane set (ownership.MANAGED_ENV_ANNOTATION, so it can remove them when
-they are no longer wanted) travels in the same patch for the same reasons.
+A DaemonSet that tigera-operator renders (`apilane.renderer.controller`) is never patched:
+the ConfigMap is still kept current, and the report says why the DaemonSet was left alone.
+
+Where the last applied snapshot generation is kept: in annotations on what the write
+changes (the ConfigMap in configmap mode, the DaemonSet in literal mode), written by the
+same request. That makes the record atomic with the change (the render-result stream could
+miss a result if we stopped between write and publish, and would then let a restart write
+twice), keeps it when NATS loses its data, and drops it with the object (a recreated one
+must be rendered again). The record of which env entries apilane set
+(ownership.MANAGED_ENV_ANNOTATION, so it can give them back when they are no longer wanted)
+travels in the DaemonSet patch for the same reasons.
 """
 
 from __future__ import annotations

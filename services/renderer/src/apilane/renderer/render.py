@@ -9,6 +9,12 @@ variables apilane set earlier and no longer wants (removed, or given their old v
 `apilane.renderer.ownership` says which are apilane's). The patch is built from the diff
 alone, so it names only variables that change: a strategic merge patch that merges
 containers and env by name and touches nothing else.
+
+In configmap mode (`diff(..., configmap=NAME)`) each wanted entry reads its value from that
+ConfigMap (`valueFrom.configMapKeyRef`, key = the variable's name) instead of holding it:
+the entries change when the set of variables does, never when a value does
+(`apilane.renderer.configmap` plans the ConfigMap's data). `release` gives back what the
+ownership record says apilane took (`apilane render unadopt`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
-"""The renderer service: snapshots from the KV bucket in, DaemonSet patches and render results out.
+"""The renderer service: snapshots from the KV bucket in, ConfigMap writes (configmap mode;
+literal mode: DaemonSet patches) and render results out.
 
 Flow, while this replica leads:
 
-1. Read the DaemonSet once to recover what it holds: the applied snapshot generation and
-   its signed content digest (annotations written by our patches).
+0. With no target configured (`APILANE_TARGET_PRESET` auto), find which Calico layout's
+   calico-node DaemonSet exists (operator's calico-system, else manifest's kube-system).
+1. Read the DaemonSet and the ConfigMap once to recover what they hold: the applied snapshot
+   generation and its signed content digest (annotations written by our writes).
 2. Render the latest snapshot in the KV bucket, before anything else.
 3. Then follow the bucket (`Bus.watch_kv`) and the DaemonSet (a list-then-watch): every new
    snapshot is rendered and applied in order, one at a time; a DaemonSet event only matters

@@ -36,6 +36,7 @@ from apilane.testing.sealing import seal
 from apilane.testing.snapshots import make_snapshot
 
 SNAPSHOTS = int(os.environ.get("SNAPSHOTS", "200"))
+RENDER_MODE = os.environ.get("RENDER_MODE", "literal")
 TIMEOUT = 30.0
 
 
@@ -119,6 +120,9 @@ async def measure(plane: ControlPlane, nats: NatsServer, work: Path) -> None:
         "APILANE_CLUSTER": cluster,
         "APILANE_TRUSTED_KEYS": signing_key.public_text,
         "APILANE_TARGET_NAMESPACE": namespace,
+        # Literal env by default, so every row is a DaemonSet patch as in earlier runs
+        # (RENDER_MODE=configmap: a ConfigMap update each); rollouts are bench_rollouts.py's.
+        "APILANE_RENDER_MODE": RENDER_MODE,
         "APILANE_HTTP_PORT": "0",
         "APILANE_HTTP_HOST": "127.0.0.1",
         "APILANE_COALESCE_DURING_ROLLOUT": "false",
@@ -164,7 +168,10 @@ async def measure(plane: ControlPlane, nats: NatsServer, work: Path) -> None:
         await observer.drain()
         await kube.close()
 
-    print(f"renderer: {SNAPSHOTS} snapshots per row, one at a time, service in its own process\n")
+    print(
+        f"renderer ({RENDER_MODE} mode): {SNAPSHOTS} snapshots per row, one at a time, service"
+        " in its own process\n"
+    )
     print("| case | p50 ms | p99 ms | max ms | mean ms |")
     print("|---|---:|---:|---:|---:|")
     for name, values in (

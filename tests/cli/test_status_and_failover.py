@@ -199,3 +199,44 @@ def test_plain_bytes_and_a_signed_non_snapshot_are_untrusted_too() -> None:
     assert open_value(plain, TrustedKeys.of(key)).untrusted.startswith("unsigned:")
     garbage = seal_payload(b"not a snapshot", generation=3, cluster="local", key=key)
     assert open_value(garbage, TrustedKeys.of(key)).untrusted.startswith("malformed:")
+
+
+def test_status_reads_the_env_calico_node_gets_from_a_configmap() -> None:
+    from apilane.cli.status import calico_env
+
+    daemonset = {
+        "metadata": {"namespace": "calico-system"},
+        "spec": {
+            "template": {
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "calico-node",
+                            "env": [
+                                {"name": "KUBERNETES_SERVICE_IPS_PORTS", "value": "10.96.0.1:443"},
+                                {
+                                    "name": "KUBERNETES_APISERVER_ENDPOINTS",
+                                    "valueFrom": {
+                                        "configMapKeyRef": {
+                                            "name": "apilane-kubernetes-endpoints",
+                                            "key": "KUBERNETES_APISERVER_ENDPOINTS",
+                                        }
+                                    },
+                                },
+                                {"name": "DATASTORE_TYPE", "value": "kubernetes"},
+                            ],
+                        }
+                    ]
+                }
+            }
+        },
+    }
+    data = {"KUBERNETES_APISERVER_ENDPOINTS": "192.168.5.4:6443"}
+    assert calico_env(daemonset, {"apilane-kubernetes-endpoints": data}) == {
+        "KUBERNETES_SERVICE_IPS_PORTS": "10.96.0.1:443",
+        "KUBERNETES_APISERVER_ENDPOINTS": "192.168.5.4:6443",
+    }
+    missing = calico_env(daemonset, {})
+    assert missing["KUBERNETES_APISERVER_ENDPOINTS"] == (
+        "<missing: ConfigMap apilane-kubernetes-endpoints key KUBERNETES_APISERVER_ENDPOINTS>"
+    )

@@ -20,6 +20,8 @@ from apilane.testing.manifests import (
     BASE_NAMESPACES,
     access_matrix,
     dry_run_apply_all,
+    named_access_matrix,
+    named_needs,
     rbac_created,
     service_needs,
     wrong_accesses,
@@ -67,6 +69,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             },
         },
     },
+    # Literal env in the pod template: no ConfigMap, so no ConfigMap permissions.
+    "renderer-literal": {"renderer": {"envSource": "literal", "target": {"preset": "manifest"}}},
     "tracing-off": {"tracing": {"enabled": False}},
     "tracing-grpc": {
         "tracing": {"endpoint": "http://tempo.monitoring.svc:4317", "protocol": "grpc"}
@@ -227,6 +231,8 @@ def test_renderer_target_mode_and_namespace(helm: str) -> None:
     assert env["APILANE_TARGET_CONTAINERS"] == "calico-node"
     assert env["APILANE_TARGET_INIT_CONTAINERS"] == "-"
     assert env["APILANE_DRY_RUN"] == "true"
+    assert env["APILANE_RENDER_MODE"] == "configmap"
+    assert env["APILANE_CONFIGMAP_NAME"] == "apilane-kubernetes-endpoints"
     roles = {ns for (kind, ns, name) in objects if (kind, name) == ("Role", "apilane-renderer")}
     assert roles == {"kube-system", "apilane-system"}
     namespaced = [key for key in objects if key[0] not in ("Namespace", "ClusterRole")]
@@ -380,11 +386,33 @@ def test_bad_values_fail_with_a_message(values: dict[str, Any], message: str, he
 # --------------------------------------------------------------------------- on the apiserver
 
 
+def test_the_manifest_preset_and_literal_env(helm: str) -> None:
+    objects = rendered(VALUE_SETS["renderer-literal"], helm)
+    env = env_of(objects, "Deployment", "apilane-renderer")
+    assert env["APILANE_TARGET_PRESET"] == "manifest"
+    assert env["APILANE_TARGET_NAMESPACE"] == "kube-system"
+    assert (env["APILANE_TARGET_INIT_CONTAINERS"], env["APILANE_TARGET_CONTAINERS"]) == (
+        "-",
+        "calico-node",
+    )
+    assert env["APILANE_RENDER_MODE"] == "literal"
+    role = objects[("Role", "kube-system", "apilane-renderer")]
+    assert all("configmaps" not in rule["resources"] for rule in role["rules"])
+
+
 def install_namespaces(values: Mapping[str, Any]) -> tuple[str, str]:
     """(apilane's namespace, the renderer's target namespace) of a value set."""
     namespace = values.get("namespace", {}).get("name", "apilane")
-    target = values.get("renderer", {}).get("target", {}).get("namespace", "calico-system")
-    return namespace, target
+    target = values.get("renderer", {}).get("target", {})
+    preset = "kube-system" if target.get("preset") == "manifest" else "calico-system"
+    return namespace, target.get("namespace") or preset
+
+
+def renderer_configmap(values: Mapping[str, Any]) -> str | None:
+    renderer = values.get("renderer", {})
+    if renderer.get("envSource", "configmap") != "configmap":
+        return None
+    return str(renderer.get("configMap", "apilane-kubernetes-endpoints"))
 
 
 @pytest.mark.integration
@@ -402,15 +430,17 @@ async def test_each_rendering_passes_server_side_dry_run_apply(
 
 @pytest.mark.integration
 @pytest.mark.kube
-@pytest.mark.parametrize("name", ["defaults", "renderer-target"])
+@pytest.mark.parametrize("name", ["defaults", "renderer-target", "renderer-literal"])
 async def test_rbac_of_each_rendering_is_exactly_what_the_services_need(
     name: str, helm: str, kube: KubeClient
 ) -> None:
     values = VALUE_SETS[name]
     namespace, target = install_namespaces(values)
-    rows = access_matrix(
-        service_needs(namespace=namespace, renderer_target=target),
-        (*BASE_NAMESPACES, namespace, target),
+    configmap = renderer_configmap(values)
+    needs = service_needs(namespace=namespace, renderer_target=target, renderer_configmap=configmap)
+    rows = access_matrix(needs, (*BASE_NAMESPACES, namespace, target))
+    rows += named_access_matrix(
+        needs, named_needs(renderer_target=target, renderer_configmap=configmap)
     )
     docs = list(rendered(values, helm).values())
     async with rbac_created(kube, docs, namespaces=(namespace, target)):

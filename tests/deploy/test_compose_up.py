@@ -28,6 +28,7 @@ from apilane.model import events, subjects
 from apilane.model.signing import TrustedKeys, open_snapshot
 from apilane.runtime.bus import Bus
 from apilane.runtime.config import NatsAuth
+from apilane.testing.calico import container_env
 from apilane.testing.compose import ComposeStack, host_kubeconfig
 from apilane.testing.docker import DockerDaemon
 from apilane.testing.images import BuildReport
@@ -181,8 +182,8 @@ async def check_change(
         if current is None or (ADDED in {e.ip for e in current.apiserver_endpoints}) != with_added:
             return None
         daemonset = await kube.get(DAEMONSET)
-        init = daemonset["spec"]["template"]["spec"]["initContainers"][0]
-        env = {e["name"]: e.get("value", "") for e in init.get("env", [])}
+        init = daemonset["spec"]["template"]["spec"]["initContainers"][0]["name"]
+        env = await container_env(kube, daemonset, "initContainers", init)
         if (ADDED in env.get("KUBERNETES_APISERVER_ENDPOINTS", "")) != with_added:
             return None
         return current if await node_generation() == current.generation else None

@@ -32,6 +32,7 @@ from apilane.kube.client import KubeClient, NotFound
 from apilane.model import events, subjects
 from apilane.model.signing import TrustedKeys, open_snapshot
 from apilane.runtime.bus import Bus
+from apilane.testing.calico import container_env
 from apilane.testing.cluster import OneNodeCluster, local_values, nats_volumes
 from apilane.testing.deploy_secrets import DeploySecrets, make_deploy_secrets
 from apilane.testing.docker import DockerDaemon
@@ -308,8 +309,8 @@ async def check_endpoint_change(
             if snapshot is None or {e.ip for e in snapshot.apiserver_endpoints} != addresses:
                 return None
             ds = await kube.get("/apis/apps/v1/namespaces/calico-system/daemonsets/calico-node")
-            init = ds["spec"]["template"]["spec"]["initContainers"][0]
-            env = {e["name"]: e.get("value", "") for e in init.get("env", [])}
+            init = ds["spec"]["template"]["spec"]["initContainers"][0]["name"]
+            env = await container_env(kube, ds, "initContainers", init)
             if not all(a in env.get("KUBERNETES_APISERVER_ENDPOINTS", "") for a in addresses):
                 return None
             state = await bus.kv_get(

@@ -24,6 +24,8 @@ from apilane.testing.manifests import (
     access_matrix,
     dry_run_apply_all,
     ensure_namespace,
+    named_access_matrix,
+    named_needs,
     rbac_created,
     service_needs,
     subject_may,
@@ -116,7 +118,7 @@ async def rbac_applied(kube: KubeClient) -> AsyncIterator[KubeClient]:
 async def test_each_service_account_can_do_exactly_what_its_service_needs(
     rbac_applied: KubeClient,
 ) -> None:
-    rows = access_matrix(NEEDS, NAMESPACES)
+    rows = access_matrix(NEEDS, NAMESPACES) + named_access_matrix(NEEDS, named_needs())
     wrong = await wrong_accesses(rbac_applied, rows)
     assert not wrong, "RBAC differs from what the services need:\n" + "\n".join(wrong)
     # The matrix really asked both ways (an AlwaysAllow apiserver would fail above).
@@ -140,6 +142,23 @@ async def test_spot_checks_named_in_the_issue(rbac_applied: KubeClient) -> None:
     assert not await may("apilane-node-loader", "patch", "daemonsets", "apps", "calico-system")
     assert await may("apilane-renderer", "patch", "daemonsets", "apps", "calico-system")
     assert not await may("apilane-renderer", "patch", "daemonsets", "apps", "kube-system")
+    # Its one ConfigMap by name, nothing else of the kind but create (not limitable by name).
+    configmap = "apilane-kubernetes-endpoints"
+    for verb, allowed in (("get", True), ("patch", True), ("create", True), ("delete", False)):
+        assert (
+            await subject_may(
+                kube,
+                account="apilane-renderer",
+                namespace="calico-system",
+                group="",
+                resource="configmaps",
+                verb=verb,
+                name=configmap,
+            )
+            is allowed
+        ), verb
+    assert not await may("apilane-renderer", "get", "configmaps", "", "calico-system")
+    assert not await may("apilane-renderer", "list", "configmaps", "", "calico-system")
     assert not await may("apilane-discovery", "patch", "daemonsets", "apps", "kube-system")
     assert not await may("apilane-discovery", "patch", "services", "", "default")
     assert await may("apilane-discovery", "patch", "events", "", "default")

@@ -1205,6 +1205,8 @@ class RendererRun:
             common=CommonSettings(cluster=self.cluster),
             target_namespace=self.namespace,
             coalesce_during_rollout=False,
+            # Literal env: each endpoint change is a DaemonSet patch, which these tests count.
+            render_mode="literal",
             lease=LeaseSettings(
                 enabled=False, name=subjects.renderer_lease(self.cluster), identity="renderer"
             ),

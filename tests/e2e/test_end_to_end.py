@@ -33,6 +33,7 @@ from apilane.model.signing import TrustedKeys, open_snapshot
 from apilane.runtime.bus import Bus
 from apilane.runtime.natsauth import Role
 from apilane.testing.bpf import BpfLab, Topology
+from apilane.testing.calico import container_env
 from apilane.testing.kube import ControlPlane, endpoint_slice
 from apilane.testing.nats import NatsServer
 from apilane.testing.otlp import OtlpReceiver, ReceivedSpan, dump
@@ -292,10 +293,9 @@ async def run_scenario(
         return found
 
     async def daemonset_env() -> dict[str, str]:
+        # Literal, or read from the renderer's ConfigMap (configmap mode, the default).
         daemonset = await kube.get(daemonset_path)
-        spec = daemonset["spec"]["template"]["spec"]
-        init = next(c for c in spec["initContainers"] if c["name"] == "ebpf-bootstrap")
-        return {e["name"]: e.get("value", "") for e in init.get("env", [])}
+        return await container_env(kube, daemonset, "initContainers", "ebpf-bootstrap")
 
     def expected_endpoints(addresses: list[str]) -> str:
         return envformat.render_ip_ports([envformat.IpPort.of(ip, target_port) for ip in addresses])

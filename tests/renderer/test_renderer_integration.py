@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from apilane.kube.client import KubeClient
 from apilane.kube.leader import LeaderElector, LeaseSettings, lead
 from apilane.model import events, subjects
-from apilane.model.envformat import IpPort
+from apilane.model.envformat import IpPort, render_ip_ports
 from apilane.model.events import (
     EndpointSnapshot,
     KubeProxyState,
@@ -51,6 +51,7 @@ from apilane.runtime import serve
 from apilane.runtime.bus import Bus
 from apilane.runtime.config import CommonSettings
 from apilane.runtime.natsauth import Role
+from apilane.testing.calico import container_env
 from apilane.testing.kube import ControlPlane
 from apilane.testing.nats import NatsServer
 from apilane.testing.nats_fixtures import ConnectAs
@@ -197,6 +198,9 @@ class Harness:
                 enabled=False, name=subjects.renderer_lease(self.cluster), identity="renderer-test"
             ),
             "coalesce_during_rollout": False,
+            # The tests below were written for literal env and keep it; configmap mode (the
+            # default) has its own, in test_renderer_configmap.py.
+            "render_mode": "literal",
         }
         values.update(overrides)
         return RendererSettings(**values)
@@ -1051,3 +1055,307 @@ async def test_a_key_rotation_with_two_trusted_keys_refuses_nothing(world: Harne
     assert refused == 0
     live = await world.daemonset()
     assert live["metadata"]["annotations"][APPLIED_CONTENT_DIGEST].startswith("sha256:")
+
+
+# -- configmap mode (the default) and controllers -------------------------------------------
+
+CONFIGMAP = "apilane-kubernetes-endpoints"
+OPERATOR_OWNER = {
+    "apiVersion": "operator.tigera.io/v1",
+    "kind": "Installation",
+    "name": "default",
+    "uid": "7a0c6b8e-2f4d-4c1e-9a57-3f1f3b0c9d11",
+    "controller": True,
+    "blockOwnerDeletion": True,
+}
+
+
+async def events_with(world: Harness, reason: str) -> list[dict[str, Any]]:
+    for _ in range(100):  # the Kubernetes Event is written off the hot path
+        listed = await world.kube.list(f"/api/v1/namespaces/{world.namespace}/events")
+        found = [e for e in listed["items"] if e["reason"] == reason]
+        if found:
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {reason} Event in {world.namespace}")
+
+
+async def configmap_data(world: Harness) -> dict[str, str]:
+    cm = await world.kube.get(f"/api/v1/namespaces/{world.namespace}/configmaps/{CONFIGMAP}")
+    return dict(cm["data"])
+
+
+def nth_endpoints(n: int) -> tuple[str, ...]:
+    return (f"192.168.7.{n}", f"10.0.{n}.1") if n % 2 else (f"192.168.7.{n}",)
+
+
+async def test_configmap_mode_adopts_with_one_generation_and_then_never_moves_it(
+    world: Harness,
+) -> None:
+    before = await world.create_daemonset()
+    await world.start(render_mode="configmap")
+    await world.publish(snapshot(world.cluster, 1))
+    adoption = await world.result()
+    assert adoption.outcome == "applied", adoption.reason
+    assert "adopted DaemonSet" in adoption.reason and "rolls calico-node once" in adoption.reason
+    adopted = await world.daemonset()
+    assert adopted["metadata"]["generation"] == before["metadata"]["generation"] + 1
+    assert adoption.daemonset_generation == adopted["metadata"]["generation"]
+    ref = {"configMapKeyRef": {"name": CONFIGMAP, "key": SERVICE_IPS_PORTS}}
+    assert env_of(adopted, "initContainers", "ebpf-bootstrap")[SERVICE_IPS_PORTS] == ref
+    assert env_of(adopted, "containers", "csi-sidecar") == {"SIDECAR": "keep-me"}
+    (event,) = await events_with(world, "ApiServerEndpointsAdopted")
+    assert CONFIGMAP in event["message"]
+
+    for n in range(2, 22):  # 20 endpoint changes
+        endpoints = nth_endpoints(n)
+        await world.publish(snapshot(world.cluster, n, endpoints=endpoints))
+        result = await world.result()
+        assert result.outcome == "applied", result.reason
+        assert result.patch is None  # nothing for the DaemonSet
+        assert f"ConfigMap {world.namespace}/{CONFIGMAP} updated" in result.reason
+        wanted = render_ip_ports(IpPort.of(ip, 6443) for ip in endpoints)
+        assert (await configmap_data(world))[APISERVER_ENDPOINTS] == wanted
+    now = await world.daemonset()
+    assert now["metadata"]["generation"] == adopted["metadata"]["generation"]
+    assert now["spec"]["template"] == adopted["spec"]["template"]
+    wanted_env = {
+        SERVICE_IPS_PORTS: "10.96.0.1:443",
+        APISERVER_ENDPOINTS: (await configmap_data(world))[APISERVER_ENDPOINTS],
+    }
+    assert "192.168.7.21:6443" in wanted_env[APISERVER_ENDPOINTS]
+    init = await container_env(world.kube, now, "initContainers", "ebpf-bootstrap")
+    assert init == {"CALICO_CGROUP_PATH": "/run/calico/cgroup", **wanted_env}
+    main = await container_env(world.kube, now, "containers", "calico-node")
+    assert main == {"DATASTORE_TYPE": "kubernetes", **wanted_env}
+    cm = await world.kube.get(f"/api/v1/namespaces/{world.namespace}/configmaps/{CONFIGMAP}")
+    assert cm["metadata"]["annotations"][APPLIED_GENERATION] == "21"
+    assert world.metric("apilane_renderer_patches_total") == 1.0  # the adoption: one rollout
+    assert world.metric("apilane_renderer_configmap_writes_total") == 21.0
+
+
+@pytest.mark.parametrize("mode", ["literal", "configmap"])
+async def test_either_mode_gives_calico_node_the_current_endpoints(
+    world: Harness, mode: str
+) -> None:
+    await world.create_daemonset()
+    await world.start(render_mode=mode)
+    for generation, endpoints in ((1, ("192.168.5.4",)), (2, ("192.168.5.5", "192.168.5.4"))):
+        await world.publish(snapshot(world.cluster, generation, endpoints=endpoints))
+        assert (await world.result()).outcome == "applied"
+    live = await world.daemonset()
+    for kind, container in (("initContainers", "ebpf-bootstrap"), ("containers", "calico-node")):
+        env = await container_env(world.kube, live, kind, container)
+        assert env[APISERVER_ENDPOINTS] == "192.168.5.4:6443,192.168.5.5:6443"
+        assert env[SERVICE_IPS_PORTS] == "10.96.0.1:443"
+
+
+async def test_a_restart_in_configmap_mode_recovers_from_the_configmap_and_does_not_write(
+    world: Harness,
+) -> None:
+    await world.create_daemonset()
+    await world.start(render_mode="configmap")
+    await world.publish(snapshot(world.cluster, 1))
+    assert (await world.result()).outcome == "applied"
+    await world.publish(snapshot(world.cluster, 2, endpoints=("192.168.5.9",)))
+    assert (await world.result()).outcome == "applied"
+    await world.stop()
+    cm = await world.kube.get(f"/api/v1/namespaces/{world.namespace}/configmaps/{CONFIGMAP}")
+
+    renderer = await world.start(render_mode="configmap")
+    result = await world.result()  # the latest snapshot again: a refresh of what is held
+    assert result.outcome == "ignored", result.reason
+    assert renderer.accepted is not None and renderer.accepted.generation == 2
+    again = await world.kube.get(f"/api/v1/namespaces/{world.namespace}/configmaps/{CONFIGMAP}")
+    assert again["metadata"]["resourceVersion"] == cm["metadata"]["resourceVersion"]
+
+
+async def test_dry_run_in_configmap_mode_creates_nothing(world: Harness) -> None:
+    before = await world.create_daemonset()
+    await world.start(render_mode="configmap", dry_run=True)
+    await world.publish(snapshot(world.cluster, 1))
+    result = await world.result()
+    assert result.outcome == "dry-run", result.reason
+    assert f"+++ ConfigMap/{world.namespace}/{CONFIGMAP} (desired)" in result.diff
+    after = await world.daemonset()
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    listed = await world.kube.list(f"/api/v1/namespaces/{world.namespace}/configmaps")
+    assert CONFIGMAP not in [item["metadata"]["name"] for item in listed["items"]]
+
+
+async def test_a_configmap_of_that_name_apilane_did_not_make_is_left_alone(world: Harness) -> None:
+    before = await world.create_daemonset()
+    theirs = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": CONFIGMAP},
+        "data": {"A": "b"},
+    }
+    await world.kube.create(f"/api/v1/namespaces/{world.namespace}/configmaps", theirs)
+    await world.start(render_mode="configmap")
+    await world.publish(snapshot(world.cluster, 1))
+    result = await world.result()
+    assert result.outcome == "failed"
+    assert "was not made by apilane" in result.reason
+    assert await configmap_data(world) == {"A": "b"}
+    after = await world.daemonset()
+    assert after["metadata"]["generation"] == before["metadata"]["generation"]
+
+
+@pytest.mark.parametrize("mode", ["configmap", "literal"])
+async def test_a_daemonset_tigera_operator_renders_is_never_patched(
+    world: Harness, mode: str
+) -> None:
+    manifest = calico_node(world.namespace)
+    manifest["metadata"]["ownerReferences"] = [OPERATOR_OWNER]
+    manifest["metadata"]["labels"] = {"app.kubernetes.io/managed-by": "tigera-operator"}
+    before = await world.kube.create(
+        f"/apis/apps/v1/namespaces/{world.namespace}/daemonsets", manifest, field_manager="operator"
+    )
+    await world.start(render_mode=mode)
+    for generation in (1, 2, 3):
+        endpoints = nth_endpoints(generation)
+        await world.publish(snapshot(world.cluster, generation, endpoints=endpoints))
+        result = await world.result()
+        assert "bpfNetworkBootstrap: Enabled" in result.reason
+        assert "ownerReference Installation/default" in result.reason
+        assert result.patch is None
+        if mode == "configmap":
+            assert result.outcome == "applied", result.reason
+            data = await configmap_data(world)
+            wanted = render_ip_ports(IpPort.of(ip, 6443) for ip in endpoints)
+            assert data[APISERVER_ENDPOINTS] == wanted
+        else:
+            assert result.outcome == "failed"
+    after = await world.daemonset()
+    assert after["metadata"]["generation"] == before["metadata"]["generation"]
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    assert after["spec"]["template"] == before["spec"]["template"]
+    (event, *_) = await events_with(world, "ApiServerEndpointsNotPatched")
+    assert event["type"] == "Warning"
+    assert "bpfNetworkBootstrap" in event["message"]
+    assert event["involvedObject"]["name"] == "calico-node"
+
+
+async def test_the_operators_ignore_annotation_makes_the_daemonset_patchable(
+    world: Harness,
+) -> None:
+    manifest = calico_node(world.namespace)
+    manifest["metadata"]["ownerReferences"] = [OPERATOR_OWNER]
+    manifest["metadata"]["annotations"] = {"unsupported.operator.tigera.io/ignore": "true"}
+    await world.kube.create(f"/apis/apps/v1/namespaces/{world.namespace}/daemonsets", manifest)
+    await world.start(render_mode="configmap")
+    await world.publish(snapshot(world.cluster, 1))
+    result = await world.result()
+    assert result.outcome == "applied" and "adopted" in result.reason, result.reason
+
+
+async def test_unadopt_gives_the_original_env_back(
+    world: Harness, control_plane: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from apilane.cli.main import main as apilane
+
+    original = await world.create_daemonset(
+        main_env=({"name": APISERVER_ENDPOINTS, "value": "198.18.0.10:6443"},)
+    )
+    await world.start(render_mode="configmap")
+    await world.publish(snapshot(world.cluster, 1))
+    assert (await world.result()).outcome == "applied"
+    await world.stop()
+    adopted = await world.daemonset()
+    kubeconfig = control_plane.write_kubeconfig(
+        tmp_path / "kubeconfig", user="admin", groups=("system:masters",)
+    )
+    argv = ["render", "unadopt", "--kubeconfig", str(kubeconfig)]
+    argv += ["--daemonset", f"{world.namespace}/calico-node"]
+
+    code = await asyncio.to_thread(apilane, argv)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    generation = adopted["metadata"]["generation"]
+    assert f"generation {generation} -> {generation + 1}" in out
+    assert "removed calico-node.KUBERNETES_SERVICE_IPS_PORTS" in out
+    restored = await world.daemonset()
+    assert restored["spec"]["template"] == original["spec"]["template"]
+    assert MANAGED_ENV_ANNOTATION not in restored["metadata"].get("annotations", {})
+
+    code = await asyncio.to_thread(apilane, argv)
+    assert code == 0
+    assert "nothing of apilane's to undo" in capsys.readouterr().out
+
+
+async def test_unadopt_keeping_values_leaves_the_current_endpoints_as_literals(
+    world: Harness, control_plane: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from apilane.cli.main import main as apilane
+
+    await world.create_daemonset()
+    await world.start(render_mode="configmap")
+    await world.publish(snapshot(world.cluster, 1, endpoints=("192.168.5.7",)))
+    assert (await world.result()).outcome == "applied"
+    await world.stop()
+    kubeconfig = control_plane.write_kubeconfig(
+        tmp_path / "kubeconfig", user="admin", groups=("system:masters",)
+    )
+    argv = ["render", "unadopt", "--keep-values", "--kubeconfig", str(kubeconfig)]
+    code = await asyncio.to_thread(
+        apilane, [*argv, "--daemonset", f"{world.namespace}/calico-node"]
+    )
+    assert code == 0, capsys.readouterr()
+    live = await world.daemonset()
+    assert (
+        env_of(live, "initContainers", "ebpf-bootstrap")[APISERVER_ENDPOINTS] == "192.168.5.7:6443"
+    )
+    assert env_of(live, "containers", "calico-node")[SERVICE_IPS_PORTS] == "10.96.0.1:443"
+
+
+@contextlib.asynccontextmanager
+async def calico_node_in(kube: KubeClient, namespace: str) -> AsyncIterator[str]:
+    """A calico-node DaemonSet in one of the fixed layout namespaces of the shared control
+    plane, removed again with apilane's ConfigMap beside it."""
+    with contextlib.suppress(Exception):
+        await kube.create(
+            "/api/v1/namespaces",
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+        )
+    path = f"/apis/apps/v1/namespaces/{namespace}/daemonsets"
+    await kube.create(path, calico_node(namespace), field_manager=INSTALLER)
+    try:
+        yield f"{path}/calico-node"
+    finally:
+        for leftover in (
+            f"{path}/calico-node",
+            f"/api/v1/namespaces/{namespace}/configmaps/{CONFIGMAP}",
+        ):
+            with contextlib.suppress(Exception):
+                await kube.delete(leftover)
+
+
+async def test_auto_detection_takes_the_layout_whose_daemonset_exists(world: Harness) -> None:
+    async with calico_node_in(world.kube, "kube-system") as manifest_ds:
+        renderer = await world.start(render_mode="configmap", detect_target=True)
+        await world.publish(snapshot(world.cluster, 1))
+        result = await world.result()
+        assert result.outcome == "applied", result.reason
+        assert result.daemonset == "kube-system/calico-node"
+        assert renderer.settings.target_preset == "manifest"
+        live = await world.kube.get(manifest_ds)
+        # The manifest layout: calico-node reads the values itself; no init container is aimed at.
+        env = await container_env(world.kube, live, "containers", "calico-node")
+        assert env[APISERVER_ENDPOINTS] == "192.168.5.4:6443"
+        assert SERVICE_IPS_PORTS not in env_of(live, "initContainers", "ebpf-bootstrap")
+        await world.stop()
+
+        async with calico_node_in(world.kube, "calico-system") as operator_ds:
+            renderer = await world.start(render_mode="configmap", detect_target=True)
+            first = await world.result()  # the bucket's latest, new to this DaemonSet
+            assert (first.generation, first.outcome) == (1, "applied"), first.reason
+            await world.publish(snapshot(world.cluster, 2, endpoints=("192.168.5.5",)))
+            result = await world.result()
+            assert result.outcome == "applied", result.reason
+            assert result.daemonset == "calico-system/calico-node"
+            assert renderer.settings.target_preset == "operator"
+            live = await world.kube.get(operator_ds)
+            env = await container_env(world.kube, live, "initContainers", "ebpf-bootstrap")
+            assert env[APISERVER_ENDPOINTS] == "192.168.5.5:6443"
+            await world.stop()

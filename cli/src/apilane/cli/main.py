@@ -7,6 +7,7 @@
     apilane simulate failover        replace one API server endpoint, follow the change
     apilane node lb on|off NODE      switch a node's connect-time LB (a signed request)
     apilane render manifest          the env and a DaemonSet snippet for manifest installs
+    apilane render unadopt           give calico-node's DaemonSet back the env apilane took
     apilane up [--memory]            the local stack, until Ctrl-C (`make up`)
     apilane keys generate DIR        an Ed25519 key pair (snapshot signing, operator control)
 
@@ -136,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
         output, "manifest", run_manifest, "print the env lines and a calico-node DaemonSet snippet"
     )
     manifest.add_argument("--format", choices=("all", "env", "yaml"), default="all")
+    unadopt = command(
+        output,
+        "unadopt",
+        run_unadopt,
+        "give calico-node's DaemonSet back the env apilane took (by its ownership record)",
+    )
+    unadopt.add_argument(
+        "--keep-values",
+        action="store_true",
+        help="write the ConfigMap's current values as literal env instead of the originals",
+    )
+    unadopt.add_argument(
+        "--dry-run", action="store_true", help="server-side dry run: change nothing"
+    )
     keys = commands.add_parser("keys", help="signing keys")
     key_commands = keys.add_subparsers(dest="key_command", required=True, metavar="ACTION")
     generate = command(
@@ -223,6 +238,14 @@ def run_manifest(args: argparse.Namespace) -> int:
     from apilane.cli.manifest import manifest
 
     return asyncio.run(manifest(flags(args), fmt=args.format, out=sys.stdout))
+
+
+def run_unadopt(args: argparse.Namespace) -> int:
+    from apilane.cli.unadopt import unadopt
+
+    return asyncio.run(
+        unadopt(flags(args), keep_values=args.keep_values, dry_run=args.dry_run, out=sys.stdout)
+    )
 
 
 def run_keys_generate(args: argparse.Namespace) -> int:

@@ -58,6 +58,8 @@ def daemonset_snippet(desired: DesiredEnv, *, namespace: str, name: str) -> str:
     header = (
         f"# calico-node DaemonSet {namespace}/{name}: merge this env into your manifest, or apply it with\n"
         f"#   kubectl -n {namespace} patch daemonset {name} --type strategic --patch-file <this file>\n"
+        "# Not for a DaemonSet tigera-operator renders (calico-system): it reverts outside edits;\n"
+        "# set spec.calicoNetwork.bpfNetworkBootstrap: Enabled in its Installation instead.\n"
     )
     return header + yaml.safe_dump(
         {"spec": {"template": {"spec": pod_spec}}}, sort_keys=False, default_flow_style=False

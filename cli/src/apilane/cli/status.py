@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -19,7 +19,7 @@ import msgspec
 
 from apilane.cli.errors import CliError
 from apilane.cli.target import StackInfo
-from apilane.kube.client import KubeClient
+from apilane.kube.client import KubeClient, NotFound
 from apilane.model import events, signing, subjects
 from apilane.model.signing import SignatureError, TrustedKeys
 from apilane.runtime import tracing
@@ -104,13 +104,14 @@ async def connected(info: StackInfo) -> AsyncIterator[tuple[Bus, KubeClient]]:
 async def read_view(bus: Bus, kube: KubeClient, info: StackInfo) -> View:
     entry = await bus.kv_get(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(info.cluster))
     daemonset = await kube.get(info.daemonset_path)
+    configmaps = await read_configmaps(kube, daemonset)
     opened = open_value(entry.value, info.trusted_keys) if entry is not None else SnapshotValue()
     return View(
         snapshot=opened.snapshot,
         # The trace the snapshot's writer started, from its traceparent header.
         trace_id=tracing.trace_id(entry.headers) if entry is not None else "",
         nodes=await read_nodes(bus, info.cluster),
-        calico_env=calico_env(daemonset),
+        calico_env=calico_env(daemonset, configmaps),
         daemonset_generation=int(daemonset["metadata"].get("generation", 0)),
         seal=opened.seal,
         untrusted=opened.untrusted,
@@ -132,16 +133,54 @@ async def read_nodes(bus: Bus, cluster: str) -> list[events.NodeState]:
     return sorted(nodes, key=lambda n: n.node)
 
 
-def calico_env(daemonset: dict[str, Any]) -> dict[str, str]:
-    """The KUBERNETES_* env of the calico-node container."""
+def calico_env(
+    daemonset: dict[str, Any], configmaps: Mapping[str, Mapping[str, str]] | None = None
+) -> dict[str, str]:
+    """The KUBERNETES_* env of the calico-node container, as the kubelet gives it: literal
+    values, and configMapKeyRefs (apilane's configmap mode) looked up in `configmaps` (name
+    -> data); a reference to a missing key is shown as such."""
     for container in daemonset["spec"]["template"]["spec"]["containers"]:
         if container["name"] == "calico-node":
             return {
-                item["name"]: item.get("value", "")
+                item["name"]: _env_value(item, configmaps or {})
                 for item in container.get("env", [])
                 if item["name"].startswith("KUBERNETES_")
             }
     return {}
+
+
+def _env_value(item: Mapping[str, Any], configmaps: Mapping[str, Mapping[str, str]]) -> str:
+    ref = _configmap_ref(item)
+    if ref is None:
+        return str(item.get("value", ""))
+    name, key = ref
+    value = configmaps.get(name, {}).get(key)
+    return value if value is not None else f"<missing: ConfigMap {name} key {key}>"
+
+
+def _configmap_ref(item: Mapping[str, Any]) -> tuple[str, str] | None:
+    value_from = item.get("valueFrom")
+    ref = value_from.get("configMapKeyRef") if isinstance(value_from, Mapping) else None
+    if not isinstance(ref, Mapping):
+        return None
+    return str(ref.get("name", "")), str(ref.get("key", ""))
+
+
+async def read_configmaps(kube: KubeClient, daemonset: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """The data of every ConfigMap calico-node's env reads (missing ones left out)."""
+    namespace = daemonset["metadata"]["namespace"]
+    names = {
+        ref[0]
+        for container in daemonset["spec"]["template"]["spec"]["containers"]
+        for item in container.get("env", [])
+        if (ref := _configmap_ref(item)) is not None
+    }
+    found: dict[str, dict[str, str]] = {}
+    for name in sorted(names):
+        with contextlib.suppress(NotFound):
+            configmap = await kube.get(f"/api/v1/namespaces/{namespace}/configmaps/{name}")
+            found[name] = {str(k): str(v) for k, v in (configmap.get("data") or {}).items()}
+    return found
 
 
 def age(moment: datetime | None) -> str:

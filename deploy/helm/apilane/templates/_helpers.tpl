@@ -62,7 +62,7 @@ fixed namespaces such as default and kube-system, and it patches one calico-node
 {{- if has $namespace (list "default" "kube-system") -}}
 {{- fail (printf "namespace.name %q: discovery's Roles in default and kube-system would collide with its own; install into a namespace of its own" $namespace) -}}
 {{- end -}}
-{{- if eq $namespace .Values.renderer.target.namespace -}}
+{{- if eq $namespace (include "apilane.rendererTarget" . | fromJson).namespace -}}
 {{- fail (printf "renderer.target.namespace %q is apilane's own namespace: the renderer's two Roles would collide" $namespace) -}}
 {{- end -}}
 {{- end }}
@@ -220,4 +220,22 @@ affinity:
   configMap:
     name: {{ . }}
 {{- end }}
+{{- end }}
+
+{{/*
+The renderer's target: the preset's layout (operator: calico-system/calico-node with the
+ebpf-bootstrap init container; manifest: kube-system/calico-node, no init container), each
+field overridden by renderer.target when set (an empty list: none of that kind). As JSON.
+*/}}
+{{- define "apilane.rendererTarget" -}}
+{{- $target := .Values.renderer.target -}}
+{{- $presets := dict
+  "operator" (dict "namespace" "calico-system" "initContainers" (list "ebpf-bootstrap") "containers" (list "calico-node"))
+  "manifest" (dict "namespace" "kube-system" "initContainers" (list) "containers" (list "calico-node")) -}}
+{{- $preset := get $presets ($target.preset | default "operator") -}}
+{{- $init := $preset.initContainers -}}
+{{- if not (kindIs "invalid" $target.initContainers) }}{{ $init = $target.initContainers }}{{ end -}}
+{{- $containers := $preset.containers -}}
+{{- if not (kindIs "invalid" $target.containers) }}{{ $containers = $target.containers }}{{ end -}}
+{{- dict "preset" ($target.preset | default "operator") "namespace" ($target.namespace | default $preset.namespace) "daemonSet" ($target.daemonSet | default "calico-node") "initContainers" $init "containers" $containers | toJson -}}
 {{- end }}

@@ -32,7 +32,14 @@ class RendererMetrics:
         )
         self.patches = Counter(
             "apilane_renderer_patches_total",
-            "DaemonSet patches accepted by the API server (dry runs excluded).",
+            "DaemonSet patches accepted by the API server (dry runs excluded): each one rolls"
+            " calico-node.",
+            registry=registry,
+        )
+        self.configmap_writes = Counter(
+            "apilane_renderer_configmap_writes_total",
+            "Writes of the endpoints ConfigMap accepted by the API server (configmap mode; dry"
+            " runs excluded): each one rolls nothing.",
             registry=registry,
         )
         self.noop = Counter(

@@ -9,6 +9,12 @@ variables apilane set earlier and no longer wants (removed, or given their old v
 `apilane.renderer.ownership` says which are apilane's). The patch is built from the diff
 alone, so it names only variables that change: a strategic merge patch that merges
 containers and env by name and touches nothing else.
+
+In configmap mode (`diff(..., configmap=NAME)`) each wanted entry reads its value from that
+ConfigMap (`valueFrom.configMapKeyRef`, key = the variable's name) instead of holding it:
+the entries change when the set of variables does, never when a value does
+(`apilane.renderer.configmap` plans the ConfigMap's data). `release` gives back what the
+ownership record says apilane took (`apilane render unadopt`).
 """
 
 from __future__ import annotations
@@ -143,11 +149,47 @@ def manageable_env(options: RenderOptions) -> frozenset[str]:
 
 @dataclass(frozen=True, kw_only=True)
 class EnvChange:
+    """One env entry that changes. A literal value is `old`/`new`; an entry that reads the
+    value from apilane's ConfigMap names it in `old_ref`/`new_ref` (and `new` is the value
+    it resolves to, for reports)."""
+
     kind: ContainerKind
     container: str
     name: str
-    old: str | None  # None: the variable is not set yet
+    old: str | None  # None: the variable is not set yet (or `old_ref` is its source)
     new: str | None  # None: the variable is deleted (apilane created it and needs it no more)
+    old_ref: str | None = None  # the ConfigMap the live entry reads, when it reads one
+    new_ref: str | None = None  # the ConfigMap the entry reads after the change
+
+    @property
+    def old_shown(self) -> str | None:
+        return _ref_shown(self.old_ref, self.name) if self.old_ref is not None else self.old
+
+    @property
+    def new_shown(self) -> str | None:
+        if self.new_ref is not None:
+            return f"{_ref_shown(self.new_ref, self.name)} = {self.new}"
+        return self.new
+
+    def patch_entry(self) -> dict[str, Any]:
+        """The entry of a strategic merge patch; null removes the other form of the value
+        (an entry may not carry both `value` and `valueFrom`)."""
+        if self.new is None and self.new_ref is None:
+            return {"name": self.name, "$patch": "delete"}
+        entry: dict[str, Any] = {"name": self.name}
+        if self.new_ref is not None:
+            entry["valueFrom"] = {"configMapKeyRef": {"name": self.new_ref, "key": self.name}}
+            if self.old is not None:
+                entry["value"] = None
+        else:
+            entry["value"] = self.new
+            if self.old_ref is not None:
+                entry["valueFrom"] = None
+        return entry
+
+
+def _ref_shown(configmap: str, key: str) -> str:
+    return f"<configMapKeyRef {configmap}/{key}>"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -196,7 +238,9 @@ class EnvDiff:
 
     @property
     def removals(self) -> tuple[EnvChange, ...]:
-        return tuple(change for change in self.changes if change.new is None)
+        return tuple(
+            change for change in self.changes if change.new is None and change.new_ref is None
+        )
 
     @property
     def problems(self) -> tuple[str, ...]:
@@ -225,10 +269,10 @@ class EnvDiff:
         sections: dict[tuple[ContainerKind, str], list[str]] = {}
         for change in self.changes:
             section = sections.setdefault((change.kind, change.container), [])
-            if change.old is not None:
-                section.append(f"-{change.name}={change.old}")
-            if change.new is not None:
-                section.append(f"+{change.name}={change.new}")
+            if change.old_shown is not None:
+                section.append(f"-{change.name}={change.old_shown}")
+            if change.new_shown is not None:
+                section.append(f"+{change.name}={change.new_shown}")
         for kept in self.kept:
             sections.setdefault((kept.kind, kept.container), []).append(
                 f" {kept.name}={kept.value}  ({kept.why})"
@@ -254,12 +298,9 @@ class EnvDiff:
             return None
         by_container: dict[tuple[ContainerKind, str], list[dict[str, str]]] = {}
         for change in self.changes:
-            entry = (
-                {"name": change.name, "$patch": "delete"}
-                if change.new is None
-                else {"name": change.name, "value": change.new}
+            by_container.setdefault((change.kind, change.container), []).append(
+                change.patch_entry()
             )
-            by_container.setdefault((change.kind, change.container), []).append(entry)
         pod_spec: dict[str, list[dict[str, Any]]] = {}
         for (kind, container), env in by_container.items():
             pod_spec.setdefault(kind, []).append({"name": container, "env": env})
@@ -279,9 +320,14 @@ def diff(
     desired: DesiredEnv,
     *,
     field_manager: str = FIELD_MANAGER,
+    configmap: str | None = None,
 ) -> EnvDiff:
     """What applying `desired` to this DaemonSet would change, including the variables apilane
-    set earlier and needs no more. Tolerates any input shape."""
+    set earlier and needs no more. Tolerates any input shape.
+
+    With `configmap`, every wanted variable reads its value from that ConfigMap (key: the
+    variable's name) instead of holding it literally: the entries then change only when the
+    set of variables does, never when a value does."""
     live = _LiveDaemonSet.read(live_daemonset, field_manager=field_manager)
     found = _Found()
     for kind, wanted_by_container in desired.by_kind():
@@ -299,6 +345,7 @@ def diff(
                 ours=live.ours(kind, container, live_env),
                 owners=live.owners,
                 field_manager=field_manager,
+                configmap=configmap,
             )
             found.add(container, planner.plan(wanted_env, desired.manageable))
     targeted = {name for _, by_name in desired.by_kind() for name in by_name}
@@ -313,6 +360,38 @@ def diff(
         managed_env={name: env for name, env in found.managed.items() if env},
         record_problems=live.record_problems,
     )
+
+
+def release(
+    live_daemonset: Mapping[str, Any],
+    *,
+    keep_values: Mapping[str, str] | None = None,
+    field_manager: str = FIELD_MANAGER,
+) -> EnvDiff:
+    """Undo what apilane did to the DaemonSet's env, as its ownership record says: each
+    variable apilane created is removed, each value it replaced comes back.
+
+    With `keep_values` (the ConfigMap's data), an entry that reads apilane's ConfigMap gets
+    that value as literal env instead (and stays apilane's, so a later release still gives
+    the original back): calico-node keeps booting with the current endpoints."""
+    live = _LiveDaemonSet.read(live_daemonset, field_manager=field_manager)
+    wanted: dict[ContainerKind, dict[str, dict[str, str]]] = {}
+    for kind in CONTAINER_KINDS:
+        wanted[kind] = {}
+        for container in live.containers[kind]:
+            live_env = live.env(kind, container) or {}
+            ours = live.ours(kind, container, live_env)
+            wanted[kind][container] = {
+                name: keep_values[name]
+                for name in ours
+                if keep_values is not None
+                and name in keep_values
+                and _configmap_ref(live_env.get(name), name) is not None
+            }
+    desired = DesiredEnv(
+        init_containers=wanted["initContainers"], containers=wanted["containers"], env={}
+    )
+    return diff(live_daemonset, desired, field_manager=field_manager)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -425,6 +504,7 @@ class _ContainerPlanner:
     ours: Mapping[str, str | None]
     owners: EnvOwners
     field_manager: str
+    configmap: str | None = None  # wanted variables read from this ConfigMap; None: literal
     changes: list[EnvChange] = field(default_factory=list)
     conflicts: list[EnvConflict] = field(default_factory=list)
     kept: list[EnvKept] = field(default_factory=list)
@@ -446,8 +526,12 @@ class _ContainerPlanner:
 
     def _want(self, name: str, value: str) -> None:
         entry = self.live_env.get(name)
+        live_ref = _configmap_ref(entry, name)
+        ours = name in self.ours
         source = _value_from_source(entry)
-        if source is not None:
+        if source is not None and not (
+            live_ref is not None and (ours or live_ref == self.configmap)
+        ):
             # Not ours to write, and no longer ours to release.
             self.conflicts.append(
                 EnvConflict(
@@ -455,16 +539,31 @@ class _ContainerPlanner:
                 )
             )
             return
-        live_value = None if entry is None else as_str(entry.get("value"))
+        live_value = None if entry is None or live_ref is not None else as_str(entry.get("value"))
+        same = (
+            live_ref == self.configmap
+            if self.configmap is not None
+            else (live_ref is None and live_value == value)
+        )
         if entry is None:
             self.after[name] = None
-        elif name in self.ours:
+        elif ours:
             self.after[name] = self.ours[name]
-        elif live_value != value:
+        elif not same and live_ref is None:
             self.after[name] = live_value  # we replace someone's value: give it back later
         # else: someone else set exactly what we want; we never wrote it, so never take it
-        if live_value != value:
-            self._change(name, old=live_value, new=value)
+        if not same:
+            self.changes.append(
+                EnvChange(
+                    kind=self.kind,
+                    container=self.container,
+                    name=name,
+                    old=live_value,
+                    new=value,
+                    old_ref=live_ref,
+                    new_ref=self.configmap,
+                )
+            )
 
     def _release(self, name: str, entry: Mapping[str, Any]) -> None:
         if name not in self.ours:
@@ -475,22 +574,28 @@ class _ContainerPlanner:
                 name, entry, f"set by {', '.join(sorted(others))} since apilane set it; left as is"
             )
             return
-        previous, live_value = self.ours[name], as_str(entry.get("value"))
-        if previous != live_value:  # None: we created it, so it goes; else its old value returns
-            self._change(name, old=live_value, new=previous)
+        previous, live_ref = self.ours[name], _configmap_ref(entry, name)
+        live_value = None if live_ref is not None else as_str(entry.get("value"))
+        if live_ref is not None or previous != live_value:
+            # None: we created it, so it goes; else its old value returns
+            self.changes.append(
+                EnvChange(
+                    kind=self.kind,
+                    container=self.container,
+                    name=name,
+                    old=live_value,
+                    new=previous,
+                    old_ref=live_ref,
+                )
+            )
 
     def _set_by_others(self, name: str, entry: Mapping[str, Any]) -> frozenset[str]:
         """Who else has set this variable's value since apilane did (empty: nobody)."""
         source = _value_from_source(entry)
-        if source is not None:
+        if source is not None and _configmap_ref(entry, name) is None:
             return frozenset({f"a valueFrom ({source})"})
         setters = self.owners.value_set_by(self.kind, self.container, name)
         return frozenset() if setters is None else setters - {self.field_manager}
-
-    def _change(self, name: str, *, old: str | None, new: str | None) -> None:
-        self.changes.append(
-            EnvChange(kind=self.kind, container=self.container, name=name, old=old, new=new)
-        )
 
     def _keep(self, name: str, entry: Mapping[str, Any], why: str) -> None:
         self.kept.append(
@@ -508,6 +613,17 @@ def _value_from_source(entry: Mapping[str, Any] | None) -> str | None:
     if entry is None or entry.get("valueFrom") is None:
         return None
     return next(iter(as_dict(entry.get("valueFrom"))), "valueFrom")
+
+
+def _configmap_ref(entry: Mapping[str, Any] | None, name: str) -> str | None:
+    """The ConfigMap an entry reads its value from under its own name (the form apilane
+    writes), or None when it does not."""
+    if entry is None:
+        return None
+    ref = as_dict(as_dict(entry.get("valueFrom")).get("configMapKeyRef"))
+    if not ref or as_str(ref.get("key")) != name or not as_str(ref.get("name")):
+        return None
+    return as_str(ref.get("name"))
 
 
 def _shown_value(entry: Mapping[str, Any]) -> str:

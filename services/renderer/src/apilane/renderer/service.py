@@ -1,9 +1,12 @@
-"""The renderer service: snapshots from the KV bucket in, DaemonSet patches and render results out.
+"""The renderer service: snapshots from the KV bucket in, ConfigMap writes (configmap mode;
+literal mode: DaemonSet patches) and render results out.
 
 Flow, while this replica leads:
 
-1. Read the DaemonSet once to recover what it holds: the applied snapshot generation and
-   its signed content digest (annotations written by our patches).
+0. With no target configured (`APILANE_TARGET_PRESET` auto), find which Calico layout's
+   calico-node DaemonSet exists (operator's calico-system, else manifest's kube-system).
+1. Read the DaemonSet and the ConfigMap once to recover what they hold: the applied snapshot
+   generation and its signed content digest (annotations written by our writes).
 2. Render the latest snapshot in the KV bucket, before anything else.
 3. Then follow the bucket (`Bus.watch_kv`) and the DaemonSet (a list-then-watch): every new
    snapshot is rendered and applied in order, one at a time; a DaemonSet event only matters
@@ -36,7 +39,7 @@ from typing import Any, Final, Literal
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
-from apilane.kube.client import KubeClient, KubeError
+from apilane.kube.client import KubeClient, KubeError, NotFound
 from apilane.kube.leader import LeaderElector, elector_for, lead
 from apilane.kube.recorder import record_event
 from apilane.kube.watch import list_then_watch
@@ -61,7 +64,13 @@ from apilane.renderer.applier import (
     applied_generation,
 )
 from apilane.renderer.metrics import RendererMetrics
-from apilane.renderer.settings import SERVICE_NAME, RendererSettings
+from apilane.renderer.settings import (
+    DETECTION_ORDER,
+    PRESETS,
+    SERVICE_NAME,
+    RendererSettings,
+    choose_preset,
+)
 from apilane.runtime import tracing
 from apilane.runtime.aio import Backoff
 from apilane.runtime.bus import Bus, BusError, KvEntry
@@ -116,8 +125,6 @@ class Renderer:
         """`before_patch` is the applier's test hook (see `Applier`); production passes None."""
         self.bus = bus
         self.kube = kube
-        self.settings = settings
-        self.options = settings.render_options()
         self.applier = Applier(kube, settings, before_patch=before_patch)
         self.metrics = RendererMetrics(registry or CollectorRegistry())
         self.tracer = tracing.tracer("apilane.renderer")
@@ -131,6 +138,15 @@ class Renderer:
         self._wake_queued = False
         self._background: set[asyncio.Task[Any]] = set()
 
+    @property
+    def settings(self) -> RendererSettings:
+        """The settings, aimed at the detected target once detection ran."""
+        return self.applier.settings
+
+    @property
+    def options(self) -> rendering.RenderOptions:
+        return self.settings.render_options()
+
     # -- the loop -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -138,6 +154,7 @@ class Renderer:
         self._wake_queued = False
         tasks: list[asyncio.Task[None]] = []
         try:
+            await self._detect_target()
             await self._recover()
             latest = await self._kv_get_latest(stop)
             if latest is not None:
@@ -158,6 +175,40 @@ class Renderer:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
+    async def _detect_target(self) -> None:
+        """With no target configured, take the layout whose calico-node DaemonSet exists."""
+        if not self.settings.detect_target:
+            return
+        existing = set()
+        for name in DETECTION_ORDER:
+            preset = PRESETS[name]
+            ref = f"{preset.namespace}/{preset.daemonset}"
+            path = f"/apis/apps/v1/namespaces/{preset.namespace}/daemonsets/{preset.daemonset}"
+            try:
+                await self.kube.get(path)
+            except NotFound:
+                continue
+            except KubeError as exc:
+                log.warning(
+                    "cannot look for a calico-node layout",
+                    extra={"daemonset": ref, "error": str(exc)},
+                )
+                continue
+            existing.add(ref)
+        found = choose_preset(frozenset(existing))
+        if found is None:
+            log.warning(
+                "no calico-node DaemonSet found in either layout; following the operator's until"
+                " one appears (restart the renderer after installing calico.yaml)",
+                extra={"daemonset": self.settings.daemonset_ref},
+            )
+            return
+        self.applier.settings = self.settings.with_preset(found)
+        log.info(
+            "detected the Calico layout",
+            extra={"preset": found.name, "daemonset": self.settings.daemonset_ref},
+        )
+
     async def _recover(self) -> None:
         """What the DaemonSet holds, from its annotations (nothing when they are absent).
 
@@ -171,10 +222,18 @@ class Renderer:
                 "cannot read the DaemonSet at start; nothing recovered", extra={"error": str(exc)}
             )
             return
-        if live is None:
+        try:
+            live_cm = await self.applier.get_configmap()
+        except KubeError:
+            live_cm = None  # the DaemonSet's record serves
+        # The newest record wins: the ConfigMap's in configmap mode, the DaemonSet's in
+        # literal mode (each mode writes its own; a switch of modes keeps the older one).
+        records = [obj for obj in (live, live_cm) if obj is not None]
+        if not records:
             return
+        newest = max(records, key=applied_generation)
         recovered = Held(
-            generation=applied_generation(live), content_digest=applied_content_digest(live)
+            generation=applied_generation(newest), content_digest=applied_content_digest(newest)
         )
         if recovered.generation > 0 and (
             self.accepted is None or recovered.generation > self.accepted.generation
@@ -423,6 +482,20 @@ class Renderer:
             return  # already reported for this snapshot
         await self._account(signed, report)
         self._record_event(snapshot, report)
+        if report.not_patched:
+            log.warning(
+                "DaemonSet not patched: a controller renders it",
+                extra={"daemonset": self.settings.daemonset_ref, "reason": report.not_patched},
+            )
+        elif report.adopted:
+            log.info(
+                "DaemonSet adopted: calico-node reads the values from the ConfigMap",
+                extra={
+                    "daemonset": self.settings.daemonset_ref,
+                    "configmap": self.settings.configmap_ref,
+                    "daemonset_generation": report.daemonset_generation,
+                },
+            )
         log.info(
             "snapshot rendered",
             extra={
@@ -430,6 +503,7 @@ class Renderer:
                 "outcome": report.outcome,
                 "reason": report.reason,
                 "daemonset_generation": report.daemonset_generation,
+                "daemonset_patched": report.daemonset_patched,
             },
         )
         await self._publish(
@@ -473,7 +547,10 @@ class Renderer:
         held = Held(generation=snapshot.generation, content_digest=signed.content_digest)
         if report.patched:
             self._accept(held)
-            self.metrics.patches.inc()
+            if report.daemonset_patched:
+                self.metrics.patches.inc()
+            if report.configmap is not None and not report.configmap.unchanged:
+                self.metrics.configmap_writes.inc()
             self.metrics.latency.observe(
                 max(0.0, (datetime.now(UTC) - snapshot.observed_at).total_seconds())
             )
@@ -492,22 +569,14 @@ class Renderer:
 
     def _record_event(self, snapshot: EndpointSnapshot, report: ApplyReport) -> None:
         """A Kubernetes Event on the DaemonSet for what a person may look for with
-        `kubectl describe`: a patch, or a failure to apply. Off the hot path, best effort."""
-        if report.daemonset is None or report.outcome not in ("applied", "failed"):
+        `kubectl describe`: a write, an adoption, a DaemonSet left to its controller, or a
+        failure to apply. Off the hot path, best effort."""
+        if report.daemonset is None:
             return
-        type_: Literal["Normal", "Warning"]
-        if report.outcome == "applied":
-            reason, type_ = "ApiServerEndpointsRendered", "Normal"
-            message = (
-                f"apilane set the API server endpoints of snapshot generation"
-                f" {snapshot.generation}: "
-                + ", ".join(f"{k}={v}" for k, v in sorted(report_env(report).items()))
-            )
-            if removed := report_removed(report):
-                message += "; removed " + ", ".join(removed)
-        else:
-            reason, type_ = "ApiServerEndpointsNotRendered", "Warning"
-            message = f"snapshot generation {snapshot.generation} not applied: {report.reason}"
+        described = event_for(snapshot, report, configmap_ref=self.settings.configmap_ref)
+        if described is None:
+            return
+        reason, type_, message = described
         task = asyncio.create_task(
             record_event(
                 self.kube,
@@ -612,6 +681,44 @@ def refusal_warning(exc: SignatureError | events.MalformedEvent) -> WarningReaso
     if isinstance(exc, events.MalformedEvent):
         return WarningReason.INVALID_SNAPSHOT
     return WarningReason.SNAPSHOT_REFUSED
+
+
+EventType = Literal["Normal", "Warning"]
+
+
+def event_for(
+    snapshot: EndpointSnapshot, report: ApplyReport, *, configmap_ref: str
+) -> tuple[str, EventType, str] | None:
+    """(reason, type, message) of the Event a report deserves, or None."""
+    generation = snapshot.generation
+    if report.not_patched:
+        return "ApiServerEndpointsNotPatched", "Warning", report.not_patched
+    if report.outcome == "failed":
+        return (
+            "ApiServerEndpointsNotRendered",
+            "Warning",
+            f"snapshot generation {generation} not applied: {report.reason}",
+        )
+    if report.outcome != "applied":
+        return None
+    if report.adopted:
+        return "ApiServerEndpointsAdopted", "Normal", report.reason
+    values = ", ".join(f"{k}={v}" for k, v in sorted(report_values(report).items()))
+    where = f"ConfigMap {configmap_ref}" if not report.daemonset_patched else "the pod template"
+    message = (
+        f"apilane set the API server endpoints of snapshot generation {generation} in"
+        f" {where}: {values}"
+    )
+    if removed := report_removed(report):
+        message += "; removed " + ", ".join(removed)
+    return "ApiServerEndpointsRendered", "Normal", message
+
+
+def report_values(report: ApplyReport) -> dict[str, str]:
+    """The values a report wrote: the ConfigMap's changed data, else the patched env."""
+    if report.configmap is not None and not report.daemonset_patched:
+        return report.configmap.data()
+    return report_env(report)
 
 
 def report_env(report: ApplyReport) -> dict[str, str]:

@@ -19,6 +19,7 @@ from apilane.testing.kube import object_path, resource_paths
 FIELD_MANAGER = "apilane-deploy-test"
 NAMESPACE = "apilane"
 RENDERER_TARGET = "calico-system"
+RENDERER_CONFIGMAP = "apilane-kubernetes-endpoints"
 
 Doc = dict[str, Any]
 Origin = TypeVar("Origin")
@@ -106,9 +107,20 @@ EVENT_VERBS = frozenset({"create", "patch"})
 Needs = dict[str, dict[tuple[str, str, str], frozenset[str]]]
 
 
-def service_needs(*, namespace: str = NAMESPACE, renderer_target: str = RENDERER_TARGET) -> Needs:
+def service_needs(
+    *,
+    namespace: str = NAMESPACE,
+    renderer_target: str = RENDERER_TARGET,
+    renderer_configmap: str | None = RENDERER_CONFIGMAP,
+) -> Needs:
     """The permissions of an install in `namespace` whose renderer patches a DaemonSet in
-    `renderer_target`."""
+    `renderer_target` (and, in configmap mode, writes `renderer_configmap` beside it: create
+    cannot be limited to a name, get and patch are, see `named_needs`)."""
+    renderer_configmaps: dict[tuple[str, str, str], frozenset[str]] = (
+        {(renderer_target, "", "configmaps"): frozenset({"create"})}
+        if renderer_configmap is not None
+        else {}
+    )
     return {
         "apilane-discovery": {
             ("default", "", "services"): frozenset({"get", "list", "watch"}),
@@ -125,6 +137,7 @@ def service_needs(*, namespace: str = NAMESPACE, renderer_target: str = RENDERER
         "apilane-renderer": {
             (renderer_target, "apps", "daemonsets"): frozenset({"get", "list", "watch", "patch"}),
             (namespace, "coordination.k8s.io", "leases"): LEASE_VERBS,
+            **renderer_configmaps,
             **{
                 (ns, group, "events"): EVENT_VERBS
                 for ns in (renderer_target, namespace)
@@ -171,6 +184,43 @@ class Access:
     resource: str
     verb: str
     expected: bool
+    name: str = ""  # a request about one object by name ("": about the resource as a whole)
+
+
+# Permissions on single objects by name: (namespace, API group, resource, name) -> verbs.
+NamedNeeds = dict[str, dict[tuple[str, str, str, str], frozenset[str]]]
+OTHER_NAME = "not-apilanes"  # a name no grant names: what is allowed on it is allowed on any
+
+
+def named_needs(
+    *, renderer_target: str = RENDERER_TARGET, renderer_configmap: str | None = RENDERER_CONFIGMAP
+) -> NamedNeeds:
+    """What the services may do to objects by name, beyond `service_needs`: the renderer
+    reads and patches its one ConfigMap."""
+    if renderer_configmap is None:
+        return {}
+    return {
+        "apilane-renderer": {
+            (renderer_target, "", "configmaps", renderer_configmap): frozenset({"get", "patch"})
+        }
+    }
+
+
+def named_access_matrix(needs: Needs, named: NamedNeeds) -> list[Access]:
+    """Every verb of every account on each named object, and on another object of the same
+    kind (`OTHER_NAME`): the name grants plus whatever the account may do to any name."""
+    rows = []
+    objects = {key for grants in named.values() for key in grants}
+    for account in needs:
+        for namespace, group, resource, name in sorted(objects):
+            anyone = needs[account].get((namespace, group, resource), frozenset())
+            this = named.get(account, {}).get((namespace, group, resource, name), frozenset())
+            for verb in VERBS:
+                for target, allowed in ((name, anyone | this), (OTHER_NAME, anyone)):
+                    rows.append(
+                        Access(account, namespace, group, resource, verb, verb in allowed, target)
+                    )
+    return rows
 
 
 def access_matrix(needs: Needs, namespaces: Iterable[str] = BASE_NAMESPACES) -> list[Access]:
@@ -199,6 +249,7 @@ async def subject_may(
     resource: str,
     verb: str,
     account_namespace: str = NAMESPACE,
+    name: str = "",
 ) -> bool:
     review = {
         "apiVersion": "authorization.k8s.io/v1",
@@ -216,6 +267,7 @@ async def subject_may(
                 "group": group,
                 "resource": resource,
                 "verb": verb,
+                **({"name": name} if name else {}),
             },
         },
     }
@@ -241,11 +293,12 @@ async def wrong_accesses(
                 resource=row.resource,
                 verb=row.verb,
                 account_namespace=account_namespace,
+                name=row.name,
             )
         if allowed == row.expected:
             return None
         where = row.namespace or "(cluster)"
-        what = f"{row.group or 'core'}/{row.resource}"
+        what = f"{row.group or 'core'}/{row.resource}" + (f"/{row.name}" if row.name else "")
         return f"{row.account} {'CAN' if allowed else 'cannot'} {row.verb} {what} in {where}"
 
     return [m for m in await asyncio.gather(*(check(r) for r in rows)) if m]

@@ -44,8 +44,14 @@ from apilane.node_loader.desired import (
     desired_state,
     target_contents,
 )
-from apilane.node_loader.nat import FrontendKey
-from apilane.node_loader.nat import FAMILIES, BackendValue, Family, MapContents, NatMaps
+from apilane.node_loader.nat import (
+    FAMILIES,
+    BackendValue,
+    Family,
+    FrontendKey,
+    MapContents,
+    NatMaps,
+)
 from apilane.node_loader.plan import (
     Operation,
     Plan,

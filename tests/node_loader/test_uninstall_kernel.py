@@ -31,6 +31,8 @@ BACKEND_PORT = 8080
 def loader_env(*, cgroup: Path, pin_dir: Path, state_dir: Path) -> dict[str, str]:
     return {
         "APILANE_NODE_NAME": "uninstall-node",
+        # Backends here are addresses no probe may reach from this host: probing is off.
+        "APILANE_BACKEND_PROBE": "off",
         "APILANE_MAP_BACKEND": "bpf",
         "APILANE_CGROUP_PATH": str(cgroup),
         "APILANE_BPF_PIN_DIR": str(pin_dir),

@@ -187,6 +187,7 @@ class SnapshotIntake:
                 result = self.reconciler.apply(snapshot, seal=admitted.seal)
                 apply_span.set_attribute("apilane.outcome", str(result.outcome))
                 apply_span.set_attribute("entries_written", result.entries_written)
+                set_health_attributes(apply_span, result)
                 if result.outcome in (Outcome.REJECTED, Outcome.FAILED):
                     apply_span.set_status(trace.Status(trace.StatusCode.ERROR, result.reason))
             span.set_attribute("apilane.outcome", str(result.outcome))
@@ -236,7 +237,7 @@ class SnapshotIntake:
                 finding.reason, f"node {self.node}: {finding.message}", snapshot.generation
             )
         if result.removed_backends and self.destroy_sockets:
-            await self._destroy_sockets(result.removed_backends)
+            await self.destroy_sockets_to(result.removed_backends)
         await self.check_expiry()
         await self.publish_state()
 
@@ -274,7 +275,17 @@ class SnapshotIntake:
         )
         return True
 
-    async def _destroy_sockets(self, backends: tuple[BackendValue, ...]) -> None:
+    async def after_health_apply(self, result: ApplyResult) -> None:
+        """Count an apply the prober caused; close the sockets to the backends it removed."""
+        self.metrics.applies.labels(outcome=str(result.outcome)).inc()
+        self.metrics.count_violations(result.violations_before)
+        if result.outcome is Outcome.APPLIED:
+            self.metrics.entries_written.inc(result.entries_written)
+            self.metrics.apply_duration.observe(result.timings.get("total", 0.0))
+        if result.removed_backends and self.destroy_sockets:
+            await self.destroy_sockets_to(result.removed_backends)
+
+    async def destroy_sockets_to(self, backends: tuple[BackendValue, ...]) -> None:
         """Close host sockets still connected to removed backends, so clients reconnect
         through the service address to a live one. Best effort: never fails the apply."""
         from apilane.node_loader import sockets
@@ -299,6 +310,19 @@ class SnapshotIntake:
                 "already_gone": report.already_gone,
                 "failures": report.failures,
             },
+        )
+
+
+def set_health_attributes(span: trace.Span, result: ApplyResult) -> None:
+    """Say on the span when probes changed the programmed set."""
+    if result.health_excluded:
+        span.set_attribute(
+            "apilane.health.excluded", [f"{b.ip}:{b.port}" for b in result.health_excluded]
+        )
+    if result.health_fail_static:
+        span.set_attribute(
+            "apilane.health.fail_static",
+            [f"{k.ip}:{k.port}/{k.proto}" for k in result.health_fail_static],
         )
 
 

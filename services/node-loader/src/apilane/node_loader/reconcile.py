@@ -176,6 +176,10 @@ class Reconciler:
         self.last_error = ""
         # Backends the prober found unhealthy: left out of the programmed sets (apply_health).
         self.unhealthy: frozenset[BackendValue] = frozenset()
+        # What health did to the maps at the last apply: left out, and kept whole (fail static).
+        self.health_excluded: tuple[BackendValue, ...] = ()
+        self.health_fail_static: tuple[FrontendKey, ...] = ()
+        self._backends_of: tuple[str, tuple[BackendValue, ...]] = ("", ())
         self._contents: dict[Family, MapContents] | None = None  # our view of the maps
         # The view whose invariants were last checked, and the result (see _check).
         self._checked: tuple[Mapping[Family, MapContents], list[Violation]] | None = None
@@ -306,6 +310,25 @@ class Reconciler:
             return None
         return self._apply(self.applied.snapshot, trigger="repair", seal=self.applied.seal)
 
+    def snapshot_backends(self) -> tuple[BackendValue, ...]:
+        """Every backend the applied snapshot programs (what the prober probes)."""
+        applied = self.applied
+        if applied is None:
+            return ()
+        if self._backends_of[0] != applied.digest:
+            try:
+                desired = desired_state(applied.snapshot, cluster=self.cluster)
+            except InvalidSnapshot:
+                return ()
+            backends = {
+                backend
+                for frontends in desired.frontends.values()
+                for members in frontends.values()
+                for backend in members
+            }
+            self._backends_of = (applied.digest, tuple(sorted(backends)))
+        return self._backends_of[1]
+
     def set_unhealthy(self, unhealthy: frozenset[BackendValue]) -> ApplyResult | None:
         """Program the applied snapshot without these backends (make-before-break, as any
         apply); None when nothing changed or nothing is applied yet."""
@@ -365,6 +388,7 @@ class Reconciler:
             mismatched = [f for f in target if after.get(f) != target[f]]
         problem = _problem(mismatched, violations_after)
         if not mismatched:
+            self.health_excluded, self.health_fail_static = health.excluded, health.fail_static
             with clock("persist"):
                 problem = problem or self._commit(snapshot, seal)
         self.last_error = problem

@@ -129,6 +129,12 @@ def tls_context(ca_file: str) -> ssl.SSLContext:
 ProbeResult = tuple[bool, str]
 
 
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno and not isinstance(exc, ssl.SSLError):
+        return os.strerror(exc.errno)  # asyncio's own text names only the address
+    return str(exc) or type(exc).__name__
+
+
 class HealthMonitor:
     """Keeps one probe task per tracked backend and feeds the results to the table."""
 
@@ -171,8 +177,8 @@ class HealthMonitor:
                     await probe_tcp(backend, self.sockets)
         except TimeoutError:
             return False, f"no answer within {self.settings.timeout:g}s"
-        except (OSError, ssl.SSLError, EOFError) as exc:
-            return False, str(exc) or type(exc).__name__
+        except (OSError, EOFError) as exc:  # ssl.SSLError is an OSError
+            return False, _reason(exc)
         return True, ""
 
     async def _probe_forever(self, backend: BackendValue) -> None:

@@ -47,6 +47,7 @@ from apilane.node_loader.prober import HealthMonitor
 from apilane.node_loader.reconcile import Reconciler
 from apilane.node_loader.reporting import SOURCE, Reporter
 from apilane.node_loader.settings import SERVICE_NAME, NodeLoaderSettings
+from apilane.node_loader.sockets import ConnectionLookup
 from apilane.node_loader.statefile import StateFile
 from apilane.runtime import tracing
 from apilane.runtime.aio import Backoff, first_of
@@ -63,6 +64,9 @@ _TICK = 1.0  # the housekeeping loop's period: liveness heartbeat, retries, stat
 class DataPlane:
     maps: NatMaps
     programs: ProgramsControl | None = None
+    # The connections made through a service address (with the programs): what socket
+    # destruction matches against.
+    connections: ConnectionLookup | None = None
 
 
 def open_data_plane(settings: NodeLoaderSettings) -> DataPlane:
@@ -78,7 +82,7 @@ def open_data_plane(settings: NodeLoaderSettings) -> DataPlane:
         pin_dir=Path(settings.pin_dir),
         allow_root_cgroup=settings.allow_root_cgroup,
     )
-    return DataPlane(maps=lb.nat_maps, programs=lb)
+    return DataPlane(maps=lb.nat_maps, programs=lb, connections=lb.connections)
 
 
 class NodeLoader:
@@ -117,7 +121,7 @@ class NodeLoader:
             reporter=self.reporter,
             tracer=self.tracer,
             publish_state=self.write_node_state,
-            destroy_sockets=settings.destroy_stale_sockets and data_plane.programs is not None,
+            connections=data_plane.connections if settings.destroy_stale_sockets else None,
         )
         self.registry = registry
         probe = settings.probe

@@ -310,3 +310,20 @@ async def test_https_probes_pass_only_on_readyz_200_and_verify_when_given_a_ca(t
             await m.close()
     finally:
         await server.stop()
+
+
+@pytest.mark.integration
+async def test_a_probe_namespace_that_cannot_be_entered_fails_probes_not_the_loader():
+    listener = Listener("127.0.0.6")
+    await listener.open()
+    monitor = HealthMonitor(
+        settings=loader_settings.ProbeSettings(netns="/nonexistent/netns"),
+        table=HealthTable(HealthPolicy()),
+        on_change=print,
+    )
+    try:
+        ok, error = await monitor.probe_once(listener.backend)
+        assert not ok and "/nonexistent/netns" in error, error
+    finally:
+        await monitor.close()
+        await listener.close()

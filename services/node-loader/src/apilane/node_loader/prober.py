@@ -45,28 +45,37 @@ def _enter_netns(path: str) -> None:
 
 
 class SocketFactory:
-    """Creates probe sockets in the configured network namespace (or this one)."""
+    """Creates probe sockets in the configured network namespace (or this one). A namespace
+    that cannot be entered makes every probe fail with the reason (never the loader)."""
 
     def __init__(self, netns: str = "") -> None:
+        self.netns = netns
+        self._problem: OSError | None = None
         self._executor = (
             concurrent.futures.ThreadPoolExecutor(
-                max_workers=1,
-                thread_name_prefix="apilane-probe-netns",
-                initializer=_enter_netns,
-                initargs=(netns,),
+                max_workers=1, thread_name_prefix="apilane-probe-netns", initializer=self._enter
             )
             if netns
             else None
         )
+
+    def _enter(self) -> None:
+        try:
+            _enter_netns(self.netns)
+        except OSError as exc:
+            self._problem = exc
+
+    def _socket(self, family: int) -> socket.socket:
+        if self._problem is not None:
+            raise OSError(f"cannot probe from {self.netns}: {self._problem}")
+        return socket.socket(family, socket.SOCK_STREAM)
 
     async def create(self, family: int) -> socket.socket:
         if self._executor is None:
             sock = socket.socket(family, socket.SOCK_STREAM)
         else:
             loop = asyncio.get_running_loop()
-            sock = await loop.run_in_executor(
-                self._executor, socket.socket, family, socket.SOCK_STREAM
-            )
+            sock = await loop.run_in_executor(self._executor, self._socket, family)
         sock.setblocking(False)
         return sock
 
@@ -177,7 +186,7 @@ class HealthMonitor:
                     await probe_tcp(backend, self.sockets)
         except TimeoutError:
             return False, f"no answer within {self.settings.timeout:g}s"
-        except (OSError, EOFError) as exc:  # ssl.SSLError is an OSError
+        except Exception as exc:  # refused, reset, TLS, or a namespace that cannot be entered
             return False, _reason(exc)
         return True, ""
 

@@ -114,6 +114,8 @@ async def run(
             loader_env = env | nats.env(Role.NODE_LOADER, cluster, node)
             loader_env |= {
                 "APILANE_NODE_NAME": node,
+                # Backends here are addresses no probe may reach from this host: probing is off.
+                "APILANE_BACKEND_PROBE": "off",
                 "APILANE_STATE_DIR": str(state_dir),
                 "APILANE_NODE_STATE_INTERVAL": "30s",
             }

@@ -2,6 +2,7 @@
  *
  * connect4/6   rewrite a connect() to a service address into one of its backends, chosen at
  *              random among `count`; IPv4-mapped IPv6 (::ffff:a.b.c.d) uses the IPv4 maps.
+ *              The socket's cookie and its backend go to apilane_conn (nat.h).
  * sendmsg4/6   the same for unconnected UDP sends.
  * recvmsg4/6   UDP: a datagram from a translated backend appears to come from the service.
  * getpeername4/6  the application sees the service address, not the backend.
@@ -209,17 +210,45 @@ static __always_inline int apilane_is_v4_mapped(struct bpf_sock_addr *ctx)
            ctx->user_ip6[2] == bpf_htonl(APILANE_V4_MAPPED_PREFIX);
 }
 
-/* connect() and unconnected sendmsg() share the forward translation. */
-static __always_inline void apilane_forward4(struct bpf_sock_addr *ctx)
+/* Remember that this socket connected through a service address, to which backend. */
+static __always_inline void apilane_record4(struct bpf_sock_addr *ctx,
+                                            const struct apilane_be_value4 *backend)
+{
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    struct apilane_conn_value conn;
+    __builtin_memset(&conn, 0, sizeof(conn));
+    conn.addr[0] = backend->addr;
+    conn.port = backend->port;
+    conn.family = 4;
+    apilane_conn.update(&cookie, &conn);
+}
+
+static __always_inline void apilane_record6(struct bpf_sock_addr *ctx,
+                                            const struct apilane_be_value6 *backend)
+{
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    struct apilane_conn_value conn;
+    __builtin_memset(&conn, 0, sizeof(conn));
+    __builtin_memcpy(conn.addr, backend->addr, sizeof(conn.addr));
+    conn.port = backend->port;
+    conn.family = 6;
+    apilane_conn.update(&cookie, &conn);
+}
+
+/* connect() and unconnected sendmsg() share the forward translation; only connect() records
+ * the connection (`connecting`). */
+static __always_inline void apilane_forward4(struct bpf_sock_addr *ctx, int connecting)
 {
     struct apilane_be_value4 backend = {};
     if (apilane_nat4(ctx, ctx->user_ip4, (__u16)ctx->user_port, (__u8)ctx->protocol, &backend)) {
         ctx->user_ip4 = backend.addr;
         ctx->user_port = backend.port;
+        if (connecting)
+            apilane_record4(ctx, &backend);
     }
 }
 
-static __always_inline void apilane_forward6(struct bpf_sock_addr *ctx)
+static __always_inline void apilane_forward6(struct bpf_sock_addr *ctx, int connecting)
 {
     __u16 port = (__u16)ctx->user_port;
     __u8 proto = (__u8)ctx->protocol;
@@ -228,6 +257,8 @@ static __always_inline void apilane_forward6(struct bpf_sock_addr *ctx)
         if (apilane_nat4(ctx, ctx->user_ip6[3], port, proto, &backend4)) {
             ctx->user_ip6[3] = backend4.addr;
             ctx->user_port = backend4.port;
+            if (connecting)
+                apilane_record4(ctx, &backend4);
         }
         return;
     }
@@ -238,6 +269,8 @@ static __always_inline void apilane_forward6(struct bpf_sock_addr *ctx)
         ctx->user_ip6[2] = backend6.addr[2];
         ctx->user_ip6[3] = backend6.addr[3];
         ctx->user_port = backend6.port;
+        if (connecting)
+            apilane_record6(ctx, &backend6);
     }
 }
 
@@ -290,25 +323,25 @@ static __always_inline void apilane_reverse6(struct bpf_sock_addr *ctx)
 
 int apilane_connect4(struct bpf_sock_addr *ctx)
 {
-    apilane_forward4(ctx);
+    apilane_forward4(ctx, 1);
     return 1;
 }
 
 int apilane_connect6(struct bpf_sock_addr *ctx)
 {
-    apilane_forward6(ctx);
+    apilane_forward6(ctx, 1);
     return 1;
 }
 
 int apilane_sendmsg4(struct bpf_sock_addr *ctx)
 {
-    apilane_forward4(ctx);
+    apilane_forward4(ctx, 0);
     return 1;
 }
 
 int apilane_sendmsg6(struct bpf_sock_addr *ctx)
 {
-    apilane_forward6(ctx);
+    apilane_forward6(ctx, 0);
     return 1;
 }
 

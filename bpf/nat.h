@@ -20,6 +20,8 @@
 /* v2: the value names the frontend (key and id) and the backend's ordinal, for the staleness
  * check in connect_lb.c. */
 #define APILANE_REV_LAYOUT "v2"
+/* v1: socket cookie -> the backend its connect() through a service address went to. */
+#define APILANE_CONN_LAYOUT "v1"
 
 #ifndef APILANE_PIN_DIR
 #define APILANE_PIN_DIR "/sys/fs/bpf/apilane"
@@ -28,6 +30,7 @@
 #define APILANE_FE_MAX 65536
 #define APILANE_BE_MAX 262144
 #define APILANE_REV_MAX 65536
+#define APILANE_CONN_MAX 65536
 
 /* BPF_F_NO_PREALLOC: memory grows with the entries present, not with max_entries. */
 #define APILANE_NAT_MAP_FLAGS 1
@@ -107,8 +110,22 @@ struct apilane_rev_value6 {
     __u32 ordinal;
 };
 
+/* Connections through a service address, per socket: written by connect4/6 only (never by
+ * sendmsg, so an unconnected UDP socket is never recorded), read by the loader when a backend
+ * is removed or fails its probes: only a socket recorded here, still connected to that
+ * backend, is destroyed (sockets.py), so a direct connection to the same address is left
+ * alone. Cookies are unique per boot across network namespaces, so one map serves every
+ * namespace; an entry of a closed socket is never matched again and ages out of the LRU. */
+struct apilane_conn_value {
+    __u32 addr[4]; /* backend, NBO; an IPv4 backend in addr[0], the rest 0 */
+    __u16 port;    /* backend, NBO */
+    __u8 family;   /* 4 or 6: the backend's family (an IPv4-mapped connect6 records 4) */
+    __u8 pad;
+};
+
 #define APILANE_PIN(name) APILANE_PIN_DIR "/" name "_" APILANE_NAT_LAYOUT
 #define APILANE_REV_PIN(name) APILANE_PIN_DIR "/" name "_" APILANE_REV_LAYOUT
+#define APILANE_CONN_PIN(name) APILANE_PIN_DIR "/" name "_" APILANE_CONN_LAYOUT
 
 BPF_TABLE_PINNED("hash", struct apilane_fe_key4, struct apilane_fe_value, apilane_fe4,
                  APILANE_FE_MAX, APILANE_PIN("apilane_fe4"), APILANE_NAT_MAP_FLAGS);
@@ -122,5 +139,7 @@ BPF_TABLE_PINNED("lru_hash", struct apilane_rev_key4, struct apilane_rev_value4,
                  APILANE_REV_MAX, APILANE_REV_PIN("apilane_rev4"));
 BPF_TABLE_PINNED("lru_hash", struct apilane_rev_key6, struct apilane_rev_value6, apilane_rev6,
                  APILANE_REV_MAX, APILANE_REV_PIN("apilane_rev6"));
+BPF_TABLE_PINNED("lru_hash", __u64, struct apilane_conn_value, apilane_conn, APILANE_CONN_MAX,
+                 APILANE_CONN_PIN("apilane_conn"));
 
 #endif /* APILANE_NAT_H */

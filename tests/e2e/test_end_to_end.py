@@ -216,6 +216,8 @@ async def test_one_endpoint_change_reaches_the_daemonset_both_nodes_and_forms_on
                 | nats_server.env(Role.NODE_LOADER, CLUSTER, node)
                 | {
                     "APILANE_NODE_NAME": node,
+                    # Backends here are addresses no probe may reach from this host: probing is off.
+                    "APILANE_BACKEND_PROBE": "off",
                     "APILANE_MAP_BACKEND": "bpf",
                     "APILANE_CGROUP_PATH": str(cgroups[node]),
                     "APILANE_BPF_PIN_DIR": str(pins[node]),

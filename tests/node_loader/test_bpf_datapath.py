@@ -31,14 +31,13 @@ from apilane.node_loader.nat import (
     FrontendValue,
 )
 from apilane.node_loader.programs import HOOKS, ConnectTimeLB, remove_superseded_pins
-from apilane.node_loader.sockets import Destination, destroy_connected
+from apilane.node_loader.sockets import destroy_recorded, network_namespaces
 from apilane.testing.bpf import (
     SERVICE_VIP4,
     SERVICE_VIP6,
     Agent,
     BpfLab,
     Topology,
-    entered_netns,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.bpf]
@@ -210,11 +209,13 @@ def test_socket_destroy_closes_connections_to_the_removed_backend(dp: Datapath) 
     removed = ips[2]
 
     dp.program("IPv4", ips[:2])
-    with entered_netns(dp.topology.client):
-        report = destroy_connected([Destination(removed, BACKEND_PORT)])
+    # Every namespace of this machine is searched, as on a node; only sockets that our
+    # programs recorded can match.
+    report = destroy_recorded([BackendValue(removed, BACKEND_PORT)], dp.lb.connections)
 
     assert report.supported, report.reason
     assert report.failures == []
+    assert report.namespaces >= 2  # the host's and the client's at least
     assert report.destroyed == sum(1 for ip in opened.values() if ip == removed)
     for name, ip in opened.items():
         probe = dp.agent.tcp_probe(name)
@@ -222,6 +223,58 @@ def test_socket_destroy_closes_connections_to_the_removed_backend(dp: Datapath) 
             assert probe == {"alive": False, "error": "ECONNABORTED"}
         else:
             assert probe == {"alive": True, "error": None}
+
+
+@pytest.mark.parametrize("vip", [SERVICE_VIP4, MAPPED_VIP4, SERVICE_VIP6])
+def test_only_the_connection_through_the_service_is_destroyed(dp: Datapath, vip: str) -> None:
+    """A pod-like namespace (no default route) holds a connection through the service to B
+    and a direct one to B (as a kubelet's would be): removing B closes the first only."""
+    family: Family = "IPv6" if vip == SERVICE_VIP6 else "IPv4"
+    a, b = dp.backend_ips(family)[:2]
+    # A fresh client: connections other tests kept open through the service would match too.
+    dp.lab.end(dp.agent)
+    dp.agent = dp.lab.agent(netns=dp.topology.client, cgroup=dp.cgroup)
+    dp.program(family, [b])
+    through = dp.agent.tcp_open("through", vip, SERVICE_PORT)
+    direct_host = f"::ffff:{b}" if vip == MAPPED_VIP4 else b
+    direct = dp.agent.tcp_open("direct", direct_host, BACKEND_PORT)
+    assert through["error"] is None and through["server"][0] == b
+    assert through["peer"] == [vip, SERVICE_PORT]
+    assert direct["error"] is None and direct["server"][0] == b
+    recorded = _recorded(dp)
+    assert BackendValue(b, BACKEND_PORT) in recorded.values()
+
+    dp.program(family, [a])  # B removed
+    report = destroy_recorded(
+        [BackendValue(b, BACKEND_PORT)],
+        dp.lb.connections,
+        namespaces=[n for n in network_namespaces() if str(dp.topology.client.path) in n.paths],
+    )
+
+    assert report.supported, report.reason
+    assert (report.namespaces, report.matched, report.destroyed) == (1, 1, 1), report
+    assert report.failures == []
+    assert dp.agent.tcp_probe("through") == {"alive": False, "error": "ECONNABORTED"}
+    assert dp.agent.tcp_probe("direct") == {"alive": True, "error": None}
+    # A new connection through the service goes to the live backend.
+    assert _servers(dp.agent.tcp_request(vip, SERVICE_PORT, count=5)) == [a] * 5
+
+
+def _recorded(dp: Datapath) -> dict[int, BackendValue]:
+    """Every recorded connection: the cookies listed from the map, read back by lookup."""
+    table = dp.lb._bpf.get_table(b"apilane_conn")
+    return dp.lb.connections.lookup(int(key.value) for key in table)
+
+
+def test_sendmsg_records_no_connection(dp: Datapath) -> None:
+    backend = dp.topology.backends[1]
+    dp.program("IPv4", [backend.ipv4], proto=PROTO_UDP)
+    before = set(_recorded(dp))
+
+    assert dp.agent.udp_request(SERVICE_VIP4, SERVICE_PORT, connected=False)["error"] is None
+    assert set(_recorded(dp)) == before
+    assert dp.agent.udp_request(SERVICE_VIP4, SERVICE_PORT, connected=True)["error"] is None
+    assert len(set(_recorded(dp)) - before) == 1
 
 
 def test_ipv6_tcp_udp_and_getpeername(dp: Datapath) -> None:
@@ -317,16 +370,19 @@ def test_bcc_generated_types_match_the_nat_h_layout(datapath: Datapath) -> None:
                          {"frontend": 0, "service_id": 8, "ordinal": 12}),
         "apilane_rev6": (32, {"cookie": 0, "addr": 8, "port": 24, "pad": 26, "pad2": 28}, 28,
                          {"frontend": 0, "service_id": 20, "ordinal": 24}),
+        "apilane_conn": (8, None, 20, {"addr": 0, "port": 16, "family": 18, "pad": 19}),
     }  # fmt: skip
     bpf = datapath.lb._bpf
     for name, (key_size, key_offsets, leaf_size, leaf_offsets) in expected.items():
         table = bpf.get_table(name.encode())
         assert ctypes.sizeof(table.Key) == key_size, name
         assert ctypes.sizeof(table.Leaf) == leaf_size, name
-        assert {f.name: f.offset for f in layout_of(table.Key)} == key_offsets, name
+        if key_offsets is not None:  # a struct; apilane_conn's key is a plain __u64
+            assert {f.name: f.offset for f in layout_of(table.Key)} == key_offsets, name
         assert {f.name: f.offset for f in layout_of(table.Leaf)} == leaf_offsets, name
         # The byte codecs are derived from the same types and agree on the size.
-        assert StructCodec(table.Key).size == key_size
+        if key_offsets is not None:
+            assert StructCodec(table.Key).size == key_size
         assert StructCodec(table.Leaf).size == leaf_size
     # A reverse entry names its frontend with the frontend map's own key type.
     for family in ("4", "6"):

@@ -52,6 +52,8 @@ class LoaderProcess:
             **nats_env,  # APILANE_NATS_URL and this node's own credentials
             "APILANE_CLUSTER": CLUSTER,
             "APILANE_NODE_NAME": NODE,
+            # Backends here are addresses no probe may reach from this host: probing is off.
+            "APILANE_BACKEND_PROBE": "off",
             "APILANE_MAP_BACKEND": "bpf",
             "APILANE_CGROUP_PATH": str(cgroup),
             "APILANE_BPF_PIN_DIR": str(pin_dir),

@@ -57,6 +57,8 @@ class Harness:
             **nats_server.env(Role.NODE_LOADER, CLUSTER, NODE),
             "APILANE_CLUSTER": CLUSTER,
             "APILANE_NODE_NAME": NODE,
+            # Backends here are addresses no probe may reach from this host: probing is off.
+            "APILANE_BACKEND_PROBE": "off",
             "APILANE_MAP_BACKEND": "memory",
             "APILANE_BPF_PIN_DIR": str(tmp_path / "pins"),
             "APILANE_STATE_DIR": str(tmp_path / "state"),

@@ -83,3 +83,53 @@ def test_trusted_and_operator_keys_are_read_from_their_variables_and_files(
     assert loaded.operators().ids == (operator.key_id,)
     with pytest.raises(ConfigError, match="APILANE_TRUSTED_KEYS"):
         loader_settings.load(BASE | {"APILANE_TRUSTED_KEYS": "bm90IGEga2V5"})
+
+
+def test_backend_probes_default_to_tcp_every_300ms_three_failures() -> None:
+    probe = loader_settings.load(BASE).probe
+    assert probe == loader_settings.ProbeSettings(
+        kind="tcp", interval=0.3, timeout=1.0, failures_to_fail=3, passes_to_recover=2
+    )
+    assert probe.enabled
+    assert not loader_settings.load(BASE | {"APILANE_BACKEND_PROBE": "off"}).probe.enabled
+
+
+def test_backend_probe_settings_are_read(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not parsed here")
+    probe = loader_settings.load(
+        BASE
+        | {
+            "APILANE_BACKEND_PROBE": "https",
+            "APILANE_PROBE_INTERVAL": "100ms",
+            "APILANE_PROBE_TIMEOUT": "50ms",
+            "APILANE_PROBE_FAILURES": "5",
+            "APILANE_PROBE_PASSES": "1",
+            "APILANE_PROBE_NETNS": "/run/netns/x",
+            "APILANE_PROBE_CA_FILE": str(ca),
+        }
+    ).probe
+    assert (probe.kind, probe.interval, probe.timeout) == ("https", 0.1, 0.05)
+    assert (probe.failures_to_fail, probe.passes_to_recover) == (5, 1)
+    assert (probe.netns, probe.ca_file) == ("/run/netns/x", str(ca))
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("APILANE_BACKEND_PROBE", "icmp", "one of tcp, https, off"),
+        ("APILANE_PROBE_INTERVAL", "10ms", "APILANE_PROBE_INTERVAL"),
+        ("APILANE_PROBE_INTERVAL", "soon", "APILANE_PROBE_INTERVAL"),
+        ("APILANE_PROBE_TIMEOUT", "0s", "APILANE_PROBE_TIMEOUT"),
+        ("APILANE_PROBE_FAILURES", "0", "APILANE_PROBE_FAILURES"),
+        ("APILANE_PROBE_FAILURES", "101", "APILANE_PROBE_FAILURES"),
+        ("APILANE_PROBE_PASSES", "0", "APILANE_PROBE_PASSES"),
+        ("APILANE_PROBE_NETNS", "run/netns/x", "absolute path"),
+        ("APILANE_PROBE_CA_FILE", "/nonexistent/ca.pem", "no such file"),
+    ],
+)
+def test_bad_backend_probe_settings_stop_the_loader_at_start(
+    name: str, value: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        loader_settings.load(BASE | {name: value})

@@ -128,6 +128,8 @@ async def test_only_signed_snapshots_reach_the_kernel_maps_across_a_restart(
             **nats_server.env(Role.NODE_LOADER, CLUSTER, NODE),
             "APILANE_CLUSTER": CLUSTER,
             "APILANE_NODE_NAME": NODE,
+            # Backends here are addresses no probe may reach from this host: probing is off.
+            "APILANE_BACKEND_PROBE": "off",
             "APILANE_MAP_BACKEND": "bpf",
             "APILANE_CGROUP_PATH": str(cgroup),
             "APILANE_BPF_PIN_DIR": str(pin_dir),

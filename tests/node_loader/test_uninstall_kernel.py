@@ -31,6 +31,8 @@ BACKEND_PORT = 8080
 def loader_env(*, cgroup: Path, pin_dir: Path, state_dir: Path) -> dict[str, str]:
     return {
         "APILANE_NODE_NAME": "uninstall-node",
+        # Backends here are addresses no probe may reach from this host: probing is off.
+        "APILANE_BACKEND_PROBE": "off",
         "APILANE_MAP_BACKEND": "bpf",
         "APILANE_CGROUP_PATH": str(cgroup),
         "APILANE_BPF_PIN_DIR": str(pin_dir),
@@ -91,7 +93,7 @@ def test_uninstall_removes_links_maps_and_state_and_is_idempotent(
     assert translated["error"] is None and translated["server"][0] == backend.ipv4
     assert "apilane_connect" in bpftool_cgroup_show(child_cgroup)
     pins = sorted(p.name for p in pin_dir.iterdir())
-    assert len(pins) == len(HOOKS) + 6, pins  # 8 links, 6 maps (fe/be/rev x IPv4/IPv6)
+    assert len(pins) == len(HOOKS) + 7, pins  # 8 links, 7 maps (fe/be/rev x IPv4/IPv6, conn)
     assert settings.state_file.is_file()
 
     # An object apilane does not know in the pin dir: refused, nothing touched.
@@ -113,7 +115,9 @@ def test_uninstall_removes_links_maps_and_state_and_is_idempotent(
     assert done.returncode == 0, done
     lines = done.stdout.splitlines()
     assert sum(line.startswith("detached link_") for line in lines) == len(HOOKS), lines
-    assert sum(line.startswith("unpinned map ") for line in lines) == 6, lines
+    assert sum(line.startswith("unpinned map ") for line in lines) == 7, (
+        lines
+    )  # fe/be/rev x 2 families, conn
     assert f"removed state file {settings.state_file}" in lines
     assert f"removed pin dir {pin_dir}" in lines
     # Nothing of apilane is left: pins, state, programs on the cgroup, translation.

@@ -116,6 +116,24 @@ scrape without that label still works (it is then empty on both sides).
         description: >-
           node-loader {{`{{ $labels.instance }}`}} received a snapshot without API server
           endpoints in the last {{ $alerts.failStatic.window }} and kept its last good maps.
+    - alert: ApilaneBackendsUnhealthy
+      # A node's probes fail for an API server backend: it is out of that node's maps (or,
+      # when every backend fails, all are kept: apilane_node_health_fail_static).
+      expr: |
+        min by (namespace, instance, backend) (apilane_node_backend_healthy) == 0
+      for: {{ $alerts.backendsUnhealthy.for }}
+      labels:
+        severity: {{ $alerts.backendsUnhealthy.severity }}
+        {{- with $extra }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      annotations:
+        summary: A node cannot reach an API server backend
+        description: >-
+          node-loader {{`{{ $labels.instance }}`}} has found API server backend
+          {{`{{ $labels.backend }}`}} unhealthy for {{ $alerts.backendsUnhealthy.for }}: it is
+          left out of that node's maps, unless every backend fails, when the node keeps them
+          all (apilane_node_health_fail_static is 1). Check the node's path to that API server.
     - alert: ApilaneLeaderMissing
       # Replicas are running, and none of them holds the Lease.
       expr: |

@@ -49,6 +49,7 @@ TABLE_NAMES: dict[Family, tuple[str, str]] = {
     "IPv6": ("apilane_fe6", "apilane_be6"),
 }
 REVERSE_TABLE_NAMES: dict[Family, str] = {"IPv4": "apilane_rev4", "IPv6": "apilane_rev6"}
+CONNECTION_TABLE_NAME = "apilane_conn"
 
 # Address fields: packed as raw bytes (network order), not integers.
 _BYTE_FIELDS = frozenset({"addr"})
@@ -500,6 +501,30 @@ def _lib() -> Any:
     from bcc.libbcc import lib
 
     return lib
+
+
+class BccConnections:
+    """The connections made through a service address (apilane_conn in bpf/nat.h): socket
+    cookie → the backend the connect program sent it to."""
+
+    def __init__(self, bpf: Any) -> None:
+        self._table = bpf.get_table(CONNECTION_TABLE_NAME.encode())
+
+    def lookup(self, cookies: Iterable[int]) -> dict[int, BackendValue]:
+        """The recorded backend of each cookie that has one (point lookups: the loader asks
+        only about sockets connected to a removed backend, never dumps the whole map)."""
+        found: dict[int, BackendValue] = {}
+        for cookie in cookies:
+            try:
+                leaf = self._table[self._table.Key(cookie)]
+            except KeyError:
+                continue
+            packed = bytes(leaf.addr)
+            found[cookie] = BackendValue(
+                ip=_ip_text(packed[:4] if leaf.family == 4 else packed),
+                port=socket.ntohs(leaf.port),
+            )
+        return found
 
 
 def _frontend_key_row(family: Family, key: FrontendKey) -> tuple[bytes, int, int]:

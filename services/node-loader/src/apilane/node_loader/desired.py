@@ -1,6 +1,8 @@
 """PURE: an endpoint snapshot → the NAT entries this node should hold, per family.
 
-Two steps, both without I/O:
+Two steps, both without I/O (and between them, when the prober has found unhealthy
+backends, `apply_health(desired, unhealthy)`: each frontend keeps its healthy backends only,
+or all of them when none is healthy):
 
 1. `desired_state(snapshot)` validates the snapshot and says, per family, which frontend
    (service IP, port, protocol) should lead to which backends (the API server
@@ -24,8 +26,8 @@ Two steps, both without I/O:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, replace
 
 from apilane.model import addresses, events
 from apilane.model.errors import ApilaneError
@@ -189,6 +191,43 @@ def desired_state(snapshot: EndpointSnapshot, *, cluster: str | None = None) -> 
         frontends=programmed,
         held=held,
         findings=tuple(findings),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HealthOutcome:
+    """What the health table did to a desired state."""
+
+    desired: DesiredState
+    # Backends left out of the programmed set because they failed their probes.
+    excluded: tuple[BackendValue, ...] = ()
+    # Frontends whose every backend is unhealthy: they keep the full set (fail static).
+    fail_static: tuple[FrontendKey, ...] = ()
+
+
+def apply_health(desired: DesiredState, unhealthy: Collection[BackendValue]) -> HealthOutcome:
+    """Leave unhealthy backends out of each frontend's set, but never the last one: a
+    frontend none of whose backends passes its probes keeps them all, because then the
+    probes (the node's own path, the prober) are more likely wrong than every API server,
+    and an empty or shrunken set would cut the node off for nothing."""
+    if not unhealthy:
+        return HealthOutcome(desired=desired)
+    excluded: set[BackendValue] = set()
+    fail_static: list[FrontendKey] = []
+    frontends: dict[Family, dict[FrontendKey, tuple[BackendValue, ...]]] = {}
+    for family, wanted in desired.frontends.items():
+        frontends[family] = {}
+        for key, backends in wanted.items():
+            healthy = tuple(b for b in backends if b not in unhealthy)
+            if not healthy and backends:
+                fail_static.append(key)
+                healthy = backends
+            excluded.update(b for b in backends if b not in healthy)
+            frontends[family][key] = healthy
+    return HealthOutcome(
+        desired=replace(desired, frontends=frontends),
+        excluded=tuple(sorted(excluded)),
+        fail_static=tuple(sorted(fail_static)),
     )
 
 

@@ -23,11 +23,13 @@ from opentelemetry import trace
 from apilane.model import events, subjects
 from apilane.model.events import WarningReason
 from apilane.model.signing import TrustedKeys, Verdict, utcnow
+from apilane.node_loader import sockets
 from apilane.node_loader.admission import Admitted, Refusal, admit
 from apilane.node_loader.metrics import LoaderMetrics
 from apilane.node_loader.nat import BackendValue
 from apilane.node_loader.reconcile import ApplyResult, Outcome, Reconciler
 from apilane.node_loader.reporting import Reporter
+from apilane.node_loader.sockets import ConnectionLookup
 from apilane.runtime import tracing
 from apilane.runtime.aio import Backoff
 from apilane.runtime.bus import KvEntry
@@ -49,7 +51,7 @@ class SnapshotIntake:
         reporter: Reporter,
         tracer: trace.Tracer,
         publish_state: Callable[[], Awaitable[None]],
-        destroy_sockets: bool,
+        connections: ConnectionLookup | None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.reconciler = reconciler
@@ -59,7 +61,8 @@ class SnapshotIntake:
         self.node = reporter.node
         self.tracer = tracer
         self.publish_state = publish_state
-        self.destroy_sockets = destroy_sockets  # of host sockets to removed backends
+        # The connections through a service address; None: no socket is ever destroyed.
+        self.connections = connections
         self.clock = clock
         self.refusal = ""  # why the latest value was refused, until one is accepted
         self.stale = False
@@ -187,6 +190,7 @@ class SnapshotIntake:
                 result = self.reconciler.apply(snapshot, seal=admitted.seal)
                 apply_span.set_attribute("apilane.outcome", str(result.outcome))
                 apply_span.set_attribute("entries_written", result.entries_written)
+                set_health_attributes(apply_span, result)
                 if result.outcome in (Outcome.REJECTED, Outcome.FAILED):
                     apply_span.set_status(trace.Status(trace.StatusCode.ERROR, result.reason))
             span.set_attribute("apilane.outcome", str(result.outcome))
@@ -235,8 +239,8 @@ class SnapshotIntake:
             await self.reporter.warn(
                 finding.reason, f"node {self.node}: {finding.message}", snapshot.generation
             )
-        if result.removed_backends and self.destroy_sockets:
-            await self._destroy_sockets(result.removed_backends)
+        if result.removed_backends:
+            await self.destroy_sockets_to(result.removed_backends)
         await self.check_expiry()
         await self.publish_state()
 
@@ -274,16 +278,26 @@ class SnapshotIntake:
         )
         return True
 
-    async def _destroy_sockets(self, backends: tuple[BackendValue, ...]) -> None:
-        """Close host sockets still connected to removed backends, so clients reconnect
-        through the service address to a live one. Best effort: never fails the apply."""
-        from apilane.node_loader import sockets
+    async def after_health_apply(self, result: ApplyResult) -> None:
+        """Count an apply the prober caused; close the sockets to the backends it removed."""
+        self.metrics.applies.labels(outcome=str(result.outcome)).inc()
+        self.metrics.count_violations(result.violations_before)
+        if result.outcome is Outcome.APPLIED:
+            self.metrics.entries_written.inc(result.entries_written)
+            self.metrics.apply_duration.observe(result.timings.get("total", 0.0))
+        if result.removed_backends:
+            await self.destroy_sockets_to(result.removed_backends)
 
+    async def destroy_sockets_to(self, backends: tuple[BackendValue, ...]) -> None:
+        """Close the sockets that connected through a service address to these (removed or
+        unhealthy) backends, in every network namespace of the node, so their clients
+        reconnect to a live one. Best effort: never fails the apply."""
+        if self.connections is None:
+            return
+        began = time.perf_counter()
         try:
-            # A netlink dump of every socket on a busy node: off the event loop.
-            report = await asyncio.to_thread(
-                sockets.destroy_connected, [sockets.Destination(b.ip, b.port) for b in backends]
-            )
+            # Netlink dumps of every namespace's sockets on a busy node: off the event loop.
+            report = await asyncio.to_thread(sockets.destroy_recorded, backends, self.connections)
         except Exception as exc:
             log.warning("destroying sockets to removed backends failed", extra={"error": str(exc)})
             return
@@ -292,13 +306,28 @@ class SnapshotIntake:
             return
         self.metrics.sockets_destroyed.inc(report.destroyed)
         log.info(
-            "destroyed sockets to removed backends",
+            "destroyed sockets that connected through the service to removed backends",
             extra={
                 "backends": [f"{b.ip}:{b.port}" for b in backends],
+                "namespaces": report.namespaces,
                 "destroyed": report.destroyed,
                 "already_gone": report.already_gone,
-                "failures": report.failures,
+                "failures": report.failures[:20],
+                "ms": round((time.perf_counter() - began) * 1000, 1),
             },
+        )
+
+
+def set_health_attributes(span: trace.Span, result: ApplyResult) -> None:
+    """Say on the span when probes changed the programmed set."""
+    if result.health_excluded:
+        span.set_attribute(
+            "apilane.health.excluded", [f"{b.ip}:{b.port}" for b in result.health_excluded]
+        )
+    if result.health_fail_static:
+        span.set_attribute(
+            "apilane.health.fail_static",
+            [f"{k.ip}:{k.port}/{k.proto}" for k in result.health_fail_static],
         )
 
 

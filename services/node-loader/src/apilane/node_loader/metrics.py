@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from apilane.node_loader.plan import Violation
@@ -13,6 +15,7 @@ class LoaderMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self._define_apply(registry)
         self._define_admission(registry)
+        self._define_health(registry)
 
     def _define_apply(self, registry: CollectorRegistry) -> None:
         """What the reconciler did with the snapshots it was given."""
@@ -99,6 +102,37 @@ class LoaderMetrics:
             ["outcome"],
             registry=registry,
         )
+
+    def _define_health(self, registry: CollectorRegistry) -> None:
+        """What the backend probes found."""
+        self.backend_healthy = Gauge(
+            "apilane_node_backend_healthy",
+            "1 while the backend passes this node's probes, 0 while it is left out of the maps "
+            "(or kept only because every backend fails: apilane_node_health_fail_static)",
+            ["backend"],
+            registry=registry,
+        )
+        self.health_transitions = Counter(
+            "apilane_node_backend_health_transitions_total",
+            "Backend health changes seen by this node's probes, by backend and new state",
+            ["backend", "to"],
+            registry=registry,
+        )
+        self.health_fail_static = Gauge(
+            "apilane_node_health_fail_static",
+            "1 while some frontend keeps all its backends because none passes the probes",
+            registry=registry,
+        )
+        self._health_series: set[str] = set()
+
+    def set_backend_health(self, healthy: Mapping[str, bool], *, fail_static: bool) -> None:
+        """The gauges for exactly these backends; series of backends no longer probed go."""
+        for backend in self._health_series - set(healthy):
+            self.backend_healthy.remove(backend)
+        for backend, ok in healthy.items():
+            self.backend_healthy.labels(backend=backend).set(1 if ok else 0)
+        self._health_series = set(healthy)
+        self.health_fail_static.set(1 if fail_static else 0)
 
     def count_violations(self, violations: tuple[Violation, ...] | list[Violation]) -> None:
         for violation in violations:

@@ -33,7 +33,13 @@ from types import TracebackType
 from typing import Any
 
 from apilane.node_loader import libbpf
-from apilane.node_loader.bpfmaps import REVERSE_TABLE_NAMES, TABLE_NAMES, BccNatMaps
+from apilane.node_loader.bpfmaps import (
+    CONNECTION_TABLE_NAME,
+    REVERSE_TABLE_NAMES,
+    TABLE_NAMES,
+    BccConnections,
+    BccNatMaps,
+)
 from apilane.node_loader.libbpf import ProgramError
 from apilane.node_loader.mounts import check_cgroup, check_pin_dir
 
@@ -109,6 +115,7 @@ class ConnectTimeLB:
                 )
                 self._program_fds[hook.name] = int(function.fd)
             self.nat_maps = BccNatMaps(self._bpf, use_batch=use_batch)
+            self.connections = BccConnections(self._bpf)
         except Exception as exc:
             self._bpf.cleanup()
             raise ProgramError(f"loading {self.source_dir / SOURCE_FILE}: {exc}") from exc
@@ -321,7 +328,7 @@ def _compile(source_dir: Path, pin_dir: Path) -> Any:
 
 def _map_names() -> list[str]:
     names = [name for pair in TABLE_NAMES.values() for name in pair]
-    return names + list(REVERSE_TABLE_NAMES.values())
+    return [*names, *REVERSE_TABLE_NAMES.values(), CONNECTION_TABLE_NAME]
 
 
 def remove_superseded_pins(bpf: Any, pin_dir: Path) -> list[str]:

@@ -38,8 +38,20 @@ import msgspec
 from opentelemetry import trace
 
 from apilane.model.events import EndpointSnapshot, Finding, MapSummary, WarningReason
-from apilane.node_loader.desired import InvalidSnapshot, desired_state, target_contents
-from apilane.node_loader.nat import FAMILIES, BackendValue, Family, MapContents, NatMaps
+from apilane.node_loader.desired import (
+    InvalidSnapshot,
+    apply_health,
+    desired_state,
+    target_contents,
+)
+from apilane.node_loader.nat import (
+    FAMILIES,
+    BackendValue,
+    Family,
+    FrontendKey,
+    MapContents,
+    NatMaps,
+)
 from apilane.node_loader.plan import (
     Operation,
     Plan,
@@ -84,6 +96,10 @@ class ApplyResult:
     violations_before: tuple[Violation, ...] = ()
     violations_after: tuple[Violation, ...] = ()
     removed_backends: tuple[BackendValue, ...] = ()
+    # Backends of the snapshot left out because they failed their probes, and the frontends
+    # that keep every backend because none passes (fail static).
+    health_excluded: tuple[BackendValue, ...] = ()
+    health_fail_static: tuple[FrontendKey, ...] = ()
     timings: Mapping[str, float] = field(default_factory=dict)  # seconds per stage
     finished_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
@@ -158,6 +174,12 @@ class Reconciler:
         # set (a switch recorded while recovery failed must not erase it from the file).
         self._file_applied: AppliedState | None = None
         self.last_error = ""
+        # Backends the prober found unhealthy: left out of the programmed sets (apply_health).
+        self.unhealthy: frozenset[BackendValue] = frozenset()
+        # What health did to the maps at the last apply: left out, and kept whole (fail static).
+        self.health_excluded: tuple[BackendValue, ...] = ()
+        self.health_fail_static: tuple[FrontendKey, ...] = ()
+        self._backends_of: tuple[str, tuple[BackendValue, ...]] = ("", ())
         self._contents: dict[Family, MapContents] | None = None  # our view of the maps
         # The view whose invariants were last checked, and the result (see _check).
         self._checked: tuple[Mapping[Family, MapContents], list[Violation]] | None = None
@@ -288,6 +310,35 @@ class Reconciler:
             return None
         return self._apply(self.applied.snapshot, trigger="repair", seal=self.applied.seal)
 
+    def snapshot_backends(self) -> tuple[BackendValue, ...]:
+        """Every backend the applied snapshot programs (what the prober probes)."""
+        applied = self.applied
+        if applied is None:
+            return ()
+        if self._backends_of[0] != applied.digest:
+            try:
+                desired = desired_state(applied.snapshot, cluster=self.cluster)
+            except InvalidSnapshot:
+                return ()
+            backends = {
+                backend
+                for frontends in desired.frontends.values()
+                for members in frontends.values()
+                for backend in members
+            }
+            self._backends_of = (applied.digest, tuple(sorted(backends)))
+        return self._backends_of[1]
+
+    def set_unhealthy(self, unhealthy: frozenset[BackendValue]) -> ApplyResult | None:
+        """Program the applied snapshot without these backends (make-before-break, as any
+        apply); None when nothing changed or nothing is applied yet."""
+        if unhealthy == self.unhealthy:
+            return None
+        self.unhealthy = unhealthy
+        if self.applied is None:
+            return None
+        return self._apply(self.applied.snapshot, trigger="health", seal=self.applied.seal)
+
     def audit(self) -> list[Violation]:
         """Read the maps back and check them; repair from the applied snapshot on drift."""
         contents = self.contents(refresh=True)
@@ -306,6 +357,7 @@ class Reconciler:
             desired = desired_state(snapshot, cluster=self.cluster)
         except InvalidSnapshot:
             return False
+        desired = apply_health(desired, self.unhealthy).desired
         return not plan(target_contents(desired, contents), contents).empty
 
     def _apply(self, snapshot: EndpointSnapshot, *, trigger: str, seal: Seal | None) -> ApplyResult:
@@ -317,6 +369,8 @@ class Reconciler:
                 desired = desired_state(snapshot, cluster=self.cluster)
             except InvalidSnapshot as exc:
                 return self._rejected(snapshot, exc, timings)
+            health = apply_health(desired, self.unhealthy)
+            desired = health.desired
         with clock("plan"):
             before = self.contents()
             violations_before = self._check(before)
@@ -334,6 +388,7 @@ class Reconciler:
             mismatched = [f for f in target if after.get(f) != target[f]]
         problem = _problem(mismatched, violations_after)
         if not mismatched:
+            self.health_excluded, self.health_fail_static = health.excluded, health.fail_static
             with clock("persist"):
                 problem = problem or self._commit(snapshot, seal)
         self.last_error = problem
@@ -353,6 +408,8 @@ class Reconciler:
             violations_before=tuple(violations_before),
             violations_after=tuple(violations_after),
             removed_backends=removed_backends(before, after),
+            health_excluded=health.excluded,
+            health_fail_static=health.fail_static,
             timings=timings,
         )
         _log_repairs(result)

@@ -39,12 +39,15 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from apilane.model import subjects
 from apilane.model.events import NodeState
 from apilane.node_loader.control import ConnectTimeLb, ControlServer, ProgramsControl
-from apilane.node_loader.intake import SnapshotIntake
+from apilane.node_loader.health import HealthPolicy, HealthTable, Transition
+from apilane.node_loader.intake import SnapshotIntake, set_health_attributes
 from apilane.node_loader.metrics import LoaderMetrics
-from apilane.node_loader.nat import NatMaps
+from apilane.node_loader.nat import BackendValue, NatMaps
+from apilane.node_loader.prober import HealthMonitor
 from apilane.node_loader.reconcile import Reconciler
 from apilane.node_loader.reporting import SOURCE, Reporter
 from apilane.node_loader.settings import SERVICE_NAME, NodeLoaderSettings
+from apilane.node_loader.sockets import ConnectionLookup
 from apilane.node_loader.statefile import StateFile
 from apilane.runtime import tracing
 from apilane.runtime.aio import Backoff, first_of
@@ -61,6 +64,9 @@ _TICK = 1.0  # the housekeeping loop's period: liveness heartbeat, retries, stat
 class DataPlane:
     maps: NatMaps
     programs: ProgramsControl | None = None
+    # The connections made through a service address (with the programs): what socket
+    # destruction matches against.
+    connections: ConnectionLookup | None = None
 
 
 def open_data_plane(settings: NodeLoaderSettings) -> DataPlane:
@@ -76,7 +82,7 @@ def open_data_plane(settings: NodeLoaderSettings) -> DataPlane:
         pin_dir=Path(settings.pin_dir),
         allow_root_cgroup=settings.allow_root_cgroup,
     )
-    return DataPlane(maps=lb.nat_maps, programs=lb)
+    return DataPlane(maps=lb.nat_maps, programs=lb, connections=lb.connections)
 
 
 class NodeLoader:
@@ -115,9 +121,17 @@ class NodeLoader:
             reporter=self.reporter,
             tracer=self.tracer,
             publish_state=self.write_node_state,
-            destroy_sockets=settings.destroy_stale_sockets and data_plane.programs is not None,
+            connections=data_plane.connections if settings.destroy_stale_sockets else None,
         )
         self.registry = registry
+        probe = settings.probe
+        self.backend_health = HealthTable(
+            HealthPolicy(
+                failures_to_fail=probe.failures_to_fail, passes_to_recover=probe.passes_to_recover
+            )
+        )
+        self._health_changed = asyncio.Event()
+        self._transitions: list[Transition] = []
         self.health = health or Health()
         self.bus: Bus | None = None
         self.maps_loaded = False
@@ -204,7 +218,9 @@ class NodeLoader:
             return
         control = await self.control.serve(self._bus)
         try:
-            await first_of(self._watch(), self._housekeeping(stopping), stopping.wait())
+            await first_of(
+                self._watch(), self._housekeeping(stopping), self._probe(), stopping.wait()
+            )
         finally:
             with contextlib.suppress(Exception):
                 await control.unsubscribe()
@@ -269,6 +285,84 @@ class NodeLoader:
         else:
             self.metrics.count_violations(violations)
 
+    # -- backend health ----------------------------------------------------------------------
+
+    async def _probe(self) -> None:
+        """Probe the applied snapshot's backends; reprogram when their health changes."""
+        if not self.settings.probe.enabled:
+            await asyncio.Event().wait()  # off: the maps follow the snapshots alone
+        monitor = HealthMonitor(
+            settings=self.settings.probe, table=self.backend_health, on_change=self._on_health
+        )
+        try:
+            while True:
+                monitor.track(self.reconciler.snapshot_backends())
+                self._publish_health_metrics()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.settings.probe.interval):
+                        await self._health_changed.wait()
+                if self._health_changed.is_set():
+                    self._health_changed.clear()
+                    transitions, self._transitions = tuple(self._transitions), []
+                    await self._program_health(transitions)
+        finally:
+            await monitor.close()
+
+    def _on_health(self, transitions: tuple[Transition, ...]) -> None:
+        self._transitions.extend(transitions)
+        for transition in transitions:
+            self.metrics.health_transitions.labels(
+                backend=_name(transition.backend),
+                to="healthy" if transition.healthy else "unhealthy",
+            ).inc()
+        self._health_changed.set()
+
+    async def _program_health(self, transitions: tuple[Transition, ...]) -> None:
+        """One trace per health change: the transitions as events, then the apply."""
+        unhealthy = self.backend_health.unhealthy
+        with self.tracer.start_as_current_span(
+            "node-loader health",
+            attributes={
+                "apilane.node": self.node,
+                "apilane.health.unhealthy": sorted(_name(b) for b in unhealthy),
+            },
+        ) as span:
+            for transition in transitions:
+                span.add_event(
+                    "backend healthy" if transition.healthy else "backend unhealthy",
+                    {"apilane.backend": _name(transition.backend), "reason": transition.reason},
+                )
+            try:
+                result = self.reconciler.set_unhealthy(unhealthy)
+            except Exception:  # a bug here must not end the probes
+                log.exception("programming backend health failed")
+                return
+            if result is not None:
+                span.set_attribute("apilane.outcome", str(result.outcome))
+                span.set_attribute("entries_written", result.entries_written)
+                set_health_attributes(span, result)
+        self._publish_health_metrics()
+        if result is not None:
+            log.info(
+                "backend health reprogrammed the maps",
+                extra={
+                    "unhealthy": sorted(_name(b) for b in unhealthy),
+                    "outcome": str(result.outcome),
+                    "entries_written": result.entries_written,
+                    "removed": [_name(b) for b in result.removed_backends],
+                    "fail_static": [f"{k.ip}:{k.port}" for k in result.health_fail_static],
+                },
+            )
+            await self.intake.after_health_apply(result)
+        await self.write_node_state()
+
+    def _publish_health_metrics(self) -> None:
+        states = self.backend_health.states()
+        self.metrics.set_backend_health(
+            {_name(b): s.healthy for b, s in states.items()},
+            fail_static=bool(self.reconciler.health_fail_static),
+        )
+
     async def handle_entry(self, entry: KvEntry) -> None:
         """One KV revision of the snapshot key: admit, apply or refresh, report."""
         await self.intake.handle(entry)
@@ -294,6 +388,8 @@ class NodeLoader:
             snapshot_expires_at=seal.expires_at if seal else None,
             stale=self.reconciler.stale(self.intake.clock()),
             signed_by=seal.key_id if seal else "",
+            unhealthy_backends=tuple(_name(b) for b in sorted(self.reconciler.unhealthy)),
+            health_fail_static=bool(self.reconciler.health_fail_static),
         )
 
     async def write_node_state(self) -> None:
@@ -302,6 +398,10 @@ class NodeLoader:
         if not await self.reporter.write_state(self.node_state()) and self.bus is not None:
             # NATS is down: the data plane does not care; try again soon.
             self._state_due = time.monotonic() + min(interval, 2.0)
+
+
+def _name(backend: BackendValue) -> str:
+    return f"[{backend.ip}]:{backend.port}" if ":" in backend.ip else f"{backend.ip}:{backend.port}"
 
 
 async def main(

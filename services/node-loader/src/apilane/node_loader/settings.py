@@ -10,11 +10,24 @@
 | APILANE_CONNECT_TIME_LB         | true                     | attach the connect-time programs          |
 | APILANE_DESTROY_STALE_SOCKETS   | true                     | destroy sockets to removed backends       |
 | APILANE_NODE_STATE_INTERVAL     | 30s                      | NodeState heartbeat and map audit period  |
+| APILANE_BACKEND_PROBE           | tcp                      | tcp, https (GET /readyz) or off           |
+| APILANE_PROBE_INTERVAL          | 300ms                    | time between two probes of one backend    |
+| APILANE_PROBE_TIMEOUT           | 1s                       | a probe not answered by then has failed   |
+| APILANE_PROBE_FAILURES          | 3                        | failed probes in a row: backend unhealthy |
+| APILANE_PROBE_PASSES            | 2                        | passed probes in a row: healthy again     |
+| APILANE_PROBE_NETNS             | the loader's own         | network namespace file to probe from      |
+| APILANE_PROBE_CA_FILE           | none: not verified       | CA bundle for https probes                |
 | APILANE_MAP_BACKEND             | bpf                      | bpf, or memory (scale runs, no root)      |
 | APILANE_TRUSTED_KEYS            | (this or _FILE to serve) | public keys whose snapshots are applied   |
 | APILANE_TRUSTED_KEYS_FILE       | none                     | more of them, one per line                |
 | APILANE_OPERATOR_KEYS           | none: control refused    | public keys whose control requests count  |
 | APILANE_OPERATOR_KEYS_FILE      | none                     | more of them, one per line                |
+
+Backend probes (prober.py) decide which API server backends are programmed: one failing
+APILANE_PROBE_FAILURES probes in a row leaves the node's maps until it passes
+APILANE_PROBE_PASSES in a row; a frontend whose backends all fail keeps them all (fail
+static). An https probe without APILANE_PROBE_CA_FILE does not verify the certificate: it
+checks that the API server answers /readyz with 200, it trusts nothing it says.
 
 Only snapshots signed by a trusted key reach the maps (admission.py); `uninstall` reads no
 key, so it works on a node whatever became of the key configuration.
@@ -70,9 +83,24 @@ from apilane.runtime.config import (
 SERVICE_NAME: Final = "apilane-node-loader"
 
 MAP_BACKENDS = ("bpf", "memory")
+PROBE_KINDS = ("tcp", "https", "off")
 # The state file's name without ".state.json" (and the temporary file's prefix and suffix)
 # must fit a 255-byte file name.
 _MAX_SLUG = 200
+
+
+class ProbeSettings(msgspec.Struct, frozen=True, kw_only=True):
+    kind: str = "tcp"  # one of PROBE_KINDS
+    interval: float = 0.3
+    timeout: float = 1.0
+    failures_to_fail: int = 3
+    passes_to_recover: int = 2
+    netns: str = ""  # a network namespace file; "" = the loader's own
+    ca_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "off"
 
 
 class NodeLoaderSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,6 +114,7 @@ class NodeLoaderSettings(msgspec.Struct, frozen=True, kw_only=True):
     destroy_stale_sockets: bool = True
     node_state_interval: float = 30.0
     map_backend: str = "bpf"
+    probe: ProbeSettings = msgspec.field(default_factory=ProbeSettings)
     # Public keys (base64, raw Ed25519) as configured: the settings stay plain data, so
     # they can be logged at start; `trusted()` and `operators()` parse them.
     trusted_keys: tuple[str, ...] = ()
@@ -107,6 +136,24 @@ class NodeLoaderSettings(msgspec.Struct, frozen=True, kw_only=True):
             digest = hashlib.sha256(slug.encode()).hexdigest()[:16]
             slug = f"{digest}_{slug[-(_MAX_SLUG - 17) :]}"
         return Path(self.state_dir) / f"{slug}.state.json"
+
+
+def load_probe(env: Env) -> ProbeSettings:
+    netns = env.str("PROBE_NETNS", "")
+    if netns and not netns.startswith("/"):
+        raise ConfigError(f"APILANE_PROBE_NETNS={netns!r}: expected an absolute path")
+    ca_file = env.str("PROBE_CA_FILE", "")
+    if ca_file and not Path(ca_file).is_file():
+        raise ConfigError(f"APILANE_PROBE_CA_FILE={ca_file!r}: no such file")
+    return ProbeSettings(
+        kind=env.choice("BACKEND_PROBE", "tcp", PROBE_KINDS),
+        interval=env.seconds("PROBE_INTERVAL", 0.3, low=0.05),
+        timeout=env.seconds("PROBE_TIMEOUT", 1.0, low=0.01),
+        failures_to_fail=env.int("PROBE_FAILURES", 3, low=1, high=100),
+        passes_to_recover=env.int("PROBE_PASSES", 2, low=1, high=100),
+        netns=netns,
+        ca_file=ca_file,
+    )
 
 
 class LiveLbSwitch(msgspec.Struct, frozen=True, kw_only=True):
@@ -198,6 +245,7 @@ def load(environ: Mapping[str, str] | None = None, *, serving: bool = True) -> N
         destroy_stale_sockets=env.bool("DESTROY_STALE_SOCKETS", True),
         node_state_interval=env.seconds("NODE_STATE_INTERVAL", 30.0, low=0.05),
         map_backend=map_backend,
+        probe=load_probe(env),
         trusted_keys=_key_texts(
             require_trusted_keys(env) if serving else load_trusted_keys(env, "TRUSTED_KEYS")
         ),

@@ -1,29 +1,46 @@
-"""Destroy host sockets still connected to removed backends (sock_diag SOCK_DESTROY).
+"""Destroy the sockets that connected through a service address to a backend that was
+removed or failed its probes (sock_diag SOCK_DESTROY).
 
 A connect-time load balancer only acts when a socket connects: a client already connected to
 a backend that has been removed keeps talking to it (or waits for a timeout). Destroying those
 sockets makes the clients see an error (ECONNABORTED) at once and reconnect through the service
 address to a live backend.
 
-Scope: the network namespace of the calling thread (for the node-loader, the host's). TCP
-sockets in every state except LISTEN, TIME_WAIT and CLOSE; connected UDP sockets. IPv4-mapped
-destinations of IPv6 sockets match their IPv4 backend.
+Exactly those sockets: the connect programs record each translated socket's cookie with the
+backend it went to (apilane_conn, bpf/nat.h). A socket is destroyed only when its cookie is
+recorded, the backend recorded is removed, and the socket is still connected to it
+(`sockets_to_destroy`, the pure core). A kubelet's (or anyone's) direct connection to the same
+address and port is never touched.
 
-Needs CAP_NET_ADMIN and a kernel built with CONFIG_INET_DIAG_DESTROY; `probe()` tells whether
-it works here, and `destroy_connected()` reports `supported=False` instead of failing when not.
+Scope: every network namespace on the node, the host's and every pod's: the unique namespaces
+of /proc/*/ns/net and the named ones in /run/netns (`network_namespaces`), each entered by a
+thread of its own (setns changes the calling thread only, so the event loop and the thread
+pool never leave the loader's namespace). TCP sockets in every state except LISTEN, TIME_WAIT
+and CLOSE; connected UDP sockets. IPv4-mapped destinations of IPv6 sockets match their IPv4
+backend.
+
+Needs CAP_NET_ADMIN and CAP_SYS_ADMIN (setns) and a kernel built with
+CONFIG_INET_DIAG_DESTROY; `probe()` tells whether it works here, and `destroy_recorded()`
+reports `supported=False` instead of failing when not.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
 from apilane.model.errors import ApilaneError
+from apilane.node_loader.nat import BackendValue
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -53,16 +70,14 @@ _REQ_HEAD = struct.Struct("=BBBxI")
 _MSG_HEAD = struct.Struct("=BBBB")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+CLONE_NEWNET = 0x40000000
+# Processes come and go: a namespace file that cannot be read any more is skipped.
+_GONE = (FileNotFoundError, NotADirectoryError, PermissionError, ProcessLookupError)
+_COOKIE = struct.Struct("=II")  # idiag_cookie: __u32[2], the low word first
 
 
 class SocketDiagError(ApilaneError):
     """The sock_diag netlink conversation itself failed (not a single socket)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Destination:
-    ip: str
-    port: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,10 +90,17 @@ class DiagSocket:
     interface: int
     cookie: bytes  # as the kernel gave it; identifies the socket for SOCK_DESTROY
 
+    @property
+    def cookie_value(self) -> int:
+        """The cookie as bpf_get_socket_cookie() returns it."""
+        low, high = _COOKIE.unpack(self.cookie)
+        return int(low | high << 32)
+
 
 @dataclass
 class DestroyReport:
     supported: bool = True
+    namespaces: int = 0  # network namespaces searched
     matched: int = 0
     destroyed: int = 0
     already_gone: int = 0
@@ -217,56 +239,174 @@ def probe() -> tuple[bool, str]:
     return False, f"SOCK_DESTROY answered {errno.errorcode.get(code, code)}"
 
 
-def connected_sockets(
-    destinations: Iterable[Destination],
-    *,
-    protocols: Iterable[int] = (socket.IPPROTO_TCP, socket.IPPROTO_UDP),
+# --- the pure core ------------------------------------------------------------------------
+
+
+def _endpoint(ip: str, port: int) -> tuple[IPAddress, int]:
+    return _normalized(ip), port
+
+
+def connected_to(
+    rows: Iterable[DiagSocket], backends: Collection[BackendValue]
 ) -> list[DiagSocket]:
-    """Sockets of this network namespace whose peer is one of `destinations`."""
-    wanted = {(_normalized(d.ip), d.port) for d in destinations}
-    if not wanted:
-        return []
-    found = []
-    with _SockDiag() as diag:
-        for protocol in protocols:
-            for family in (socket.AF_INET, socket.AF_INET6):
-                for candidate in diag.dump(family, protocol):
-                    ip, port = candidate.destination
-                    if (_normalized(ip), port) in wanted:
-                        found.append(candidate)
-    return found
+    """The rows whose peer is one of `backends` (the only cookies worth looking up)."""
+    wanted = {_endpoint(b.ip, b.port) for b in backends}
+    return [row for row in rows if _endpoint(*row.destination) in wanted]
 
 
-def destroy_connected(
-    destinations: Iterable[Destination],
+def sockets_to_destroy(
+    recorded: Mapping[int, BackendValue],
+    rows: Iterable[DiagSocket],
+    removed: Collection[BackendValue],
+) -> tuple[DiagSocket, ...]:
+    """PURE: the sockets to destroy, given the recorded connections (cookie → the backend its
+    connect through a service address went to), the sock_diag rows of one namespace and the
+    backends removed. A row qualifies when its cookie is recorded, the recorded backend is
+    removed, and the row is still connected to that very backend (a UDP socket connected
+    again elsewhere since is not)."""
+    gone = {_endpoint(b.ip, b.port) for b in removed}
+    chosen = []
+    for row in rows:
+        backend = recorded.get(row.cookie_value)
+        if backend is None:
+            continue  # a direct connection: never through the service address
+        through = _endpoint(backend.ip, backend.port)
+        if through in gone and _endpoint(*row.destination) == through:
+            chosen.append(row)
+    return tuple(chosen)
+
+
+# --- namespaces ---------------------------------------------------------------------------
+
+
+class ConnectionLookup(Protocol):
+    """The recorded connections (bpfmaps.BccConnections)."""
+
+    def lookup(self, cookies: Iterable[int]) -> Mapping[int, BackendValue]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """One network namespace, by identity, with the files that name it (any one will do;
+    a process may exit between the listing and the visit)."""
+
+    device: int
+    inode: int
+    paths: tuple[str, ...]
+
+
+def network_namespaces(
+    proc: Path = Path("/proc"), named: Iterable[Path] = (Path("/run/netns"), Path("/var/run/netns"))
+) -> list[Namespace]:
+    """Every network namespace on the node, once each: those of the running processes and
+    the named ones (which may have no process)."""
+    found: dict[tuple[int, int], list[str]] = {}
+    candidates = [entry / "ns" / "net" for entry in _pids(proc)]
+    for directory in named:
+        with contextlib.suppress(*_GONE):
+            candidates.extend(sorted(directory.iterdir()))
+    for path in candidates:
+        with contextlib.suppress(*_GONE):
+            status = os.stat(path)
+            found.setdefault((status.st_dev, status.st_ino), []).append(str(path))
+    return [Namespace(dev, ino, tuple(paths)) for (dev, ino), paths in found.items()]
+
+
+def _pids(proc: Path) -> list[Path]:
+    with contextlib.suppress(*_GONE):
+        return sorted((p for p in proc.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    return []
+
+
+def _enter(namespace: Namespace) -> str:
+    """setns() the calling thread into the namespace; "" or why it could not."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    problem = "no path"
+    for path in namespace.paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            problem = str(exc)
+            continue
+        try:
+            if libc.setns(fd, CLONE_NEWNET) == 0:
+                return ""
+            problem = f"setns {path}: {os.strerror(ctypes.get_errno())}"
+        finally:
+            os.close(fd)
+    return problem
+
+
+# --- the adapter --------------------------------------------------------------------------
+
+
+def destroy_recorded(
+    removed: Collection[BackendValue],
+    connections: ConnectionLookup,
     *,
-    protocols: Iterable[int] = (socket.IPPROTO_TCP, socket.IPPROTO_UDP),
+    namespaces: Iterable[Namespace] | None = None,
 ) -> DestroyReport:
-    """Destroy every socket of this network namespace connected to one of `destinations`.
-
-    Never raises for one socket: per-socket failures are listed in the report; an unsupported
-    kernel gives `supported=False` with the reason.
-    """
+    """Destroy, in every network namespace, the sockets that connected through a service
+    address to one of `removed` (see the module docstring). Blocks; each namespace is
+    searched by a fresh thread. Never raises for one socket or namespace: failures are listed
+    in the report; an unsupported kernel gives `supported=False` with the reason."""
     report = DestroyReport()
-    wanted = list(destinations)
-    if not wanted:
+    if not removed:
         return report
     supported, reason = probe()
     if not supported:
         report.supported, report.reason = False, reason
         return report
-    protocols = tuple(protocols)
-    targets = connected_sockets(wanted, protocols=protocols)
-    report.matched = len(targets)
-    with _SockDiag() as diag:
-        for target in targets:
-            code = diag.destroy(target)
-            if code == 0:
-                report.destroyed += 1
-            elif code == errno.ENOENT:
-                report.already_gone += 1
-            else:
-                report.failures.append(
-                    f"{target.source} -> {target.destination}: {errno.errorcode.get(code, code)}"
-                )
+    for namespace in network_namespaces() if namespaces is None else namespaces:
+        worker = threading.Thread(
+            target=_destroy_in,
+            args=(namespace, removed, connections, report),
+            name="apilane-sock-destroy",
+        )
+        worker.start()
+        worker.join()
     return report
+
+
+def _destroy_in(
+    namespace: Namespace,
+    removed: Collection[BackendValue],
+    connections: ConnectionLookup,
+    report: DestroyReport,
+) -> None:
+    """In a thread of its own, which it leaves in `namespace` and which then ends."""
+    problem = _enter(namespace)
+    if problem:
+        report.failures.append(f"netns {namespace.inode}: {problem}")
+        return
+    report.namespaces += 1
+    try:
+        with _SockDiag() as diag:
+            rows = [
+                row
+                for protocol in (socket.IPPROTO_TCP, socket.IPPROTO_UDP)
+                for family in (socket.AF_INET, socket.AF_INET6)
+                for row in diag.dump(family, protocol)
+            ]
+            candidates = connected_to(rows, removed)
+            if not candidates:
+                return
+            recorded = connections.lookup({row.cookie_value for row in candidates})
+            targets = sockets_to_destroy(recorded, candidates, removed)
+            report.matched += len(targets)
+            for target in targets:
+                _destroy_one(diag, target, report)
+    except (SocketDiagError, OSError) as exc:
+        report.failures.append(f"netns {namespace.inode}: {exc}")
+
+
+def _destroy_one(diag: _SockDiag, target: DiagSocket, report: DestroyReport) -> None:
+    code = diag.destroy(target)
+    if code == 0:
+        report.destroyed += 1
+    elif code == errno.ENOENT:
+        report.already_gone += 1
+    else:
+        report.failures.append(
+            f"{target.source} -> {target.destination}: {errno.errorcode.get(code, code)}"
+        )

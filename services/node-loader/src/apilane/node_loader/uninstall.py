@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TextIO
 
 from apilane.model.errors import ApilaneError
-from apilane.node_loader.bpfmaps import REVERSE_TABLE_NAMES, TABLE_NAMES
+from apilane.node_loader.bpfmaps import CONNECTION_TABLE_NAME, REVERSE_TABLE_NAMES, TABLE_NAMES
 from apilane.node_loader.libbpf import ProgramError
 from apilane.node_loader.mounts import check_pin_dir
 from apilane.node_loader.programs import (
@@ -51,11 +51,13 @@ EXIT_INCOMPLETE = 1
 EXIT_REFUSED = 3
 
 MAP_NAMES: frozenset[str] = frozenset(
-    {name for pair in TABLE_NAMES.values() for name in pair} | set(REVERSE_TABLE_NAMES.values())
+    {name for pair in TABLE_NAMES.values() for name in pair}
+    | set(REVERSE_TABLE_NAMES.values())
+    | {CONNECTION_TABLE_NAME}
 )
 LINK_PIN_NAMES: frozenset[str] = frozenset(link_pin_name(hook) for hook in HOOKS)
 # bpf/nat.h pins each map as <name>_<layout version> (APILANE_NAT_LAYOUT for the NAT maps,
-# APILANE_REV_LAYOUT for the reverse maps); any layout version is ours, so an
+# APILANE_REV_LAYOUT for the reverse maps, APILANE_CONN_LAYOUT for the connections); any layout version is ours, so an
 # uninstall also cleans up after a loader built with an older layout.
 _MAP_PIN = re.compile(r"^(?P<name>[a-z0-9_]+)_v(?P<layout>[0-9]+)$")
 

@@ -154,6 +154,10 @@ class NodeState(msgspec.Struct, frozen=True, kw_only=True, tag="node-state"):
     snapshot_expires_at: datetime | None = None
     stale: bool = False
     signed_by: str = ""  # the key id, e.g. "ed25519:0123456789abcdef"
+    # Backends ("ip:port") this node's probes found unhealthy and left out of its maps, and
+    # whether some frontend keeps every backend because none passes (fail static).
+    unhealthy_backends: tuple[str, ...] = ()
+    health_fail_static: bool = False
 
 
 class ClusterWarning(msgspec.Struct, frozen=True, kw_only=True, tag="warning"):

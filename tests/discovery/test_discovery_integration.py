@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -1387,3 +1388,46 @@ async def test_a_forged_value_with_a_huge_generation_moves_nothing(
     assert published.generation == forged_revision + 1
     assert renderer.refused() == 1
     assert renderer.metric("apilane_renderer_patches_total") == 1
+
+
+async def test_a_lone_change_goes_out_at_once_and_a_burst_gives_two_publishes_per_window(
+    control_plane: ControlPlane,
+    nats_server: NatsServer,
+    bus: Bus,
+    kube: KubeClient,
+    own_service: str,
+) -> None:
+    """A 2 s window: a lone change after a quiet window is published well before it would
+    have ended; a burst of changes is the leading publish and one trailing publish of the
+    last state."""
+    ns = own_service
+    window = 2.0
+    settings = dataclasses.replace(
+        settings_for(control_plane, nats_server, ns), coalesce_window=window
+    )
+    await put_slice(kube, ns, endpoint_slice("a", service="apiserver", addresses=["192.0.2.1"]))
+    registry = CollectorRegistry()
+
+    def publishes() -> float:
+        return registry.get_sample_value("apilane_discovery_publishes_total") or 0
+
+    async with running(settings, registry):
+        await wait_snapshot(bus, settings.cluster, ips("192.0.2.1"))
+        await asyncio.sleep(window + 0.2)  # a quiet window
+        began = time.monotonic()
+        await put_slice(kube, ns, endpoint_slice("a", service="apiserver", addresses=["192.0.2.2"]))
+        lone = await wait_snapshot(bus, settings.cluster, ips("192.0.2.2"))
+        assert time.monotonic() - began < window, "the lone change waited for the window"
+        await asyncio.sleep(window + 0.2)
+        before_burst = publishes()
+        burst = [f"192.0.2.{n}" for n in range(10, 16)]
+        for address in burst:
+            await put_slice(kube, ns, endpoint_slice("a", service="apiserver", addresses=[address]))
+        last = await wait_snapshot(bus, settings.cluster, ips(burst[-1]), timeout=WAIT)
+        await asyncio.sleep(window + 0.2)  # nothing else comes after the trailing publish
+        burst_publishes = publishes() - before_burst
+    history = await generations(bus, settings.cluster)
+    assert 1 <= burst_publishes <= 2
+    assert history[-1] == last.generation and lone.generation < last.generation
+    assert len(history) == 2 + burst_publishes  # the first, the lone one, the burst's
+    assert last.generation == lone.generation + burst_publishes

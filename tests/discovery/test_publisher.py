@@ -224,17 +224,44 @@ async def test_a_burst_is_one_publish_naming_every_resource_version(
     assert metric(registry, "apilane_discovery_change_to_publish_seconds_count") == 3
 
 
-async def test_the_run_loop_coalesces_over_the_window(publisher: Publisher, bus: MemoryBus) -> None:
+async def test_the_run_loop_publishes_a_lone_change_at_once_and_coalesces_a_burst_behind_it(
+    bus: MemoryBus, registry: CollectorRegistry
+) -> None:
+    """The leading edge goes out at once; what comes within the window after it is one
+    trailing publish of the latest view, naming every change it carries."""
+    publisher = Publisher(
+        cluster=KEY,
+        bus=bus,
+        metrics=DiscoveryMetrics(registry),
+        sealer=Sealer(DISCOVERY, TTL),
+        coalesce_window=0.5,
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(publisher.run(stop))
-    for rv in range(5):
+    publisher.offer(view("192.0.2.1", "192.0.2.10"), change("0"))
+    await until(lambda: len(bus.puts) == 1)
+    # No await in between: all four land inside the window the first publish opened.
+    for rv in range(1, 5):
         publisher.offer(view("192.0.2.1", f"192.0.2.{10 + rv}"), change(str(rv)))
-        await asyncio.sleep(0.005)
-    await asyncio.sleep(0.15)
+    assert len(bus.puts) == 1
+    await until(lambda: len(bus.puts) == 2)
+    await asyncio.sleep(0.6)  # another window: nothing more is pending
     stop.set()
     await asyncio.wait_for(task, 2)
-    assert [s.generation for s in bus.puts] == [1]
-    assert [e.ip for e in bus.puts[0].apiserver_endpoints] == ["192.0.2.1", "192.0.2.14"]
+    assert [s.generation for s in bus.puts] == [1, 2]
+    assert [e.ip for e in bus.puts[0].apiserver_endpoints] == ["192.0.2.1", "192.0.2.10"]
+    assert [e.ip for e in bus.puts[1].apiserver_endpoints] == ["192.0.2.1", "192.0.2.14"]
+    assert {f"EndpointSlice/default/kubernetes@{rv}" for rv in range(1, 5)} <= set(
+        bus.puts[1].resource_versions
+    )
+    assert metric(registry, "apilane_discovery_coalesced_total") == 3
+
+
+async def until(condition: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
 
 
 async def test_the_same_digest_is_not_published_again(

@@ -6,7 +6,9 @@ KV writes while this replica leads. The rules:
 - every snapshot is sealed with discovery's key (`sealing`), valid for a TTL, and re-signed
   at half of it (same generation and payload bytes, a later expiry) while this replica
   leads, so consumers can refuse an expired one without a quiet cluster expiring;
-- changes within the coalescing window become one publish naming every resourceVersion;
+- coalescing (`apilane.runtime.coalesce`): the first change after a quiet window is
+  published at once; changes within the window after a publish become one trailing publish
+  of the latest view, naming every resourceVersion;
 - a publish happens only when the bucket does not hold the same data-plane inputs already,
   judged by what discovery can verify with its own key: a value it cannot verify is not
   its own, whatever digest it claims, and is overwritten;
@@ -47,6 +49,7 @@ from apilane.model.events import ClusterWarning, EndpointSnapshot, Finding
 from apilane.model.signing import Refused, SignatureError, SignedSnapshot
 from apilane.runtime.aio import Backoff, first_of
 from apilane.runtime.bus import BusError, KvEntry, RevisionMismatch
+from apilane.runtime.coalesce import LeadingEdge
 
 from .metrics import DiscoveryMetrics
 from .sealing import Sealer
@@ -149,6 +152,7 @@ class Publisher:
         retry_initial: float = 0.2,
         retry_max: float = 5.0,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cluster = subjects.check_token(cluster, "cluster name")
         self.key = subjects.snapshot_key(cluster)
@@ -157,6 +161,7 @@ class Publisher:
         self.sealer = sealer
         self.recorder = recorder
         self.coalesce_window = coalesce_window
+        self._pace = LeadingEdge(coalesce_window, clock=monotonic)
         self.is_leader = is_leader
         self.retry_initial = retry_initial
         self.retry_max = retry_max
@@ -169,7 +174,6 @@ class Publisher:
         self.last_generation = 0
         self._dirty = False  # `latest` has not been reconciled with the bucket yet
         self._changes: list[ObservedChange] = []
-        self._first_change_at: float | None = None  # monotonic, opens the coalescing window
         self._wakeup = asyncio.Event()
         self._warned_bus: set[tuple[str, str, str]] = set()
         self._warned_kube: set[tuple[str, str, str]] = set()
@@ -204,8 +208,6 @@ class Publisher:
             if len(self._changes) >= MAX_PENDING_CHANGES:
                 del self._changes[0]
             self._changes.append(change)
-        if self._first_change_at is None:
-            self._first_change_at = time.monotonic()
         self._wakeup.set()
 
     def wake(self) -> None:
@@ -241,9 +243,9 @@ class Publisher:
             if woke is None:
                 outcome = await self.refresh()
             else:
-                self._wakeup.clear()
                 if await self._coalesce(stop):
                     break
+                self._wakeup.clear()  # what came while coalescing is in this flush
                 outcome = await self.flush()
             if outcome is not Outcome.RETRY:
                 backoff.reset()
@@ -257,17 +259,16 @@ class Publisher:
         return None if self.current is None else self.sealer.refresh_in(self.current[0])
 
     async def _coalesce(self, stop: asyncio.Event) -> bool:
-        """Wait out the rest of the coalescing window; True when `stop` came meanwhile."""
-        if self._first_change_at is None:
-            return False
-        remaining = self._first_change_at + self.coalesce_window - time.monotonic()
+        """Wait out what is left of the window since the last publish (nothing after a quiet
+        one); True when `stop` came meanwhile."""
+        remaining = self._pace.delay()
         return remaining > 0 and await first_of(stop.wait(), timeout=remaining) == 0
 
     async def flush(self) -> Outcome:
         """Reconcile the latest view with the bucket once (the loop's body; tests call it)."""
-        self._first_change_at = None
         if not self._dirty or self.latest is None:
             return Outcome.IDLE
+        self._pace.sent()  # what comes from now on waits for the window's end
         if not self.is_leader():
             # A follower keeps the latest view (to publish if it becomes the leader) but
             # does not account changes it will never publish.

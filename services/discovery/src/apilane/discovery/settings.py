@@ -34,6 +34,11 @@ class DiscoverySettings:
     coalesce_window: float = 0.1
     publish_retry_max: float = 5.0
     watch_backoff_max: float = 10.0
+    # Anti-entropy: how often the leader reads its KV key besides being told of each write,
+    # and how often it may put its snapshot back (`antientropy.ReassertPace`).
+    key_check_interval: float = 1.0
+    reassert_interval: float = 0.5
+    reassert_interval_max: float = 10.0
     # `load` names the Lease after the cluster; a caller building settings by hand sets it.
     lease: LeaseSettings = field(
         default_factory=lambda: LeaseSettings(
@@ -66,6 +71,9 @@ def load(environ: Mapping[str, str] | None = None) -> DiscoverySettings:
         coalesce_window=env.seconds("COALESCE_WINDOW", 0.1),
         publish_retry_max=env.seconds("PUBLISH_RETRY_MAX", 5.0, low=0.05),
         watch_backoff_max=env.seconds("WATCH_BACKOFF_MAX", 10.0, low=0.05),
+        key_check_interval=env.seconds("KEY_CHECK_INTERVAL", 1.0, low=0.05),
+        reassert_interval=env.seconds("REASSERT_INTERVAL", 0.5, low=0.05),
+        reassert_interval_max=env.seconds("REASSERT_INTERVAL_MAX", 10.0, low=0.05),
         lease=load_lease_settings(
             env,
             name=subjects.discovery_lease(common.cluster),

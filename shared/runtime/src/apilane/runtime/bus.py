@@ -495,6 +495,23 @@ class Bus:
         await self._guarded(subject, self.nc.flush())
         return subscription
 
+    async def notify_on(self, subject: str, on_message: Callable[[], None]) -> Subscription:
+        """Call `on_message()` for every message published on `subject`, a KV key's
+        included (its puts, deletes and purges). Core NATS: no replay and no revision, so
+        a hint to look, never the data itself; nats-py subscribes again after a reconnect.
+        A subscription the server refuses raises PermissionDenied."""
+
+        async def on_msg(_msg: Msg) -> None:
+            on_message()
+
+        subscription = await self.nc.subscribe(subject, cb=on_msg)
+        # A refused subscription is reported asynchronously: ask now, while it is known.
+        try:
+            await self._guarded(subject, self.nc.flush())
+        except (NatsError, TimeoutError) as exc:
+            raise BusError(f"subscribing to {subject} failed: {exc}") from exc
+        return subscription
+
     async def request(self, subject: str, payload: bytes, *, timeout: float = 2.0) -> bytes:
         try:
             response = await self._guarded(

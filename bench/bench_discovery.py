@@ -4,7 +4,9 @@ Runs the service as it runs in production (`python -m apilane.discovery`, its ow
 leader election on, the default 100 ms coalescing window), then changes the `kubernetes`
 Service's EndpointSlice CHANGES times, one after another, each to a new endpoint set, and
 times each from just before the API write to the new snapshot arriving from the KV bucket.
-Then as many reorder-only updates (the digest does not change: no publish). Resident memory
+Back to back, each change comes within the window its predecessor's publish opened, so it
+waits for that window's end (the trailing publish). Then LONE_CHANGES changes each after a
+quiet window: the leading edge, published at once. Then reorder-only updates (the digest does not change: no publish). Resident memory
 is the service process's VmRSS after the runs (and its peak, VmHWM). Snapshots are read
 back as the renderer reads them: verified against discovery's key.
 
@@ -35,6 +37,7 @@ from apilane.testing.procs import end_process
 from apilane.testing.sealing import write_signing_key
 
 CHANGES = int(os.environ.get("CHANGES", "120"))
+LONE_CHANGES = int(os.environ.get("LONE_CHANGES", "40"))
 WINDOW = os.environ.get("APILANE_COALESCE_WINDOW", "100ms")
 TIMEOUT = 30.0
 SLICES = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
@@ -118,6 +121,14 @@ async def run(plane: ControlPlane, nats: NatsServer) -> int:
             began = time.monotonic()
             await put_slice(kube, body(addresses))
             latencies.append(await wait_for(",".join(sorted(addresses))) - began)
+        # Lone changes, each after a quiet window: the leading edge, published at once.
+        lone: list[float] = []
+        for i in range(LONE_CHANGES):
+            await asyncio.sleep(_seconds(WINDOW) + 0.05)
+            addresses = ["192.0.2.1", f"198.51.100.{i % 250 + 1}", "203.0.113.250"]
+            began = time.monotonic()
+            await put_slice(kube, body(addresses))
+            lone.append(await wait_for(",".join(sorted(addresses))) - began)
         published = len(generations)
         # Reorder-only updates: new resourceVersions, same digest, so nothing is published.
         for _ in range(CHANGES // 4):
@@ -144,8 +155,10 @@ async def run(plane: ControlPlane, nats: NatsServer) -> int:
     print(f"| change-to-publish p90 | {percentile(ms, 0.90):.1f} ms |")
     print(f"| change-to-publish p99 | {percentile(ms, 0.99):.1f} ms |")
     print(f"| change-to-publish max | {max(ms):.1f} ms |")
+    lone_ms = [v * 1000 for v in lone]
     print(
-        f"| p50 minus the coalescing window | {statistics.median(ms) - _seconds(WINDOW) * 1000:.1f} ms |"
+        f"| lone change (after a quiet window, {LONE_CHANGES} changes) p50 / p99 |"
+        f" {statistics.median(lone_ms):.1f} / {percentile(lone_ms, 0.99):.1f} ms |"
     )
     print(f"| generations strictly increasing | {generations == sorted(set(generations))} |")
     print(f"| publishes for {2 * (CHANGES // 4)} reorder-only updates | {suppressed_publishes} |")

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,18 +23,27 @@ from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry
 
 from apilane.discovery import service
+from apilane.discovery.antientropy import KeyGuard, ReassertPace
+from apilane.discovery.metrics import DiscoveryMetrics
+from apilane.discovery.publisher import Outcome, Publisher
+from apilane.discovery.sealing import Sealer
 from apilane.discovery.settings import DiscoverySettings
 from apilane.kube.client import KubeClient, KubeError, NotFound
 from apilane.kube.leader import LeaseSettings
 from apilane.kube.watch import WATCH_RESTARTS
 from apilane.model import events, subjects
+from apilane.model.endpoints import SnapshotResult, build_snapshot
 from apilane.model.events import ClusterWarning, EndpointSnapshot, WarningReason
 from apilane.model.signing import SignatureError, SigningKey, TrustedKeys, open_snapshot
+from apilane.node_loader import settings as loader_settings
+from apilane.node_loader.memmaps import MemoryNatMaps, render_resolved
+from apilane.node_loader.service import DataPlane, NodeLoader
+from apilane.node_loader.testing import contents_of
 from apilane.renderer.metrics import REFUSAL_REASONS
 from apilane.renderer.render import APISERVER_ENDPOINTS
 from apilane.renderer.service import Renderer
 from apilane.renderer.settings import RendererSettings
-from apilane.runtime.bus import Bus
+from apilane.runtime.bus import Bus, KvEntry
 from apilane.runtime.config import CommonSettings
 from apilane.runtime.natsauth import Role
 from apilane.runtime.serve import Health, ServiceContext, start_http
@@ -375,7 +386,12 @@ async def test_reordering_only_publishes_nothing(
     own_service: str,
 ) -> None:
     ns = own_service
-    settings = settings_for(control_plane, nats_server, ns)
+    # The reshuffle below is two writes: between them the view really lacks 192.0.2.1. A
+    # first change after a quiet window is published at once, so the writes are made inside
+    # the window the first publish opens, where they coalesce into one trailing view.
+    settings = dataclasses.replace(
+        settings_for(control_plane, nats_server, ns), coalesce_window=1.0
+    )
     await put_slice(
         kube, ns, endpoint_slice("a", service="apiserver", addresses=["192.0.2.1", "192.0.2.2"])
     )
@@ -390,7 +406,7 @@ async def test_reordering_only_publishes_nothing(
             kube, ns, endpoint_slice("a", service="apiserver", addresses=["192.0.2.3", "192.0.2.2"])
         )
         await put_slice(kube, ns, endpoint_slice("b", service="apiserver", addresses=["192.0.2.1"]))
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(settings.coalesce_window + 0.5)
         _, revision_after = await read_snapshot(bus, settings.cluster)
     assert await generations(bus, settings.cluster) == [first.generation]
     assert revision_after > 0
@@ -1389,3 +1405,313 @@ async def test_a_forged_value_with_a_huge_generation_moves_nothing(
     assert published.generation == forged_revision + 1
     assert renderer.refused() == 1
     assert renderer.metric("apilane_renderer_patches_total") == 1
+
+
+async def test_a_lone_change_goes_out_at_once_and_a_burst_gives_two_publishes_per_window(
+    control_plane: ControlPlane,
+    nats_server: NatsServer,
+    bus: Bus,
+    kube: KubeClient,
+    own_service: str,
+) -> None:
+    """A 2 s window: a lone change after a quiet window is published well before it would
+    have ended; a burst of changes is the leading publish and one trailing publish of the
+    last state."""
+    ns = own_service
+    window = 2.0
+    settings = dataclasses.replace(
+        settings_for(control_plane, nats_server, ns), coalesce_window=window
+    )
+    await put_slice(kube, ns, endpoint_slice("a", service="apiserver", addresses=["192.0.2.1"]))
+    registry = CollectorRegistry()
+
+    def publishes() -> float:
+        return registry.get_sample_value("apilane_discovery_publishes_total") or 0
+
+    async with running(settings, registry):
+        await wait_snapshot(bus, settings.cluster, ips("192.0.2.1"))
+        await asyncio.sleep(window + 0.2)  # a quiet window
+        began = time.monotonic()
+        await put_slice(kube, ns, endpoint_slice("a", service="apiserver", addresses=["192.0.2.2"]))
+        lone = await wait_snapshot(bus, settings.cluster, ips("192.0.2.2"))
+        assert time.monotonic() - began < window, "the lone change waited for the window"
+        await asyncio.sleep(window + 0.2)
+        before_burst = publishes()
+        burst = [f"192.0.2.{n}" for n in range(10, 16)]
+        for address in burst:
+            await put_slice(kube, ns, endpoint_slice("a", service="apiserver", addresses=[address]))
+        last = await wait_snapshot(bus, settings.cluster, ips(burst[-1]), timeout=WAIT)
+        await asyncio.sleep(window + 0.2)  # nothing else comes after the trailing publish
+        burst_publishes = publishes() - before_burst
+    history = await generations(bus, settings.cluster)
+    assert 1 <= burst_publishes <= 2
+    assert history[-1] == last.generation and lone.generation < last.generation
+    assert len(history) == 2 + burst_publishes  # the first, the lone one, the burst's
+    assert last.generation == lone.generation + burst_publishes
+
+
+# -- anti-entropy: the leader keeps its snapshot in the key ------------------------------------
+
+
+class LateNode:
+    """A node-loader in-process on in-memory maps, trusting discovery's key."""
+
+    def __init__(self, nats_server: NatsServer, cluster: str, node: str, tmp_path: Path) -> None:
+        self.env = {
+            **nats_server.env(Role.NODE_LOADER, cluster, node),
+            "APILANE_CLUSTER": cluster,
+            "APILANE_NODE_NAME": node,
+            "APILANE_MAP_BACKEND": "memory",
+            "APILANE_BPF_PIN_DIR": str(tmp_path / node / "pins"),
+            "APILANE_STATE_DIR": str(tmp_path / node / "state"),
+            "APILANE_TRUSTED_KEYS": DISCOVERY_KEY.public_text,
+        }
+        self.maps = MemoryNatMaps()
+        self.registry = CollectorRegistry()
+        self.loader: NodeLoader | None = None
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[NodeLoader]:
+        stopping = asyncio.Event()
+        self.loader = NodeLoader(
+            settings=loader_settings.load(self.env),
+            data_plane=DataPlane(maps=self.maps),
+            registry=self.registry,
+        )
+        task = asyncio.create_task(self.loader.run(stopping))
+        try:
+            yield self.loader
+        finally:
+            stopping.set()
+            await asyncio.wait_for(task, timeout=10)
+
+    @property
+    def generation(self) -> int:
+        return self.loader.reconciler.applied_generation if self.loader else 0
+
+    def backends(self) -> list[str]:
+        return render_resolved(contents_of(self.maps))
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+
+async def held_again(bus: Bus, cluster: str, generation: int, *, timeout: float = WAIT) -> float:
+    """Seconds until the key holds discovery's snapshot of `generation` again."""
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        entry = await bus.kv_get(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(cluster))
+        if _generation_of(entry) == generation:
+            return time.monotonic() - began
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the key did not hold generation {generation} again in {timeout}s")
+
+
+def _generation_of(entry: KvEntry | None) -> int | None:
+    if entry is None or not _verifies(entry.value, TRUSTED):
+        return None
+    return open_snapshot(entry.value, TRUSTED).header.generation
+
+
+async def generations_since(bus: Bus, cluster: str, revision: int) -> list[int | None]:
+    """The generation of every KV entry after `revision` (None: not discovery's, or a marker)."""
+    kv = await bus.js.key_value(subjects.SNAPSHOT_BUCKET)
+    found: list[int | None] = []
+    for entry in await kv.history(subjects.snapshot_key(cluster)):
+        if entry.revision <= revision:
+            continue
+        ok = entry.value and _verifies(entry.value, TRUSTED)
+        found.append(open_snapshot(entry.value, TRUSTED).header.generation if ok else None)
+    return found
+
+
+def reasserts(registry: CollectorRegistry, reason: str) -> float:
+    return registry.get_sample_value("apilane_discovery_reasserts_total", {"reason": reason}) or 0.0
+
+
+async def test_a_purged_key_is_put_back_at_once_with_the_same_generation_for_a_late_node(
+    control_plane: ControlPlane,
+    nats_server: NatsServer,
+    bus: Bus,
+    connect_as: ConnectAs,
+    kube: KubeClient,
+    own_service: str,
+    tmp_path: Path,
+) -> None:
+    ns = own_service
+    await put_slice(kube, ns, endpoint_slice("a", service="apiserver", addresses=["192.0.2.1"]))
+    # No poll within the test: the purge is noticed by the subscription to the key.
+    settings = dataclasses.replace(
+        settings_for(control_plane, nats_server, ns), key_check_interval=60.0
+    )
+    registry = CollectorRegistry()
+    early = LateNode(nats_server, settings.cluster, "early", tmp_path)
+    late = LateNode(nats_server, settings.cluster, "late", tmp_path)
+    async with running(settings, registry), early.running():
+        published = await wait_snapshot(bus, settings.cluster, ips("192.0.2.1"))
+        await wait_until(lambda: early.generation == published.generation)
+        programmed = early.backends()
+        # Discovery's own NATS identity may purge its key (only it may write there).
+        intruder = await connect_as(Role.DISCOVERY, settings.cluster)
+        kv = await intruder.js.key_value(subjects.SNAPSHOT_BUCKET)
+        _, before = await read_snapshot(bus, settings.cluster)
+        await kv.purge(subjects.snapshot_key(settings.cluster))
+        assert await held_again(bus, settings.cluster, published.generation) < 2.0
+        async with late.running():
+            await wait_until(lambda: late.generation == published.generation)
+            assert late.backends() == programmed
+        await wait_until(lambda: early.metric("apilane_node_snapshot_refreshes_total") >= 1)
+    assert reasserts(registry, "purged") == 1
+    # The purge marker, then the same generation again, nothing newer.
+    assert await generations_since(bus, settings.cluster, before) == [None, published.generation]
+    assert early.metric("apilane_node_applies_total", outcome="applied") == 1
+    assert early.metric("apilane_node_snapshots_refused_total", reason="rollback") == 0
+    assert (registry.get_sample_value("apilane_discovery_publishes_total") or 0) == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        pytest.param(lambda s: seal(s, key=SigningKey.generate()), "unknown-key", id="other-key"),
+        pytest.param(lambda s: b"garbage", "unsigned", id="garbage"),
+    ],
+)
+async def test_a_tampered_key_is_put_back_at_once_with_the_same_generation(
+    control_plane: ControlPlane,
+    nats_server: NatsServer,
+    bus: Bus,
+    connect_as: ConnectAs,
+    kube: KubeClient,
+    own_service: str,
+    tmp_path: Path,
+    value: Callable[[EndpointSnapshot], bytes],
+    reason: str,
+) -> None:
+    ns = own_service
+    await put_slice(kube, ns, endpoint_slice("a", service="apiserver", addresses=["192.0.2.1"]))
+    settings = settings_for(control_plane, nats_server, ns)
+    registry = CollectorRegistry()
+    node = LateNode(nats_server, settings.cluster, "node", tmp_path)
+    async with running(settings, registry), node.running():
+        published = await wait_snapshot(bus, settings.cluster, ips("192.0.2.1"))
+        await wait_until(lambda: node.generation == published.generation)
+        programmed = node.backends()
+        intruder = await connect_as(Role.DISCOVERY, settings.cluster)
+        # The very endpoints discovery sees, a generation far ahead: it still is not its own.
+        forged = make_snapshot(
+            cluster=settings.cluster,
+            generation=published.generation + 1000,
+            services=[f"{e.ip}:{e.port}" for e in published.service_endpoints],
+            apiservers=["203.0.113.9:6443"],
+        )
+        tampered = await intruder.kv_put(subjects.SNAPSHOT_BUCKET, settings.cluster, value(forged))
+        assert await held_again(bus, settings.cluster, published.generation) < 2.0
+        await wait_until(lambda: node.metric("apilane_node_snapshot_refreshes_total") >= 1)
+        assert node.backends() == programmed
+    assert reasserts(registry, reason) == 1
+    assert await generations_since(bus, settings.cluster, tampered) == [published.generation]
+    assert node.generation == published.generation
+    assert node.metric("apilane_node_applies_total", outcome="applied") == 1
+    assert (registry.get_sample_value("apilane_discovery_publishes_total") or 0) == 1
+
+
+async def test_a_writer_flipping_the_key_gets_a_bounded_number_of_reassertions(
+    control_plane: ControlPlane,
+    nats_server: NatsServer,
+    bus: Bus,
+    connect_as: ConnectAs,
+    kube: KubeClient,
+    own_service: str,
+) -> None:
+    """Garbage every 20 ms for 3 s: discovery puts its snapshot back at once, then after
+    0.5 s, 1 s, 2 s (the maximum here) — a handful of writes, not one per flip — and holds
+    the key again within the maximum once the writer stops."""
+    ns = own_service
+    await put_slice(kube, ns, endpoint_slice("a", service="apiserver", addresses=["192.0.2.1"]))
+    settings = dataclasses.replace(
+        settings_for(control_plane, nats_server, ns),
+        reassert_interval=0.5,
+        reassert_interval_max=2.0,
+    )
+    registry = CollectorRegistry()
+    async with running(settings, registry):
+        published = await wait_snapshot(bus, settings.cluster, ips("192.0.2.1"))
+        intruder = await connect_as(Role.DISCOVERY, settings.cluster)
+        _, before = await read_snapshot(bus, settings.cluster)
+        flips, began = 0, time.monotonic()
+        while time.monotonic() - began < 3.0:
+            await intruder.kv_put(subjects.SNAPSHOT_BUCKET, settings.cluster, b"garbage")
+            flips += 1
+            await asyncio.sleep(0.02)
+        flipped_for = time.monotonic() - began
+        during = reasserts(registry, "unsigned")
+        healed_in = await held_again(bus, settings.cluster, published.generation, timeout=10)
+    assert flips >= 20
+    # At 0, 0.5, 1.5 and 3.5 s: three or four in three seconds, whatever the number of flips.
+    assert flipped_for < 4.0
+    assert 1 <= during <= 5
+    assert healed_in <= 2.0 + 2.0
+    history = await generations_since(bus, settings.cluster, before)
+    assert {g for g in history if g is not None} == {published.generation}
+    assert (registry.get_sample_value("apilane_discovery_publishes_total") or 0) == 1
+
+
+async def test_without_its_subscription_the_guard_still_checks_the_key_every_interval(
+    nats_server: NatsServer, bus: Bus, connect_as: ConnectAs
+) -> None:
+    """The guard reads as an identity the server refuses the key's subject to (the
+    operator's): it says so and falls back to reading the key every interval."""
+    cluster = f"c-{secrets.token_hex(4)}"
+    writer = await connect_as(Role.DISCOVERY, cluster)
+    reader = await connect_as(Role.OPERATOR, cluster)
+    registry = CollectorRegistry()
+    publisher = Publisher(
+        cluster=cluster,
+        bus=writer,
+        metrics=DiscoveryMetrics(registry),
+        sealer=Sealer(DISCOVERY_KEY, timedelta(hours=1)),
+    )
+    publisher.offer(one_endpoint_view("192.0.2.1"))
+    assert await publisher.flush() is Outcome.PUBLISHED
+    guard = KeyGuard(
+        cluster=cluster,
+        bus=reader,
+        keeper=publisher,
+        open_=publisher.sealer.open,
+        pace=ReassertPace(),
+        check_interval=0.3,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(guard.run(stop))
+    try:
+        await wait_until(lambda: bool(reader.permission_violations))
+        kv = await writer.js.key_value(subjects.SNAPSHOT_BUCKET)
+        await kv.delete(cluster)
+        assert await held_again(bus, cluster, 1) < 2.0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert reasserts(registry, "deleted") == 1
+    assert await generations(bus, cluster) == [1, 1]
+
+
+def one_endpoint_view(address: str) -> SnapshotResult:
+    return build_snapshot(
+        service={
+            "metadata": {"name": "kubernetes"},
+            "spec": {
+                "clusterIPs": ["10.96.0.1"],
+                "ports": [{"name": "https", "port": 443, "targetPort": 6443}],
+            },
+        },
+        endpoint_slices=[
+            {
+                "metadata": {"name": "kubernetes", "namespace": "default"},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": [address]}],
+                "ports": [{"name": "https", "port": 6443}],
+            }
+        ],
+        kube_proxy=None,
+        nodes=[],
+    )

@@ -71,3 +71,33 @@ def test_a_key_file_that_is_not_an_ed25519_pem_is_refused_naming_the_variable(
     bad.write_text("not a key")
     with pytest.raises(ConfigError, match="APILANE_SIGNING_KEY_FILE"):
         load_settings({"APILANE_SIGNING_KEY_FILE": str(bad)})
+
+
+def test_the_anti_entropy_settings_default_to_a_second_and_half_a_second_to_ten(
+    load: Callable[[dict[str, str]], DiscoverySettings],
+) -> None:
+    settings = load({})
+    assert (
+        settings.key_check_interval,
+        settings.reassert_interval,
+        settings.reassert_interval_max,
+    ) == (1.0, 0.5, 10.0)
+    tuned = load(
+        {
+            "APILANE_KEY_CHECK_INTERVAL": "250ms",
+            "APILANE_REASSERT_INTERVAL": "1s",
+            "APILANE_REASSERT_INTERVAL_MAX": "1m",
+        }
+    )
+    assert (tuned.key_check_interval, tuned.reassert_interval, tuned.reassert_interval_max) == (
+        0.25,
+        1.0,
+        60.0,
+    )
+
+
+def test_a_reassert_maximum_below_the_interval_is_refused(
+    load: Callable[[dict[str, str]], DiscoverySettings],
+) -> None:
+    with pytest.raises(ConfigError, match="APILANE_REASSERT_INTERVAL_MAX"):
+        load({"APILANE_REASSERT_INTERVAL": "5s", "APILANE_REASSERT_INTERVAL_MAX": "1s"})

@@ -15,6 +15,7 @@ import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
 
+from apilane.discovery.antientropy import Action, Assessment
 from apilane.discovery.metrics import DiscoveryMetrics
 from apilane.discovery.publisher import ObservedChange, Outcome, Publisher
 from apilane.discovery.sealing import Sealer
@@ -224,17 +225,44 @@ async def test_a_burst_is_one_publish_naming_every_resource_version(
     assert metric(registry, "apilane_discovery_change_to_publish_seconds_count") == 3
 
 
-async def test_the_run_loop_coalesces_over_the_window(publisher: Publisher, bus: MemoryBus) -> None:
+async def test_the_run_loop_publishes_a_lone_change_at_once_and_coalesces_a_burst_behind_it(
+    bus: MemoryBus, registry: CollectorRegistry
+) -> None:
+    """The leading edge goes out at once; what comes within the window after it is one
+    trailing publish of the latest view, naming every change it carries."""
+    publisher = Publisher(
+        cluster=KEY,
+        bus=bus,
+        metrics=DiscoveryMetrics(registry),
+        sealer=Sealer(DISCOVERY, TTL),
+        coalesce_window=0.5,
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(publisher.run(stop))
-    for rv in range(5):
+    publisher.offer(view("192.0.2.1", "192.0.2.10"), change("0"))
+    await until(lambda: len(bus.puts) == 1)
+    # No await in between: all four land inside the window the first publish opened.
+    for rv in range(1, 5):
         publisher.offer(view("192.0.2.1", f"192.0.2.{10 + rv}"), change(str(rv)))
-        await asyncio.sleep(0.005)
-    await asyncio.sleep(0.15)
+    assert len(bus.puts) == 1
+    await until(lambda: len(bus.puts) == 2)
+    await asyncio.sleep(0.6)  # another window: nothing more is pending
     stop.set()
     await asyncio.wait_for(task, 2)
-    assert [s.generation for s in bus.puts] == [1]
-    assert [e.ip for e in bus.puts[0].apiserver_endpoints] == ["192.0.2.1", "192.0.2.14"]
+    assert [s.generation for s in bus.puts] == [1, 2]
+    assert [e.ip for e in bus.puts[0].apiserver_endpoints] == ["192.0.2.1", "192.0.2.10"]
+    assert [e.ip for e in bus.puts[1].apiserver_endpoints] == ["192.0.2.1", "192.0.2.14"]
+    assert {f"EndpointSlice/default/kubernetes@{rv}" for rv in range(1, 5)} <= set(
+        bus.puts[1].resource_versions
+    )
+    assert metric(registry, "apilane_discovery_coalesced_total") == 3
+
+
+async def until(condition: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
 
 
 async def test_the_same_digest_is_not_published_again(
@@ -669,3 +697,138 @@ async def test_the_run_loop_re_signs_before_expiry(
         assert later.header.generation == earlier.header.generation
         # Each one is re-signed before the one before it expires.
         assert later.header.issued_at < earlier.header.expires_at
+
+
+# -- anti-entropy: putting this term's snapshot back
+
+
+async def test_a_deleted_key_gets_the_same_generation_back_re_sealed(
+    bus: MemoryBus, registry: CollectorRegistry
+) -> None:
+    clock = Clock()
+    publisher = signed_publisher(bus, registry, clock)
+    assert publisher.asserted is None
+    publisher.offer(view("192.0.2.1"), change("10"))
+    await publisher.flush()
+    first = bus.sealed[-1]
+    asserted = publisher.asserted
+    assert asserted is not None and asserted.revision == bus.revision
+    del bus.kv[KEY]  # deleted (the memory bus keeps no marker)
+    clock.now += timedelta(minutes=1)
+    assessment = Assessment(Action.REASSERT, "missing")
+    assert await publisher.reassert(None, assessment) is True
+    again = bus.sealed[-1]
+    assert again.header.generation == first.header.generation == 1
+    assert again.opened.payload == first.opened.payload
+    assert again.header.expires_at > first.header.expires_at
+    assert len(bus.puts) == 1  # no new content: consumers see a refresh
+    assert bus.msg_ids[-1] != bus.msg_ids[0]  # not dropped as a duplicate
+    now_asserted = publisher.asserted
+    assert now_asserted is not None and now_asserted.revision == bus.revision
+    assert metric(registry, "apilane_discovery_reasserts_total", {"reason": "missing"}) == 1
+
+
+async def test_a_reassertion_that_lost_the_race_writes_nothing(
+    bus: MemoryBus, registry: CollectorRegistry
+) -> None:
+    publisher = signed_publisher(bus, registry, Clock())
+    publisher.offer(view("192.0.2.1"), change("10"))
+    await publisher.flush()
+    bus.put_raw(b"garbage")
+    stale = KvEntry(bucket="b", key=KEY, value=b"", revision=1)  # observed before the write
+    assert await publisher.reassert(stale, Assessment(Action.REASSERT, "unsigned")) is False
+    assert bus.kv[KEY][1] == b"garbage"
+    assert metric(registry, "apilane_discovery_reasserts_total", {"reason": "unsigned"}) == 0
+
+
+async def test_a_follower_puts_nothing_back(bus: MemoryBus, registry: CollectorRegistry) -> None:
+    leading = True
+    publisher = Publisher(
+        cluster=KEY,
+        bus=bus,
+        metrics=DiscoveryMetrics(registry),
+        sealer=Sealer(DISCOVERY, TTL),
+        is_leader=lambda: leading,
+    )
+    publisher.offer(view("192.0.2.1"), change("10"))
+    await publisher.flush()
+    leading = False
+    assert publisher.asserted is None
+    del bus.kv[KEY]
+    assert await publisher.reassert(None, Assessment(Action.REASSERT, "missing")) is False
+    assert KEY not in bus.kv
+
+
+@pytest.mark.parametrize(
+    ("overwrite", "reason"),
+    [
+        pytest.param(lambda bus: bus.put_raw(b"garbage"), "unsigned", id="garbage"),
+        pytest.param(lambda bus: bus.seed(1, view("192.0.2.1"), FORGER), "unknown-key", id="key"),
+    ],
+)
+async def test_a_reconcile_after_a_foreign_write_puts_the_snapshot_back_when_nothing_changed(
+    bus: MemoryBus, registry: CollectorRegistry, overwrite: Any, reason: str
+) -> None:
+    """The refresh lost its compare-and-set to a foreign value: the publisher reads the
+    bucket, and since the view is what it published, puts the same generation back."""
+    clock = Clock()
+    publisher = signed_publisher(bus, registry, clock)
+    publisher.offer(view("192.0.2.1"), change("10"))
+    await publisher.flush()
+    overwrite(bus)
+    clock.now += TTL / 2
+    assert await publisher.refresh() is Outcome.IDLE
+    publisher.offer(view("192.0.2.1"), change("11"))  # an unrelated change, same inputs
+    assert await publisher.flush() is Outcome.REASSERTED
+    assert [s.header.generation for s in bus.sealed] == [1, 1]
+    assert open_snapshot(bus.kv[KEY][1], ITSELF).header.generation == 1
+    assert metric(registry, "apilane_discovery_reasserts_total", {"reason": reason}) == 1
+    assert metric(registry, "apilane_discovery_publishes_total") == 1
+
+
+async def test_an_older_snapshot_of_discoverys_put_back_is_replaced_by_the_newer_one(
+    bus: MemoryBus, registry: CollectorRegistry
+) -> None:
+    clock = Clock()
+    publisher = signed_publisher(bus, registry, clock)
+    publisher.offer(view("192.0.2.1"), change("10"))
+    await publisher.flush()
+    old_value = bus.kv[KEY][1]
+    publisher.offer(view("192.0.2.2"), change("11"))
+    await publisher.flush()
+    bus.put_raw(old_value)  # a replay of generation 1
+    clock.now += TTL / 2
+    assert await publisher.refresh() is Outcome.IDLE
+    publisher.offer(view("192.0.2.2"), change("12"))
+    assert await publisher.flush() is Outcome.REASSERTED
+    held = open_snapshot(bus.kv[KEY][1], ITSELF)
+    assert held.header.generation == 2
+    assert [e.ip for e in held.snapshot.apiserver_endpoints] == ["192.0.2.2"]
+    assert metric(registry, "apilane_discovery_reasserts_total", {"reason": "rollback"}) == 1
+
+
+async def test_new_inputs_after_a_foreign_write_are_a_new_generation(
+    bus: MemoryBus, registry: CollectorRegistry
+) -> None:
+    publisher = signed_publisher(bus, registry, Clock())
+    publisher.offer(view("192.0.2.1"), change("10"))
+    await publisher.flush()
+    bus.put_raw(b"garbage")
+    publisher.offer(view("192.0.2.2"), change("11"))
+    assert await publisher.flush() is Outcome.PUBLISHED
+    assert [s.generation for s in bus.puts] == [1, 3]  # above the garbage's revision
+    assert metric(registry, "apilane_discovery_reasserts_total", {"reason": "unsigned"}) == 0
+
+
+async def test_a_new_term_does_not_put_back_what_an_earlier_term_published(
+    bus: MemoryBus, registry: CollectorRegistry
+) -> None:
+    """Another replica may have published since: only what the bucket holds now is known."""
+    publisher = signed_publisher(bus, registry, Clock())
+    publisher.offer(view("192.0.2.1"), change("10"))
+    await publisher.flush()
+    del bus.kv[KEY]
+    publisher.wake()
+    assert publisher.asserted is None
+    assert await publisher.flush() is Outcome.PUBLISHED
+    assert [s.generation for s in bus.puts] == [1, 2]

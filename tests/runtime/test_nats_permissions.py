@@ -329,6 +329,27 @@ async def test_discovery_provisions_but_never_deletes_or_purges(
         assert await discovery.publish_refused(subject, payload), subject
 
 
+async def test_discovery_is_told_of_every_write_to_its_own_key_and_nobody_else_is(
+    nats_server: NatsServer, streams: Bus, connect_as: ConnectAs
+) -> None:
+    """A core subscription (no consumer) on its own key: how the leader notices a purge."""
+    discovery = await connect_as(Role.DISCOVERY, CLUSTER)
+    written = asyncio.Event()
+    await discovery.notify_on(SNAPSHOT_KEY, written.set)
+    await streams.kv_put(subjects.SNAPSHOT_BUCKET, CLUSTER, _snapshot())
+    await asyncio.wait_for(written.wait(), 5)
+    written.clear()
+    kv = await streams.js.key_value(subjects.SNAPSHOT_BUCKET)
+    await kv.purge(CLUSTER)
+    await asyncio.wait_for(written.wait(), 5)
+    with pytest.raises(PermissionDenied):
+        await discovery.notify_on(subjects.kv_subject(subjects.SNAPSHOT_BUCKET, "c2"), written.set)
+    for role, cluster, node in NOT_DISCOVERY:
+        other = await connect_as(role, cluster, node)
+        with pytest.raises(PermissionDenied):
+            await other.notify_on(SNAPSHOT_KEY, written.set)
+
+
 @pytest.mark.parametrize(("role", "cluster", "node"), READERS)
 @pytest.mark.parametrize("stream", [NODES, subjects.EVENTS_STREAM])
 async def test_readers_may_not_create_consumers_on_streams_others_can_write(

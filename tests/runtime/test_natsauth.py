@@ -131,6 +131,22 @@ def test_each_identity_subscribes_to_its_own_inbox_only(
         assert ">" not in natsauth.permissions(identity).subscribe_allow
 
 
+def test_only_discovery_subscribes_to_a_snapshot_key_and_only_to_its_own(
+    two_clusters: tuple[Identity, ...],
+) -> None:
+    for identity in two_clusters:
+        keys = [
+            s
+            for s in natsauth.permissions(identity).subscribe_allow
+            if s.startswith(f"$KV.{subjects.SNAPSHOT_BUCKET}")
+        ]
+        if identity.role is Role.DISCOVERY:
+            own = subjects.snapshot_key(identity.cluster)
+            assert keys == [subjects.kv_subject(subjects.SNAPSHOT_BUCKET, own)]
+        else:
+            assert keys == [], identity.name
+
+
 def test_nothing_is_allowed_by_a_bare_wildcard(two_clusters: tuple[Identity, ...]) -> None:
     for identity in two_clusters:
         allowed = natsauth.permissions(identity)

@@ -69,6 +69,13 @@ class DiscoveryMetrics:
             ["reason"],
             registry=registry,
         )
+        self.reasserts = Counter(
+            "apilane_discovery_reasserts_total",
+            "Times the leader put its snapshot back into the KV key (same generation, re-sealed)"
+            " because the key was missing, deleted, purged or held something else, by reason.",
+            ["reason"],
+            registry=registry,
+        )
         self.publish_failures = Counter(
             "apilane_discovery_publish_failures_total",
             "Publish attempts that failed (NATS unreachable, compare-and-set lost repeatedly).",

@@ -6,10 +6,16 @@ KV writes while this replica leads. The rules:
 - every snapshot is sealed with discovery's key (`sealing`), valid for a TTL, and re-signed
   at half of it (same generation and payload bytes, a later expiry) while this replica
   leads, so consumers can refuse an expired one without a quiet cluster expiring;
-- changes within the coalescing window become one publish naming every resourceVersion;
+- coalescing (`apilane.runtime.coalesce`): the first change after a quiet window is
+  published at once; changes within the window after a publish become one trailing publish
+  of the latest view, naming every resourceVersion;
 - a publish happens only when the bucket does not hold the same data-plane inputs already,
   judged by what discovery can verify with its own key: a value it cannot verify is not
   its own, whatever digest it claims, and is overwritten;
+- when the bucket lost the snapshot this term asserted (deleted, purged, overwritten) and
+  the view still has its data-plane inputs, that snapshot is put back re-sealed with its
+  generation (`reassert`), not published as a new one: consumers see a refresh. The
+  leader's `antientropy.KeyGuard` watches the key for this between publishes;
 - an empty endpoint set is never published: the last good snapshot stays, a
   `NoReadyEndpoints` warning goes out instead;
 - the generation only increases, across restarts and leader changes: it continues from the
@@ -47,7 +53,9 @@ from apilane.model.events import ClusterWarning, EndpointSnapshot, Finding
 from apilane.model.signing import Refused, SignatureError, SignedSnapshot
 from apilane.runtime.aio import Backoff, first_of
 from apilane.runtime.bus import BusError, KvEntry, RevisionMismatch
+from apilane.runtime.coalesce import LeadingEdge
 
+from .antientropy import Action, Asserted, Assessment, assess
 from .metrics import DiscoveryMetrics
 from .sealing import Sealer
 
@@ -129,6 +137,7 @@ class Outcome(Enum):
     IDLE = "idle"  # nothing to do
     PUBLISHED = "published"
     REFRESHED = "refreshed"  # the current snapshot re-signed with a later expiry
+    REASSERTED = "reasserted"  # this term's snapshot put back, same generation
     SUPPRESSED = "suppressed"  # same digest as the KV entry
     REFUSED_EMPTY = "refused-empty"
     NOT_LEADER = "not-leader"
@@ -149,6 +158,7 @@ class Publisher:
         retry_initial: float = 0.2,
         retry_max: float = 5.0,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cluster = subjects.check_token(cluster, "cluster name")
         self.key = subjects.snapshot_key(cluster)
@@ -157,6 +167,7 @@ class Publisher:
         self.sealer = sealer
         self.recorder = recorder
         self.coalesce_window = coalesce_window
+        self._pace = LeadingEdge(coalesce_window, clock=monotonic)
         self.is_leader = is_leader
         self.retry_initial = retry_initial
         self.retry_max = retry_max
@@ -169,7 +180,6 @@ class Publisher:
         self.last_generation = 0
         self._dirty = False  # `latest` has not been reconciled with the bucket yet
         self._changes: list[ObservedChange] = []
-        self._first_change_at: float | None = None  # monotonic, opens the coalescing window
         self._wakeup = asyncio.Event()
         self._warned_bus: set[tuple[str, str, str]] = set()
         self._warned_kube: set[tuple[str, str, str]] = set()
@@ -179,6 +189,9 @@ class Publisher:
         # What the bucket holds as far as discovery verified it, and at which revision: the
         # snapshot to re-sign before it expires.
         self.current: tuple[SignedSnapshot, int] | None = None
+        # The newest snapshot of discovery's this term wrote or verified in the bucket: what
+        # the key should hold until the next publish (kept while `current` is re-read).
+        self._own: SignedSnapshot | None = None
 
     # -- input
 
@@ -204,8 +217,6 @@ class Publisher:
             if len(self._changes) >= MAX_PENDING_CHANGES:
                 del self._changes[0]
             self._changes.append(change)
-        if self._first_change_at is None:
-            self._first_change_at = time.monotonic()
         self._wakeup.set()
 
     def wake(self) -> None:
@@ -215,6 +226,7 @@ class Publisher:
             self._warned_bus.clear()
             self._warned_kube.clear()
             self._warning_ids.clear()  # announce again, not a duplicate JetStream drops
+        self._own = None  # a new term: only what the bucket holds now is known to be ours
         self._reconcile_again()
 
     def _reconcile_again(self) -> None:
@@ -224,9 +236,23 @@ class Publisher:
             self._dirty = True
         self._wakeup.set()
 
+    def reconcile_with_bucket(self) -> None:
+        """The key holds a newer snapshot of discovery's than this replica knows: read it."""
+        self._reconcile_again()
+
     @property
     def pending(self) -> bool:
         return self._dirty
+
+    @property
+    def asserted(self) -> Asserted | None:
+        """What the key should hold while this replica leads, and the revision it was
+        verified at (None while the bucket is being read again)."""
+        if self._own is None or not self.is_leader():
+            return None
+        current = self.current
+        revision = current[1] if current is not None and current[0] is self._own else None
+        return Asserted(self._own, revision)
 
     # -- the loop
 
@@ -241,9 +267,9 @@ class Publisher:
             if woke is None:
                 outcome = await self.refresh()
             else:
-                self._wakeup.clear()
                 if await self._coalesce(stop):
                     break
+                self._wakeup.clear()  # what came while coalescing is in this flush
                 outcome = await self.flush()
             if outcome is not Outcome.RETRY:
                 backoff.reset()
@@ -257,17 +283,16 @@ class Publisher:
         return None if self.current is None else self.sealer.refresh_in(self.current[0])
 
     async def _coalesce(self, stop: asyncio.Event) -> bool:
-        """Wait out the rest of the coalescing window; True when `stop` came meanwhile."""
-        if self._first_change_at is None:
-            return False
-        remaining = self._first_change_at + self.coalesce_window - time.monotonic()
+        """Wait out what is left of the window since the last publish (nothing after a quiet
+        one); True when `stop` came meanwhile."""
+        remaining = self._pace.delay()
         return remaining > 0 and await first_of(stop.wait(), timeout=remaining) == 0
 
     async def flush(self) -> Outcome:
         """Reconcile the latest view with the bucket once (the loop's body; tests call it)."""
-        self._first_change_at = None
         if not self._dirty or self.latest is None:
             return Outcome.IDLE
+        self._pace.sent()  # what comes from now on waits for the window's end
         if not self.is_leader():
             # A follower keeps the latest view (to publish if it becomes the leader) but
             # does not account changes it will never publish.
@@ -299,12 +324,21 @@ class Publisher:
         for _attempt in range(MAX_CAS_ATTEMPTS):
             entry = await self.bus.kv_get(subjects.SNAPSHOT_BUCKET, self.key, include_deleted=True)
             current = self._read_back(entry)
+            if current is not None and self._older_than_own(current):
+                current = None  # an older snapshot of ours, put back: a replay
             # Even while nothing new can be published, the last good snapshot is kept valid.
-            self.current = (
-                (current, entry.revision) if entry is not None and current is not None else None
-            )
+            if entry is not None and current is not None:
+                self._hold(current, entry.revision)
+            else:
+                self.current = None
             if not result.apiserver_endpoints or not result.service_endpoints:
                 return self._refuse_empty(result, changes)
+            if put_back := self._put_back_instead(current, entry, result):
+                if not await self.reassert(entry, put_back):
+                    continue  # someone else wrote: read again
+                self.metrics.suppressed.inc(len(changes))
+                self._forget_changes(changes)
+                return Outcome.REASSERTED
             if current is not None and _same_data_plane_inputs(current.snapshot, result):
                 self.last_published = current.snapshot
                 self.metrics.suppressed.inc(len(changes))
@@ -316,7 +350,7 @@ class Publisher:
             revision = await self._write(snapshot, sealed, changes, expected_revision=expected)
             if revision is None:
                 continue  # someone else wrote: read again, the generation moves on
-            self.current = (self.sealer.open(sealed), revision)
+            self._hold(self.sealer.open(sealed), revision)
             self._published(snapshot, revision, changes)
             return Outcome.PUBLISHED
         raise BusError(
@@ -355,7 +389,7 @@ class Publisher:
                 extra={"error": str(exc), "cluster": self.cluster},
             )
             return Outcome.RETRY
-        self.current = (refreshed, new_revision)
+        self._hold(refreshed, new_revision)
         self.metrics.refreshes.inc()
         log.info(
             "re-signed the snapshot",
@@ -367,6 +401,65 @@ class Publisher:
             },
         )
         return Outcome.REFRESHED
+
+    def _hold(self, signed: SignedSnapshot, revision: int) -> None:
+        self.current = (signed, revision)
+        self._own = signed
+
+    def _older_than_own(self, found: SignedSnapshot) -> bool:
+        return self._own is not None and found.header.generation < self._own.header.generation
+
+    def _put_back_instead(
+        self, current: SignedSnapshot | None, entry: KvEntry | None, result: SnapshotResult
+    ) -> Assessment | None:
+        """Why to put this term's snapshot back rather than publish a new generation: the
+        bucket lost it while nothing changed for consumers. None: publish as usual."""
+        if current is not None or self._own is None:
+            return None
+        if not _same_data_plane_inputs(self._own.snapshot, result):
+            return None
+        assessment = assess(entry, self.asserted, cluster=self.cluster, open_=self.sealer.open)
+        return assessment if assessment.action is Action.REASSERT else None
+
+    async def reassert(self, entry: KvEntry | None, assessment: Assessment) -> bool:
+        """Put this term's snapshot back into the key: re-sealed with the same generation
+        and payload bytes, written with compare-and-set on the entry observed (`entry`).
+        False when there is nothing to put back or it lost the race (the caller looks
+        again); BusError when the bus failed."""
+        own = self._own
+        if own is None or not self.is_leader():
+            return False
+        sealed = self.sealer.reseal(own)
+        resealed = self.sealer.open(sealed)
+        issued = int(resealed.header.issued_at.timestamp() * 1000)
+        observed = entry.revision if entry is not None else 0
+        try:
+            revision = await self.bus.kv_put(
+                subjects.SNAPSHOT_BUCKET,
+                self.key,
+                sealed,
+                expected_revision=observed,
+                msg_id=f"{self.cluster}:{own.header.generation}:{own.snapshot.digest}:{issued}",
+            )
+        except RevisionMismatch:
+            return False
+        self._hold(resealed, revision)
+        self.last_published = own.snapshot
+        self.metrics.reasserts.labels(assessment.reason).inc()
+        log.warning(
+            "the snapshot key did not hold discovery's snapshot; put it back",
+            extra={
+                "cluster": self.cluster,
+                "reason": assessment.reason,
+                "detail": assessment.detail,
+                "observed_revision": observed,
+                "observed_operation": entry.operation if entry is not None else "none",
+                "revision": revision,
+                "generation": own.header.generation,
+                "expires_at": resealed.header.expires_at.isoformat(),
+            },
+        )
+        return True
 
     def _refuse_empty(self, result: SnapshotResult, changes: list[ObservedChange]) -> Outcome:
         # Never an empty set: the data plane would drop the API server. The finding

@@ -33,6 +33,7 @@ from apilane.runtime.bus import Bus
 from apilane.runtime.lifecycle import bus_session
 from apilane.runtime.serve import Health, ServiceContext
 
+from .antientropy import KeyGuard, ReassertPace
 from .metrics import DiscoveryMetrics
 from .publisher import ObservedChange, Publisher
 from .sealing import Sealer
@@ -72,15 +73,26 @@ class DiscoveryService:
             on_change=self._observed,
             backoff_max=settings.watch_backoff_max,
         )
+        sealer = Sealer(settings.signing_key, timedelta(seconds=settings.snapshot_ttl))
         self.publisher = Publisher(
             cluster=settings.cluster,
             bus=bus,
             metrics=metrics,
-            sealer=Sealer(settings.signing_key, timedelta(seconds=settings.snapshot_ttl)),
+            sealer=sealer,
             recorder=_KubeEventRecorder(client, self.watcher),
             coalesce_window=settings.coalesce_window,
             is_leader=self.is_leader,
             retry_max=settings.publish_retry_max,
+        )
+        self.guard = KeyGuard(
+            cluster=settings.cluster,
+            bus=bus,
+            keeper=self.publisher,
+            open_=sealer.open,
+            pace=ReassertPace(
+                initial=settings.reassert_interval, maximum=settings.reassert_interval_max
+            ),
+            check_interval=settings.key_check_interval,
         )
 
     def is_leader(self) -> bool:
@@ -118,7 +130,8 @@ class DiscoveryService:
 
     async def _publish_while_leading(self, term_over: asyncio.Event) -> None:
         self.publisher.wake()  # continue the generations from the bucket
-        await self.publisher.run(term_over)
+        # The guard keeps what the publisher asserts in the key between publishes.
+        await asyncio.gather(self.publisher.run(term_over), self.guard.run(term_over))
 
     def _observed(self, target: WatchTarget, event: WatchEvent) -> None:
         """A watch changed the view: recompute the snapshot and hand it to the publisher."""

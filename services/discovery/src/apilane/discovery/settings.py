@@ -16,8 +16,9 @@ from typing import Final
 
 from apilane.kube.leader import LeaseSettings, load_lease_settings
 from apilane.model import subjects
+from apilane.model.errors import ConfigError
 from apilane.model.signing import SigningKey
-from apilane.runtime.config import CommonSettings, Env, load_common, load_signing_key
+from apilane.runtime.config import PREFIX, CommonSettings, Env, load_common, load_signing_key
 
 SERVICE_NAME: Final = "apilane-discovery"
 
@@ -34,6 +35,11 @@ class DiscoverySettings:
     coalesce_window: float = 0.1
     publish_retry_max: float = 5.0
     watch_backoff_max: float = 10.0
+    # Anti-entropy: how often the leader reads its KV key besides being told of each write,
+    # and how often it may put its snapshot back (`antientropy.ReassertPace`).
+    key_check_interval: float = 1.0
+    reassert_interval: float = 0.5
+    reassert_interval_max: float = 10.0
     # `load` names the Lease after the cluster; a caller building settings by hand sets it.
     lease: LeaseSettings = field(
         default_factory=lambda: LeaseSettings(
@@ -55,6 +61,13 @@ def load(environ: Mapping[str, str] | None = None) -> DiscoverySettings:
     """Raise ConfigError naming the variable when a value is bad."""
     env = Env(environ)
     common = load_common(environ)
+    reassert_interval = env.seconds("REASSERT_INTERVAL", 0.5, low=0.05)
+    reassert_interval_max = env.seconds("REASSERT_INTERVAL_MAX", 10.0, low=0.05)
+    if reassert_interval_max < reassert_interval:
+        raise ConfigError(
+            f"{PREFIX}REASSERT_INTERVAL_MAX ({reassert_interval_max}s) is below"
+            f" {PREFIX}REASSERT_INTERVAL ({reassert_interval}s)"
+        )
     return DiscoverySettings(
         signing_key=load_signing_key(env),
         snapshot_ttl=env.seconds("SNAPSHOT_TTL", 3600.0, low=1.0),
@@ -66,6 +79,9 @@ def load(environ: Mapping[str, str] | None = None) -> DiscoverySettings:
         coalesce_window=env.seconds("COALESCE_WINDOW", 0.1),
         publish_retry_max=env.seconds("PUBLISH_RETRY_MAX", 5.0, low=0.05),
         watch_backoff_max=env.seconds("WATCH_BACKOFF_MAX", 10.0, low=0.05),
+        key_check_interval=env.seconds("KEY_CHECK_INTERVAL", 1.0, low=0.05),
+        reassert_interval=reassert_interval,
+        reassert_interval_max=reassert_interval_max,
         lease=load_lease_settings(
             env,
             name=subjects.discovery_lease(common.cluster),

@@ -537,6 +537,36 @@ class Bus:
         await self._guarded(subject, self.nc.flush())
         return subscription
 
+    async def notify_on(self, subject: str, on_message: Callable[[], None]) -> Subscription:
+        """Call `on_message()` for every message published on `subject`, a KV key's
+        included (its puts, deletes and purges). Core NATS: no replay and no revision, so
+        a hint to look, never the data itself; nats-py subscribes again after a reconnect.
+        A subscription the server refuses raises PermissionDenied."""
+
+        async def on_msg(_msg: Msg) -> None:
+            on_message()
+
+        # The server answers a refused SUB with an error before the PONG of a later PING,
+        # and nats-py reports the error before it takes that PONG. But nats-py writes a PING
+        # at once and the SUB from its flusher task, so the first flush's PING may overtake
+        # the SUB; by its PONG the SUB is out, and the second PING is behind it. (Not
+        # `_guarded`: a cancelled flush leaves nats-py a cancelled PONG future, which breaks
+        # its read loop.)
+        refused = self._violations.watch(subject)
+        try:
+            subscription = await self.nc.subscribe(subject, cb=on_msg)
+            await self.nc.flush()
+            await self.nc.flush()
+        except (NatsError, TimeoutError) as exc:
+            raise BusError(f"subscribing to {subject} failed: {exc}") from exc
+        finally:
+            self._violations.forget(subject, refused)
+        if refused.done():
+            with contextlib.suppress(NatsError):
+                await subscription.unsubscribe()
+            raise PermissionDenied(f"NATS refused {subject}: {refused.result()}")
+        return subscription
+
     async def request(self, subject: str, payload: bytes, *, timeout: float = 2.0) -> bytes:
         try:
             response = await self._guarded(

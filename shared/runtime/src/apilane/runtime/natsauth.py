@@ -5,8 +5,9 @@ server never sees the seed) with allow-lists for exactly the subjects its role u
 explicit denials of the stream-admin API and the snapshot key for every role that must never
 touch them (a deny wins over any allow, so a later widening cannot undo them).
 
-- discovery, per cluster: writes its cluster's snapshot key and warnings; the trusted
-  provisioner, so it may create and update the three streams (never delete or purge).
+- discovery, per cluster: writes its cluster's snapshot key and warnings, and subscribes
+  (core NATS) to that key's subject; the trusted provisioner, so it may create and update
+  the three streams (never delete or purge).
 - renderer, per cluster: reads and watches snapshots; writes render results and warnings.
 - node-loader, per node: reads and watches snapshots; writes only its own node-state key
   and warnings; receives its own control subject and answers on it.
@@ -228,7 +229,9 @@ def _discovery(identity: Identity) -> Permissions:
     return Permissions(
         publish_allow=tuple(publish),
         publish_deny=_DESTRUCTIVE,
-        subscribe_allow=(_inbox(identity),),
+        # Its own key, core NATS: the leader notices a delete, purge or foreign write at
+        # once and puts its snapshot back (no consumer: see the module's docstring).
+        subscribe_allow=(_inbox(identity), _snapshot_key(cluster)),
     )
 
 

@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 import aiohttp
 import msgspec
-from kubernetes_asyncio.client import ApiClient, Configuration
 
 from apilane.kube.credentials import kubeconfig_paths, load_in_cluster, load_kubeconfig
+from apilane.kube.upstream import ApiClient, Configuration
 from apilane.model.errors import ApilaneError, ConfigError
 
 PatchType = Literal["strategic", "merge", "json", "apply"]

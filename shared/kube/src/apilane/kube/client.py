@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 import aiohttp
 import msgspec
-from kubernetes_asyncio.client import ApiClient, Configuration
 
 from apilane.kube.credentials import kubeconfig_paths, load_in_cluster, load_kubeconfig
+from apilane.kube.upstream import Configuration, api_client
 from apilane.model.errors import ApilaneError, ConfigError
 
 PatchType = Literal["strategic", "merge", "json", "apply"]
@@ -142,15 +142,16 @@ def error_from_status(status: int, body: Any, *, fallback: str = "") -> KubeErro
 
 
 class KubeClient:
-    """One kubernetes-asyncio ApiClient (one aiohttp session) to one API server. Create with
-    `from_config`, `close()` when done. `source` says where the credentials came from."""
+    """One kubernetes-asyncio ApiClient (one aiohttp session, see `upstream.api_client`) to
+    one API server. Create with `from_config`, `close()` when done. `source` says where the
+    credentials came from."""
 
     def __init__(self, configuration: Configuration, *, source: str = "") -> None:
         self.configuration = configuration
         self.server = configuration.host
         self.source = source or configuration.host
         try:
-            self._api = ApiClient(configuration)
+            self._api = api_client(configuration)
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(
                 f"{self.source}: the certificate authority or the client certificate and key "

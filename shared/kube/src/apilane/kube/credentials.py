@@ -24,11 +24,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
-from kubernetes_asyncio.client import Configuration
-from kubernetes_asyncio.config import ConfigException
-from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
-from kubernetes_asyncio.config.kube_config import KubeConfigLoader, KubeConfigMerger
 
+from apilane.kube.upstream import (
+    ConfigException,
+    Configuration,
+    InClusterConfigLoader,
+    KubeConfigLoader,
+    KubeConfigMerger,
+)
 from apilane.model.errors import ConfigError
 
 log = logging.getLogger(__name__)

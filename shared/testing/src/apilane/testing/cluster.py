@@ -42,8 +42,8 @@ from apilane.testing.kube import (
     SERVICE_IPS,
     ApiServer,
     Etcd,
-    _pick_test_subnet,
     find_kube_binaries,
+    pick_test_subnet,
     stop_process,
 )
 from apilane.testing.pki import Pki
@@ -362,7 +362,7 @@ class OneNodeCluster:
         self.id = secrets.token_hex(3)
         self.work = Path(tempfile.mkdtemp(prefix="apilane-cluster-", dir="/var/tmp"))
         self.bridge = f"apl{self.id}"
-        self.subnet = _pick_test_subnet()
+        self.subnet = pick_test_subnet()
         self.address = str(next(self.subnet.hosts()))
         self.cgroup_name = f"apilane-cluster-{self.id}"
         self.cgroup = CGROUP2 / self.cgroup_name

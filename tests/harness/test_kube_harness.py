@@ -264,6 +264,24 @@ async def test_ha_apiservers_each_serve_their_own_certificate_to_client_namespac
     # Each apiserver holds an endpoint lease in etcd (the reconciler's TTL is 15 s).
     ttls = [plane.lease_ttl(index) for index in range(plane.count)]
     assert all(ttl is not None and 0 < ttl <= 15 for ttl in ttls), ttls
+    # Each has an identity Lease of its own (they are named after the hostname).
+    kube = await plane.client(0)
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                leases = await kube.list(
+                    "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases",
+                    label_selector="apiserver.kubernetes.io/identity=kube-apiserver",
+                )
+                if len(leases["items"]) == plane.count:
+                    break
+                await asyncio.sleep(0.5)
+    finally:
+        await kube.close()
+    hostnames = {
+        lease["metadata"]["labels"].get("kubernetes.io/hostname") for lease in leases["items"]
+    }
+    assert hostnames == {plane.apiserver_name(i) for i in range(plane.count)}
     state = plane.state()
     assert [a["pid"] for a in state["apiservers"]] == [plane.pid(i) for i in range(plane.count)]
     assert all(pid_alive(a["pid"]) for a in state["apiservers"])

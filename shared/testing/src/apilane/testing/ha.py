@@ -220,9 +220,12 @@ class HAControlPlane:
             )
             self.timings["etcd"] = self.etcd.start()
             api_started = time.monotonic()
-            for _ in range(self.count):
+            # The first alone: apiservers bootstrapping one fresh etcd together race on the
+            # `kubernetes` Service's ClusterIP allocation, and the loser exits.
+            self.add_apiserver()
+            for _ in range(1, self.count):
                 self._launch_apiserver()
-            for index in range(self.count):
+            for index in range(1, self.count):
                 self._await_apiserver(index)
             self.timings["kube-apiservers"] = time.monotonic() - api_started
         except BaseException:
@@ -263,6 +266,7 @@ class HAControlPlane:
             port=APISERVER_PORT,
             reconciler="lease",
             netns=ns,
+            hostname=self.apiserver_name(index),
         )
         self.apiservers.append(apiserver)
         apiserver.start()
@@ -300,6 +304,15 @@ class HAControlPlane:
     async def client(self, index: int = 0) -> KubeClient:
         return await KubeClient.from_config(str(self.kubeconfig_paths[index]))
 
+    @property
+    def url(self) -> str:
+        """The first apiserver's URL: what kubeconfigs name (clients fall back on the rest)."""
+        return self.apiservers[0].url
+
+    def write_kubeconfig(self, path: Path, *, user: str, groups: Sequence[str] = ()) -> Path:
+        """A kubeconfig for another identity, naming the first apiserver."""
+        return self.pki.kubeconfig(path, server=self.url, user=user, groups=groups)
+
     def state(self) -> dict[str, Any]:
         """Plain JSON data: what runs where (for a stack's state file and other processes)."""
         return {
@@ -307,6 +320,7 @@ class HAControlPlane:
             "host_address": self.host_address,
             "ca": str(self.ca_path),
             "verify_name": VERIFY_NAME,
+            "service_ips": list(SERVICE_IPS),
             "apiservers": [
                 {
                     "index": index,

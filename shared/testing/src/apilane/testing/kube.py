@@ -253,6 +253,9 @@ class ApiServer:
     port: int = 0
     reconciler: str = "none"
     netns: str | None = None
+    # A hostname of its own (in a UTS namespace of its own): an apiserver's identity Lease
+    # is named after its hostname, so apiservers on one machine would otherwise share one.
+    hostname: str | None = None
     extra_args: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
     admin: KeyPair | None = field(default=None, init=False)
@@ -294,6 +297,17 @@ class ApiServer:
             "--v=1",
         ]
         argv += list(self.extra_args)
+        if self.hostname is not None:
+            # unshare and sh exec in turn, so the pid stays the apiserver's.
+            argv = [
+                "unshare",
+                "--uts",
+                "sh",
+                "-c",
+                'hostname "$0" && exec "$@"',
+                self.hostname,
+                *argv,
+            ]
         if self.netns is not None:
             # `ip netns exec` execs the apiserver in place: the pid we hold is the apiserver's.
             argv = ["ip", "netns", "exec", self.netns, *argv]

@@ -652,9 +652,11 @@ class OneNodeCluster:
         points = [line.split()[4] for line in mountinfo]
         ours = [p for p in points if p.startswith(str(self.work))]
         if record is not None:
+            # Only pod namespaces (containerd names them cni-<id>): other tests running at the
+            # same time create namespaces of their own, which are not ours to remove.
             ours += [
                 p for p in points
-                if p.startswith("/run/netns/") and Path(p).name not in record.netns
+                if p.startswith("/run/netns/cni-") and Path(p).name not in record.netns
             ]  # fmt: skip
         for point in sorted(set(ours), key=len, reverse=True):
             _run(["umount", "-l", point], check=False)

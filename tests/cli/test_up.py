@@ -157,6 +157,14 @@ def test_the_demo_cluster_is_seeded_from_deploy_namespace_first() -> None:
     assert kinds.index("Role") < kinds.index("EndpointSlice")
 
 
+def test_with_real_apiservers_the_demo_endpoints_are_not_seeded() -> None:
+    # The real apiservers register themselves; the demo addresses would only be dead ends.
+    documents = up.demo_documents(REPO, demo_endpoints=False)
+    kinds = {doc["kind"] for doc in documents}
+    assert "EndpointSlice" not in kinds
+    assert {"Namespace", "DaemonSet", "Role"} <= kinds
+
+
 def test_status_reads_the_stack_file_up_writes(tmp_path: Path) -> None:
     (tmp_path / "cli").mkdir()
     (tmp_path / "cli/pyproject.toml").write_text("")

@@ -11,18 +11,20 @@ from pathlib import Path
 
 import pytest
 
+from apilane.cli.demo import Answer, Target, ask, tls_context
 from apilane.kube.client import Forbidden, KubeClient
 from apilane.kube.watch import ObjectCache, list_then_watch
+from apilane.testing.bpf import NetNamespace, entered_netns
+from apilane.testing.ha import HAControlPlane
 from apilane.testing.kube import (
     KUBERNETES_SERVICE,
     KUBERNETES_SLICES,
     ControlPlane,
-    HAControlPlane,
     cache_dir,
     endpoint_slice,
     find_kube_binaries,
 )
-from apilane.testing.procs import ComponentMissing
+from apilane.testing.procs import ComponentMissing, pid_alive
 
 pytestmark = [pytest.mark.integration, pytest.mark.kube]
 
@@ -227,10 +229,83 @@ def test_ha_network_namespaces_and_links_are_removed_on_stop() -> None:
     plane = HAControlPlane(2)
     try:
         plane.setup_network()
-        assert all(Path(f"/run/netns/{ns}").exists() for ns in plane.netns)
-        assert all(Path(f"/sys/class/net/{link}").exists() for link in plane.host_links)
+        client = plane.client_namespace()
+        namespaces = [plane.switch_netns, client.name]
+        assert all(Path(f"/run/netns/{ns}").exists() for ns in namespaces)
+        assert Path(f"/sys/class/net/{plane.host_link}").exists()
     finally:
         plane.stop()
-    assert not any(Path(f"/run/netns/{ns}").exists() for ns in plane.netns)
-    assert not any(Path(f"/sys/class/net/{link}").exists() for link in plane.host_links)
+    assert not any(Path(f"/run/netns/{ns}").exists() for ns in namespaces)
+    assert not Path(f"/sys/class/net/{plane.host_link}").exists()
     assert not plane.work_dir.exists()
+
+
+def _ask_from(namespace: str, host: str, port: int, ca: str) -> Answer:
+    """One HTTPS request made from inside `namespace` (this thread only)."""
+    with entered_netns(NetNamespace(namespace)):
+        return ask(Target(host, port, "/readyz", ca), tls_context(ca))
+
+
+async def test_ha_apiservers_each_serve_their_own_certificate_to_client_namespaces(
+    ha_control_plane: HAControlPlane,
+) -> None:
+    plane = ha_control_plane
+    client = plane.client_namespace()
+    ca = str(plane.ca_path)
+    # Every apiserver is reachable from the client namespace at its own address, verified as
+    # kubernetes.default.svc, and names itself by its certificate.
+    for index, address in enumerate(plane.addresses):
+        answer = await asyncio.to_thread(_ask_from, client.name, address, 6443, ca)
+        assert (answer.error, answer.status) == ("", 200), answer
+        assert answer.server == plane.apiserver_name(index)
+    # No default route: the service VIP is unreachable without a connect-time translation.
+    vip = await asyncio.to_thread(_ask_from, client.name, "10.96.0.1", 443, ca)
+    assert vip.error == "ENETUNREACH", vip
+    # Each apiserver holds an endpoint lease in etcd (the reconciler's TTL is 15 s).
+    ttls = [plane.lease_ttl(index) for index in range(plane.count)]
+    assert all(ttl is not None and 0 < ttl <= 15 for ttl in ttls), ttls
+    # Each has an identity Lease of its own (they are named after the hostname).
+    kube = await plane.client(0)
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                leases = await kube.list(
+                    "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases",
+                    label_selector="apiserver.kubernetes.io/identity=kube-apiserver",
+                )
+                if len(leases["items"]) == plane.count:
+                    break
+                await asyncio.sleep(0.5)
+    finally:
+        await kube.close()
+    hostnames = {
+        lease["metadata"]["labels"].get("kubernetes.io/hostname") for lease in leases["items"]
+    }
+    assert hostnames == {plane.apiserver_name(i) for i in range(plane.count)}
+    state = plane.state()
+    assert [a["pid"] for a in state["apiservers"]] == [plane.pid(i) for i in range(plane.count)]
+    assert all(pid_alive(a["pid"]) for a in state["apiservers"])
+
+
+async def test_ha_a_killed_apiserver_leaves_when_its_lease_expires_and_a_new_one_joins(
+    ha_control_plane: HAControlPlane,
+) -> None:
+    plane = ha_control_plane
+    kube = await plane.client(0)
+    try:
+        await wait_for_kubernetes_addresses(kube, set(plane.addresses), timeout=45)
+        killed_pid = plane.pid(2)
+        assert killed_pid is not None
+        await asyncio.to_thread(plane.kill_apiserver, 2)
+        assert not pid_alive(killed_pid)
+        # 15 s lease TTL plus up to 10 s until another apiserver's reconcile notices.
+        await wait_for_kubernetes_addresses(kube, set(plane.addresses[:2]), timeout=45)
+        assert plane.lease_ttl(2) is None
+        added = await asyncio.to_thread(plane.add_apiserver)
+        assert added == 3
+        assert plane.addresses[3] not in plane.addresses[:3]
+        await wait_for_kubernetes_addresses(
+            kube, {plane.addresses[0], plane.addresses[1], plane.addresses[3]}, timeout=45
+        )
+    finally:
+        await kube.close()

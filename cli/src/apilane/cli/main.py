@@ -4,7 +4,8 @@
     apilane history [--output json]  the kept snapshot generations: diffs, signatures, traces
     apilane doctor [--output json]   the eBPF bootstrap's preconditions, cluster and node;
                                      exit 0 all ok, 1 a warning, 2 a failure
-    apilane simulate failover        replace one API server endpoint, follow the change
+    apilane simulate failover        kill one API server (--replace: start a new one), follow it
+    apilane demo                     call the API server through the VIP every 100 ms
     apilane node lb on|off NODE      switch a node's connect-time LB (a signed request)
     apilane render manifest          the env and a DaemonSet snippet for manifest installs
     apilane render unadopt           give calico-node's DaemonSet back the env apilane took
@@ -28,9 +29,18 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+from apilane.cli.demo import add_request_options
 from apilane.cli.errors import CliError, UsageError
-from apilane.cli.target import CALICO_NODE, Flags, StackInfo
+from apilane.cli.target import (
+    CALICO_NODE,
+    Flags,
+    StackInfo,
+    find_checkout,
+    read_stack_file,
+    stack_file,
+)
 from apilane.model.errors import ApilaneError
 
 Command = Callable[[argparse.Namespace], int]
@@ -120,7 +130,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate = commands.add_parser("simulate", help="simulate a change in the cluster")
     what = simulate.add_subparsers(dest="what", required=True, metavar="WHAT")
-    command(what, "failover", run_failover, "replace one API server endpoint, follow the change")
+    failover = command(
+        what,
+        "failover",
+        run_failover,
+        "kill one real API server (or replace a demo endpoint), follow the change",
+        description=(
+            "Against the local stack's real API servers (`apilane up` as root): SIGKILL one by "
+            "the pid the stack recorded and follow it out of every node; --replace then has the "
+            "stack start a new one at a new address and follows it in. Against other stacks: "
+            "replace one endpoint of the demo EndpointSlice default/kubernetes-ha."
+        ),
+    )
+    failover.add_argument(
+        "--replace", action="store_true", help="bring a new API server up at a new address"
+    )
+    demo = command(
+        commands,
+        "demo",
+        run_demo,
+        "call the API server through the service VIP every 100 ms; print who answered",
+        targeted=False,
+        description=(
+            "A client in the local stack's client network namespace (no default route) and the "
+            "node-loader's cgroup calls https://10.96.0.1:443 through the connect-time load "
+            "balancer and prints each answer: which API server (its certificate's CN), the "
+            "status, the latency. Needs `apilane up` as root with real eBPF."
+        ),
+    )
+    add_request_options(demo)
     node = commands.add_parser("node", help="act on one node-loader")
     node_commands = node.add_subparsers(dest="node_command", required=True, metavar="ACTION")
     lb = command(
@@ -222,9 +260,51 @@ def run_doctor(args: argparse.Namespace) -> int:
 
 
 def run_failover(args: argparse.Namespace) -> int:
-    from apilane.cli.failover import simulate_failover
+    from apilane.cli.failover import simulate_failover, simulate_real_failover
 
-    return asyncio.run(simulate_failover(StackInfo.load(flags(args)), out=sys.stdout))
+    info = StackInfo.load(flags(args))
+    local = local_stack_data(info)
+    if local is not None and local.get("ha"):
+        checkout = find_checkout()
+        assert checkout is not None  # local_stack_data found its stack file
+        return asyncio.run(
+            simulate_real_failover(
+                info, local, stack_file=stack_file(checkout), replace=args.replace, out=sys.stdout
+            )
+        )
+    return asyncio.run(simulate_failover(info, out=sys.stdout))
+
+
+def local_stack_data(info: StackInfo) -> dict[str, Any] | None:
+    """The stack file of the local stack, when `info` is that stack."""
+    try:
+        data = read_stack_file(find_checkout())
+    except CliError:
+        return None
+    return data if data.get("nats_url") in info.nats_urls else None
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from apilane.cli.demo import VERIFY_NAME, Target, join, run
+
+    data = read_stack_file(find_checkout())
+    ha, cgroup = data.get("ha") or {}, data.get("cgroup") or ""
+    clients = ha.get("clients") or []
+    if not clients or not cgroup:
+        raise CliError(
+            "the demo needs the local stack's real API servers and eBPF data plane: run "
+            "`apilane up` (`make up`) as root on a machine with bcc"
+        )
+    join(Path(clients[0]["path"]), Path(cgroup))
+    target = Target(args.vip, args.port, args.path, ha["ca"], ha.get("verify_name") or VERIFY_NAME)
+    return run(
+        target,
+        interval=args.interval,
+        duration=args.duration,
+        count=args.count,
+        as_json=args.json,
+        out=sys.stdout,
+    )
 
 
 def run_node_lb(args: argparse.Namespace) -> int:

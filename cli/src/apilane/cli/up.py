@@ -2,11 +2,20 @@
 
 Starts, on this machine and on loopback only:
   nats-server (JetStream; every client with its own nkey identity and least privilege, over
-  mutual TLS, as in a cluster) · etcd + kube-apiserver (the test harness's, RBAC on) seeded with a
-  demo calico-system/calico-node DaemonSet, a kube-system/kube-proxy DaemonSet and an HA
-  `kubernetes` Service with three API server endpoints · discovery, renderer and one
-  node-loader through their real entry points, each with its own ServiceAccount identity and
-  the RBAC from deploy/ · the Zipkin tracing UI.
+  mutual TLS, as in a cluster) · etcd + three real kube-apiservers (the harness's HA plane,
+  RBAC on), each in a network namespace of its own on a test bridge and registered as the
+  `kubernetes` Service's endpoints by its own lease reconciler, seeded with a demo
+  calico-system/calico-node DaemonSet and a kube-system/kube-proxy DaemonSet · discovery,
+  renderer and one node-loader through their real entry points, each with its own
+  ServiceAccount identity and the RBAC from deploy/ · the Zipkin tracing UI · a client network
+  namespace on the bridge (no default route) for `apilane demo`.
+
+Network namespaces need root: without it there is one apiserver on loopback and three demo
+endpoints from deploy/demo/ in the benchmarking range, which nothing ever contacts.
+
+`apilane simulate failover` SIGKILLs one of the real apiservers by the pid recorded in the stack
+file; with --replace it asks this process (a file under .apilane/requests/) to start a new one
+at a new address, since the processes are this one's to start and end.
 
 Keys are made fresh for each run under .apilane/keys/: discovery signs snapshots with
 signing.pem, the renderer and the node-loader trust its public key, and the node-loader
@@ -53,6 +62,7 @@ from apilane.model.errors import ApilaneError
 from apilane.model.signing import SigningKey
 from apilane.runtime.natsauth import Role
 from apilane.testing import bpf, procs
+from apilane.testing.ha import HAControlPlane
 from apilane.testing.kube import ControlPlane, object_path, resource_paths
 from apilane.testing.nats import StackNats, start_stack_nats
 from apilane.testing.stack import ServiceProcesses, base_environment
@@ -123,6 +133,11 @@ class Layout:
     @property
     def keys(self) -> Path:
         return self.state / "keys"
+
+    @property
+    def requests(self) -> Path:
+        """Where `apilane simulate failover --replace` asks for a new apiserver."""
+        return self.state / "requests"
 
 
 @dataclass(frozen=True)
@@ -253,15 +268,17 @@ def node_loader_env(wiring: Wiring) -> dict[str, str]:
     return env
 
 
-def demo_documents(repo: Path) -> list[dict[str, Any]]:
+def demo_documents(repo: Path, *, demo_endpoints: bool = True) -> list[dict[str, Any]]:
     """What the demo cluster is seeded with, in apply order: the namespace, deploy/'s RBAC,
-    then deploy/demo/ (calico-node, kube-proxy, the HA API server endpoints)."""
+    then deploy/demo/ (calico-node, kube-proxy and — without real apiservers registering
+    themselves, `demo_endpoints` — the demo API server endpoints)."""
     paths = [
         repo / "deploy/namespace.yaml",
         *sorted(repo.glob("deploy/rbac-*.yaml")),
         *sorted(repo.glob("deploy/demo/*.yaml")),
     ]
-    return [doc for path in paths for doc in yaml.safe_load_all(path.read_text()) if doc]
+    documents = [doc for path in paths for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return [doc for doc in documents if demo_endpoints or doc["kind"] != "EndpointSlice"]
 
 
 # --------------------------------------------------------------------------- the components
@@ -281,11 +298,19 @@ def start_nats(layout: Layout, port: int) -> StackNats:
     )
 
 
-def start_control_plane(layout: Layout) -> tuple[ControlPlane, dict[str, Path]]:
-    """etcd + kube-apiserver, with the admin kubeconfig at .apilane/kubeconfig and one per
-    service identity beside it."""
-    say("starting etcd + kube-apiserver")
-    plane = ControlPlane(work_parent=layout.state / "tmp")
+Plane = ControlPlane | HAControlPlane
+
+
+def start_control_plane(layout: Layout, *, ha: bool) -> tuple[Plane, dict[str, Path]]:
+    """etcd + three kube-apiservers in network namespaces (`ha`), else one on loopback; the
+    admin kubeconfig at .apilane/kubeconfig and one per service identity beside it."""
+    plane: Plane
+    if ha:
+        say("starting etcd + 3 kube-apiservers, each in a network namespace of its own")
+        plane = HAControlPlane(3, work_parent=layout.state / "tmp")
+    else:
+        say("starting etcd + kube-apiserver (one: network namespaces need root)")
+        plane = ControlPlane(work_parent=layout.state / "tmp")
     plane.start()
     kubeconfigs = {
         "admin": plane.write_kubeconfig(
@@ -301,8 +326,9 @@ def start_control_plane(layout: Layout) -> tuple[ControlPlane, dict[str, Path]]:
     return plane, kubeconfigs
 
 
-async def seed(kubeconfig: Path, repo: Path) -> None:
-    say("seeding the demo cluster: calico-node, kube-proxy, 3 API server endpoints, RBAC")
+async def seed(kubeconfig: Path, repo: Path, *, demo_endpoints: bool) -> None:
+    endpoints = "3 demo API server endpoints" if demo_endpoints else "the real endpoints"
+    say(f"seeding the demo cluster: calico-node, kube-proxy, RBAC ({endpoints})")
     kube = await KubeClient.from_config(str(kubeconfig))
     try:
         for namespace in (NAMESPACE, "calico-system"):
@@ -313,7 +339,7 @@ async def seed(kubeconfig: Path, repo: Path) -> None:
                 )
         service = await kube.get("/api/v1/namespaces/default/services/kubernetes")
         target_port = int(service["spec"]["ports"][0]["targetPort"])
-        documents = demo_documents(repo)
+        documents = demo_documents(repo, demo_endpoints=demo_endpoints)
         paths = await resource_paths(kube, {doc["apiVersion"] for doc in documents})
         for doc in documents:
             if doc["kind"] == "EndpointSlice":
@@ -378,7 +404,9 @@ class LocalStack:
         self.ports = {name: procs.free_port(prefer=port) for name, port in PREFERRED_PORTS.items()}
         self.processes = ServiceProcesses(layout.logs, cwd=layout.repo)
         self.nats: StackNats | None = None
-        self.control_plane: ControlPlane | None = None
+        self.control_plane: Plane | None = None
+        self.wiring: Wiring | None = None
+        self._recorded: dict[str, Any] = {}
 
     def start(self) -> Wiring:
         reset_runtime_state(self.layout)
@@ -387,8 +415,11 @@ class LocalStack:
         # The slowest to start (a JVM): first, and waited for last.
         self.processes.start_command("zipkin", zipkin_command(self.layout, zipkin), os.environ)
         self.nats = start_nats(self.layout, self.ports["nats"])
-        self.control_plane, kubeconfigs = start_control_plane(self.layout)
-        asyncio.run(seed(kubeconfigs["admin"], self.layout.repo))
+        self.control_plane, kubeconfigs = start_control_plane(self.layout, ha=os.geteuid() == 0)
+        ha = isinstance(self.control_plane, HAControlPlane)
+        if isinstance(self.control_plane, HAControlPlane):
+            self.control_plane.client_namespace()  # for `apilane demo`
+        asyncio.run(seed(kubeconfigs["admin"], self.layout.repo, demo_endpoints=not ha))
         keys = StackKeys.generate(self.layout.keys)
         wiring = Wiring(
             self.layout,
@@ -403,6 +434,8 @@ class LocalStack:
         self.processes.wait_ready(
             "zipkin", f"{wiring.url('zipkin')}/health", timeout=ZIPKIN_TIMEOUT
         )
+        self.wiring = wiring
+        self.layout.requests.mkdir(exist_ok=True)
         write_stack_file(self, wiring)
         return wiring
 
@@ -430,7 +463,20 @@ class LocalStack:
             server = self.nats.server if self.nats is not None else None
             if server is not None and not server.running:
                 raise UpError(f"nats-server exited; its log:\n{procs.tail(server.log_path)}")
+            self.serve_requests()
             time.sleep(0.5)
+
+    def serve_requests(self) -> None:
+        """Start an apiserver for each replace request; keep the stack file current (an
+        apiserver `simulate failover` killed shows there without a pid)."""
+        plane, wiring = self.control_plane, self.wiring
+        if not isinstance(plane, HAControlPlane) or wiring is None:
+            return
+        for request in sorted(self.layout.requests.glob("replace-*")):
+            request.unlink(missing_ok=True)
+            index = plane.add_apiserver()
+            say(f"started {plane.apiserver_name(index)} at {plane.addresses[index]}")
+        write_stack_file(self, wiring)
 
     def stop(self) -> None:
         say("stopping")
@@ -454,7 +500,14 @@ def write_stack_file(stack: LocalStack, wiring: Wiring) -> None:
     assert stack.control_plane is not None
     pids = {name: process.pid for name, process in stack.processes.processes.items()}
     record = stack_record(wiring, apiserver=stack.control_plane.url, pids=pids)
-    wiring.layout.stack_file.write_text(json.dumps(record, indent=2) + "\n")
+    if isinstance(stack.control_plane, HAControlPlane):
+        record["ha"] = stack.control_plane.state()
+        record["requests"] = str(wiring.layout.requests)
+    if record != stack._recorded:
+        stack._recorded = record
+        temporary = wiring.layout.stack_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(record, indent=2) + "\n")
+        temporary.replace(wiring.layout.stack_file)  # readers never see half a file
 
 
 def stack_record(wiring: Wiring, *, apiserver: str, pids: dict[str, int]) -> dict[str, Any]:
@@ -521,7 +574,8 @@ def summary(wiring: Wiring, *, apiserver: str, nats_log: Path) -> str:
             "",
             f"{BOLD}Try next{RESET} (in another terminal, with .venv/bin on PATH):",
             "  apilane status             # the snapshot, calico-node's env, each node",
-            "  apilane simulate failover  # replace one API server endpoint, follow it",
+            "  apilane demo               # call the API server through the VIP every 100 ms",
+            "  apilane simulate failover  # kill one API server (--replace: start a new one)",
             f"  apilane node lb off {NODE_NAME}  # switch its connect-time LB (signed request)",
             f"  KUBECONFIG={wiring.kubeconfigs['admin'].relative_to(repo)} kubectl -n calico-system "
             "get ds calico-node -o yaml   # the rendered env",
@@ -613,6 +667,13 @@ def run(*, memory: bool) -> int:
             summary(wiring, apiserver=stack.control_plane.url, nats_log=stack.nats.server.log_path),
             flush=True,
         )
+        if isinstance(stack.control_plane, HAControlPlane):
+            plane = stack.control_plane
+            for index, address in enumerate(plane.addresses):
+                print(
+                    f"  {plane.apiserver_name(index)}  https://{address}:6443  "
+                    f"{DIM}netns {plane.netns[index]}, pid {plane.pid(index)}{RESET}"
+                )
         stack.watch()
     except KeyboardInterrupt:
         print()

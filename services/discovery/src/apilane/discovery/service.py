@@ -153,6 +153,8 @@ class DiscoveryService:
             },
         ) as span:
             result = self._view()
+            # The API servers it sees are the client's fallbacks when its own server fails.
+            self.client.use_endpoints((e.ip, e.port) for e in result.apiserver_endpoints)
             span.set_attribute("apilane.digest", result.digest)
             span.set_attribute("apilane.endpoints", len(result.apiserver_endpoints))
             if trigger_time is not None:

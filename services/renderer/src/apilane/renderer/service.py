@@ -340,6 +340,8 @@ class Renderer:
         if signed is None:
             return
         snapshot = signed.snapshot
+        # The API servers discovery saw are the client's fallbacks when its own server fails.
+        self.kube.use_endpoints((e.ip, e.port) for e in snapshot.apiserver_endpoints)
         attributes: dict[str, str | int | float | bool] = {
             "apilane.cluster": snapshot.cluster,
             "apilane.generation": snapshot.generation,

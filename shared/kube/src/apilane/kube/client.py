@@ -6,22 +6,32 @@ dicts, exactly as the API server sends them. kubernetes-asyncio supplies the cre
 pagination, watch streaming and typed errors. HTTP failures become `KubeError` subclasses
 carrying the server's `Status` message, so callers can branch on the type (`NotFound`,
 `Conflict`, `Gone`, ...) and retry only what is retryable (`Unavailable`).
+
+A client never depends on one API server: besides the configured (or in-cluster) server it
+keeps the API server endpoints its service last saw (`use_endpoints`, fed from the latest
+snapshot) and moves on to the next one when a connection fails (`ServerList`). Those
+endpoints are addressed by IP, so their certificates are verified against a name every
+apiserver's serving certificate carries: the kubeconfig's `tls-server-name` when it has one,
+else `kubernetes.default.svc`. Verification is never switched off.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import copy
+import ipaddress
+import logging
 import os
 import ssl
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from typing import Any, Literal
 
 import aiohttp
 import msgspec
 
 from apilane.kube.credentials import kubeconfig_paths, load_in_cluster, load_kubeconfig
-from apilane.kube.upstream import Configuration, api_client
+from apilane.kube.upstream import ApiClient, Configuration, api_client
 from apilane.model.errors import ApilaneError, ConfigError
 
 PatchType = Literal["strategic", "merge", "json", "apply"]
@@ -43,6 +53,14 @@ WATCH_READ_MARGIN = 30.0
 # What a request that never got a complete response raises.
 _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
 
+# What API server endpoints reached by IP are verified against when the kubeconfig names no
+# tls-server-name: the apiserver's own bootstrap puts it in every serving certificate.
+ENDPOINT_SERVER_NAME = "kubernetes.default.svc"
+# Errors that say the connection was never made: nothing reached the server, so the same
+# request may go to the next one at once, whatever its verb.
+_NOT_CONNECTED_ERRORS = (aiohttp.ClientConnectorError,)
+
+log = logging.getLogger(__name__)
 _json_decoder = msgspec.json.Decoder()
 
 
@@ -138,26 +156,125 @@ def error_from_status(status: int, body: Any, *, fallback: str = "") -> KubeErro
     return kind(message or f"HTTP {status}", status=status, reason=reason, details=details)
 
 
+# --------------------------------------------------------------------------- servers
+
+
+def endpoint_url(ip: str, port: int) -> str:
+    """https://ip:port, with IPv6 addresses in brackets; ValueError for a bad address/port."""
+    address = ipaddress.ip_address(ip)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
+    host = f"[{address}]" if address.version == 6 else str(address)
+    return f"https://{host}:{port}"
+
+
+class ServerList:
+    """The API server URLs a client may use, in order: the configured one first, then the
+    endpoints its service last saw. `current` is the one in use; `failed(url)` moves on to the
+    next (round the list) when `url` is still current, so concurrent failures of one server
+    move on once."""
+
+    def __init__(self, configured: str) -> None:
+        self.configured = configured.rstrip("/")
+        self._urls = [self.configured]
+        self._index = 0
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(self._urls)
+
+    @property
+    def current(self) -> str:
+        return self._urls[self._index]
+
+    def is_configured(self, url: str) -> bool:
+        return url == self.configured
+
+    def update(self, urls: Iterable[str]) -> None:
+        """The configured URL, then `urls` (duplicates dropped); the current one stays current
+        while it is listed, else the configured one is."""
+        current = self.current
+        fresh = [self.configured]
+        for url in urls:
+            if url.rstrip("/") not in fresh:
+                fresh.append(url.rstrip("/"))
+        self._urls = fresh
+        self._index = fresh.index(current) if current in fresh else 0
+
+    def failed(self, url: str) -> str | None:
+        """`url` could not be reached: the URL to use next, or None when there is no other
+        (or another failure already moved on)."""
+        if url != self.current or len(self._urls) < 2:
+            return None
+        self._index = (self._index + 1) % len(self._urls)
+        return self.current
+
+
 # --------------------------------------------------------------------------- client
 
 
 class KubeClient:
-    """One kubernetes-asyncio ApiClient (one aiohttp session, see `upstream.api_client`) to
-    one API server. Create with `from_config`, `close()` when done. `source` says where the
-    credentials came from."""
+    """A kubernetes-asyncio ApiClient (one aiohttp session) to the configured API server, and
+    a second one for the API server endpoints `use_endpoints` adds (verified against
+    `endpoint_server_name`). Create with `from_config`, `close()` when done. `source` says
+    where the credentials came from; `server` is the URL in use."""
 
     def __init__(self, configuration: Configuration, *, source: str = "") -> None:
         self.configuration = configuration
-        self.server = configuration.host
         self.source = source or configuration.host
+        self.servers = ServerList(str(configuration.host))
+        self.endpoint_server_name = configuration.tls_server_name or ENDPOINT_SERVER_NAME
+        self._api = self._api_client(configuration)
+        self._endpoint_api: ApiClient | None = None
+
+    def _api_client(self, configuration: Configuration) -> ApiClient:
         try:
-            self._api = api_client(configuration)
+            api = api_client(configuration)
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(
                 f"{self.source}: the certificate authority or the client certificate and key "
                 f"are not valid PEM, or the key does not match ({exc})"
             ) from exc
-        self._api.user_agent = USER_AGENT
+        api.user_agent = USER_AGENT
+        return api
+
+    @property
+    def server(self) -> str:
+        return self.servers.current
+
+    def use_endpoints(self, endpoints: Iterable[tuple[str, int]]) -> None:
+        """The API server endpoints (ip, port) the service saw last, to fall back on after
+        the configured server (the hook a service feeds from its latest snapshot). Bad
+        addresses are logged and skipped."""
+        urls = []
+        for ip, port in endpoints:
+            try:
+                urls.append(endpoint_url(ip, port))
+            except ValueError as exc:
+                log.warning("API server endpoint skipped", extra={"ip": ip, "error": str(exc)})
+        before = self.servers.urls
+        self.servers.update(urls)
+        if self.servers.urls != before:
+            log.info("API server URLs", extra={"urls": list(self.servers.urls)})
+
+    def _api_for(self, url: str) -> ApiClient:
+        if self.servers.is_configured(url):
+            return self._api
+        if self._endpoint_api is None:
+            configuration = copy.copy(self.configuration)
+            configuration.tls_server_name = self.endpoint_server_name
+            self._endpoint_api = self._api_client(configuration)
+        return self._endpoint_api
+
+    def _unreachable(self, url: str, exc: BaseException) -> str | None:
+        """`url` failed at the transport level: move on; returns the next URL, if any."""
+        following = self.servers.failed(url)
+        if following is not None:
+            log.warning(
+                "API server unreachable, trying the next",
+                extra={"server": url, "next": following, "error": f"{type(exc).__name__}: {exc}"},
+            )
+        return following
 
     @classmethod
     async def from_config(cls, kubeconfig: str | None = None) -> KubeClient:
@@ -179,11 +296,46 @@ class KubeClient:
         body: Any,
         content_type: str,
         timeout: aiohttp.ClientTimeout,
-    ) -> aiohttp.ClientResponse:
-        """The response, status unchecked and body unread: release it with `async with`."""
+    ) -> tuple[aiohttp.ClientResponse, str]:
+        """The response, status unchecked and body unread (release it with `async with`), and
+        the URL it came from. A transport failure moves the client on to the next server; a
+        connection that could not be made is tried on each other server at once (nothing
+        reached the first, so any verb may be repeated). Raises Unavailable."""
         if not path.startswith("/"):
             raise ValueError(f"API path must start with '/': {path!r}")
-        response: aiohttp.ClientResponse = await self._api.call_api(
+        attempts = len(self.servers.urls)
+        while True:
+            url = self.servers.current
+            try:
+                response = await self._send_to(
+                    url,
+                    method,
+                    path,
+                    params=params,
+                    body=body,
+                    content_type=content_type,
+                    timeout=timeout,
+                )
+            except _TRANSPORT_ERRORS as exc:
+                following = self._unreachable(url, exc)
+                attempts -= 1
+                if isinstance(exc, _NOT_CONNECTED_ERRORS) and following and attempts > 0:
+                    continue
+                raise Unavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+            return response, url
+
+    async def _send_to(
+        self,
+        url: str,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None,
+        body: Any,
+        content_type: str,
+        timeout: aiohttp.ClientTimeout,
+    ) -> aiohttp.ClientResponse:
+        response: aiohttp.ClientResponse = await self._api_for(url).call_api(
             path,
             method,
             query_params=dict(params or {}),
@@ -192,6 +344,7 @@ class KubeClient:
             auth_settings=["BearerToken"],
             _preload_content=False,
             _request_timeout=timeout,
+            _host=url,
         )
         return response
 
@@ -209,19 +362,20 @@ class KubeClient:
         request_timeout = aiohttp.ClientTimeout(
             total=timeout or REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT
         )
+        response, url = await self._send(
+            method,
+            path,
+            params=params,
+            body=body,
+            content_type=content_type,
+            timeout=request_timeout,
+        )
         try:
-            response = await self._send(
-                method,
-                path,
-                params=params,
-                body=body,
-                content_type=content_type,
-                timeout=request_timeout,
-            )
             async with response:
                 payload = await response.read()
                 status = response.status
         except _TRANSPORT_ERRORS as exc:
+            self._unreachable(url, exc)
             raise Unavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
         decoded = _decode_or_none(payload)
         if status >= 400:
@@ -294,15 +448,10 @@ class KubeClient:
         timeout = aiohttp.ClientTimeout(
             total=None, connect=CONNECT_TIMEOUT, sock_read=timeout_seconds + WATCH_READ_MARGIN
         )
+        response, url = await self._send(
+            "GET", path, params=params, body=None, content_type="application/json", timeout=timeout
+        )
         try:
-            response = await self._send(
-                "GET",
-                path,
-                params=params,
-                body=None,
-                content_type="application/json",
-                timeout=timeout,
-            )
             async with response:
                 if response.status >= 400:
                     payload = await response.read()
@@ -315,6 +464,7 @@ class KubeClient:
                     async for event in events:
                         yield event
         except _TRANSPORT_ERRORS as exc:
+            self._unreachable(url, exc)
             raise Unavailable(f"WATCH {path}: {type(exc).__name__}: {exc}") from exc
 
     async def create(
@@ -378,6 +528,8 @@ class KubeClient:
 
     async def close(self) -> None:
         await self._api.close()
+        if self._endpoint_api is not None:
+            await self._endpoint_api.close()
 
     async def __aenter__(self) -> KubeClient:
         return self

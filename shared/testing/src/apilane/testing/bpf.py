@@ -272,6 +272,46 @@ class BackendServer(_JsonProcess):
     """TCP and UDP echo servers inside a namespace, answering with their own address."""
 
 
+# --- reading pinned maps independently of the loader's codec ------------------------------
+
+
+def pinned_v4_nat(pin_dir: Path) -> dict[tuple[str, int], set[tuple[str, int]]]:
+    """The IPv4 NAT table of one node as the kernel holds it: frontend → backend set.
+
+    Read with bpftool from the pins, so the check does not trust our own map codec.
+    """
+
+    def dump_map(name: str) -> list[dict[str, Any]]:
+        out = subprocess.run(
+            ["bpftool", "-j", "map", "dump", "pinned", str(pin_dir / name)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        return list(json.loads(out))
+
+    def raw(field: list[str]) -> bytes:
+        return bytes(int(b, 16) for b in field)
+
+    backends: dict[tuple[int, int], tuple[str, int]] = {}
+    for entry in dump_map("apilane_be4_v1"):
+        key, value = raw(entry["key"]), raw(entry["value"])
+        service_id, ordinal = int.from_bytes(key[0:4], "little"), int.from_bytes(key[4:8], "little")
+        ip = ".".join(str(b) for b in value[0:4])
+        backends[(service_id, ordinal)] = (ip, int.from_bytes(value[4:6], "big"))
+    table: dict[tuple[str, int], set[tuple[str, int]]] = {}
+    for entry in dump_map("apilane_fe4_v1"):
+        key, value = raw(entry["key"]), raw(entry["value"])
+        vip = ".".join(str(b) for b in key[0:4])
+        port = int.from_bytes(key[4:6], "big")
+        service_id, count = (
+            int.from_bytes(value[0:4], "little"),
+            int.from_bytes(value[4:8], "little"),
+        )
+        table[(vip, port)] = {backends[(service_id, n)] for n in range(count)}
+    return table
+
+
 # --- the lab: everything one test (or benchmark) creates ------------------------------------
 
 

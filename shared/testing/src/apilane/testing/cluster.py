@@ -42,8 +42,8 @@ from apilane.testing.kube import (
     SERVICE_IPS,
     ApiServer,
     Etcd,
-    _pick_test_subnet,
     find_kube_binaries,
+    pick_test_subnet,
     stop_process,
 )
 from apilane.testing.pki import Pki
@@ -362,7 +362,7 @@ class OneNodeCluster:
         self.id = secrets.token_hex(3)
         self.work = Path(tempfile.mkdtemp(prefix="apilane-cluster-", dir="/var/tmp"))
         self.bridge = f"apl{self.id}"
-        self.subnet = _pick_test_subnet()
+        self.subnet = pick_test_subnet()
         self.address = str(next(self.subnet.hosts()))
         self.cgroup_name = f"apilane-cluster-{self.id}"
         self.cgroup = CGROUP2 / self.cgroup_name
@@ -652,9 +652,11 @@ class OneNodeCluster:
         points = [line.split()[4] for line in mountinfo]
         ours = [p for p in points if p.startswith(str(self.work))]
         if record is not None:
+            # Only pod namespaces (containerd names them cni-<id>): other tests running at the
+            # same time create namespaces of their own, which are not ours to remove.
             ours += [
                 p for p in points
-                if p.startswith("/run/netns/") and Path(p).name not in record.netns
+                if p.startswith("/run/netns/cni-") and Path(p).name not in record.netns
             ]  # fmt: skip
         for point in sorted(set(ours), key=len, reverse=True):
             _run(["umount", "-l", point], check=False)

@@ -10,10 +10,9 @@ the apiserver run as child processes on free loopback ports (started by
 EndpointSlices of Service default/kubernetes. Besides its usual serving certificate it has a
 second one for SNI_NAME only, from a CA of its own (`sni_pki`): a client that reaches it by IP
 and trusts only that CA gets through only when it sends SNI_NAME (kubeconfig
-`tls-server-name`). `HAControlPlane` runs N apiservers on one etcd
-with the lease endpoint reconciler; EndpointSlice validation rejects loopback addresses, so
-each apiserver lives in a network namespace of its own with an address from the benchmarking
-range 198.18.0.0/15 that exists only on our veth pairs.
+`tls-server-name`). `apilane.testing.ha.HAControlPlane` runs N apiservers on one etcd with
+the lease endpoint reconciler, each in a network namespace of its own (EndpointSlice
+validation rejects loopback addresses).
 
 Forcing 410 Gone: the apiserver's watch cache starts at etcd's current revision, so after
 `restart_apiserver(expire_watches=True)` (stop, write one key straight into etcd outside
@@ -215,6 +214,18 @@ class Etcd:
         self._call("/v3/kv/compaction", {"revision": str(target), "physical": True})
         return target
 
+    def key_ttl(self, key: str) -> float | None:
+        """Seconds until the etcd lease attached to `key` expires (read only); None when the
+        key is gone or has no lease."""
+        found = self._call("/v3/kv/range", {"key": base64.b64encode(key.encode()).decode()})
+        kvs = found.get("kvs") or []
+        lease = kvs[0].get("lease") if kvs else None
+        if not lease:
+            return None
+        alive = self._call("/v3/lease/timetolive", {"ID": lease})
+        ttl = int(alive.get("TTL", -1))
+        return float(ttl) if ttl >= 0 else None
+
     def stop(self) -> None:
         stop_process(self.proc)
         self.proc = None
@@ -242,6 +253,9 @@ class ApiServer:
     port: int = 0
     reconciler: str = "none"
     netns: str | None = None
+    # A hostname of its own (in a UTS namespace of its own): an apiserver's identity Lease
+    # is named after its hostname, so apiservers on one machine would otherwise share one.
+    hostname: str | None = None
     extra_args: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
     admin: KeyPair | None = field(default=None, init=False)
@@ -283,6 +297,17 @@ class ApiServer:
             "--v=1",
         ]
         argv += list(self.extra_args)
+        if self.hostname is not None:
+            # unshare and sh exec in turn, so the pid stays the apiserver's.
+            argv = [
+                "unshare",
+                "--uts",
+                "sh",
+                "-c",
+                'hostname "$0" && exec "$@"',
+                self.hostname,
+                *argv,
+            ]
         if self.netns is not None:
             # `ip netns exec` execs the apiserver in place: the pid we hold is the apiserver's.
             argv = ["ip", "netns", "exec", self.netns, *argv]
@@ -449,13 +474,7 @@ class ControlPlane:
         self.stop()
 
 
-def _run(argv: Sequence[str]) -> None:
-    result = subprocess.run(list(argv), capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
-
-
-def _pick_test_subnet() -> ipaddress.IPv4Network:
+def pick_test_subnet() -> ipaddress.IPv4Network:
     """A /24 from 198.18.0.0/15 (RFC 2544 benchmarking) that no interface or route uses yet."""
     used = subprocess.run(
         ["ip", "-4", "-o", "addr"], capture_output=True, text=True, check=False
@@ -464,155 +483,13 @@ def _pick_test_subnet() -> ipaddress.IPv4Network:
         ["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True, check=False
     ).stdout
     for _ in range(64):
-        subnet = ipaddress.ip_network(
+        subnet = ipaddress.IPv4Network(
             f"198.{18 + secrets.randbelow(2)}.{secrets.randbelow(256)}.0/24"
         )
         prefix = str(subnet.network_address).rsplit(".", 1)[0] + "."
         if prefix not in used:
-            return ipaddress.IPv4Network(subnet)
+            return subnet
     raise RuntimeError("no free /24 left in 198.18.0.0/15")
-
-
-class HAControlPlane:
-    """N kube-apiservers on one etcd with `--endpoint-reconciler-type=lease` (needs root).
-
-    Apiserver i runs in network namespace `alkube-<run>-<i>` behind a veth pair: the host side
-    has .4i+1/30, the namespace side .4i+2/30 (its bind and advertise address, port 6443).
-    etcd listens on loopback and on every host-side address. The namespaces have no default
-    route, so the apiservers can reach nothing but etcd."""
-
-    def __init__(self, count: int = 3) -> None:
-        if os.geteuid() != 0:
-            raise ComponentMissing("HAControlPlane needs root (network namespaces)")
-        if not 1 <= count <= 8:
-            raise ValueError("count must be between 1 and 8")
-        self.count = count
-        self.run_id = secrets.token_hex(3)
-        self.binary_dir = find_kube_binaries()
-        self.work_dir = Path(tempfile.mkdtemp(prefix="apilane-kube-ha-"))
-        self.subnet = _pick_test_subnet()
-        base = int(self.subnet.network_address)
-        self.netns = [f"alkube-{self.run_id}-{i}" for i in range(count)]
-        self.host_links = [f"al{self.run_id}h{i}" for i in range(count)]
-        self.ns_links = [f"al{self.run_id}n{i}" for i in range(count)]
-        self.host_addresses = [str(ipaddress.IPv4Address(base + 4 * i + 1)) for i in range(count)]
-        self.addresses = [str(ipaddress.IPv4Address(base + 4 * i + 2)) for i in range(count)]
-        self.pki = Pki(self.work_dir / "pki")
-        self.sa_private, self.sa_public = self.pki.service_account_keys()
-        self.serving = self.pki.issue(
-            "apiserver",
-            common_name="kube-apiserver",
-            dns_names=KUBERNETES_SANS,
-            ip_addresses=("127.0.0.1", "::1", *SERVICE_IPS, *self.addresses),
-            server=True,
-        )
-        self.etcd: Etcd | None = None
-        self.apiservers: list[ApiServer] = []
-        self.kubeconfig_paths: list[Path] = []
-        self._created_netns: list[str] = []
-        self._created_links: list[str] = []
-        self.timings: dict[str, float] = {}
-
-    def setup_network(self) -> None:
-        """Namespaces and veth pairs (done by `start`; public for the cleanup test)."""
-        for i in range(self.count):
-            ns, host_link, ns_link = self.netns[i], self.host_links[i], self.ns_links[i]
-            _run(["ip", "netns", "add", ns])
-            self._created_netns.append(ns)
-            _run(
-                [
-                    "ip",
-                    "link",
-                    "add",
-                    host_link,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    ns_link,
-                    "netns",
-                    ns,
-                ]
-            )
-            self._created_links.append(host_link)
-            _run(["ip", "addr", "add", f"{self.host_addresses[i]}/30", "dev", host_link])
-            _run(["ip", "link", "set", host_link, "up"])
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-            _run(["ip", "-n", ns, "addr", "add", f"{self.addresses[i]}/30", "dev", ns_link])
-            _run(["ip", "-n", ns, "link", "set", ns_link, "up"])
-
-    def start(self) -> HAControlPlane:
-        started = time.monotonic()
-        try:
-            self.setup_network()
-            self.etcd = Etcd(
-                binary_dir=self.binary_dir,
-                data_dir=self.work_dir / "etcd",
-                client_hosts=("127.0.0.1", *self.host_addresses),
-            )
-            self.timings["etcd"] = self.etcd.start()
-            for i in range(self.count):
-                self.apiservers.append(
-                    ApiServer(
-                        binary_dir=self.binary_dir,
-                        work_dir=self.work_dir,
-                        etcd_url=self.etcd.url_on(self.host_addresses[i]),
-                        pki=self.pki,
-                        serving=self.serving,
-                        sa_private=self.sa_private,
-                        sa_public=self.sa_public,
-                        bind_address=self.addresses[i],
-                        reconciler="lease",
-                        netns=self.netns[i],
-                    )
-                )
-            api_started = time.monotonic()
-            for apiserver in self.apiservers:
-                apiserver.start()
-            for i, apiserver in enumerate(self.apiservers):
-                apiserver.wait_ready()
-                self.kubeconfig_paths.append(
-                    self.pki.kubeconfig(
-                        self.work_dir / f"admin-{i}.kubeconfig", server=apiserver.url
-                    )
-                )
-            self.timings["kube-apiservers"] = time.monotonic() - api_started
-        except BaseException:
-            self.stop()
-            raise
-        self.timings["total"] = time.monotonic() - started
-        START_TIMES.append(
-            (f"HA kube control plane ({self.count} apiservers)", self.timings["total"])
-        )
-        log.info("HA kube control plane ready", extra={"addresses": self.addresses, **self.timings})
-        return self
-
-    async def client(self, index: int = 0) -> KubeClient:
-        return await KubeClient.from_config(str(self.kubeconfig_paths[index]))
-
-    def stop_apiserver(self, index: int, *, graceful: bool = True) -> None:
-        self.apiservers[index].stop(graceful=graceful)
-
-    def stop(self) -> None:
-        for apiserver in self.apiservers:
-            apiserver.stop()
-        if self.etcd is not None:
-            self.etcd.stop()
-        for ns in reversed(self._created_netns):
-            # Deleting the namespace destroys its veth end, which removes the pair.
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-        for link in self._created_links:
-            if Path(f"/sys/class/net/{link}").exists():
-                subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
-        self._created_netns.clear()
-        self._created_links.clear()
-        shutil.rmtree(self.work_dir, ignore_errors=True)
-
-    def __enter__(self) -> HAControlPlane:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # --------------------------------------------------------------------------- API helpers

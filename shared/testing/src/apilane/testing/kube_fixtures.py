@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from apilane.kube.client import KubeClient, KubeError
+from apilane.testing.ha import HAControlPlane
 from apilane.testing.kube import (
     START_TIMES,
     ControlPlane,
-    HAControlPlane,
     delete_kubernetes_endpoint_slices,
 )
 from apilane.testing.procs import ComponentMissing

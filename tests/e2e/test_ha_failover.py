@@ -1,0 +1,323 @@
+"""A real failover through the service VIP: three real kube-apiservers (each in its own network
+namespace, registered by their own lease endpoint reconciler), discovery and a node-loader on
+real BPF as processes, and a client in a test namespace (no default route, in the loader's
+child cgroup) that calls https://10.96.0.1:443/readyz every 50 ms without pause.
+
+One apiserver is SIGKILLed (it leaves the endpoints only when its lease expires), then another
+is stopped gracefully (it removes its own lease): the client's requests recover each time, the
+dead backends leave the snapshot and the pinned maps, and failures stay bounded. The timings
+(kill → lease expiry → snapshot → maps; failure window) are printed for the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from apilane.cli.demo import Answer
+from apilane.model import subjects
+from apilane.model.signing import TrustedKeys, open_snapshot
+from apilane.runtime.bus import Bus
+from apilane.runtime.natsauth import Role
+from apilane.testing.bpf import BpfLab, pinned_v4_nat
+from apilane.testing.ha import ClientNamespace, HAControlPlane
+from apilane.testing.nats import NatsServer
+from apilane.testing.procs import end_process
+from apilane.testing.sealing import signing_environment
+from apilane.testing.stack import ServiceProcesses, base_environment
+
+pytestmark = [pytest.mark.e2e, pytest.mark.kube, pytest.mark.nats, pytest.mark.bpf]
+
+CLUSTER = "ha"
+NODE = "node-ha"
+VIP, VIP_PORT = "10.96.0.1", 443
+APISERVER_PORT = 6443
+INTERVAL = 0.05
+CLIENT_DURATION = 150.0  # the client's own bound; the test ends it sooner
+# The killed apiserver's lease has at most 15 s left and another apiserver's reconcile loop
+# runs every 10 s; the bound adds a margin for a loaded machine, it is not a target.
+KILL_REMOVAL_BOUND = 60.0
+GRACEFUL_REMOVAL_BOUND = 15.0
+SETTLE_AFTER_REMOVAL = 1.0
+
+
+class VipClient:
+    """`python -m apilane.cli.demo --json` in the client namespace and the loader's cgroup;
+    collects its answers from a reader thread."""
+
+    def __init__(self, namespace: ClientNamespace, cgroup: Path, ca: Path) -> None:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "apilane.cli.demo",
+                f"--netns={namespace.path}",
+                f"--cgroup={cgroup}",
+                f"--ca={ca}",
+                f"--vip={VIP}",
+                f"--port={VIP_PORT}",
+                f"--interval={INTERVAL}",
+                f"--duration={CLIENT_DURATION}",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.answers: list[Answer] = []
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._lock:
+                self.answers.append(Answer(**json.loads(line)))
+
+    def seen(self) -> list[Answer]:
+        with self._lock:
+            return list(self.answers)
+
+    def stop(self) -> str:
+        end_process(self.process, grace=5.0)  # type: ignore[arg-type]
+        self._reader.join(timeout=5)
+        assert self.process.stderr is not None
+        return self.process.stderr.read().decode(errors="replace")
+
+
+@dataclass
+class Removal:
+    """One apiserver going away, as seen from the test."""
+
+    index: int
+    address: str
+    how: str
+    stopped_at: float = 0.0
+    lease_ttl_at_stop: float | None = None
+    left_snapshot_at: float = 0.0
+    left_maps_at: float = 0.0
+    failures: list[Answer] = field(default_factory=list)
+    requests: int = 0
+
+    def report(self) -> str:
+        def after(at: float) -> str:
+            return f"+{at - self.stopped_at:.2f}s" if at else "never"
+
+        ttl = "none" if self.lease_ttl_at_stop is None else f"{self.lease_ttl_at_stop:.0f}s"
+        window = f"{self.failures[-1].at - self.failures[0].at:.2f}s" if self.failures else "0.00s"
+        return (
+            f"{self.how} {self.address}: lease had {ttl} left; left the snapshot "
+            f"{after(self.left_snapshot_at)}, the maps {after(self.left_maps_at)}; "
+            f"{len(self.failures)}/{self.requests} requests failed, failure window {window}"
+        )
+
+
+@pytest.fixture
+def plane() -> Iterator[HAControlPlane]:
+    with HAControlPlane(3) as started:
+        yield started
+
+
+async def eventually(
+    check: Callable[[], Awaitable[Any]], *, what: str, stack: ServiceProcesses, timeout: float
+) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        stack.check_alive()
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})\n{stack.logs_text()}")
+
+
+async def test_apiservers_fail_behind_the_vip_and_the_client_recovers(
+    plane: HAControlPlane,
+    nats_server_tls: NatsServer,
+    bpf_lab: BpfLab,
+    tmp_path: Path,
+) -> None:
+    nats_server = nats_server_tls
+    env = base_environment(
+        cluster=CLUSTER, nats_url=nats_server.url, kubeconfig=str(plane.kubeconfig_paths[0])
+    ) | signing_environment(tmp_path)
+    cgroup, pins = bpf_lab.child_cgroup(), bpf_lab.pin_dir()
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    stack = ServiceProcesses(tmp_path)
+    try:
+        stack.start(
+            "discovery",
+            "apilane.discovery",
+            env
+            | nats_server.env(Role.DISCOVERY, CLUSTER)
+            | {
+                "APILANE_POD_NAME": "discovery-0",
+                "APILANE_LEASE_NAMESPACE": "default",
+                "APILANE_COALESCE_WINDOW": "20ms",
+            },
+        )
+        stack.start(
+            NODE,
+            "apilane.node_loader",
+            env
+            | nats_server.env(Role.NODE_LOADER, CLUSTER, NODE)
+            | {
+                "APILANE_NODE_NAME": NODE,
+                "APILANE_MAP_BACKEND": "bpf",
+                "APILANE_CGROUP_PATH": str(cgroup),
+                "APILANE_BPF_PIN_DIR": str(pins),
+                "APILANE_STATE_DIR": str(state_dir),
+            },
+        )
+        bus = await nats_server.connect(Role.OPERATOR, CLUSTER, name="ha-test")
+        try:
+            await run_failover(
+                plane=plane,
+                bus=bus,
+                trusted=TrustedKeys.parse(env["APILANE_TRUSTED_KEYS"]),
+                stack=stack,
+                cgroup=cgroup,
+                pins=pins,
+            )
+        finally:
+            await bus.drain()
+    finally:
+        stack.stop()
+
+
+async def run_failover(
+    *,
+    plane: HAControlPlane,
+    bus: Bus,
+    trusted: TrustedKeys,
+    stack: ServiceProcesses,
+    cgroup: Path,
+    pins: Path,
+) -> None:
+    async def snapshot_addresses() -> set[str]:
+        entry = await bus.kv_get(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(CLUSTER))
+        if entry is None:
+            return set()
+        return {e.ip for e in open_snapshot(entry.value, trusted).snapshot.apiserver_endpoints}
+
+    def map_addresses() -> set[str]:
+        try:
+            backends = pinned_v4_nat(pins).get((VIP, VIP_PORT), set())
+        except (subprocess.CalledProcessError, FileNotFoundError, KeyError):
+            return set()  # not pinned yet, or mid-update
+        return {ip for ip, port in backends if port == APISERVER_PORT}
+
+    everyone = set(plane.addresses)
+    await eventually(
+        lambda: _true_when(map_addresses() == everyone),
+        what="all three apiservers in the pinned maps",
+        stack=stack,
+        timeout=60,
+    )
+    client = VipClient(plane.client_namespace(), cgroup, plane.ca_path)
+    try:
+        await eventually(
+            lambda: _true_when(
+                {a.server for a in client.seen() if a.ok}
+                == {plane.apiserver_name(i) for i in range(3)}
+            ),
+            what="the client answered by all three apiservers through the VIP",
+            stack=stack,
+            timeout=30,
+        )
+        killed = Removal(2, plane.addresses[2], "SIGKILL")
+        await remove(plane, killed, snapshot_addresses, map_addresses, stack, KILL_REMOVAL_BOUND)
+        stopped = Removal(1, plane.addresses[1], "graceful stop")
+        await remove(
+            plane, stopped, snapshot_addresses, map_addresses, stack, GRACEFUL_REMOVAL_BOUND
+        )
+        await asyncio.sleep(2.0)
+    finally:
+        stderr = client.stop()
+    answers = client.seen()
+    assert answers, stderr
+    check_answers(plane, answers, [killed, stopped])
+
+
+async def remove(
+    plane: HAControlPlane,
+    removal: Removal,
+    snapshot_addresses: Callable[[], Awaitable[set[str]]],
+    map_addresses: Callable[[], set[str]],
+    stack: ServiceProcesses,
+    bound: float,
+) -> None:
+    """Take one apiserver away and record when it left discovery's snapshot and the maps."""
+    await asyncio.sleep(1.0)  # requests before the change, for contrast
+    removal.lease_ttl_at_stop = plane.lease_ttl(removal.index)
+    removal.stopped_at = time.time()
+    # In the background: a graceful stop takes its time, and the removal is watched meanwhile.
+    stopping = asyncio.create_task(
+        asyncio.to_thread(
+            plane.kill_apiserver if removal.how == "SIGKILL" else plane.stop_apiserver,
+            removal.index,
+        )
+    )
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline and not removal.left_maps_at:
+        stack.check_alive()
+        now = time.time()
+        if not removal.left_snapshot_at and removal.address not in await snapshot_addresses():
+            removal.left_snapshot_at = now
+        if removal.left_snapshot_at and removal.address not in map_addresses():
+            removal.left_maps_at = time.time()
+        await asyncio.sleep(0.05)
+    await stopping
+    assert removal.left_snapshot_at, f"{removal.address} still in the snapshot after {bound}s"
+    assert removal.left_maps_at, f"{removal.address} still in the pinned maps after {bound}s"
+    await asyncio.sleep(SETTLE_AFTER_REMOVAL)
+
+
+def check_answers(plane: HAControlPlane, answers: list[Answer], removals: list[Removal]) -> None:
+    """Failures only while a dead backend was still in the maps; bounded there; none after."""
+    windows = [(r.stopped_at, r.left_maps_at + SETTLE_AFTER_REMOVAL, r) for r in removals]
+    for answer in answers:
+        owner = next((r for start, end, r in windows if start <= answer.at < end), None)
+        if owner is not None:
+            owner.requests += 1
+            if not answer.ok:
+                owner.failures.append(answer)
+        else:
+            assert answer.ok, f"a request failed outside every failover window: {answer}"
+    for removal in removals:
+        print(removal.report())
+        if removal.how == "SIGKILL" and removal.lease_ttl_at_stop is not None:
+            # A crashed apiserver says nothing: it leaves only once its lease has expired
+            # (the TTL is read in whole seconds, hence the margin).
+            assert removal.left_snapshot_at - removal.stopped_at >= removal.lease_ttl_at_stop - 1.5
+        # Random picks among three (then two) backends, one of them dead: about a third (a
+        # half) fail while the dead one is still programmed; never all of them.
+        assert removal.requests > 0
+        assert len(removal.failures) < 0.75 * removal.requests, removal.report()
+        assert all(
+            f.error in {"ECONNREFUSED", "ECONNRESET", "ETIMEDOUT"} or f.status >= 500
+            for f in removal.failures
+        ), [f for f in removal.failures][:5]
+    last = removals[-1].left_maps_at + SETTLE_AFTER_REMOVAL
+    after = [a for a in answers if a.at >= last]
+    assert after, "no requests after the last failover"
+    assert {a.server for a in after} == {plane.apiserver_name(0)}
+    assert all(a.ok for a in after)
+    total_failed = sum(len(r.failures) for r in removals)
+    print(f"{len(answers)} requests through the VIP, {total_failed} failed")
+
+
+async def _true_when(value: bool) -> bool:
+    return value

@@ -224,6 +224,9 @@ def attached_programs(cgroup: Path) -> list[str]:
     return [str(entry.get("name", "")) for entry in json.loads(shown.stdout.strip() or "[]")]
 
 
+# Cluster start, deploy/ Ready, then three rollouts (calico-node's adoption, the renderer's
+# switch of modes, calico-node's literal patch) on a 2-core machine.
+@pytest.mark.timeout(600)
 async def test_deploy_runs_as_real_pods_and_an_endpoint_change_flows_through(
     cluster: OneNodeCluster, tmp_path: Path
 ) -> None:

@@ -120,3 +120,23 @@ def test_child_cgroups_lists_every_hierarchy_deepest_first(tmp_path: Path) -> No
 def test_nats_volumes_are_pre_bound_to_the_statefulset_claims(tmp_path: Path) -> None:
     volumes = cluster.nats_volumes(tmp_path)
     assert [v["spec"]["claimRef"]["name"] for v in volumes] == [f"data-nats-{i}" for i in range(3)]
+
+
+def test_running_calico_node_runs_every_container_and_keeps_the_env_as_shipped() -> None:
+    before = cluster.local_values(shipped(), cgroup_name="c", api_address="198.18.7.1")
+    after = cluster.running_calico_node(before, image="ghcr.io/apilane/renderer:0.1.0")
+    shipped_calico = by_name(shipped(), "DaemonSet", "calico-node")["spec"]["template"]["spec"]
+    spec = by_name(after, "DaemonSet", "calico-node")["spec"]["template"]["spec"]
+    assert "nodeSelector" not in spec and spec["hostNetwork"] is False
+    for kind in ("initContainers", "containers"):
+        assert [c["name"] for c in spec[kind]] == [c["name"] for c in shipped_calico[kind]]
+        for container, original in zip(spec[kind], shipped_calico[kind], strict=True):
+            assert container["image"] == "ghcr.io/apilane/renderer:0.1.0"
+            assert container["env"] == original["env"]
+            script = container["command"][-1]
+            assert "$KUBERNETES_APISERVER_ENDPOINTS" in script
+            assert ("trap" in script) == (kind == "containers")
+    assert [d for d in after if d["metadata"]["name"] != "calico-node"] == [
+        d for d in before if d["metadata"]["name"] != "calico-node"
+    ]
+    assert by_name(before, "DaemonSet", "calico-node")["spec"]["template"]["spec"]["nodeSelector"]

@@ -5,8 +5,15 @@ Proves: the three NATS pods form one JetStream cluster; discovery and renderer r
 replicas each and exactly one of each leads; the node-loader DaemonSet pod pins its maps and
 attaches its programs to the cluster's child cgroup (and nothing to the host's cgroup2 root);
 every probe passes; and one endpoint change (a second API server address) flows to the
-snapshot, calico-node's DaemonSet env (patched by the renderer, which reaches the API server
-at its ClusterIP through apilane's own connect-time load balancer) and the node's state.
+snapshot, calico-node's env (written by the renderer, which reaches the API server at its
+ClusterIP through apilane's own connect-time load balancer) and the node's state.
+
+calico-node is a stand-in (apilane.testing.cluster.running_calico_node) whose pod really runs
+and prints the two variables it starts with. In configmap mode (deploy/'s default) adopting it
+is its one rollout, and the endpoint change then updates the ConfigMap only: the same pod
+runs on, unrestarted, the DaemonSet's generation unchanged. Switched to literal mode (the
+renderer Deployment's APILANE_RENDER_MODE), the next change (the second address removed)
+patches the pod template, and a new pod starts with the new value.
 Pod and component logs are kept under the test's tmp_path when it fails.
 """
 
@@ -22,6 +29,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,11 +37,17 @@ import pytest
 import yaml
 
 from apilane.kube.client import KubeClient, NotFound
-from apilane.model import events, subjects
+from apilane.model import envformat, events, subjects
 from apilane.model.signing import TrustedKeys, open_snapshot
 from apilane.runtime.bus import Bus
 from apilane.testing.calico import container_env
-from apilane.testing.cluster import OneNodeCluster, local_values, nats_volumes
+from apilane.testing.cluster import (
+    IMAGE_NAMES,
+    OneNodeCluster,
+    local_values,
+    nats_volumes,
+    running_calico_node,
+)
 from apilane.testing.deploy_secrets import DeploySecrets, make_deploy_secrets
 from apilane.testing.docker import DockerDaemon
 from apilane.testing.images import BuildReport
@@ -47,6 +61,14 @@ DEPLOY = REPO / "deploy"
 NAMESPACE = "apilane"
 CLUSTER = "default"  # APILANE_CLUSTER in deploy/config.yaml
 WAIT = 240.0
+CALICO_NAMESPACE = "calico-system"
+CALICO_DS = f"/apis/apps/v1/namespaces/{CALICO_NAMESPACE}/daemonsets/calico-node"
+INIT = "ebpf-bootstrap"  # the stand-in calico-node's init container (deploy/demo)
+APISERVER_ENDPOINTS = "KUBERNETES_APISERVER_ENDPOINTS"
+ENDPOINTS_CONFIGMAP = "apilane-kubernetes-endpoints"  # APILANE_CONFIGMAP_NAME in deploy/
+RENDERER_DEPLOYMENT = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/apilane-renderer"
+# After an endpoint change has settled: how long a restart of calico-node would have to show.
+QUIET = 10.0
 T = TypeVar("T")
 
 # The order `kubectl apply` would need on a fresh cluster (deploy/README.md).
@@ -83,7 +105,8 @@ def manifests(cluster: OneNodeCluster) -> list[dict[str, Any]]:
         for doc in yaml.safe_load_all((DEPLOY / name).read_text())
         if doc
     ]
-    return local_values(docs, cgroup_name=cluster.cgroup_name, api_address=cluster.address)
+    here = local_values(docs, cgroup_name=cluster.cgroup_name, api_address=cluster.address)
+    return running_calico_node(here, image=IMAGE_NAMES["renderer"])
 
 
 async def collection_of(kube: KubeClient, doc: dict[str, Any], cache: dict[str, Any]) -> str:
@@ -165,9 +188,9 @@ def keep_logs(node: OneNodeCluster, directory: Path) -> None:
     print(f"pod and component logs kept in {directory}")
 
 
-async def pods(kube: KubeClient, selector: str) -> list[dict[str, Any]]:
+async def pods(kube: KubeClient, selector: str, namespace: str = NAMESPACE) -> list[dict[str, Any]]:
     listing = await kube.get(
-        f"/api/v1/namespaces/{NAMESPACE}/pods", params={"labelSelector": selector}
+        f"/api/v1/namespaces/{namespace}/pods", params={"labelSelector": selector}
     )
     return list(listing["items"])
 
@@ -201,6 +224,9 @@ def attached_programs(cgroup: Path) -> list[str]:
     return [str(entry.get("name", "")) for entry in json.loads(shown.stdout.strip() or "[]")]
 
 
+# Cluster start, deploy/ Ready, then three rollouts (calico-node's adoption, the renderer's
+# switch of modes, calico-node's literal patch) on a 2-core machine.
+@pytest.mark.timeout(600)
 async def test_deploy_runs_as_real_pods_and_an_endpoint_change_flows_through(
     cluster: OneNodeCluster, tmp_path: Path
 ) -> None:
@@ -291,6 +317,94 @@ def bridge_address(action: str, address: str, bridge: str) -> None:
     subprocess.run(["ip", "addr", action, address, "dev", bridge], check=True, timeout=10)
 
 
+def envformat_hosts(text: str) -> list[str]:
+    """The addresses in a KUBERNETES_APISERVER_ENDPOINTS value (empty: none)."""
+    return [str(entry.ip) for entry in envformat.parse_ip_ports(text, allow_empty=True)]
+
+
+@dataclass(frozen=True)
+class CalicoNode:
+    """The stand-in calico-node as rolled out: its DaemonSet's generation, its one pod."""
+
+    generation: int
+    uid: str
+    restarts: tuple[tuple[str, int], ...]
+
+
+async def calico_rolled_out(kube: KubeClient) -> CalicoNode | None:
+    """The DaemonSet's latest template runs, Ready, in its one pod (None until then)."""
+    ds = await kube.get(CALICO_DS)
+    status = ds.get("status", {})
+    found = [
+        p for p in await pods(kube, "k8s-app=calico-node", CALICO_NAMESPACE)
+        if p["metadata"].get("deletionTimestamp") is None
+    ]  # fmt: skip
+    if not (
+        status.get("observedGeneration") == ds["metadata"]["generation"]
+        and status.get("desiredNumberScheduled") == 1
+        and status.get("updatedNumberScheduled") == 1
+        and status.get("numberReady") == 1
+        and len(found) == 1
+        and ready(found[0])
+    ):
+        return None
+    statuses = found[0]["status"].get("initContainerStatuses", []) + found[0]["status"].get(
+        "containerStatuses", []
+    )
+    return CalicoNode(
+        generation=int(ds["metadata"]["generation"]),
+        uid=str(found[0]["metadata"]["uid"]),
+        restarts=tuple(sorted((c["name"], int(c["restartCount"])) for c in statuses)),
+    )
+
+
+def calico_saw(cluster: OneNodeCluster, node: CalicoNode) -> str:
+    """What the stand-in's init container printed: the endpoints it started with."""
+    logs = cluster.pod_logs()
+    return next((text for key, text in logs.items() if key.endswith(f"_{node.uid}/{INIT}")), "")
+
+
+def reads_configmap(ds: dict[str, Any], kind: str, container: str) -> bool:
+    for entry in ds["spec"]["template"]["spec"][kind]:
+        if entry["name"] == container:
+            env = {e["name"]: e for e in entry.get("env", [])}
+            ref = env[APISERVER_ENDPOINTS].get("valueFrom", {}).get("configMapKeyRef", {})
+            return bool(ref.get("name") == ENDPOINTS_CONFIGMAP)
+    raise AssertionError(f"no {kind} {container} in {ds['metadata']['name']}")
+
+
+async def renderer_rolled_out(kube: KubeClient, cluster: OneNodeCluster, mode: str) -> str | None:
+    """The renderer Deployment runs `mode` in both pods, no older one left, and one of them
+    holds the Lease and says it leads: its name (None until then)."""
+    deployment = await kube.get(RENDERER_DEPLOYMENT)
+    status = deployment.get("status", {})
+    env = {e["name"]: e.get("value") for e in
+           deployment["spec"]["template"]["spec"]["containers"][0]["env"]}  # fmt: skip
+    assert env["APILANE_RENDER_MODE"] == mode
+    if not (
+        status.get("observedGeneration") == deployment["metadata"]["generation"]
+        and status.get("replicas") == status.get("updatedReplicas") == 2
+        and status.get("readyReplicas") == 2
+    ):
+        return None
+    current = await all_ready(kube, "app.kubernetes.io/name=apilane-renderer", 2)
+    if current is None:
+        return None
+    lease = await kube.get(
+        f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases/"
+        + subjects.renderer_lease(CLUSTER)
+    )
+    holder = lease["spec"].get("holderIdentity")
+    if holder not in {p["metadata"]["name"] for p in current}:
+        return None
+    logs = cluster.pod_logs()
+    leads = any(
+        key.startswith(f"{NAMESPACE}_{holder}_") and "became the leader" in text
+        for key, text in logs.items()
+    )
+    return str(holder) if leads else None
+
+
 async def check_endpoint_change(
     kube: KubeClient, cluster: OneNodeCluster, secrets: DeploySecrets, *, nats_ip: str
 ) -> None:
@@ -308,10 +422,10 @@ async def check_endpoint_change(
             snapshot = None if entry is None else open_snapshot(entry.value, trusted).snapshot
             if snapshot is None or {e.ip for e in snapshot.apiserver_endpoints} != addresses:
                 return None
-            ds = await kube.get("/apis/apps/v1/namespaces/calico-system/daemonsets/calico-node")
-            init = ds["spec"]["template"]["spec"]["initContainers"][0]["name"]
-            env = await container_env(kube, ds, "initContainers", init)
-            if not all(a in env.get("KUBERNETES_APISERVER_ENDPOINTS", "") for a in addresses):
+            ds = await kube.get(CALICO_DS)
+            env = await container_env(kube, ds, "initContainers", INIT)
+            shown = set(envformat_hosts(env.get(APISERVER_ENDPOINTS, "")))
+            if shown != addresses:
                 return None
             state = await bus.kv_get(
                 subjects.NODE_STATE_BUCKET, subjects.node_state_key(CLUSTER, cluster.node)
@@ -320,7 +434,15 @@ async def check_endpoint_change(
             assert node is None or isinstance(node, events.NodeState)
             return snapshot if node is not None and node.generation == snapshot.generation else None
 
+        # configmap mode (deploy/'s default): adopting calico-node is its one rollout.
         first = await eventually(lambda: settled({cluster.address}), what="the initial endpoints")
+        adopted = await eventually(lambda: calico_rolled_out(kube), what="calico-node adopted")
+        ds = await kube.get(CALICO_DS)
+        assert reads_configmap(ds, "initContainers", INIT)
+        assert reads_configmap(ds, "containers", "calico-node")
+        assert cluster.address in calico_saw(cluster, adopted), "it read the ConfigMap at start"
+
+        started = time.monotonic()
         await kube.create(
             "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
             endpoint_slice("kubernetes-second", addresses=[second], port=6443),
@@ -329,7 +451,70 @@ async def check_endpoint_change(
             lambda: settled({cluster.address, second}), what="the second API server everywhere"
         )
         assert changed.generation > first.generation
+        print(f"configmap mode: the change settled in {time.monotonic() - started:.1f} s")
+        configmap = await kube.get(
+            f"/api/v1/namespaces/{CALICO_NAMESPACE}/configmaps/{ENDPOINTS_CONFIGMAP}"
+        )
+        assert set(envformat_hosts(configmap["data"][APISERVER_ENDPOINTS])) == {
+            cluster.address,
+            second,
+        }
+        await asyncio.sleep(QUIET)
+        assert await calico_rolled_out(kube) == adopted, "configmap mode restarted calico-node"
+
+        await check_literal_mode(
+            kube, cluster, settled, second=second, after=changed, adopted=adopted
+        )
     finally:
         relay.close()
         await bus.drain()
         await asyncio.to_thread(bridge_address, "del", f"{second}/32", cluster.bridge)
+
+
+async def check_literal_mode(
+    kube: KubeClient,
+    cluster: OneNodeCluster,
+    settled: Callable[[set[str]], Awaitable[events.EndpointSnapshot | None]],
+    *,
+    second: str,
+    after: events.EndpointSnapshot,
+    adopted: CalicoNode,
+) -> None:
+    """The renderer switched to literal mode (its Deployment's env, as the chart's
+    renderer.envSource would set it): the next endpoint change rolls calico-node."""
+    await kube.patch(
+        RENDERER_DEPLOYMENT,
+        {"spec": {"template": {"spec": {"containers": [
+            {"name": "renderer", "env": [{"name": "APILANE_RENDER_MODE", "value": "literal"}]}
+        ]}}}},
+        field_manager="deploy-test",
+    )  # fmt: skip
+    await eventually(
+        lambda: renderer_rolled_out(kube, cluster, "literal"), what="the renderer in literal mode"
+    )
+    # Whatever the switch itself wrote has rolled out before the change is made.
+    await asyncio.sleep(QUIET)
+    before = await eventually(lambda: calico_rolled_out(kube), what="calico-node rolled out")
+    print(f"literal mode: the switch alone restarted calico-node: {before != adopted}")
+
+    started = time.monotonic()
+    await kube.delete(
+        "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices/kubernetes-second"
+    )
+    removed = await eventually(
+        lambda: settled({cluster.address}), what="the second API server gone everywhere"
+    )
+    assert removed.generation > after.generation
+    ds = await kube.get(CALICO_DS)
+    assert not reads_configmap(ds, "initContainers", INIT)
+    assert not reads_configmap(ds, "containers", "calico-node")
+
+    async def restarted() -> CalicoNode | None:
+        now = await calico_rolled_out(kube)
+        return now if now is not None and now.uid != before.uid else None
+
+    rolled = await eventually(restarted, what="calico-node restarted by the literal patch")
+    print(f"literal mode: the change settled and rolled in {time.monotonic() - started:.1f} s")
+    assert rolled.generation > before.generation
+    saw = calico_saw(cluster, rolled)
+    assert cluster.address in saw and second not in saw, saw

@@ -244,6 +244,42 @@ def _node_loader_values(spec: dict[str, Any], cgroup_name: str) -> None:
             volume["hostPath"]["path"] = f"/run/{cgroup_name}"
 
 
+# What the stand-in calico-node's containers run: print the two variables the renderer writes
+# (the test reads them back from the pod's logs), then wait for SIGTERM, ending at once.
+_SHOW_ENDPOINTS = (
+    'echo "KUBERNETES_SERVICE_IPS_PORTS=$KUBERNETES_SERVICE_IPS_PORTS'
+    ' KUBERNETES_APISERVER_ENDPOINTS=$KUBERNETES_APISERVER_ENDPOINTS"'
+)
+_WAIT_FOR_TERM = "trap 'exit 0' TERM; while :; do sleep 1 & wait $!; done"
+
+
+def running_calico_node(documents: Sequence[dict[str, Any]], *, image: str) -> list[dict[str, Any]]:
+    """The demo calico-node DaemonSet made to run here: every container on `image` (a local
+    one with a shell), printing the two endpoint variables and, but for the init container,
+    staying up; on the pod network (it serves nothing); scheduled. Its env is as shipped, so
+    the renderer targets it as it would the real one. Everything else is left as it is."""
+    out = [json.loads(json.dumps(doc)) for doc in documents]
+    for doc in out:
+        if (doc["kind"], doc["metadata"]["name"]) != ("DaemonSet", "calico-node"):
+            continue
+        spec = doc["spec"]["template"]["spec"]
+        spec.pop("nodeSelector", None)
+        spec["hostNetwork"] = False
+        spec["terminationGracePeriodSeconds"] = 2
+        for kind in ("initContainers", "containers"):
+            for container in spec.get(kind, []):
+                script = _SHOW_ENDPOINTS
+                if kind == "initContainers":
+                    script += ' && test -n "$KUBERNETES_APISERVER_ENDPOINTS"'
+                else:
+                    script += f"; {_WAIT_FOR_TERM}"
+                container["image"] = image
+                container["imagePullPolicy"] = "IfNotPresent"
+                container["command"] = ["/bin/sh", "-c", script]
+                container["resources"] = {"requests": {"cpu": "1m", "memory": "8Mi"}}
+    return out
+
+
 def nats_volumes(
     work: Path, *, replicas: int = 3, namespace: str = "apilane"
 ) -> list[dict[str, Any]]:

@@ -90,6 +90,9 @@ def command(
     return parser
 
 
+Subcommands = Any  # argparse's _SubParsersAction, private by name
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="apilane",
@@ -99,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_target_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_reading_commands(commands)
+    _add_simulating_commands(commands)
+    _add_acting_commands(commands)
+    _add_local_commands(commands)
+    return parser
+
+
+def _add_reading_commands(commands: Subcommands) -> None:
+    """The read-only views: status, history, doctor."""
     status = command(
         commands, "status", run_status, "the snapshot, the calico-node env and each node's state"
     )
@@ -128,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--no-node", action="store_true", help="skip the checks of the machine it runs on"
     )
+
+
+def _add_simulating_commands(commands: Subcommands) -> None:
+    """Changes made on purpose to watch apilane follow them: failover, demo."""
     simulate = commands.add_parser("simulate", help="simulate a change in the cluster")
     what = simulate.add_subparsers(dest="what", required=True, metavar="WHAT")
     failover = command(
@@ -159,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     add_request_options(demo)
+
+
+def _add_acting_commands(commands: Subcommands) -> None:
+    """Commands that change something: node lb, render, keys."""
     node = commands.add_parser("node", help="act on one node-loader")
     node_commands = node.add_subparsers(dest="node_command", required=True, metavar="ACTION")
     lb = command(
@@ -201,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("directory", type=Path, help="where to write the pair")
     generate.add_argument("--name", default="signing", help="file name stem (default: signing)")
     generate.add_argument("--force", action="store_true", help="replace an existing pair")
+
+
+def _add_local_commands(commands: Subcommands) -> None:
+    """The local stack."""
     up = command(
         commands,
         "up",
@@ -219,7 +243,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the node-loader on in-memory maps even where real eBPF is possible",
     )
-    return parser
 
 
 def flags(args: argparse.Namespace) -> Flags:

@@ -70,14 +70,15 @@ class DataPlane:
 
 
 def open_data_plane(settings: NodeLoaderSettings) -> DataPlane:
-    """The maps (and programs, for `bpf`) the settings ask for. bcc is imported only here."""
+    """The maps (and programs, for `bpf`) the settings ask for. bcc is never imported in this
+    process: a child compiles and loads (pinned.py), this one works on the pins."""
     if settings.map_backend == "memory":
         from apilane.node_loader.memmaps import MemoryNatMaps
 
         return DataPlane(maps=MemoryNatMaps())
-    from apilane.node_loader.programs import ConnectTimeLB
+    from apilane.node_loader.pinned import PinnedLB
 
-    lb = ConnectTimeLB(
+    lb = PinnedLB(
         cgroup_path=Path(settings.cgroup_path),
         pin_dir=Path(settings.pin_dir),
         allow_root_cgroup=settings.allow_root_cgroup,

@@ -174,6 +174,10 @@ async def test_restart_and_kill_minus_9_mid_apply_converge(
         await put(discovery, first)
         state = await wait_generation(bus, loader, 1)
         assert len(state.programs_attached) == 8, state
+        # The long-running process works on the pins: bcc and LLVM stay in the compile child.
+        assert loader.proc is not None
+        mapped = Path(f"/proc/{loader.proc.pid}/maps").read_text()
+        assert "libbcc" not in mapped and "libLLVM" not in mapped and "libclang" not in mapped
         servers = {r["server"][0] for r in agent.tcp_request(SERVICE_VIP4, SERVICE_PORT, count=30)}
         assert servers == set(backends)
 

@@ -1,5 +1,10 @@
 """`ConnectTimeLB`: compile bpf/connect_lb.c with bcc, attach its cgroup programs, detach them.
 
+The long-running loader does not use this class (bcc would keep LLVM resident there): it runs
+compile.py, a short-lived child that builds a `ConnectTimeLB` and hands the programs over, and
+works on the pins (pinned.py). Tests and benchmarks use it directly. `attach_all`,
+`detach_all` and `attached_programs` below need libbpf only; both sides share them.
+
 Lifecycle and restart behaviour:
 - The NAT maps are pinned by bcc (BPF_TABLE_PINNED in bpf/nat.h) under `pin_dir`; a new process
   compiling the same source reuses them with their contents. Nothing here ever clears them.

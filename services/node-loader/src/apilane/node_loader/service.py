@@ -417,7 +417,7 @@ async def main(
     loader = NodeLoader(
         settings=settings, data_plane=data_plane, health=ctx.health, registry=ctx.registry
     )
-    # Everything alive now (modules, bcc, the compiled program's tables) lives as long as
+    # Everything alive now (modules, the pinned maps' tables and codecs) lives as long as
     # the process: move it out of the collector's reach. A full collection over it takes
     # ~20 ms, ten times the apply latency budget, whenever it happens to hit an apply.
     gc.collect()

@@ -108,6 +108,12 @@ def kernel_lab() -> Iterator[BpfLab]:
         yield lab
 
 
+def mapped_compiler_libraries(pid: int) -> list[str]:
+    """The bcc / LLVM / clang libraries mapped into process `pid`."""
+    mapped = Path(f"/proc/{pid}/maps").read_text()
+    return sorted({n for n in ("libbcc", "libLLVM", "libclang") if n in mapped})
+
+
 async def node_state(bus: Bus) -> NodeState | None:
     entry = await bus.kv_get(subjects.NODE_STATE_BUCKET, subjects.node_state_key(CLUSTER, NODE))
     decoded = events.decode(entry.value) if entry else None
@@ -174,6 +180,9 @@ async def test_restart_and_kill_minus_9_mid_apply_converge(
         await put(discovery, first)
         state = await wait_generation(bus, loader, 1)
         assert len(state.programs_attached) == 8, state
+        # The long-running process works on the pins: bcc and LLVM stay in the compile child.
+        assert loader.proc is not None
+        assert mapped_compiler_libraries(loader.proc.pid) == []
         servers = {r["server"][0] for r in agent.tcp_request(SERVICE_VIP4, SERVICE_PORT, count=30)}
         assert servers == set(backends)
 

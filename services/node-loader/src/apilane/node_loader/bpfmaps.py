@@ -26,11 +26,11 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from operator import attrgetter
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, Protocol
 
 from apilane.model.errors import ApilaneError
 from apilane.node_loader.memmaps import MapWriteError
@@ -148,19 +148,37 @@ def layout_of(ctype: type[ctypes.Structure]) -> tuple[FieldLayout, ...]:
     return tuple(sorted(fields, key=lambda f: f.offset))
 
 
+class MapOps(Protocol):
+    """The map syscalls the adapter makes, in libbcc's call shapes (libbpf's without `opts`);
+    each returns 0 or a negative errno and leaves errno for `ctypes.get_errno()`."""
+
+    def bpf_update_batch(self, fd: int, keys: Any, values: Any, count: Any) -> int: ...
+
+    def bpf_delete_batch(self, fd: int, keys: Any, count: Any) -> int: ...
+
+    def bpf_lookup_batch(  # noqa: PLR0917 - libbcc's call shape
+        self, fd: int, in_batch: Any, out_batch: Any, keys: Any, values: Any, count: Any
+    ) -> int: ...
+
+    def bpf_update_elem(self, fd: int, key: Any, value: Any, flags: int) -> int: ...
+
+    def bpf_delete_elem(self, fd: int, key: Any) -> int: ...
+
+
 @dataclass
-class _Table:
-    """One bcc table, codecs for the fields we write, and whether batch ops work on it."""
+class KernelTable:
+    """One kernel map, codecs for the fields we write, and whether batch ops work on it."""
 
     name: str
-    table: Any  # bcc.table.HashTable
+    fd: int
+    max_entries: int
     key: StructCodec
     leaf: StructCodec
     batch: bool
-
-    @property
-    def fd(self) -> int:
-        return int(self.table.map_fd)
+    ops: MapOps
+    # Every (key, value) as bytes-convertible pairs, element by element: the path for a
+    # kernel without batch operations.
+    read_items: Callable[[], Iterable[tuple[Any, Any]]]
 
 
 _FRONTEND_KEY_FIELDS = ("addr", "port", "proto")
@@ -174,8 +192,9 @@ def _byte_order(fields: Sequence[str]) -> Literal["native", "network"]:
     return "network" if _NETWORK_ORDER_FIELDS.intersection(fields) else "native"
 
 
-class BccNatMaps:
-    """`NatMaps` over the pinned kernel maps of a compiled bcc module (see programs.py).
+class KernelNatMaps:
+    """`NatMaps` over kernel maps, however they were opened (`BccNatMaps`: a compiled bcc
+    module; pinnedmaps.PinnedNatMaps: the pins, with libbpf only).
 
     `use_batch`: None = use batch operations when the kernel accepts them; False = never
     (benchmarks compare both); True = require them (an error if the kernel refuses).
@@ -183,31 +202,19 @@ class BccNatMaps:
     never changes the maps.
     """
 
-    def __init__(self, bpf: Any, *, use_batch: bool | None = None) -> None:
+    def __init__(
+        self,
+        frontends: Mapping[Family, KernelTable],
+        backends: Mapping[Family, KernelTable],
+        *,
+        use_batch: bool | None = None,
+    ) -> None:
         self._use_batch = use_batch
-        self._frontends: dict[Family, _Table] = {}
-        self._backends: dict[Family, _Table] = {}
-        for family, (fe_name, be_name) in TABLE_NAMES.items():
-            self._frontends[family] = self._open(
-                bpf, fe_name, _FRONTEND_KEY_FIELDS, _FRONTEND_VALUE_FIELDS
-            )
-            self._backends[family] = self._open(
-                bpf, be_name, _BACKEND_KEY_FIELDS, _BACKEND_VALUE_FIELDS
-            )
+        self._frontends = dict(frontends)
+        self._backends = dict(backends)
+        for table in (*self._frontends.values(), *self._backends.values()):
+            table.batch = use_batch is not False
         self.batch_supported: bool | None = None if use_batch is None else use_batch
-
-    def _open(
-        self, bpf: Any, name: str, key_fields: Sequence[str], value_fields: Sequence[str]
-    ) -> _Table:
-        table = bpf.get_table(name.encode())
-        key = StructCodec(table.Key, key_fields, byte_order=_byte_order(key_fields))
-        leaf = StructCodec(table.Leaf, value_fields, byte_order=_byte_order(value_fields))
-        # The encoders below pass field values positionally, in this order.
-        if key.names != tuple(key_fields) or leaf.names != tuple(value_fields):
-            raise ApilaneError(f"{name}: fields {key.names}/{leaf.names} are not in nat.h order")
-        return _Table(
-            name=name, table=table, key=key, leaf=leaf, batch=self._use_batch is not False
-        )
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -216,7 +223,7 @@ class BccNatMaps:
         be_table = self._backends[family]
         fe_keys, fe_values = self._read_all(fe_table)
         frontends = {
-            FrontendKey(_ip_text(addr), port, proto): FrontendValue(service_id, count, flags)
+            FrontendKey(ip_text(addr), port, proto): FrontendValue(service_id, count, flags)
             for (addr, port, proto), (service_id, count, flags) in zip(
                 fe_table.key.unpack_buffer(fe_keys),
                 fe_table.leaf.unpack_buffer(fe_values),
@@ -225,7 +232,7 @@ class BccNatMaps:
         }
         be_keys, be_values = self._read_all(be_table)
         backends = {
-            BackendKey(service_id, ordinal): BackendValue(_ip_text(addr), port)
+            BackendKey(service_id, ordinal): BackendValue(ip_text(addr), port)
             for (service_id, ordinal), (addr, port) in zip(
                 be_table.key.unpack_buffer(be_keys),
                 be_table.leaf.unpack_buffer(be_values),
@@ -234,7 +241,7 @@ class BccNatMaps:
         }
         return MapContents(frontends=frontends, backends=backends)
 
-    def _read_all(self, table: _Table) -> tuple[bytes, bytes]:
+    def _read_all(self, table: KernelTable) -> tuple[bytes, bytes]:
         """Every key and value of the map, as two packed byte strings."""
         if table.batch:
             try:
@@ -242,7 +249,7 @@ class BccNatMaps:
             except _BatchRefused:
                 self._batch_refused(table)
         try:
-            items = table.table.items()
+            items = list(table.read_items())
         except Exception as exc:
             raise MapReadError(f"reading {table.name}: {exc}") from exc
         return b"".join(bytes(k) for k, _ in items), b"".join(bytes(v) for _, v in items)
@@ -269,8 +276,8 @@ class BccNatMaps:
         table = self._backends[family]
         self._delete(table, _backend_keys(table.key, _collection(keys)))
 
-    def _update(self, table: _Table, keys: _Packed, values: _Packed) -> None:
-        lib = _lib()
+    def _update(self, table: KernelTable, keys: _Packed, values: _Packed) -> None:
+        lib = table.ops
         position = 0
         while position < keys.count:  # every pass advances by at least one element
             if table.batch:
@@ -297,8 +304,8 @@ class BccNatMaps:
                 )
             position += 1
 
-    def _delete(self, table: _Table, keys: _Packed) -> None:
-        lib = _lib()
+    def _delete(self, table: KernelTable, keys: _Packed) -> None:
+        lib = table.ops
         position = 0
         while position < keys.count:  # every pass advances by at least one element
             if table.batch:
@@ -321,7 +328,7 @@ class BccNatMaps:
                     )
             position += 1
 
-    def _batch_refused(self, table: _Table) -> None:
+    def _batch_refused(self, table: KernelTable) -> None:
         if self._use_batch:
             raise MapWriteError(f"{table.name}: the kernel refused batch map operations")
         table.batch = False
@@ -333,6 +340,48 @@ class BccNatMaps:
             contents = self.dump(family)
             self.delete_frontends(family, contents.frontends)
             self.delete_backends(family, contents.backends)
+
+
+def nat_codecs(
+    name: str, key_type: type[ctypes.Structure], leaf_type: type[ctypes.Structure]
+) -> tuple[StructCodec, StructCodec]:
+    """The key and value codecs of a NAT map (frontend or backend, by name)."""
+    frontend = name.startswith("apilane_fe")
+    key_fields = _FRONTEND_KEY_FIELDS if frontend else _BACKEND_KEY_FIELDS
+    value_fields = _FRONTEND_VALUE_FIELDS if frontend else _BACKEND_VALUE_FIELDS
+    key = StructCodec(key_type, key_fields, byte_order=_byte_order(key_fields))
+    leaf = StructCodec(leaf_type, value_fields, byte_order=_byte_order(value_fields))
+    # The encoders below pass field values positionally, in this order.
+    if key.names != tuple(key_fields) or leaf.names != tuple(value_fields):
+        raise ApilaneError(f"{name}: fields {key.names}/{leaf.names} are not in nat.h order")
+    return key, leaf
+
+
+class BccNatMaps(KernelNatMaps):
+    """`NatMaps` over the pinned kernel maps of a compiled bcc module (see programs.py)."""
+
+    def __init__(self, bpf: Any, *, use_batch: bool | None = None) -> None:
+        tables = {name: _bcc_table(bpf, name) for pair in TABLE_NAMES.values() for name in pair}
+        super().__init__(
+            {family: tables[fe] for family, (fe, _) in TABLE_NAMES.items()},
+            {family: tables[be] for family, (_, be) in TABLE_NAMES.items()},
+            use_batch=use_batch,
+        )
+
+
+def _bcc_table(bpf: Any, name: str) -> KernelTable:
+    table = bpf.get_table(name.encode())
+    key, leaf = nat_codecs(name, table.Key, table.Leaf)
+    return KernelTable(
+        name=name,
+        fd=int(table.map_fd),
+        max_entries=int(table.max_entries),
+        key=key,
+        leaf=leaf,
+        batch=True,
+        ops=_lib(),
+        read_items=table.items,
+    )
 
 
 class _BatchRefused(Exception):
@@ -445,15 +494,15 @@ def _errno_of(result: int) -> int:
     return -result if result < 0 else ctypes.get_errno()
 
 
-def _lookup_batch(table: _Table) -> tuple[bytes, bytes]:
+def _lookup_batch(table: KernelTable) -> tuple[bytes, bytes]:
     """BPF_MAP_LOOKUP_BATCH over the whole map, as packed keys and values (libbcc's call;
     bcc's own generator yields element by element, which costs more than the syscall).
 
     Read through a buffer of at most _BATCH_CHUNK elements rather than one sized for
     max_entries: that one was megabytes, zero-filled on every read-back, and glibc kept it
     in the heap afterwards (resident memory that the loader never needed again)."""
-    lib = _lib()
-    capacity = int(table.table.max_entries)
+    lib = table.ops
+    capacity = table.max_entries
     key_size, value_size = table.key.size, table.leaf.size
     room = min(capacity, _BATCH_CHUNK)
     keys = ctypes.create_string_buffer(key_size * room)
@@ -521,7 +570,7 @@ class BccConnections:
                 continue
             packed = bytes(leaf.addr)
             found[cookie] = BackendValue(
-                ip=_ip_text(packed[:4] if leaf.family == 4 else packed),
+                ip=ip_text(packed[:4] if leaf.family == 4 else packed),
                 port=socket.ntohs(leaf.port),
             )
         return found
@@ -544,7 +593,7 @@ def _port(port: int, what: str) -> int:
     return port
 
 
-def _ip_text(packed: bytes) -> str:
+def ip_text(packed: bytes) -> str:
     """The canonical text (Python's `ipaddress` compressed form, as the pure core writes)."""
     if len(packed) == 4:
         return socket.inet_ntoa(packed)

@@ -57,8 +57,100 @@ def lib() -> Any:
             ctypes.POINTER(ctypes.c_uint32),
             ctypes.POINTER(ctypes.c_uint32),
         ]
+        _declare_map_calls(loaded)
         _LIBBPF = loaded
     return _LIBBPF
+
+
+def _declare_map_calls(loaded: Any) -> None:
+    pointer, count = ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)
+    loaded.bpf_map_update_batch.argtypes = [ctypes.c_int, pointer, pointer, count, pointer]
+    loaded.bpf_map_delete_batch.argtypes = [ctypes.c_int, pointer, count, pointer]
+    loaded.bpf_map_lookup_batch.argtypes = [
+        ctypes.c_int,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        count,
+        pointer,
+    ]
+    loaded.bpf_map_update_elem.argtypes = [ctypes.c_int, pointer, pointer, ctypes.c_uint64]
+    loaded.bpf_map_delete_elem.argtypes = [ctypes.c_int, pointer]
+    loaded.bpf_map_lookup_elem.argtypes = [ctypes.c_int, pointer, pointer]
+    loaded.bpf_map_get_next_key.argtypes = [ctypes.c_int, pointer, pointer]
+
+
+class MapCalls:
+    """libbpf's map calls in the shapes `bpfmaps.MapOps` names (libbcc's), so the adapter
+    runs the same code over pinned maps without bcc."""
+
+    def __init__(self) -> None:
+        self._lib = lib()
+
+    def bpf_update_batch(self, fd: int, keys: Any, values: Any, count: Any) -> int:
+        return int(self._lib.bpf_map_update_batch(fd, keys, values, count, None))
+
+    def bpf_delete_batch(self, fd: int, keys: Any, count: Any) -> int:
+        return int(self._lib.bpf_map_delete_batch(fd, keys, count, None))
+
+    def bpf_lookup_batch(  # noqa: PLR0917 - libbcc's call shape
+        self, fd: int, in_batch: Any, out_batch: Any, keys: Any, values: Any, count: Any
+    ) -> int:
+        return int(
+            self._lib.bpf_map_lookup_batch(fd, in_batch, out_batch, keys, values, count, None)
+        )
+
+    def bpf_update_elem(self, fd: int, key: Any, value: Any, flags: int) -> int:
+        return int(self._lib.bpf_map_update_elem(fd, key, value, flags))
+
+    def bpf_delete_elem(self, fd: int, key: Any) -> int:
+        return int(self._lib.bpf_map_delete_elem(fd, key))
+
+    def bpf_lookup_elem(self, fd: int, key: Any, value: Any) -> int:
+        return int(self._lib.bpf_map_lookup_elem(fd, key, value))
+
+    def bpf_get_next_key(self, fd: int, key: Any, next_key: Any) -> int:
+        return int(self._lib.bpf_map_get_next_key(fd, key, next_key))
+
+
+@dataclass(frozen=True, slots=True)
+class MapInfo:
+    map_id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    name: str
+
+
+class _BpfMapInfoHead(ctypes.Structure):
+    # The head of struct bpf_map_info (uapi/linux/bpf.h), up to `name`; the tail buffer
+    # lets newer kernels write more.
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+        ("_tail", ctypes.c_uint8 * 128),
+    ]
+
+
+def map_info(fd: int) -> MapInfo:
+    info = _BpfMapInfoHead()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    result = lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))
+    if result < 0:
+        raise ProgramError(f"reading map info of fd {fd}: {strerror(result)}")
+    return MapInfo(
+        map_id=info.id,
+        key_size=info.key_size,
+        value_size=info.value_size,
+        max_entries=info.max_entries,
+        name=info.name.decode(errors="replace"),
+    )
 
 
 def strerror(result: int) -> str:
@@ -163,12 +255,21 @@ def program_name(program_id: int, *, expected: str) -> str:
 
 def map_id(fd: int) -> int | None:
     """The kernel id of the map behind `fd` (None when `fd` is no map)."""
+    return _fdinfo_id(fd, "map_id")
+
+
+def program_id(fd: int) -> int | None:
+    """The kernel id of the program behind `fd` (None when `fd` is no program)."""
+    return _fdinfo_id(fd, "prog_id")
+
+
+def _fdinfo_id(fd: int, field: str) -> int | None:
     try:
         info = Path(f"/proc/self/fdinfo/{fd}").read_text()
     except OSError:
         return None
     for line in info.splitlines():
         key, _, value = line.partition(":")
-        if key == "map_id":
+        if key == field:
             return int(value)
     return None

@@ -1,5 +1,10 @@
 """`ConnectTimeLB`: compile bpf/connect_lb.c with bcc, attach its cgroup programs, detach them.
 
+The long-running loader does not use this class (bcc would keep LLVM resident there): it runs
+compile.py, a short-lived child that builds a `ConnectTimeLB` and hands the programs over, and
+works on the pins (pinned.py). Tests and benchmarks use it directly. `attach_all`,
+`detach_all` and `attached_programs` below need libbpf only; both sides share them.
+
 Lifecycle and restart behaviour:
 - The NAT maps are pinned by bcc (BPF_TABLE_PINNED in bpf/nat.h) under `pin_dir`; a new process
   compiling the same source reuses them with their contents. Nothing here ever clears them.
@@ -27,6 +32,7 @@ import contextlib
 import ctypes
 import errno
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -124,90 +130,26 @@ class ConnectTimeLB:
 
     # --- attach / detach --------------------------------------------------------------------
 
+    @property
+    def program_fds(self) -> Mapping[str, int]:
+        """hook name -> the descriptor of its loaded program (this process's)."""
+        return self._program_fds
+
     def enable(self) -> None:
         """Attach every hook to the cgroup (or switch existing pinned links to these programs)."""
-        cgroup_id = os.stat(self.cgroup_path).st_ino
-        cgroup_fd = os.open(self.cgroup_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for hook in HOOKS:
-                self._attach(hook, cgroup_fd=cgroup_fd, cgroup_id=cgroup_id)
-        finally:
-            os.close(cgroup_fd)
-
-    def _attach(self, hook: Hook, *, cgroup_fd: int, cgroup_id: int) -> None:
-        pin = self._link_pin(hook)
-        program_fd = self._program_fds[hook.name]
-        existing = libbpf.open_pinned(pin)
-        if existing is not None:
-            try:
-                info = libbpf.link_info(existing)
-                same_hook = (
-                    info is not None
-                    and info.cgroup_id == cgroup_id
-                    and info.attach_type == hook.attach_type
-                )
-                if same_hook and libbpf.lib().bpf_link_update(existing, program_fd, None) == 0:
-                    return
-                # Another cgroup, or a link gone defunct (its cgroup was removed): replace it.
-                libbpf.lib().bpf_link_detach(existing)
-            finally:
-                os.close(existing)
-            pin.unlink(missing_ok=True)
-        link_fd = libbpf.lib().bpf_link_create(program_fd, cgroup_fd, hook.attach_type, None)
-        if link_fd < 0:
-            raise ProgramError(
-                f"attaching {hook.program} to {self.cgroup_path}: {libbpf.strerror(link_fd)}"
-            )
-        try:
-            result = libbpf.lib().bpf_obj_pin(link_fd, os.fsencode(pin))
-            if result < 0:
-                raise ProgramError(
-                    f"pinning the {hook.name} link at {pin}: {libbpf.strerror(result)}"
-                )
-        finally:
-            os.close(link_fd)
+        attach_all(self._program_fds, cgroup_path=self.cgroup_path, pin_dir=self.pin_dir)
 
     def disable(self) -> None:
         """Detach every hook; the maps and their contents stay."""
-        failures = []
-        for hook in HOOKS:
-            try:
-                detach_pinned_link(self._link_pin(hook))
-            except ProgramError as exc:
-                failures.append(f"{hook.name}: {exc}")
-        if failures:
-            raise ProgramError("detaching: " + "; ".join(failures))
+        detach_all(self.pin_dir)
 
     def attached_programs(self) -> list[AttachedProgram]:
         """The hooks attached to this instance's cgroup, as the kernel reports them."""
-        cgroup_id = os.stat(self.cgroup_path).st_ino
-        attached = []
-        for hook in HOOKS:
-            link_fd = libbpf.open_pinned(self._link_pin(hook))
-            if link_fd is None:
-                continue
-            try:
-                info = libbpf.link_info(link_fd)
-            finally:
-                os.close(link_fd)
-            if info is None or info.cgroup_id != cgroup_id or info.attach_type != hook.attach_type:
-                continue
-            attached.append(
-                AttachedProgram(
-                    hook=hook.name,
-                    program=libbpf.program_name(info.program_id, expected=hook.program),
-                    program_id=info.program_id,
-                    link_id=info.link_id,
-                )
-            )
-        return attached
+        return attached_programs(cgroup_path=self.cgroup_path, pin_dir=self.pin_dir)
 
     @property
     def enabled(self) -> bool:
         return len(self.attached_programs()) == len(HOOKS)
-
-    def _link_pin(self, hook: Hook) -> Path:
-        return self.pin_dir / link_pin_name(hook)
 
     # --- lifetime ---------------------------------------------------------------------------
 
@@ -227,6 +169,90 @@ class ConnectTimeLB:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def attach_all(program_fds: Mapping[str, int], *, cgroup_path: Path, pin_dir: Path) -> None:
+    """Attach every hook's program (`program_fds`: hook name -> fd) to the cgroup through a
+    link pinned in `pin_dir`, or switch an existing pinned link to it (BPF_LINK_UPDATE)."""
+    cgroup_id = os.stat(cgroup_path).st_ino
+    cgroup_fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for hook in HOOKS:
+            _attach(
+                hook,
+                program_fds[hook.name],
+                pin=pin_dir / link_pin_name(hook),
+                cgroup=(cgroup_fd, cgroup_id, cgroup_path),
+            )
+    finally:
+        os.close(cgroup_fd)
+
+
+def _attach(hook: Hook, program_fd: int, *, pin: Path, cgroup: tuple[int, int, Path]) -> None:
+    cgroup_fd, cgroup_id, cgroup_path = cgroup
+    existing = libbpf.open_pinned(pin)
+    if existing is not None:
+        try:
+            info = libbpf.link_info(existing)
+            same_hook = (
+                info is not None
+                and info.cgroup_id == cgroup_id
+                and info.attach_type == hook.attach_type
+            )
+            if same_hook and libbpf.lib().bpf_link_update(existing, program_fd, None) == 0:
+                return
+            # Another cgroup, or a link gone defunct (its cgroup was removed): replace it.
+            libbpf.lib().bpf_link_detach(existing)
+        finally:
+            os.close(existing)
+        pin.unlink(missing_ok=True)
+    link_fd = libbpf.lib().bpf_link_create(program_fd, cgroup_fd, hook.attach_type, None)
+    if link_fd < 0:
+        raise ProgramError(f"attaching {hook.program} to {cgroup_path}: {libbpf.strerror(link_fd)}")
+    try:
+        result = libbpf.lib().bpf_obj_pin(link_fd, os.fsencode(pin))
+        if result < 0:
+            raise ProgramError(f"pinning the {hook.name} link at {pin}: {libbpf.strerror(result)}")
+    finally:
+        os.close(link_fd)
+
+
+def detach_all(pin_dir: Path) -> None:
+    """Detach every hook's pinned link in `pin_dir`; the maps and their contents stay."""
+    failures = []
+    for hook in HOOKS:
+        try:
+            detach_pinned_link(pin_dir / link_pin_name(hook))
+        except ProgramError as exc:
+            failures.append(f"{hook.name}: {exc}")
+    if failures:
+        raise ProgramError("detaching: " + "; ".join(failures))
+
+
+def attached_programs(*, cgroup_path: Path, pin_dir: Path) -> list[AttachedProgram]:
+    """The hooks whose pinned link in `pin_dir` is attached to the cgroup, as the kernel
+    reports them."""
+    cgroup_id = os.stat(cgroup_path).st_ino
+    attached = []
+    for hook in HOOKS:
+        link_fd = libbpf.open_pinned(pin_dir / link_pin_name(hook))
+        if link_fd is None:
+            continue
+        try:
+            info = libbpf.link_info(link_fd)
+        finally:
+            os.close(link_fd)
+        if info is None or info.cgroup_id != cgroup_id or info.attach_type != hook.attach_type:
+            continue
+        attached.append(
+            AttachedProgram(
+                hook=hook.name,
+                program=libbpf.program_name(info.program_id, expected=hook.program),
+                program_id=info.program_id,
+                link_id=info.link_id,
+            )
+        )
+    return attached
 
 
 def link_pin_name(hook: Hook) -> str:

@@ -70,14 +70,15 @@ class DataPlane:
 
 
 def open_data_plane(settings: NodeLoaderSettings) -> DataPlane:
-    """The maps (and programs, for `bpf`) the settings ask for. bcc is imported only here."""
+    """The maps (and programs, for `bpf`) the settings ask for. bcc is never imported in this
+    process: a child compiles and loads (pinned.py), this one works on the pins."""
     if settings.map_backend == "memory":
         from apilane.node_loader.memmaps import MemoryNatMaps
 
         return DataPlane(maps=MemoryNatMaps())
-    from apilane.node_loader.programs import ConnectTimeLB
+    from apilane.node_loader.pinned import PinnedLB
 
-    lb = ConnectTimeLB(
+    lb = PinnedLB(
         cgroup_path=Path(settings.cgroup_path),
         pin_dir=Path(settings.pin_dir),
         allow_root_cgroup=settings.allow_root_cgroup,
@@ -416,7 +417,7 @@ async def main(
     loader = NodeLoader(
         settings=settings, data_plane=data_plane, health=ctx.health, registry=ctx.registry
     )
-    # Everything alive now (modules, bcc, the compiled program's tables) lives as long as
+    # Everything alive now (modules, the pinned maps' tables and codecs) lives as long as
     # the process: move it out of the collector's reach. A full collection over it takes
     # ~20 ms, ten times the apply latency budget, whenever it happens to hit an apply.
     gc.collect()

@@ -73,6 +73,17 @@ def node_state_key(cluster: str, node: str) -> str:
     return f"{check_token(cluster, 'cluster name')}.{node_token(node)}"
 
 
+def snapshot_republish_subject(cluster: str) -> str:
+    """Core NATS subject where JetStream republishes each new value of a cluster's snapshot
+    key (the KV stream's RePublish): the fan-out that needs no consumer per node."""
+    return f"{PREFIX}.{check_token(cluster, 'cluster name')}.snapshot"
+
+
+# The KV stream's RePublish source and destination: `snapshot_republish_subject` of each key.
+SNAPSHOT_REPUBLISH_SOURCE: Final = f"$KV.{SNAPSHOT_BUCKET}.*"
+SNAPSHOT_REPUBLISH_DESTINATION: Final = f"{PREFIX}.{{{{wildcard(1)}}}}.snapshot"
+
+
 def node_control_subject(cluster: str, node: str) -> str:
     """Core NATS request/reply to one node-loader (e.g. switching the connect-time LB)."""
     return f"{PREFIX}.{check_token(cluster, 'cluster name')}.nodes.{node_token(node)}.control"

@@ -36,6 +36,7 @@ from nats.js.api import (
     DeliverPolicy,
     DiscardPolicy,
     KeyValueConfig,
+    RePublish,
     StorageType,
     StreamConfig,
 )
@@ -214,14 +215,25 @@ class Bus:
             await task
         raise PermissionDenied(f"NATS refused {subject}: {refused.result()}")
 
-    async def create_streams(self) -> None:
+    async def create_streams(self, *, replicas: int = 1) -> None:
         """Create (or converge) every stream and bucket apilane uses. Idempotent. Only the
-        provisioner's identity (discovery) may; for the others, see `wait_for_streams`."""
+        provisioner's identity (discovery) may; for the others, see `wait_for_streams`.
+        `replicas`: copies of each stream in a JetStream cluster (3 survives one server).
+
+        The snapshot bucket republishes each new value onto the cluster's core subject
+        (`subjects.snapshot_republish_subject`) and answers direct gets: the fan-out that
+        needs no consumer per node (node-loader's APILANE_SNAPSHOT_FANOUT=republish)."""
         await self._ensure_kv(
             KeyValueConfig(
                 bucket=subjects.SNAPSHOT_BUCKET,
                 history=subjects.SNAPSHOT_HISTORY,
                 storage=StorageType.FILE,
+                replicas=replicas,
+                direct=True,
+                republish=RePublish(
+                    src=subjects.SNAPSHOT_REPUBLISH_SOURCE,
+                    dest=subjects.SNAPSHOT_REPUBLISH_DESTINATION,
+                ),
                 description="apilane: the API-server endpoint snapshot of each cluster",
             )
         )
@@ -230,6 +242,7 @@ class Bus:
                 bucket=subjects.NODE_STATE_BUCKET,
                 history=1,
                 storage=StorageType.FILE,
+                replicas=replicas,
                 description="apilane: what each node-loader has programmed",
             )
         )
@@ -241,6 +254,7 @@ class Bus:
             max_age=7 * 24 * 3600,
             duplicate_window=120,
             discard=DiscardPolicy.OLD,
+            num_replicas=replicas,
             description="apilane: warnings and render results",
         )
         create = f"$JS.API.STREAM.CREATE.{config.name}"

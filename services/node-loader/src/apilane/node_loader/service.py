@@ -40,6 +40,7 @@ from apilane.model import subjects
 from apilane.model.events import NodeState
 from apilane.node_loader.control import ConnectTimeLb, ControlServer, ProgramsControl
 from apilane.node_loader.health import HealthPolicy, HealthTable, Transition
+from apilane.node_loader.feed import snapshot_feed
 from apilane.node_loader.intake import SnapshotIntake, set_health_attributes
 from apilane.node_loader.metrics import LoaderMetrics
 from apilane.node_loader.nat import BackendValue, NatMaps
@@ -254,8 +255,13 @@ class NodeLoader:
             return True
 
     async def _watch(self) -> None:
-        key = subjects.snapshot_key(self.cluster)
-        async for entry in self._bus.watch_kv(subjects.SNAPSHOT_BUCKET, key):
+        feed = snapshot_feed(
+            self._bus,
+            self.cluster,
+            self.settings.snapshot_fanout,
+            start_after=self._initial_revision,
+        )
+        async for entry in feed:
             if entry.revision == self._initial_revision:
                 continue  # the watch starts with the value the initial reconcile applied
             try:

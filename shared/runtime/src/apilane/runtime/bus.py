@@ -114,6 +114,33 @@ class KvEntry(msgspec.Struct, frozen=True, kw_only=True):
     written_at: datetime | None = None  # when the server stored it (kv_get, kv_history)
 
 
+class CoreMessage(msgspec.Struct, frozen=True, kw_only=True):
+    subject: str
+    data: bytes
+    headers: dict[str, str] = {}
+
+
+class CoreSubscription:
+    """A core NATS subscription, read one message at a time."""
+
+    def __init__(self, subscription: Subscription) -> None:
+        self._subscription = subscription
+
+    async def next(self, timeout: float) -> CoreMessage | None:
+        """The next message, or None when none came within `timeout` seconds."""
+        try:
+            msg = await self._subscription.next_msg(timeout=timeout)
+        except (TimeoutError, nats.errors.TimeoutError):
+            return None
+        return CoreMessage(
+            subject=msg.subject, data=msg.data or b"", headers=dict(msg.headers or {})
+        )
+
+    async def unsubscribe(self) -> None:
+        with contextlib.suppress(NatsError):
+            await self._subscription.unsubscribe()
+
+
 class Bus:
     """One NATS connection with JetStream, shared by a service's components."""
 
@@ -123,6 +150,7 @@ class Bus:
         self.nc = nc
         self.js = js
         self._violations = violations or _Violations()
+        self._reconnect_listeners: list[Callable[[], None]] = []
 
     @classmethod
     async def connect(
@@ -149,15 +177,18 @@ class Bus:
             except ConfigError as exc:
                 raise BusError(str(exc)) from exc
         violations = _Violations()
+        reconnect_listeners: list[Callable[[], None]] = []
         options = connect_options(servers, auth) | {
             "name": name,
             "connect_timeout": connect_timeout,
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,
-            "reconnect_time_wait": min(1.0, max_reconnect_wait),
+            # Jittered per connection: after a server restart, thousands of clients do not
+            # all come back in the same instant (nats-py has no jitter of its own).
+            "reconnect_time_wait": min(1.0, max_reconnect_wait) * random.uniform(0.5, 1.5),
             "error_cb": _error_logger(violations),
             "disconnected_cb": _log_event("disconnected from NATS"),
-            "reconnected_cb": _log_event("reconnected to NATS"),
+            "reconnected_cb": _on_reconnect(reconnect_listeners),
         }
         loop = asyncio.get_running_loop()
         deadline = (
@@ -183,7 +214,21 @@ class Bus:
                 )
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, max_reconnect_wait)
-        return cls(nc, nc.jetstream(), violations)
+        bus = cls(nc, nc.jetstream(), violations)
+        bus._reconnect_listeners = reconnect_listeners
+        return bus
+
+    def on_reconnect(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` after each reconnect (what was sent meanwhile on core subjects is
+        lost); returns the function that removes it."""
+        self._reconnect_listeners.append(listener)
+        return lambda: self._reconnect_listeners.remove(listener)
+
+    async def subscribe(self, subject: str) -> CoreSubscription:
+        """A core NATS subscription (no JetStream), refused at once if not permitted."""
+        subscription = await self.nc.subscribe(subject)
+        await self._guarded(subject, self.nc.flush())
+        return CoreSubscription(subscription)
 
     @property
     def connected(self) -> bool:
@@ -335,18 +380,22 @@ class Bus:
         return int(ack.seq)
 
     async def kv_get(
-        self, bucket: str, key: str, *, include_deleted: bool = False
+        self, bucket: str, key: str, *, include_deleted: bool = False, direct: bool = False
     ) -> KvEntry | None:
         """The latest value of a key, with its headers, or None when there is none.
 
         A deleted or purged key leaves a marker with a revision of its own; compare-and-set
-        writers need it (`include_deleted=True` returns the marker, `operation` says which)."""
+        writers need it (`include_deleted=True` returns the marker, `operation` says which).
+        `direct`: answered by any replica (a direct get), not only the stream leader."""
         stream = _kv_stream(bucket)
+        subject = subjects.kv_subject(bucket, key)
+        api = (
+            f"$JS.API.DIRECT.GET.{stream}.{subject}"
+            if direct
+            else f"$JS.API.STREAM.MSG.GET.{stream}"
+        )
         try:
-            raw = await self._guarded(
-                f"$JS.API.STREAM.MSG.GET.{stream}",
-                self.js.get_last_msg(stream, subjects.kv_subject(bucket, key)),
-            )
+            raw = await self._guarded(api, self.js.get_last_msg(stream, subject, direct=direct))
         except NotFoundError:
             return None
         except (NatsError, TimeoutError) as exc:
@@ -617,6 +666,15 @@ def tls_context(auth: NatsAuth) -> ssl.SSLContext:
     if auth.tls_cert_file:
         context.load_cert_chain(auth.tls_cert_file, auth.tls_key_file)
     return context
+
+
+def _on_reconnect(listeners: list[Callable[[], None]]) -> Any:
+    async def callback() -> None:
+        log.warning("reconnected to NATS")
+        for listener in list(listeners):
+            listener()
+
+    return callback
 
 
 def _log_event(text: str) -> Any:

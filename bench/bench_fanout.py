@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import logging
 import resource
 import sys
@@ -31,15 +32,17 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from apilane.cli.status import read_nodes, summarise, summary_lines
 from apilane.model import subjects
 from apilane.node_loader import settings as loader_settings
 from apilane.node_loader.memmaps import MemoryNatMaps
 from apilane.node_loader.service import DataPlane, NodeLoader
-from apilane.runtime.bus import Bus
-from apilane.runtime.natsauth import Identity, Role
+from apilane.runtime.bus import Bus, KvEntry
+from apilane.runtime.natsauth import ALL_CLUSTERS, Identity, Role
 from apilane.testing.benchstats import load_average, percentile, resident_kib
 from apilane.testing.nats import NatsServer, auth_env
 from apilane.testing.sealing import put_sealed, seal, trusted_env
@@ -53,18 +56,20 @@ START_BATCH = 100  # loaders started at once (their first connect and reconcile)
 class Fleet:
     """N loaders in this process, each as its own node."""
 
-    def __init__(self, server: NatsServer, size: int, work: Path) -> None:
+    def __init__(self, server: NatsServer, size: int, work: Path, fanout: str) -> None:
         self.server = server
+        self.fanout = fanout
         self.nodes = [f"node-{i:05d}" for i in range(size)]
+        self.arrivals: dict[str, dict[int, datetime]] = {}
         server.identities.add_all(
             [Identity(role=Role.NODE_LOADER, cluster=CLUSTER, node=n) for n in self.nodes]
         )
         server.reload()  # once for every new identity, not once each
-        self.loaders = [self._loader(node, work) for node in self.nodes]
+        self.loaders = [self._loader(node, work, size) for node in self.nodes]
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
 
-    def _loader(self, node: str, work: Path) -> NodeLoader:
+    def _loader(self, node: str, work: Path, size: int) -> NodeLoader:
         identity = self.server.identities.identity(Role.NODE_LOADER, CLUSTER, node)
         env = {
             # Not server.env(): that re-renders the whole config (N users) for each loader.
@@ -74,15 +79,27 @@ class Fleet:
             "APILANE_NODE_NAME": node,
             "APILANE_MAP_BACKEND": "memory",
             "APILANE_BPF_PIN_DIR": f"/bench/{node}",
-            "APILANE_STATE_DIR": str(work / "state"),
+            "APILANE_STATE_DIR": str(work / f"state-{self.fanout}-{size}"),
             "APILANE_NODE_STATE_INTERVAL": "30s",
+            "APILANE_SNAPSHOT_FANOUT": self.fanout,
             **trusted_env(),
         }
-        return NodeLoader(
+        loader = NodeLoader(
             settings=loader_settings.load(env),
             data_plane=DataPlane(maps=MemoryNatMaps()),
             registry=CollectorRegistry(),
         )
+        self.arrivals[node] = {}
+        handle = loader.handle_entry
+
+        async def arrived(entry: KvEntry) -> None:
+            # When the value reached this loader, before admission and apply: the fan-out's
+            # own share of the latency (apply is the same code either way).
+            self.arrivals[node][entry.revision] = datetime.now(UTC)
+            await handle(entry)
+
+        loader.handle_entry = arrived  # type: ignore[method-assign]
+        return loader
 
     async def start(self) -> float:
         began = time.monotonic()
@@ -107,6 +124,13 @@ class Fleet:
             await asyncio.sleep(0.01)
         return False
 
+    def arrival_latencies(self, revision: int, written_at: datetime) -> list[float]:
+        return [
+            (got[revision] - written_at).total_seconds()
+            for got in self.arrivals.values()
+            if revision in got
+        ]
+
     def latencies(self, written_at: datetime) -> list[float]:
         return [
             (x.reconciler.applied.applied_at - written_at).total_seconds()
@@ -125,24 +149,27 @@ async def consumer_count(bus: Bus) -> int:
     return int(info.state.consumer_count)
 
 
-async def measure(size: int, changes: int, work: Path) -> dict[str, float]:
-    server = NatsServer(store_dir=work / f"nats-{size}").start()
+async def measure(size: int, changes: int, work: Path, fanout: str) -> dict[str, Any]:
+    server = NatsServer(store_dir=work / f"nats-{fanout}-{size}").start()
     try:
         discovery = await server.connect(Role.DISCOVERY, CLUSTER, name="bench-discovery")
         await discovery.create_streams()
         generation = 1
         await put_sealed(discovery, snapshot(generation))
-        fleet = Fleet(server, size, work)
+        fleet = Fleet(server, size, work, fanout)
         started = await fleet.start()
         gc.collect()
         samples: list[float] = []
+        arrivals: list[float] = []
         for _ in range(changes):
             generation += 1
             written_at = datetime.now(UTC)
-            await put_sealed(discovery, snapshot(generation))
+            revision = await put_sealed(discovery, snapshot(generation))
             if not await fleet.until(lambda g=generation: fleet.current(g) == size, 60):
                 raise RuntimeError(f"N={size}: generation {generation} not everywhere in 60 s")
             samples += fleet.latencies(written_at)
+            arrivals += fleet.arrival_latencies(revision, written_at)
+        status_s, status_line = await status_pass(server, size, generation)
         assert server.proc is not None
         rss_kib, _ = resident_kib(server.proc.pid)
         consumers = await consumer_count(discovery)
@@ -152,6 +179,10 @@ async def measure(size: int, changes: int, work: Path) -> dict[str, float]:
         return {
             "n": size,
             "start_s": started,
+            "arrive_p50_ms": percentile(arrivals, 0.5) * 1000,
+            "arrive_p99_ms": percentile(arrivals, 0.99) * 1000,
+            "status_s": status_s,
+            "status_line": status_line,
             "p50_ms": percentile(samples, 0.5) * 1000,
             "p99_ms": percentile(samples, 0.99) * 1000,
             "max_ms": max(samples) * 1000,
@@ -161,6 +192,22 @@ async def measure(size: int, changes: int, work: Path) -> dict[str, float]:
         }
     finally:
         server.close()
+
+
+async def status_pass(server: NatsServer, size: int, generation: int) -> tuple[float, str]:
+    """`apilane status`'s node part: every node's state read and summarised, timed."""
+    operator = await server.connect(Role.OPERATOR, ALL_CLUSTERS, name="bench-status")
+    try:
+        await asyncio.sleep(1.0)  # the last change's node-state writes land
+        began = time.perf_counter()
+        nodes = await read_nodes(operator, CLUSTER)
+        lines = summary_lines(summarise(nodes, generation, datetime.now(UTC)))
+        took = time.perf_counter() - began
+    finally:
+        await operator.drain()
+    if len(nodes) != size:
+        raise RuntimeError(f"status read {len(nodes)} nodes of {size}")
+    return took, lines[0].strip()
 
 
 async def restart(server: NatsServer, fleet: Fleet, generation: int) -> dict[str, float]:
@@ -184,27 +231,36 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="50,500,1000")
     parser.add_argument("--changes", type=int, default=50)
+    parser.add_argument("--fanouts", default="watch,republish")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     print(f"load before: {load_average()}; fd limit {soft} -> {hard}")
     print(
-        "| N | start all s | change→applied p50 ms | p99 ms | max ms | nats RSS MiB "
-        "| consumers | restart→all current s | consumers after restart | load |"
+        "| fan-out | N | start all s | write→arrived p50 / p99 ms | write→applied p50 ms "
+        "| p99 ms | max ms | nats RSS MiB | consumers | restart→all current s "
+        "| consumers after restart | status s | load |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     shm = "/dev/shm" if Path("/dev/shm").is_dir() else None  # tmpfs, like /run
+    status_lines = []
     with tempfile.TemporaryDirectory(prefix="apilane-bench-fanout-", dir=shm) as work:
-        for size in (int(s) for s in args.sizes.split(",")):
-            row = asyncio.run(measure(size, args.changes, Path(work)))
+        for size, fanout in itertools.product(
+            (int(s) for s in args.sizes.split(",")), args.fanouts.split(",")
+        ):
+            row = asyncio.run(measure(size, args.changes, Path(work), fanout))
             print(
-                f"| {size} | {row['start_s']:.1f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} "
+                f"| {fanout} | {size} | {row['start_s']:.1f} "
+                f"| {row['arrive_p50_ms']:.1f} / {row['arrive_p99_ms']:.1f} "
+                f"| {row['p50_ms']:.1f} | {row['p99_ms']:.1f} "
                 f"| {row['max_ms']:.1f} | {row['rss_mib']:.1f} | {row['consumers']:.0f} "
                 f"| {row['restart_all_current_s']:.2f} | {row['consumers_after_restart']:.0f} "
-                f"| {load_average()} |",
+                f"| {row['status_s']:.3f} | {load_average()} |",
                 flush=True,
             )
+            status_lines.append(f"- status, {fanout}, N={size}: `{row['status_line']}`")
+    print("\n" + "\n".join(status_lines))
     return 0
 
 

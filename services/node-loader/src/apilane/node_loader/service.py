@@ -41,6 +41,7 @@ from apilane.model.events import NodeState
 from apilane.node_loader.control import ConnectTimeLb, ControlServer, ProgramsControl
 from apilane.node_loader.health import HealthPolicy, HealthTable, Transition
 from apilane.node_loader.feed import snapshot_feed
+from apilane.node_loader.heartbeat import Heartbeat
 from apilane.node_loader.intake import SnapshotIntake, set_health_attributes
 from apilane.node_loader.metrics import LoaderMetrics
 from apilane.node_loader.nat import BackendValue, NatMaps
@@ -141,6 +142,7 @@ class NodeLoader:
         self._initial_revision = 0
         self._state_due = 0.0
         self._audit_due = 0.0
+        self.heartbeat = Heartbeat(interval=settings.node_state_interval)
         self.health.add_live("loop", lambda: time.monotonic() - self._heartbeat < 10 * _TICK + 5)
         self.health.add_ready("maps", lambda: self.maps_loaded)
         self.health.add_ready("programs", self.lb.ready)
@@ -399,9 +401,16 @@ class NodeLoader:
         )
 
     async def write_node_state(self) -> None:
+        """Write the NodeState if it changed or the heartbeat interval passed (heartbeat.py)."""
         interval = self.settings.node_state_interval
-        self._state_due = time.monotonic() + interval
-        if not await self.reporter.write_state(self.node_state()) and self.bus is not None:
+        state = self.node_state()
+        now = time.monotonic()
+        if not self.heartbeat.due(state, now):
+            return
+        self._state_due = now + interval
+        if await self.reporter.write_state(state):
+            self.heartbeat.written(state, now)
+        elif self.bus is not None:
             # NATS is down: the data plane does not care; try again soon.
             self._state_due = time.monotonic() + min(interval, 2.0)
 

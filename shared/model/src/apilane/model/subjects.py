@@ -17,6 +17,9 @@ PREFIX: Final = f"apilane.{VERSION}"
 # KV buckets (names may not contain dots).
 SNAPSHOT_BUCKET: Final = f"apilane_{VERSION}_snapshots"  # key: <cluster>; value: EndpointSnapshot
 NODE_STATE_BUCKET: Final = f"apilane_{VERSION}_nodes"  # key: <cluster>.<node>; value: NodeState
+# A node's key is removed this long (seconds) after its last write: it left the cluster.
+# Far above any heartbeat interval (30 s by default), so a live node never loses its key.
+NODE_STATE_MAX_AGE: Final = 3600.0
 # How many revisions of each cluster's snapshot are kept for replay and audit.
 SNAPSHOT_HISTORY: Final = 64
 

@@ -111,7 +111,7 @@ class KvEntry(msgspec.Struct, frozen=True, kw_only=True):
     revision: int
     headers: dict[str, str] = {}
     operation: str = "PUT"  # PUT, DEL or PURGE
-    written_at: datetime | None = None  # when the server stored it (kv_get, kv_history)
+    written_at: datetime | None = None  # when the server stored it
 
 
 class CoreMessage(msgspec.Struct, frozen=True, kw_only=True):
@@ -288,6 +288,9 @@ class Bus:
                 history=1,
                 storage=StorageType.FILE,
                 replicas=replicas,
+                # A node gone from the cluster stops its heartbeat: the server removes its
+                # key this long after its last write (no one needs delete rights for it).
+                ttl=subjects.NODE_STATE_MAX_AGE,
                 description="apilane: what each node-loader has programmed",
             )
         )
@@ -451,6 +454,41 @@ class Bus:
             if revision < sequence:  # a server that sent no sequence: do not ask again
                 return found
             sequence = revision + 1
+    async def kv_latest(
+        self, bucket: str, key: str = ">", *, timeout: float = 10.0
+    ) -> list[KvEntry]:
+        """The latest value of every key matching `key`, in one pass: one ordered consumer
+        delivering the last message per subject (not one request per key), each with the
+        time it was written (`written_at`). Deleted keys are left out."""
+        subject = subjects.kv_subject(bucket, key)
+        stream = _kv_stream(bucket)
+        expected = len(await self.kv_keys(bucket, key))
+        if expected == 0:
+            return []
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)
+        found: dict[str, KvEntry] = {}
+        try:
+            sub = await self._guarded(
+                f"$JS.API.CONSUMER.CREATE.{stream}",
+                self.js.subscribe(subject, stream=stream, ordered_consumer=True, config=config),
+            )
+        except (NatsError, TimeoutError) as exc:
+            raise BusError(f"reading the keys of {bucket} failed: {exc}") from exc
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=timeout)
+                except (TimeoutError, nats.errors.TimeoutError) as exc:
+                    raise BusError(f"reading the keys of {bucket} timed out") from exc
+                entry = _kv_entry(bucket, msg)
+                if entry is not None:
+                    found[entry.key] = entry
+                if msg.metadata.num_pending == 0:
+                    break
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        return sorted((e for e in found.values() if e.operation == "PUT"), key=lambda e: e.key)
 
     async def kv_keys(self, bucket: str, key: str = ">") -> list[str]:
         """The keys of `bucket` that match `key` (a subject pattern: `local.>`), sorted.
@@ -637,6 +675,7 @@ def _kv_entry(bucket: str, msg: Msg) -> KvEntry | None:
         revision=int(meta.sequence.stream),
         headers=headers,
         operation=headers.get("KV-Operation", "PUT"),
+        written_at=meta.timestamp,
     )
 
 

@@ -106,7 +106,9 @@ class Fleet:
         for first in range(0, len(self.loaders), START_BATCH):
             batch = self.loaders[first : first + START_BATCH]
             self.tasks += [asyncio.create_task(loader.run(self.stopping)) for loader in batch]
-            await self.until(lambda b=batch: all(x.first_reconcile_done for x in b), 120)
+            if not await self.until(lambda b=batch: all(x.first_reconcile_done for x in b), 120):
+                ready = sum(1 for x in self.loaders if x.first_reconcile_done)
+                raise RuntimeError(f"only {ready} of {len(self.loaders)} loaders started in time")
         return time.monotonic() - began
 
     async def stop(self) -> None:
@@ -214,7 +216,8 @@ async def restart(server: NatsServer, fleet: Fleet, generation: int) -> dict[str
     """Restart the server, write a new generation once it is up, time until all have it."""
     began = time.monotonic()
     await asyncio.to_thread(server.restart)
-    discovery = await server.connect(Role.DISCOVERY, CLUSTER, name="bench-discovery")
+    # The writer connects while N loaders reconnect through this same event loop.
+    discovery = await server.connect(Role.DISCOVERY, CLUSTER, name="bench-discovery", deadline=90.0)
     await put_sealed(discovery, snapshot(generation))
     settled = await fleet.until(lambda: fleet.current(generation) == len(fleet.loaders), 120)
     all_current = time.monotonic() - began

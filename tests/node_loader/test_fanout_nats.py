@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from nats.js.api import KeyValueConfig
 from prometheus_client import CollectorRegistry
 
 from apilane.model import subjects
@@ -188,3 +189,24 @@ async def test_republished_copies_chain_per_key_so_other_keys_cause_no_resync(
             await task
         for bus in (ours, theirs, reader):
             await bus.drain()
+
+
+async def test_republish_falls_back_to_the_watch_on_a_bucket_made_without_republish(
+    nats_server: NatsServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An older provisioner made the bucket: no copies to follow, so the watch it is."""
+    discovery = await nats_server.connect(Role.DISCOVERY, CLUSTER, name="discovery")
+    await discovery.js.create_key_value(
+        KeyValueConfig(bucket=subjects.SNAPSHOT_BUCKET, history=subjects.SNAPSHOT_HISTORY)
+    )
+    await discovery.create_streams()  # the others; the existing bucket is left as it is
+    assert await discovery.kv_republish(subjects.SNAPSHOT_BUCKET) is None
+    await put(discovery, 1)
+    try:
+        async with loaders(nats_server, tmp_path, count=1, fanout="republish") as fleet:
+            await put(discovery, 2)
+            await eventually(generation_everywhere(fleet, 2), what="generation 2 by the watch")
+            assert await consumers(discovery) == 1
+        assert "does not republish its values" in caplog.text
+    finally:
+        await discovery.drain()

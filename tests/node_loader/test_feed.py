@@ -42,10 +42,10 @@ def test_the_sequences_come_from_the_republish_headers() -> None:
     assert republished(bad) is None
 
 
-def test_the_fanout_is_a_setting_with_the_watch_as_default() -> None:
+def test_the_fanout_is_a_setting_with_the_republished_copies_as_default() -> None:
     env = {"APILANE_MAP_BACKEND": "memory", "APILANE_NODE_NAME": "n1", **trusted_env()}
-    assert loader_settings.load(env).snapshot_fanout == "watch"
-    chosen = loader_settings.load({**env, "APILANE_SNAPSHOT_FANOUT": "republish"})
-    assert chosen.snapshot_fanout == "republish"
+    assert loader_settings.load(env).snapshot_fanout == "republish"
+    chosen = loader_settings.load({**env, "APILANE_SNAPSHOT_FANOUT": "watch"})
+    assert chosen.snapshot_fanout == "watch"
     with pytest.raises(ConfigError):
         loader_settings.load({**env, "APILANE_SNAPSHOT_FANOUT": "carrier-pigeon"})

@@ -4,15 +4,15 @@ Two fan-outs of the same KV values, chosen by APILANE_SNAPSHOT_FANOUT (settings.
 yield `KvEntry`s that go through the same intake (admission: signature, generation; fail
 static), so what reaches the maps does not depend on the choice.
 
-- `watch` (the default): one ordered JetStream consumer per loader (`Bus.watch_kv`). The
+- `watch`: one ordered JetStream consumer per loader (`Bus.watch_kv`). The
   server keeps a consumer per node, and every loader recreates its consumer after a
   server restart.
-- `republish`: the snapshot stream republishes each new value onto a core subject
+- `republish` (the default, docs/benchmarks.md "fan-out"): the snapshot stream republishes each new value onto a core subject
   (`subjects.snapshot_republish_subject`, JetStream RePublish on the KV stream); the loader
   subscribes to it and reads the key directly (a direct get, answered by any replica) at
   start, after each reconnect (jittered, so thousands of loaders do not ask at once), on a
   sequence gap (a republished copy whose `Nats-Last-Sequence` is not the revision held:
-  one was missed), and every `resync_interval` as a backstop. No consumer on the server.
+  one was missed), and every `resync_interval` (30 s) as a backstop. No consumer on the server.
 """
 
 from __future__ import annotations
@@ -27,7 +27,14 @@ from dataclasses import dataclass
 
 from apilane.model import subjects
 from apilane.runtime.aio import Backoff
-from apilane.runtime.bus import Bus, BusError, CoreMessage, CoreSubscription, KvEntry
+from apilane.runtime.bus import (
+    Bus,
+    BusError,
+    CoreMessage,
+    CoreSubscription,
+    KvEntry,
+    PermissionDenied,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +98,7 @@ class RepublishFeed:
         subject: str,
         *,
         reconnect_jitter: float = 2.0,
-        resync_interval: float = 60.0,
+        resync_interval: float = 30.0,
     ) -> None:
         self.bus = bus
         self.bucket = bucket
@@ -106,10 +113,13 @@ class RepublishFeed:
     def _reconnected(self) -> None:
         self._resync_due.set()
 
-    async def entries(self, *, start_after: int = 0) -> AsyncIterator[KvEntry]:
-        """Every new value of the key after revision `start_after`, for as long as it runs."""
+    async def entries(
+        self, *, start_after: int = 0, subscription: CoreSubscription | None = None
+    ) -> AsyncIterator[KvEntry]:
+        """Every new value of the key after revision `start_after`, for as long as it runs
+        (on `subscription` to the subject, when the caller made it already)."""
         self.held = start_after
-        subscription = await self.bus.subscribe(self.subject)
+        subscription = subscription or await self.bus.subscribe(self.subject)
         forget = self.bus.on_reconnect(self._reconnected)
         try:
             # Subscribed first, then read: nothing written in between is missed.
@@ -173,14 +183,46 @@ class RepublishFeed:
             yield entry
 
 
-def snapshot_feed(
+async def snapshot_feed(
     bus: Bus, cluster: str, fanout: str, *, start_after: int = 0
 ) -> AsyncIterator[KvEntry]:
-    """The snapshot key's values for `fanout` ("watch" or "republish")."""
+    """The snapshot key's values for `fanout` ("watch" or "republish"). A bucket made
+    without RePublish (by an older provisioner) has no copies to follow: the watch then,
+    with a warning, rather than a loader that hears of changes only at its backstop."""
     key = subjects.snapshot_key(cluster)
+    destination = subjects.snapshot_republish_subject(cluster)
+    subscription = None
     if fanout == "republish":
-        feed = RepublishFeed(
-            bus, subjects.SNAPSHOT_BUCKET, key, subjects.snapshot_republish_subject(cluster)
-        )
-        return feed.entries(start_after=start_after)
-    return bus.watch_kv(subjects.SNAPSHOT_BUCKET, key)
+        subscription = await _republished_copies(bus, destination)
+    if subscription is not None:
+        feed = RepublishFeed(bus, subjects.SNAPSHOT_BUCKET, key, destination)
+        entries = feed.entries(start_after=start_after, subscription=subscription)
+    else:
+        entries = bus.watch_kv(subjects.SNAPSHOT_BUCKET, key)
+    async for entry in entries:
+        yield entry
+
+
+async def _republished_copies(bus: Bus, destination: str) -> CoreSubscription | None:
+    """A subscription to the copies, or None (with a warning) when there are none to have:
+    the bucket does not republish, or this identity may not receive them (an accounts
+    file generated before the copies existed)."""
+    why = "the snapshot bucket does not republish its values"
+    if await _republishes(bus):
+        try:
+            return await bus.subscribe(destination)
+        except PermissionDenied as exc:
+            why = f"NATS refuses this node the republished copies ({exc})"
+    log.warning(f"{why}: using the KV watch", extra={"subject": destination})
+    return None
+
+
+async def _republishes(bus: Bus) -> bool:
+    wanted = (subjects.SNAPSHOT_REPUBLISH_SOURCE, subjects.SNAPSHOT_REPUBLISH_DESTINATION)
+    backoff = Backoff(initial=0.2, maximum=5.0)
+    while True:
+        try:
+            return await bus.kv_republish(subjects.SNAPSHOT_BUCKET) == wanted
+        except BusError as exc:
+            log.info("cannot look the snapshot bucket up yet, retrying", extra={"error": str(exc)})
+            await asyncio.sleep(backoff.next_delay())

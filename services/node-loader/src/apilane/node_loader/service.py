@@ -8,7 +8,8 @@ Start-up order (the data plane first, the bus second):
    recorded in the state file: precedence in settings.py), then attach the connect-time
    programs if it says on, detach them if off (control.py);
 4. connect to NATS as this node's own identity (`lifecycle.bus_session`: retrying for as
-   long as it takes), wait for the streams discovery creates, take the latest KV value, then watch the snapshot key and take every new revision. Each value is
+   long as it takes), wait for the streams discovery creates, take the latest KV value, then follow the snapshot key (feed.py: its republished
+   copies, or a KV watch) and take every new revision. Each value is
    verified and judged before anything else (admission.py, intake.py): only snapshots
    signed by a trusted key, newer than the one held, reach the reconciler.
 
@@ -16,8 +17,8 @@ Stopping (SIGTERM) keeps the maps pinned and the programs attached: every connec
 the node depends on them, and a loader restart or upgrade must not open a window without
 translation. The programs are detached only when the connect-time LB is switched off
 (setting at start, or live through the node's control subject; a live switch is persisted
-and holds across restarts). With NATS down, nothing changes in the data plane; the KV watch
-resubscribes and catches up when NATS is back. Removing apilane from a node is
+and holds across restarts). With NATS down, nothing changes in the data plane; the feed
+catches up when NATS is back (feed.py). Removing apilane from a node is
 `python -m apilane.node_loader uninstall` (uninstall.py).
 """
 
@@ -265,10 +266,10 @@ class NodeLoader:
         )
         async for entry in feed:
             if entry.revision == self._initial_revision:
-                continue  # the watch starts with the value the initial reconcile applied
+                continue  # a watch starts with the value the initial reconcile applied
             try:
                 await self.handle_entry(entry)
-            except Exception:  # a bug in handling one revision must not end the watch
+            except Exception:  # a bug in handling one revision must not end the feed
                 log.exception("handling a snapshot failed", extra={"revision": entry.revision})
 
     async def _housekeeping(self, stopping: asyncio.Event) -> None:

@@ -490,6 +490,18 @@ class Bus:
                 await sub.unsubscribe()
         return sorted((e for e in found.values() if e.operation == "PUT"), key=lambda e: e.key)
 
+    async def kv_republish(self, bucket: str) -> tuple[str, str] | None:
+        """The bucket stream's RePublish (source, destination), or None if it has none."""
+        stream = _kv_stream(bucket)
+        try:
+            info = await self._guarded(f"$JS.API.STREAM.INFO.{stream}", self.js.stream_info(stream))
+        except (NatsError, TimeoutError) as exc:
+            raise BusError(f"looking up {bucket} failed: {exc}") from exc
+        republish = info.config.republish
+        if republish is None or not republish.src or not republish.dest:
+            return None
+        return republish.src, republish.dest
+
     async def kv_keys(self, bucket: str, key: str = ">") -> list[str]:
         """The keys of `bucket` that match `key` (a subject pattern: `local.>`), sorted.
 

@@ -40,8 +40,8 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from apilane.model import subjects
 from apilane.model.events import NodeState
 from apilane.node_loader.control import ConnectTimeLb, ControlServer, ProgramsControl
-from apilane.node_loader.health import HealthPolicy, HealthTable, Transition
 from apilane.node_loader.feed import snapshot_feed
+from apilane.node_loader.health import HealthPolicy, HealthTable, Transition
 from apilane.node_loader.heartbeat import Heartbeat
 from apilane.node_loader.intake import SnapshotIntake, set_health_attributes
 from apilane.node_loader.metrics import LoaderMetrics

@@ -454,6 +454,7 @@ class Bus:
             if revision < sequence:  # a server that sent no sequence: do not ask again
                 return found
             sequence = revision + 1
+
     async def kv_latest(
         self, bucket: str, key: str = ">", *, timeout: float = 10.0
     ) -> list[KvEntry]:

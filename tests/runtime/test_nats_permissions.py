@@ -497,3 +497,26 @@ async def test_a_client_checks_the_servers_certificate(
     misled = msgspec.structs.replace(auth, tls_ca_file=str(other_ca.ca_path))
     with pytest.raises(Exception, match=r"(?i)certificate verify failed|cannot connect"):
         await Bus.connect([nats_server_tls.url], name="t", auth=misled, initial_attempt_deadline=1)
+
+
+async def test_kv_latest_reads_every_key_once_with_its_write_time(
+    bus: Bus, connect_as: ConnectAs
+) -> None:
+    """One pass over the node-state bucket: the latest value of each key, deletes left out;
+    the bucket removes a key an hour after its last write (nodes gone from the cluster)."""
+    for node in ("node-a", "node-b"):
+        loader = await connect_as(Role.NODE_LOADER, "east", node)
+        key = subjects.node_state_key("east", node)
+        await loader.kv_put(subjects.NODE_STATE_BUCKET, key, b"first")
+        await loader.kv_put(subjects.NODE_STATE_BUCKET, key, f"{node} now".encode())
+    west = await connect_as(Role.NODE_LOADER, "west", "node-c")
+    await west.kv_put(subjects.NODE_STATE_BUCKET, subjects.node_state_key("west", "node-c"), b"x")
+    entries = await bus.kv_latest(subjects.NODE_STATE_BUCKET, "east.>")
+    assert [(e.key, e.value) for e in entries] == [
+        ("east.node-a", b"node-a now"),
+        ("east.node-b", b"node-b now"),
+    ]
+    assert all(e.written_at is not None for e in entries)
+    assert await bus.kv_latest(subjects.NODE_STATE_BUCKET, "south.>") == []
+    info = await bus.js.stream_info(f"KV_{subjects.NODE_STATE_BUCKET}")
+    assert info.config.max_age == subjects.NODE_STATE_MAX_AGE

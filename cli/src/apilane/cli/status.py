@@ -9,10 +9,11 @@ content."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 import msgspec
@@ -119,13 +120,11 @@ async def read_view(bus: Bus, kube: KubeClient, info: StackInfo) -> View:
 
 
 async def read_nodes(bus: Bus, cluster: str) -> list[events.NodeState]:
-    """Every node's state in this cluster, by node name; unreadable entries are left out."""
+    """Every node's state in this cluster, by node name; unreadable entries are left out.
+    One pass over the bucket (`Bus.kv_latest`), not one request per node."""
     nodes: list[events.NodeState] = []
     prefix = f"{subjects.snapshot_key(cluster)}.>"
-    for key in await bus.kv_keys(subjects.NODE_STATE_BUCKET, prefix):
-        entry = await bus.kv_get(subjects.NODE_STATE_BUCKET, key)
-        if entry is None:
-            continue
+    for entry in await bus.kv_latest(subjects.NODE_STATE_BUCKET, prefix):
         with contextlib.suppress(events.MalformedEvent):
             decoded = events.decode(entry.value)
             if isinstance(decoded, events.NodeState):
@@ -230,7 +229,70 @@ def snapshot_lines(view: View, info: StackInfo) -> list[str]:
     return lines
 
 
-def node_lines(view: View) -> list[str]:
+# More nodes than this: a summary (counts per generation, the laggards, the stale) instead of
+# a line per node.
+LIST_NODES_UP_TO = 50
+# A node that has not written its state for this long is stale: its heartbeat (30 s by
+# default, APILANE_NODE_STATE_INTERVAL) stopped. The bucket drops it after an hour.
+STALE_AFTER = timedelta(seconds=120)
+NAMES_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class NodeSummary:
+    """Thousands of nodes at a glance (`summarise`)."""
+
+    total: int
+    by_generation: dict[int, int]  # generation -> how many nodes hold it
+    laggards: list[str]  # nodes not at the snapshot's generation, by name
+    silent: list[str]  # no state written for STALE_AFTER: gone, or cut off from NATS
+    expired: list[str]  # holding a snapshot whose signature expired (fail static)
+    with_errors: list[str]
+
+
+def summarise(nodes: list[events.NodeState], generation: int | None, now: datetime) -> NodeSummary:
+    by_generation: dict[int, int] = {}
+    for node in nodes:
+        by_generation[node.generation] = by_generation.get(node.generation, 0) + 1
+    return NodeSummary(
+        total=len(nodes),
+        by_generation=dict(sorted(by_generation.items(), reverse=True)),
+        laggards=[n.node for n in nodes if generation is not None and n.generation != generation],
+        silent=[n.node for n in nodes if now - _aware(n.updated_at) > STALE_AFTER],
+        expired=[n.node for n in nodes if n.stale],
+        with_errors=[n.node for n in nodes if n.last_error],
+    )
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:NAMES_SHOWN])
+    return shown + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")
+
+
+def summary_lines(summary: NodeSummary) -> list[str]:
+    generations = ", ".join(f"{g}: {count}" for g, count in summary.by_generation.items())
+    lines = [f"  nodes ({summary.total}), by generation: {generations}"]
+    for label, names in (
+        ("behind", summary.laggards),
+        (f"STALE (no state for over {STALE_AFTER.seconds}s)", summary.silent),
+        ("holding an EXPIRED snapshot", summary.expired),
+        ("with errors", summary.with_errors),
+    ):
+        if names:
+            lines.append(f"    {len(names)} {label}: {_names(names)}")
+    if not (summary.laggards or summary.silent or summary.expired):
+        lines.append("    every node in sync")
+    return lines
+
+
+def node_lines(view: View, now: datetime | None = None) -> list[str]:
+    if len(view.nodes) > LIST_NODES_UP_TO:
+        generation = view.snapshot.generation if view.snapshot else None
+        return summary_lines(summarise(view.nodes, generation, now or datetime.now(UTC)))
     lines = [f"  nodes ({len(view.nodes)}):"]
     if not view.nodes:
         lines.append("    none has reported yet")
@@ -266,6 +328,9 @@ def view_as_json(view: View, info: StackInfo) -> str:
             "daemonset_generation": view.daemonset_generation,
             "calico_env": view.calico_env,
             "nodes": [msgspec.to_builtins(node) for node in view.nodes],
+            "summary": dataclasses.asdict(
+                summarise(view.nodes, snapshot.generation if snapshot else None, datetime.now(UTC))
+            ),
         },
         indent=2,
     )

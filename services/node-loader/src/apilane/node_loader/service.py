@@ -8,7 +8,8 @@ Start-up order (the data plane first, the bus second):
    recorded in the state file: precedence in settings.py), then attach the connect-time
    programs if it says on, detach them if off (control.py);
 4. connect to NATS as this node's own identity (`lifecycle.bus_session`: retrying for as
-   long as it takes), wait for the streams discovery creates, take the latest KV value, then watch the snapshot key and take every new revision. Each value is
+   long as it takes), wait for the streams discovery creates, take the latest KV value, then follow the snapshot key (feed.py: its republished
+   copies, or a KV watch) and take every new revision. Each value is
    verified and judged before anything else (admission.py, intake.py): only snapshots
    signed by a trusted key, newer than the one held, reach the reconciler.
 
@@ -16,8 +17,8 @@ Stopping (SIGTERM) keeps the maps pinned and the programs attached: every connec
 the node depends on them, and a loader restart or upgrade must not open a window without
 translation. The programs are detached only when the connect-time LB is switched off
 (setting at start, or live through the node's control subject; a live switch is persisted
-and holds across restarts). With NATS down, nothing changes in the data plane; the KV watch
-resubscribes and catches up when NATS is back. Removing apilane from a node is
+and holds across restarts). With NATS down, nothing changes in the data plane; the feed
+catches up when NATS is back (feed.py). Removing apilane from a node is
 `python -m apilane.node_loader uninstall` (uninstall.py).
 """
 
@@ -39,7 +40,9 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from apilane.model import subjects
 from apilane.model.events import NodeState
 from apilane.node_loader.control import ConnectTimeLb, ControlServer, ProgramsControl
+from apilane.node_loader.feed import snapshot_feed
 from apilane.node_loader.health import HealthPolicy, HealthTable, Transition
+from apilane.node_loader.heartbeat import Heartbeat
 from apilane.node_loader.intake import SnapshotIntake, set_health_attributes
 from apilane.node_loader.metrics import LoaderMetrics
 from apilane.node_loader.nat import BackendValue, NatMaps
@@ -141,6 +144,7 @@ class NodeLoader:
         self._initial_revision = 0
         self._state_due = 0.0
         self._audit_due = 0.0
+        self.heartbeat = Heartbeat(interval=settings.node_state_interval)
         self.health.add_live("loop", lambda: time.monotonic() - self._heartbeat < 10 * _TICK + 5)
         self.health.add_ready("maps", lambda: self.maps_loaded)
         self.health.add_ready("programs", self.lb.ready)
@@ -255,13 +259,18 @@ class NodeLoader:
             return True
 
     async def _watch(self) -> None:
-        key = subjects.snapshot_key(self.cluster)
-        async for entry in self._bus.watch_kv(subjects.SNAPSHOT_BUCKET, key):
+        feed = snapshot_feed(
+            self._bus,
+            self.cluster,
+            self.settings.snapshot_fanout,
+            start_after=self._initial_revision,
+        )
+        async for entry in feed:
             if entry.revision == self._initial_revision:
-                continue  # the watch starts with the value the initial reconcile applied
+                continue  # a watch starts with the value the initial reconcile applied
             try:
                 await self.handle_entry(entry)
-            except Exception:  # a bug in handling one revision must not end the watch
+            except Exception:  # a bug in handling one revision must not end the feed
                 log.exception("handling a snapshot failed", extra={"revision": entry.revision})
 
     async def _housekeeping(self, stopping: asyncio.Event) -> None:
@@ -394,9 +403,16 @@ class NodeLoader:
         )
 
     async def write_node_state(self) -> None:
+        """Write the NodeState if it changed or the heartbeat interval passed (heartbeat.py)."""
         interval = self.settings.node_state_interval
-        self._state_due = time.monotonic() + interval
-        if not await self.reporter.write_state(self.node_state()) and self.bus is not None:
+        state = self.node_state()
+        now = time.monotonic()
+        if not self.heartbeat.due(state, now):
+            return
+        self._state_due = now + interval
+        if await self.reporter.write_state(state):
+            self.heartbeat.written(state, now)
+        elif self.bus is not None:
             # NATS is down: the data plane does not care; try again soon.
             self._state_due = time.monotonic() + min(interval, 2.0)
 

@@ -18,6 +18,7 @@
 | APILANE_PROBE_NETNS             | the loader's own         | network namespace file to probe from      |
 | APILANE_PROBE_CA_FILE           | none: not verified       | CA bundle for https probes                |
 | APILANE_MAP_BACKEND             | bpf                      | bpf, or memory (scale runs, no root)      |
+| APILANE_SNAPSHOT_FANOUT         | republish                | republish (core copies, feed.py), or watch |
 | APILANE_TRUSTED_KEYS            | (this or _FILE to serve) | public keys whose snapshots are applied   |
 | APILANE_TRUSTED_KEYS_FILE       | none                     | more of them, one per line                |
 | APILANE_OPERATOR_KEYS           | none: control refused    | public keys whose control requests count  |
@@ -84,6 +85,7 @@ SERVICE_NAME: Final = "apilane-node-loader"
 
 MAP_BACKENDS = ("bpf", "memory")
 PROBE_KINDS = ("tcp", "https", "off")
+SNAPSHOT_FANOUTS = ("watch", "republish")
 # The state file's name without ".state.json" (and the temporary file's prefix and suffix)
 # must fit a 255-byte file name.
 _MAX_SLUG = 200
@@ -115,6 +117,7 @@ class NodeLoaderSettings(msgspec.Struct, frozen=True, kw_only=True):
     node_state_interval: float = 30.0
     map_backend: str = "bpf"
     probe: ProbeSettings = msgspec.field(default_factory=ProbeSettings)
+    snapshot_fanout: str = "republish"  # chosen by measurement: docs/benchmarks.md
     # Public keys (base64, raw Ed25519) as configured: the settings stay plain data, so
     # they can be logged at start; `trusted()` and `operators()` parse them.
     trusted_keys: tuple[str, ...] = ()
@@ -246,6 +249,7 @@ def load(environ: Mapping[str, str] | None = None, *, serving: bool = True) -> N
         node_state_interval=env.seconds("NODE_STATE_INTERVAL", 30.0, low=0.05),
         map_backend=map_backend,
         probe=load_probe(env),
+        snapshot_fanout=env.choice("SNAPSHOT_FANOUT", "republish", SNAPSHOT_FANOUTS),
         trusted_keys=_key_texts(
             require_trusted_keys(env) if serving else load_trusted_keys(env, "TRUSTED_KEYS")
         ),

@@ -17,6 +17,9 @@ PREFIX: Final = f"apilane.{VERSION}"
 # KV buckets (names may not contain dots).
 SNAPSHOT_BUCKET: Final = f"apilane_{VERSION}_snapshots"  # key: <cluster>; value: EndpointSnapshot
 NODE_STATE_BUCKET: Final = f"apilane_{VERSION}_nodes"  # key: <cluster>.<node>; value: NodeState
+# A node's key is removed this long (seconds) after its last write: it left the cluster.
+# Far above any heartbeat interval (30 s by default), so a live node never loses its key.
+NODE_STATE_MAX_AGE: Final = 3600.0
 # How many revisions of each cluster's snapshot are kept for replay and audit.
 SNAPSHOT_HISTORY: Final = 64
 
@@ -71,6 +74,17 @@ def kv_subject(bucket: str, key: str) -> str:
 
 def node_state_key(cluster: str, node: str) -> str:
     return f"{check_token(cluster, 'cluster name')}.{node_token(node)}"
+
+
+def snapshot_republish_subject(cluster: str) -> str:
+    """Core NATS subject where JetStream republishes each new value of a cluster's snapshot
+    key (the KV stream's RePublish): the fan-out that needs no consumer per node."""
+    return f"{PREFIX}.{check_token(cluster, 'cluster name')}.snapshot"
+
+
+# The KV stream's RePublish source and destination: `snapshot_republish_subject` of each key.
+SNAPSHOT_REPUBLISH_SOURCE: Final = f"$KV.{SNAPSHOT_BUCKET}.*"
+SNAPSHOT_REPUBLISH_DESTINATION: Final = f"{PREFIX}.{{{{wildcard(1)}}}}.snapshot"
 
 
 def node_control_subject(cluster: str, node: str) -> str:

@@ -36,6 +36,7 @@ from nats.js.api import (
     DeliverPolicy,
     DiscardPolicy,
     KeyValueConfig,
+    RePublish,
     StorageType,
     StreamConfig,
 )
@@ -110,7 +111,34 @@ class KvEntry(msgspec.Struct, frozen=True, kw_only=True):
     revision: int
     headers: dict[str, str] = {}
     operation: str = "PUT"  # PUT, DEL or PURGE
-    written_at: datetime | None = None  # when the server stored it (kv_get, kv_history)
+    written_at: datetime | None = None  # when the server stored it
+
+
+class CoreMessage(msgspec.Struct, frozen=True, kw_only=True):
+    subject: str
+    data: bytes
+    headers: dict[str, str] = {}
+
+
+class CoreSubscription:
+    """A core NATS subscription, read one message at a time."""
+
+    def __init__(self, subscription: Subscription) -> None:
+        self._subscription = subscription
+
+    async def next(self, timeout: float) -> CoreMessage | None:
+        """The next message, or None when none came within `timeout` seconds."""
+        try:
+            msg = await self._subscription.next_msg(timeout=timeout)
+        except (TimeoutError, nats.errors.TimeoutError):
+            return None
+        return CoreMessage(
+            subject=msg.subject, data=msg.data or b"", headers=dict(msg.headers or {})
+        )
+
+    async def unsubscribe(self) -> None:
+        with contextlib.suppress(NatsError):
+            await self._subscription.unsubscribe()
 
 
 class Bus:
@@ -122,6 +150,7 @@ class Bus:
         self.nc = nc
         self.js = js
         self._violations = violations or _Violations()
+        self._reconnect_listeners: list[Callable[[], None]] = []
 
     @classmethod
     async def connect(
@@ -148,15 +177,18 @@ class Bus:
             except ConfigError as exc:
                 raise BusError(str(exc)) from exc
         violations = _Violations()
+        reconnect_listeners: list[Callable[[], None]] = []
         options = connect_options(servers, auth) | {
             "name": name,
             "connect_timeout": connect_timeout,
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,
-            "reconnect_time_wait": min(1.0, max_reconnect_wait),
+            # Jittered per connection: after a server restart, thousands of clients do not
+            # all come back in the same instant (nats-py has no jitter of its own).
+            "reconnect_time_wait": min(1.0, max_reconnect_wait) * random.uniform(0.5, 1.5),
             "error_cb": _error_logger(violations),
             "disconnected_cb": _log_event("disconnected from NATS"),
-            "reconnected_cb": _log_event("reconnected to NATS"),
+            "reconnected_cb": _on_reconnect(reconnect_listeners),
         }
         loop = asyncio.get_running_loop()
         deadline = (
@@ -182,7 +214,21 @@ class Bus:
                 )
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, max_reconnect_wait)
-        return cls(nc, nc.jetstream(), violations)
+        bus = cls(nc, nc.jetstream(), violations)
+        bus._reconnect_listeners = reconnect_listeners
+        return bus
+
+    def on_reconnect(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` after each reconnect (what was sent meanwhile on core subjects is
+        lost); returns the function that removes it."""
+        self._reconnect_listeners.append(listener)
+        return lambda: self._reconnect_listeners.remove(listener)
+
+    async def subscribe(self, subject: str) -> CoreSubscription:
+        """A core NATS subscription (no JetStream), refused at once if not permitted."""
+        subscription = await self.nc.subscribe(subject)
+        await self._guarded(subject, self.nc.flush())
+        return CoreSubscription(subscription)
 
     @property
     def connected(self) -> bool:
@@ -214,14 +260,25 @@ class Bus:
             await task
         raise PermissionDenied(f"NATS refused {subject}: {refused.result()}")
 
-    async def create_streams(self) -> None:
+    async def create_streams(self, *, replicas: int = 1) -> None:
         """Create (or converge) every stream and bucket apilane uses. Idempotent. Only the
-        provisioner's identity (discovery) may; for the others, see `wait_for_streams`."""
+        provisioner's identity (discovery) may; for the others, see `wait_for_streams`.
+        `replicas`: copies of each stream in a JetStream cluster (3 survives one server).
+
+        The snapshot bucket republishes each new value onto the cluster's core subject
+        (`subjects.snapshot_republish_subject`) and answers direct gets: the fan-out that
+        needs no consumer per node (node-loader's APILANE_SNAPSHOT_FANOUT=republish)."""
         await self._ensure_kv(
             KeyValueConfig(
                 bucket=subjects.SNAPSHOT_BUCKET,
                 history=subjects.SNAPSHOT_HISTORY,
                 storage=StorageType.FILE,
+                replicas=replicas,
+                direct=True,
+                republish=RePublish(
+                    src=subjects.SNAPSHOT_REPUBLISH_SOURCE,
+                    dest=subjects.SNAPSHOT_REPUBLISH_DESTINATION,
+                ),
                 description="apilane: the API-server endpoint snapshot of each cluster",
             )
         )
@@ -230,6 +287,10 @@ class Bus:
                 bucket=subjects.NODE_STATE_BUCKET,
                 history=1,
                 storage=StorageType.FILE,
+                replicas=replicas,
+                # A node gone from the cluster stops its heartbeat: the server removes its
+                # key this long after its last write (no one needs delete rights for it).
+                ttl=subjects.NODE_STATE_MAX_AGE,
                 description="apilane: what each node-loader has programmed",
             )
         )
@@ -241,6 +302,7 @@ class Bus:
             max_age=7 * 24 * 3600,
             duplicate_window=120,
             discard=DiscardPolicy.OLD,
+            num_replicas=replicas,
             description="apilane: warnings and render results",
         )
         create = f"$JS.API.STREAM.CREATE.{config.name}"
@@ -321,18 +383,22 @@ class Bus:
         return int(ack.seq)
 
     async def kv_get(
-        self, bucket: str, key: str, *, include_deleted: bool = False
+        self, bucket: str, key: str, *, include_deleted: bool = False, direct: bool = False
     ) -> KvEntry | None:
         """The latest value of a key, with its headers, or None when there is none.
 
         A deleted or purged key leaves a marker with a revision of its own; compare-and-set
-        writers need it (`include_deleted=True` returns the marker, `operation` says which)."""
+        writers need it (`include_deleted=True` returns the marker, `operation` says which).
+        `direct`: answered by any replica (a direct get), not only the stream leader."""
         stream = _kv_stream(bucket)
+        subject = subjects.kv_subject(bucket, key)
+        api = (
+            f"$JS.API.DIRECT.GET.{stream}.{subject}"
+            if direct
+            else f"$JS.API.STREAM.MSG.GET.{stream}"
+        )
         try:
-            raw = await self._guarded(
-                f"$JS.API.STREAM.MSG.GET.{stream}",
-                self.js.get_last_msg(stream, subjects.kv_subject(bucket, key)),
-            )
+            raw = await self._guarded(api, self.js.get_last_msg(stream, subject, direct=direct))
         except NotFoundError:
             return None
         except (NatsError, TimeoutError) as exc:
@@ -388,6 +454,54 @@ class Bus:
             if revision < sequence:  # a server that sent no sequence: do not ask again
                 return found
             sequence = revision + 1
+
+    async def kv_latest(
+        self, bucket: str, key: str = ">", *, timeout: float = 10.0
+    ) -> list[KvEntry]:
+        """The latest value of every key matching `key`, in one pass: one ordered consumer
+        delivering the last message per subject (not one request per key), each with the
+        time it was written (`written_at`). Deleted keys are left out."""
+        subject = subjects.kv_subject(bucket, key)
+        stream = _kv_stream(bucket)
+        expected = len(await self.kv_keys(bucket, key))
+        if expected == 0:
+            return []
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)
+        found: dict[str, KvEntry] = {}
+        try:
+            sub = await self._guarded(
+                f"$JS.API.CONSUMER.CREATE.{stream}",
+                self.js.subscribe(subject, stream=stream, ordered_consumer=True, config=config),
+            )
+        except (NatsError, TimeoutError) as exc:
+            raise BusError(f"reading the keys of {bucket} failed: {exc}") from exc
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=timeout)
+                except (TimeoutError, nats.errors.TimeoutError) as exc:
+                    raise BusError(f"reading the keys of {bucket} timed out") from exc
+                entry = _kv_entry(bucket, msg)
+                if entry is not None:
+                    found[entry.key] = entry
+                if msg.metadata.num_pending == 0:
+                    break
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        return sorted((e for e in found.values() if e.operation == "PUT"), key=lambda e: e.key)
+
+    async def kv_republish(self, bucket: str) -> tuple[str, str] | None:
+        """The bucket stream's RePublish (source, destination), or None if it has none."""
+        stream = _kv_stream(bucket)
+        try:
+            info = await self._guarded(f"$JS.API.STREAM.INFO.{stream}", self.js.stream_info(stream))
+        except (NatsError, TimeoutError) as exc:
+            raise BusError(f"looking up {bucket} failed: {exc}") from exc
+        republish = info.config.republish
+        if republish is None or not republish.src or not republish.dest:
+            return None
+        return republish.src, republish.dest
 
     async def kv_keys(self, bucket: str, key: str = ">") -> list[str]:
         """The keys of `bucket` that match `key` (a subject pattern: `local.>`), sorted.
@@ -604,6 +718,7 @@ def _kv_entry(bucket: str, msg: Msg) -> KvEntry | None:
         revision=int(meta.sequence.stream),
         headers=headers,
         operation=headers.get("KV-Operation", "PUT"),
+        written_at=meta.timestamp,
     )
 
 
@@ -633,6 +748,15 @@ def tls_context(auth: NatsAuth) -> ssl.SSLContext:
     if auth.tls_cert_file:
         context.load_cert_chain(auth.tls_cert_file, auth.tls_key_file)
     return context
+
+
+def _on_reconnect(listeners: list[Callable[[], None]]) -> Any:
+    async def callback() -> None:
+        log.warning("reconnected to NATS")
+        for listener in list(listeners):
+            listener()
+
+    return callback
 
 
 def _log_event(text: str) -> Any:

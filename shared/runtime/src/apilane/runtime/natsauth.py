@@ -49,6 +49,11 @@ _NODES: Final = f"KV_{subjects.NODE_STATE_BUCKET}"
 _EVENTS: Final = subjects.EVENTS_STREAM
 STREAMS: Final = (_SNAPSHOTS, _NODES, _EVENTS)
 _API: Final = "$JS.API"
+# The hub's JetStream domain. A leaf without JetStream reaches the hub's JetStream only
+# through a domain: its account maps `$JS.API.>` onto `$JS.<domain>.API.>`, so clients on
+# a leaf and on the hub use the same subjects (and the same permissions).
+HUB_DOMAIN: Final = "hub"
+_HUB_API: Final = f"$JS.{HUB_DOMAIN}.API"
 
 # What no role but the provisioner may do, and what nobody may do, to a stream.
 _STREAM_ADMIN: Final = tuple(f"{_API}.STREAM.{verb}.>" for verb in ("CREATE", "UPDATE"))
@@ -70,6 +75,7 @@ class Role(enum.StrEnum):
     RENDERER = "renderer"
     NODE_LOADER = "node-loader"
     OPERATOR = "operator"
+    LEAF = "leaf"  # a leaf nats-server (one per zone) that carries its node-loaders' traffic
 
 
 class Identity(msgspec.Struct, frozen=True, kw_only=True):
@@ -77,7 +83,7 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
 
     role: Role
     cluster: str
-    node: str = ""  # the node-loader's node name, as in APILANE_NODE_NAME
+    node: str = ""  # the node-loader's node name (APILANE_NODE_NAME), or the leaf's zone
     public_key: str = ""
 
     @property
@@ -89,8 +95,8 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
     def seed_path(self) -> str:
         """Where its seed lives, relative to a seeds directory."""
         scope = "_all" if self.cluster == ALL_CLUSTERS else self.cluster
-        if self.role is Role.NODE_LOADER:
-            return f"{scope}/node-loader/{_file_stem(self.node)}.nk"
+        if self.role in (Role.NODE_LOADER, Role.LEAF):
+            return f"{scope}/{self.role}/{_file_stem(self.node)}.nk"
         return f"{scope}/{self.role}.nk"
 
     @property
@@ -168,6 +174,10 @@ def _check_scope(identity: Identity) -> None:
         if not identity.node:
             raise NatsAuthError(f"{identity.name}: a node-loader identity needs its node")
         subjects.node_token(identity.node)
+    elif identity.role is Role.LEAF:
+        if not identity.node:
+            raise NatsAuthError(f"{identity.name}: a leaf identity needs its zone")
+        subjects.check_token(identity.node, "leaf zone")
     elif identity.node:
         raise NatsAuthError(f"{identity.name}: only a node-loader identity names a node")
 
@@ -175,8 +185,11 @@ def _check_scope(identity: Identity) -> None:
 # --------------------------------------------------------------------------- permissions
 
 
-def permissions(identity: Identity) -> Permissions:
-    """Exactly what the identity's role uses (see the module docstring)."""
+def permissions(identity: Identity, others: Sequence[Identity] = ()) -> Permissions:
+    """Exactly what the identity's role uses (see the module docstring). A leaf's depend
+    on `others`, the identities listed with it (its cluster's node-loaders' inboxes)."""
+    if identity.role is Role.LEAF:
+        return _leaf(identity, others)
     builders = {
         Role.DISCOVERY: _discovery,
         Role.RENDERER: _renderer,
@@ -260,12 +273,58 @@ def _node_loader(identity: Identity) -> Permissions:
         *_reads(_SNAPSHOTS, _snapshot_key(cluster)),
         *_watches(_SNAPSHOTS),
     ]
+    subscribe = (
+        _inbox(identity),
+        subjects.node_control_subject(cluster, node),
+        subjects.snapshot_republish_subject(cluster),
+    )
     return Permissions(
         publish_allow=tuple(publish),
         publish_deny=_denied_to_readers(),
-        subscribe_allow=(_inbox(identity), subjects.node_control_subject(cluster, node)),
+        subscribe_allow=subscribe,
         # Answers go to the requester's inbox, which only this one reply may reach.
         allow_responses=True,
+    )
+
+
+def _leaf(identity: Identity, others: Sequence[Identity]) -> Permissions:
+    """A leaf server's connection to the hub carries only node-loader traffic of its cluster:
+    the union of what those loaders may do (cluster-wide node-state and control subjects),
+    their inboxes listed one by one (an inbox token cannot be wildcarded by prefix), and
+    replies to the operators' inboxes. The leaf enforces each loader's own permissions on
+    its clients; this bounds what the leaf itself may send into and receive from the hub."""
+    cluster = identity.cluster
+    node_loaders = [
+        o for o in others if o.role is Role.NODE_LOADER and o.cluster == cluster and o.public_key
+    ]
+    operators = [
+        o
+        for o in others
+        if o.role is Role.OPERATOR and o.cluster in (cluster, ALL_CLUSTERS) and o.public_key
+    ]
+    # The leaf's account maps its clients' $JS.API and $KV subjects into the hub's domain.
+    publish = [
+        *map(
+            _to_hub_domain,
+            [
+                subjects.kv_subject(subjects.NODE_STATE_BUCKET, f"{cluster}.>"),
+                *_stream_info(*STREAMS),
+                *_reads(_SNAPSHOTS, _snapshot_key(cluster)),
+                *_watches(_SNAPSHOTS),
+            ],
+        ),
+        subjects.warnings_subject(cluster),
+        *(_inbox(o) for o in operators),
+    ]
+    subscribe = [
+        f"{subjects.PREFIX}.{cluster}.nodes.*.control",
+        subjects.snapshot_republish_subject(cluster),
+        *(_inbox(o) for o in node_loaders),
+    ]
+    return Permissions(
+        publish_allow=tuple(publish),
+        publish_deny=_in_hub_domain(_denied_to_readers()),
+        subscribe_allow=tuple(subscribe),
     )
 
 
@@ -318,6 +377,24 @@ class ClusterOptions(msgspec.Struct, frozen=True, kw_only=True):
     tls: TlsOptions | None = None  # mutual TLS between servers (verify is forced on)
 
 
+class LeafRemote(msgspec.Struct, frozen=True, kw_only=True):
+    """A leaf server's connection to the hub, as the leaf identity whose seed is in the
+    environment variable `seed_variable` of the leaf's process (never in the file)."""
+
+    urls: tuple[str, ...]
+    seed_variable: str = "APILANE_LEAF_NKEY_SEED"
+    tls: TlsOptions | None = None  # verify the hub (ca_file); no client certificate needed
+
+
+class LeafnodeOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """`listen`: a hub accepting leaf servers (each authenticates as a LEAF identity from
+    the accounts block). `remotes`: this server is a leaf of those hubs."""
+
+    listen: str = ""
+    remotes: tuple[LeafRemote, ...] = ()
+    tls: TlsOptions | None = None  # on the hub's leaf port
+
+
 class ServerOptions(msgspec.Struct, frozen=True, kw_only=True):
     listen: str  # host:port for clients
     http: str = ""  # host:port for the monitoring endpoint (/healthz); empty: none
@@ -330,6 +407,10 @@ class ServerOptions(msgspec.Struct, frozen=True, kw_only=True):
     lame_duck_grace_period: str = ""
     tls: TlsOptions | None = None
     cluster: ClusterOptions | None = None
+    leafnodes: LeafnodeOptions | None = None
+    # A leaf without JetStream forwards every $JS.API request to the hub it is a leaf of.
+    jetstream: bool = True
+    jetstream_domain: str = ""  # HUB_DOMAIN on a hub that accepts leaves
     # Where the accounts block comes from: inline (empty) or this file (relative to the
     # config file's directory: nats-server joins even an absolute path to it), generated apart
     # by `render_accounts` (so keys can live in a Secret while the rest is committed).
@@ -352,7 +433,7 @@ def render_server_config(
     if options.accounts_include:
         lines.append(f"include {_quote(options.accounts_include)}")
     else:
-        lines.append(render_accounts(identities or ()))
+        lines.append(render_accounts(identities or (), jetstream=options.jetstream))
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -373,13 +454,40 @@ def _server_lines(options: ServerOptions) -> list[str]:
         ("store_dir", options.store_dir),
         ("max_memory_store", options.max_memory_store),
         ("max_file_store", options.max_file_store),
+        ("domain", options.jetstream_domain),
     )
-    lines.append(_block("jetstream", [f"{k}: {_quote(v)}" for k, v in jetstream if v]))
+    if options.jetstream:
+        lines.append(_block("jetstream", [f"{k}: {_quote(v)}" for k, v in jetstream if v]))
     if options.tls is not None:
         lines.append(_block("tls", [*_tls_lines(options.tls), "handshake_first: true"]))
     if options.cluster is not None:
         lines.append(_cluster_block(options.cluster))
+    if options.leafnodes is not None:
+        lines.append(_leafnodes_block(options.leafnodes))
     return lines
+
+
+def _leafnodes_block(leafnodes: LeafnodeOptions) -> str:
+    lines = []
+    if leafnodes.listen:
+        lines.append(f"listen: {_quote(leafnodes.listen)}")
+        if leafnodes.tls is not None:
+            lines.append(_block("tls", _tls_lines(leafnodes.tls)))
+    remotes = []
+    for remote in leafnodes.remotes:
+        subjects.check_token(remote.seed_variable, "seed variable")
+        body = [
+            _list("urls", remote.urls),
+            f"account: {_quote(ACCOUNT)}",
+            # Unquoted: the value of the environment variable, so the seed stays out of files.
+            f"nkey: ${remote.seed_variable}",
+        ]
+        if remote.tls is not None and remote.tls.ca_file:
+            body.append(_block("tls", [f"ca_file: {_quote(remote.tls.ca_file)}"]))
+        remotes.append(_block("", body).lstrip())
+    if remotes:
+        lines.append(_block("remotes", remotes, brackets=("[", "]"), separator=": "))
+    return _block("leafnodes", lines)
 
 
 def _tls_lines(tls: TlsOptions, *, verify: bool | None = None) -> list[str]:
@@ -403,16 +511,48 @@ def _cluster_block(cluster: ClusterOptions) -> str:
     return _block("cluster", lines)
 
 
-def render_accounts(identities: Sequence[Identity]) -> str:
-    """The accounts block: one account with JetStream, one user per identity."""
+def render_accounts(identities: Sequence[Identity], *, jetstream: bool = True) -> str:
+    """The accounts block: one account with JetStream, one user per identity. A leaf's
+    account has no JetStream of its own: with it, the hub would not answer the leaf's
+    clients' JetStream requests (both sides would claim the same, empty, domain)."""
     validate(identities)
-    users = [_user(identity) for identity in identities]
-    account = _block(ACCOUNT, ["jetstream: enabled", _block("users", users, brackets=("[", "]"))])
+    users = [_user(identity, identities, on_leaf=not jetstream) for identity in identities]
+    settings = ["jetstream: enabled"]
+    if not jetstream:
+        mapped = [f"{_quote(k)}: {_quote(v)}" for k, v in _LEAF_MAPPINGS.items()]
+        settings = [_block("mappings", mapped)]
+    account = _block(ACCOUNT, [*settings, _block("users", users, brackets=("[", "]"))])
     return _block("accounts", [account]) + "\n"
 
 
-def _user(identity: Identity) -> str:
-    allowed = permissions(identity)
+# A leaf's account mapping: its clients' JetStream subjects, into the hub's domain (a leaf
+# forwards neither `$JS.API` nor `$KV` itself; the hub answers them under `$JS.<domain>.API`).
+_LEAF_MAPPINGS: Final = {f"{_API}.>": f"{_HUB_API}.>", "$KV.>": f"{_HUB_API}.$KV.>"}
+
+
+def _to_hub_domain(subject: str) -> str:
+    for source, target in _LEAF_MAPPINGS.items():
+        prefix = source.removesuffix(">")
+        if subject.startswith(prefix):
+            return target.removesuffix(">") + subject.removeprefix(prefix)
+    return subject
+
+
+def _in_hub_domain(subjects_: Sequence[str]) -> tuple[str, ...]:
+    """`subjects_` and, for each JetStream subject, the same in the hub's domain."""
+    mapped = [_to_hub_domain(s) for s in subjects_ if _to_hub_domain(s) != s]
+    return (*subjects_, *mapped)
+
+
+def _user(identity: Identity, others: Sequence[Identity], *, on_leaf: bool = False) -> str:
+    allowed = permissions(identity, others)
+    if on_leaf:
+        # A leaf checks a client's publish after its account's mapping into the hub domain.
+        allowed = msgspec.structs.replace(
+            allowed,
+            publish_allow=_in_hub_domain(allowed.publish_allow),
+            publish_deny=_in_hub_domain(allowed.publish_deny),
+        )
     publish = [_list("allow", allowed.publish_allow), _list("deny", allowed.publish_deny)]
     body = [
         _block("publish", publish),

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from apilane.runtime import natsauth
 from apilane.runtime.bus import Bus
 from apilane.runtime.config import NatsAuth
@@ -183,7 +185,12 @@ class NatsServer:
         identities: NatsIdentities | None = None,
         tls: bool = False,
         mutual_tls: bool = False,
+        leafnode_port: int | None = None,
+        leaf_of: tuple[str, ...] = (),
+        leaf_identity: Identity | None = None,
     ) -> None:
+        """`leafnode_port`: accept leaf servers there (a hub). `leaf_of`: the hub's leaf
+        URLs this server connects to as `leaf_identity`, without JetStream of its own."""
         self._own_store = store_dir is None
         self.store_dir = Path(store_dir or tempfile.mkdtemp(prefix="apilane-nats-"))
         self.port = port or free_port()
@@ -192,6 +199,9 @@ class NatsServer:
         self.cluster_name = cluster_name
         self.cluster_port = cluster_port
         self.routes = routes
+        self.leafnode_port = leafnode_port
+        self.leaf_of = leaf_of
+        self.leaf_identity = leaf_identity
         self.binary = find_nats_server()
         self.log_path = self.store_dir.parent / f"{self.store_dir.name}.log"
         self.auth_dir = self.store_dir.parent / f"{self.store_dir.name}-auth"
@@ -223,7 +233,37 @@ class NatsServer:
             store_dir=str(self.store_dir),
             tls=self.identities.tls_options(),
             cluster=cluster,
+            leafnodes=self._leafnode_options(),
+            jetstream=not self.leaf_of,
+            jetstream_domain=natsauth.HUB_DOMAIN if self.leafnode_port else "",
         )
+
+    def _leafnode_options(self) -> natsauth.LeafnodeOptions | None:
+        tls = self.identities.tls_options()
+        if self.leaf_of:
+            remote_tls = (
+                None
+                if tls is None
+                else natsauth.TlsOptions(cert_file="", key_file="", ca_file=tls.ca_file)
+            )
+            remote = natsauth.LeafRemote(urls=self.leaf_of, tls=remote_tls)
+            return natsauth.LeafnodeOptions(remotes=(remote,))
+        if self.leafnode_port:
+            # The leaf port's TLS checks the server only: leaves authenticate by nkey.
+            leaf_tls = None if tls is None else msgspec.structs.replace(tls, verify=False)
+            return natsauth.LeafnodeOptions(listen=f"127.0.0.1:{self.leafnode_port}", tls=leaf_tls)
+        return None
+
+    @property
+    def leafnode_url(self) -> str:
+        scheme = "tls" if self.identities.tls else "nats"
+        return f"{scheme}://127.0.0.1:{self.leafnode_port}"
+
+    def _process_env(self) -> dict[str, str] | None:
+        if self.leaf_identity is None:
+            return None
+        seed = natsauth.read_seed(self.identities.seeds / self.leaf_identity.seed_path)
+        return {**os.environ, "APILANE_LEAF_NKEY_SEED": seed}
 
     def write_config(self) -> Path:
         """The configuration generated from the current identities (what the server runs)."""
@@ -236,7 +276,9 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.write_config()
         self.proc = start_process(
-            [self.binary, "-c", str(self.config_path)], log_path=self.log_path
+            [self.binary, "-c", str(self.config_path)],
+            log_path=self.log_path,
+            env=self._process_env(),
         )
 
     def start(self, *, timeout: float = 15.0) -> NatsServer:
@@ -267,6 +309,14 @@ class NatsServer:
                 return document
         except OSError:
             return None
+
+    def leafnode_connections(self) -> int:
+        """Leaf connections this server has (to its hub, or from its leaves)."""
+        return int((self._monitor("varz") or {}).get("leafnodes", 0))
+
+    def monitor(self, endpoint: str) -> dict[str, Any] | None:
+        """A monitoring endpoint's document (`varz`, `jsz?consumers=true`, …), None if down."""
+        return self._monitor(endpoint)
 
     # -- identities
 
@@ -353,11 +403,22 @@ class NatsServer:
 
 
 class NatsCluster:
-    """N nats-servers routed together on loopback, JetStream clustered, one identity list."""
+    """N nats-servers routed together on loopback, JetStream clustered, one identity list.
+    With `leafnodes`, every server also accepts leaf servers (see `NatsTopology`)."""
 
-    def __init__(self, size: int = 3, *, tls: bool = False, mutual_tls: bool = False) -> None:
+    def __init__(
+        self,
+        size: int = 3,
+        *,
+        tls: bool = False,
+        mutual_tls: bool = False,
+        leafnodes: bool = False,
+        identities: NatsIdentities | None = None,
+    ) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="apilane-natscluster-"))
-        self.identities = NatsIdentities(self.base / "auth", tls=tls, mutual_tls=mutual_tls)
+        self.identities = identities or NatsIdentities(
+            self.base / "auth", tls=tls, mutual_tls=mutual_tls
+        )
         cluster_ports = [free_port() for _ in range(size)]
         routes = tuple(f"nats://127.0.0.1:{p}" for p in cluster_ports)
         self.servers = [
@@ -368,6 +429,7 @@ class NatsCluster:
                 cluster_port=cluster_ports[i],
                 routes=tuple(r for j, r in enumerate(routes) if j != i),
                 identities=self.identities,
+                leafnode_port=free_port() if leafnodes else None,
             )
             for i in range(size)
         ]
@@ -402,6 +464,122 @@ class NatsCluster:
         shutil.rmtree(self.base, ignore_errors=True)
 
     def __enter__(self) -> NatsCluster:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class NatsTopology:
+    """What a large cluster runs, on loopback: a JetStream hub of `size` routed servers
+    (streams with `replicas` copies) and one leaf server per zone, without JetStream, that
+    node-loaders attach to. Every server runs the same accounts block (per-role nkeys);
+    each leaf authenticates to the hub as its zone's LEAF identity, whose permissions carry
+    only its cluster's node-loader traffic (`natsauth._leaf`)."""
+
+    def __init__(
+        self,
+        *,
+        cluster: str = "default",
+        zones: Sequence[str] = ("zone-a",),
+        size: int = 3,
+        tls: bool = False,
+    ) -> None:
+        self.cluster = cluster
+        self.hub = NatsCluster(size, tls=tls, leafnodes=True)
+        self.identities = self.hub.identities
+        hub_leaf_urls = tuple(server.leafnode_url for server in self.hub.servers)
+        self.leaves: dict[str, NatsServer] = {}
+        for zone in zones:
+            leaf_identity = self.identities.identity(Role.LEAF, cluster, zone)
+            self.leaves[zone] = NatsServer(
+                store_dir=self.hub.base / f"leaf-{zone}",
+                server_name=f"leaf-{zone}",
+                identities=self.identities,
+                leaf_of=hub_leaf_urls,
+                leaf_identity=leaf_identity,
+            )
+        self.replicas = size
+
+    @property
+    def servers(self) -> list[NatsServer]:
+        return [*self.hub.servers, *self.leaves.values()]
+
+    def leaf(self, zone: str | None = None) -> NatsServer:
+        return self.leaves[zone] if zone else next(iter(self.leaves.values()))
+
+    def provision(self, identities: Sequence[Identity]) -> None:
+        """Add many identities at once (one reload of every server, not one per identity)."""
+        if self.identities.add_all(identities):
+            self.reload()
+
+    def reload(self) -> None:
+        """Every server loads the current identities. A leaf connection keeps the hub-side
+        permissions it connected with (a reload does not renew them), and those list each
+        node-loader's inbox: when they changed, the leaves reconnect (they hold no state;
+        their clients reconnect by themselves). Provision ahead (`provision`) to avoid it."""
+        hub_changed = False
+        for server in self.hub.servers:
+            if server.running and server._config_stale():
+                server.reload()
+                hub_changed = True
+        for leaf in self.leaves.values():
+            if not leaf.running:
+                continue
+            if hub_changed:
+                leaf.restart()
+                self._wait_connected(leaf)
+            elif leaf._config_stale():
+                leaf.reload()
+
+    def _wait_connected(self, leaf: NatsServer, timeout: float = 30.0) -> None:
+        wait_until(
+            lambda: leaf.leafnode_connections() > 0,
+            timeout=timeout,
+            what=f"leaf {leaf.server_name} connected to the hub",
+        )
+
+    def credentials(self, role: Role, node: str = "") -> NatsAuth:
+        identity = self.identities.identity(role, self.cluster, node)
+        self.reload()
+        return self.identities.auth(identity)
+
+    async def connect(
+        self, role: Role, node: str = "", *, via: NatsServer | None = None, name: str = ""
+    ) -> Bus:
+        """Connect as `role` to the hub (every hub server's URL), or to `via` alone."""
+        cluster = ALL_CLUSTERS if role is Role.OPERATOR else self.cluster
+        identity = self.identities.identity(role, cluster, node)
+        self.reload()
+        urls = [via.url] if via is not None else self.hub.urls
+        return await Bus.connect(
+            urls,
+            name=name or f"test-{role}",
+            auth=self.identities.auth(identity),
+            initial_attempt_deadline=20,
+        )
+
+    def env(self, role: Role, node: str = "", *, via: NatsServer | None = None) -> dict[str, str]:
+        urls = [via.url] if via is not None else self.hub.urls
+        return {"APILANE_NATS_URL": ",".join(urls), **auth_env(self.credentials(role, node))}
+
+    def start(self, *, timeout: float = 30.0) -> NatsTopology:
+        self.hub.start(timeout=timeout)
+        try:
+            for leaf in self.leaves.values():
+                leaf.start(timeout=timeout)
+                self._wait_connected(leaf, timeout)
+        except Exception:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        for leaf in self.leaves.values():
+            leaf.stop()
+        self.hub.close()
+
+    def __enter__(self) -> NatsTopology:
         return self.start()
 
     def __exit__(self, *_: object) -> None:

@@ -1,0 +1,163 @@
+"""The scaled-out NATS topology on loopback: a 3-server JetStream hub (every stream with 3
+replicas) and a leaf server that node-loaders attach to, all with production auth (per-role
+nkeys; the leaf itself authenticates to the hub as its zone's LEAF identity)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from nats.errors import Error as NatsError
+from prometheus_client import CollectorRegistry
+
+from apilane.model import subjects
+from apilane.node_loader import settings as loader_settings
+from apilane.node_loader.memmaps import MemoryNatMaps
+from apilane.node_loader.service import DataPlane, NodeLoader
+from apilane.runtime.bus import Bus
+from apilane.runtime.natsauth import Identity, Role
+from apilane.testing.nats import NatsTopology
+from apilane.testing.sealing import put_sealed, seal, trusted_env
+from apilane.testing.snapshots import make_snapshot
+
+pytestmark = [pytest.mark.integration, pytest.mark.nats]
+
+CLUSTER = "default"
+NODE = "node-on-leaf"
+
+
+@pytest.fixture
+def topology() -> Iterator[NatsTopology]:
+    topology = NatsTopology(cluster=CLUSTER, zones=("zone-a",))
+    # Provisioned before the leaf connects: its hub-side permissions list the loader's inbox.
+    topology.identities.add_all([Identity(role=Role.NODE_LOADER, cluster=CLUSTER, node=NODE)])
+    with topology:
+        yield topology
+
+
+async def eventually(check: Callable[[], bool], *, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@contextlib.asynccontextmanager
+async def loader_on_leaf(topology: NatsTopology, tmp_path: Path) -> AsyncIterator[NodeLoader]:
+    env = {
+        **topology.env(Role.NODE_LOADER, NODE, via=topology.leaf()),
+        "APILANE_CLUSTER": CLUSTER,
+        "APILANE_NODE_NAME": NODE,
+        "APILANE_MAP_BACKEND": "memory",
+        "APILANE_BPF_PIN_DIR": str(tmp_path / "pins"),
+        "APILANE_STATE_DIR": str(tmp_path / "state"),
+        "APILANE_NODE_STATE_INTERVAL": "1s",
+        **trusted_env(),
+    }
+    loader = NodeLoader(
+        settings=loader_settings.load(env),
+        data_plane=DataPlane(maps=MemoryNatMaps()),
+        registry=CollectorRegistry(),
+    )
+    stopping = asyncio.Event()
+    task = asyncio.create_task(loader.run(stopping))
+    try:
+        await eventually(lambda: loader.first_reconcile_done, what="the first reconcile")
+        yield loader
+    finally:
+        stopping.set()
+        await asyncio.wait_for(task, timeout=15)
+
+
+async def put_retrying(bus: Bus, data: bytes, *, within: float = 20.0) -> int:
+    """Publish as discovery's publisher does: retried while the cluster fails over."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await put_sealed(bus, data)
+        except (NatsError, TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def provisioned_discovery(topology: NatsTopology) -> Bus:
+    discovery = await topology.connect(Role.DISCOVERY)
+    await discovery.create_streams(replicas=topology.replicas)
+    return discovery
+
+
+async def test_every_stream_is_replicated_on_the_three_hub_servers(
+    topology: NatsTopology,
+) -> None:
+    discovery = await provisioned_discovery(topology)
+    try:
+        for stream in (
+            f"KV_{subjects.SNAPSHOT_BUCKET}",
+            f"KV_{subjects.NODE_STATE_BUCKET}",
+            subjects.EVENTS_STREAM,
+        ):
+            info = await discovery.js.stream_info(stream)
+            assert info.config.num_replicas == 3, stream
+            assert info.cluster is not None and len(info.cluster.replicas or []) == 2, stream
+    finally:
+        await discovery.drain()
+
+
+async def test_a_loader_on_the_leaf_is_programmed_from_discovery_on_the_hub(
+    topology: NatsTopology, tmp_path: Path
+) -> None:
+    discovery = await provisioned_discovery(topology)
+    try:
+        async with loader_on_leaf(topology, tmp_path) as loader:
+            await put_sealed(discovery, seal(make_snapshot(generation=1)))
+            await eventually(
+                lambda: loader.reconciler.applied_generation == 1, what="generation 1 applied"
+            )
+            # Its node state crossed the leaf into the hub's bucket.
+            operator = await topology.connect(Role.OPERATOR)
+            try:
+                key = subjects.node_state_key(CLUSTER, NODE)
+                entry = await operator.kv_get(subjects.NODE_STATE_BUCKET, key)
+                assert entry is not None
+            finally:
+                await operator.drain()
+            assert topology.leaf().leafnode_connections() == 1
+    finally:
+        await discovery.drain()
+
+
+async def test_killing_one_hub_server_keeps_publishing_and_consuming(
+    topology: NatsTopology, tmp_path: Path
+) -> None:
+    discovery = await provisioned_discovery(topology)
+    try:
+        async with loader_on_leaf(topology, tmp_path) as loader:
+            await put_sealed(discovery, seal(make_snapshot(generation=1)))
+            await eventually(
+                lambda: loader.reconciler.applied_generation == 1, what="generation 1 applied"
+            )
+            victim = topology.hub.servers[0]
+            assert victim.proc is not None
+            os.kill(victim.proc.pid, signal.SIGKILL)  # the pid we started, nothing else
+            victim.proc.wait(timeout=10)
+            # Replicas 3: the two left hold a quorum; writes and the watch go on (once the
+            # client has moved to a live server and a stream leader is elected there).
+            await put_retrying(
+                discovery, seal(make_snapshot(generation=2, apiservers=("10.0.0.2:6443",)))
+            )
+            await eventually(
+                lambda: loader.reconciler.applied_generation == 2,
+                what="generation 2 applied with one hub server down",
+                timeout=40,
+            )
+    finally:
+        await discovery.drain()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -196,10 +198,10 @@ async def test_republish_falls_back_to_the_watch_on_a_bucket_made_without_republ
 ) -> None:
     """An older provisioner made the bucket: no copies to follow, so the watch it is."""
     discovery = await nats_server.connect(Role.DISCOVERY, CLUSTER, name="discovery")
-    await discovery.js.create_key_value(
-        KeyValueConfig(bucket=subjects.SNAPSHOT_BUCKET, history=subjects.SNAPSHOT_HISTORY)
-    )
-    await discovery.create_streams()  # the others; the existing bucket is left as it is
+    await discovery.create_streams()
+    # ...and an older discovery, not yet upgraded, put the bucket back the way it made it.
+    info = await discovery.js.stream_info(SNAPSHOTS)
+    await discovery.js.update_stream(dataclasses.replace(info.config, republish=None))
     assert await discovery.kv_republish(subjects.SNAPSHOT_BUCKET) is None
     await put(discovery, 1)
     try:
@@ -208,5 +210,36 @@ async def test_republish_falls_back_to_the_watch_on_a_bucket_made_without_republ
             await eventually(generation_everywhere(fleet, 2), what="generation 2 by the watch")
             assert await consumers(discovery) == 1
         assert "does not republish its values" in caplog.text
+    finally:
+        await discovery.drain()
+
+
+async def test_create_streams_converges_buckets_an_older_apilane_made_and_keeps_their_values(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upgrade takes today's bucket settings (republish, history, a node-state max age)
+    without losing what the buckets hold."""
+    caplog.set_level(logging.INFO, logger="apilane.runtime.bus")
+    discovery = await nats_server.connect(Role.DISCOVERY, CLUSTER, name="discovery")
+    try:
+        await discovery.js.create_key_value(
+            KeyValueConfig(bucket=subjects.SNAPSHOT_BUCKET, history=1, direct=False)
+        )
+        await discovery.js.create_key_value(KeyValueConfig(bucket=subjects.NODE_STATE_BUCKET))
+        revision = await put(discovery, 7)
+        await discovery.create_streams()
+        snapshots = (await discovery.js.stream_info(SNAPSHOTS)).config
+        nodes = (await discovery.js.stream_info(f"KV_{subjects.NODE_STATE_BUCKET}")).config
+        assert await discovery.kv_republish(subjects.SNAPSHOT_BUCKET) is not None
+        assert snapshots.max_msgs_per_subject == subjects.SNAPSHOT_HISTORY
+        assert snapshots.allow_direct is True
+        assert nodes.max_age == subjects.NODE_STATE_MAX_AGE
+        kept = await discovery.js.get_msg(SNAPSHOTS, seq=revision)
+        assert kept.data
+        assert "converging a bucket's settings" in caplog.text
+        # Converged once: a second call finds nothing to change and sends no update.
+        caplog.clear()
+        await discovery.create_streams()
+        assert "converging a bucket's settings" not in caplog.text
     finally:
         await discovery.drain()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import re
@@ -317,6 +318,7 @@ class Bus:
         stream = _kv_stream(config.bucket)
         try:
             await self._guarded(f"$JS.API.STREAM.INFO.{stream}", self.js.key_value(config.bucket))
+            await self._converge_kv(stream, config)
             return
         except PermissionDenied:
             raise
@@ -326,6 +328,29 @@ class Bus:
             if "not found" not in str(exc).lower():
                 raise
         await self._guarded(f"$JS.API.STREAM.CREATE.{stream}", self.js.create_key_value(config))
+
+    async def _converge_kv(self, stream: str, config: KeyValueConfig) -> None:
+        """A bucket made by an older apilane keeps its data but takes today's settings
+        (history, max age, direct gets, republish, replicas): without this an upgraded
+        install would never republish, and its node-loaders would stay on the watch."""
+        info = await self._guarded(f"$JS.API.STREAM.INFO.{stream}", self.js.stream_info(stream))
+        current = info.config
+        wanted: dict[str, Any] = {
+            "max_msgs_per_subject": config.history,
+            "max_age": config.ttl or None,
+            "allow_direct": config.direct,
+            "republish": config.republish,
+            "num_replicas": config.replicas,
+            "description": config.description,
+        }
+        differs = [
+            name for name, value in wanted.items() if _differs(getattr(current, name), value)
+        ]
+        if not differs:
+            return
+        log.info("converging a bucket's settings", extra={"stream": stream, "fields": differs})
+        updated = dataclasses.replace(current, **wanted)
+        await self._guarded(f"$JS.API.STREAM.UPDATE.{stream}", self.js.update_stream(updated))
 
     async def wait_for_streams(
         self,
@@ -699,6 +724,17 @@ class Bus:
         if not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.close()
+
+
+def _differs(current: object, wanted: object) -> bool:
+    # The server reports an unset max age as 0 and an unset republish as None.
+    if isinstance(wanted, RePublish) and isinstance(current, RePublish):
+        return (current.src, current.dest, bool(current.headers_only)) != (
+            wanted.src,
+            wanted.dest,
+            bool(wanted.headers_only),
+        )
+    return (current or None) != (wanted or None)
 
 
 def _kv_stream(bucket: str) -> str:

@@ -246,6 +246,19 @@ def test_renderer_target_mode_and_namespace(helm: str) -> None:
     )
 
 
+def test_stream_replicas_follow_the_bundled_servers_unless_set(helm: str) -> None:
+    def replicas(values: Mapping[str, Any]) -> str:
+        env = env_of(rendered(values, helm), "Deployment", "apilane-discovery")
+        return str(env["APILANE_STREAM_REPLICAS"])
+
+    assert replicas({}) == "3"
+    assert replicas({"nats": {"bundled": {"replicas": 1}}}) == "1"
+    assert (
+        replicas({"nats": {"bundled": {"enabled": False}, "urls": ["nats://10.0.0.1:4222"]}}) == "1"
+    )
+    assert replicas({"nats": {"streamReplicas": 5}}) == "5"
+
+
 def test_tracing_off_and_on(helm: str) -> None:
     off = named(rendered(VALUE_SETS["tracing-off"], helm), "ConfigMap", "apilane-config")["data"]
     assert off["OTEL_TRACES_EXPORTER"] == "none"

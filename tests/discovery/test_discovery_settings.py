@@ -101,3 +101,13 @@ def test_a_reassert_maximum_below_the_interval_is_refused(
 ) -> None:
     with pytest.raises(ConfigError, match="APILANE_REASSERT_INTERVAL_MAX"):
         load({"APILANE_REASSERT_INTERVAL": "5s", "APILANE_REASSERT_INTERVAL_MAX": "1s"})
+
+
+def test_stream_replicas_default_to_one_and_are_bounded(
+    load: Callable[[dict[str, str]], DiscoverySettings],
+) -> None:
+    assert load({}).stream_replicas == 1
+    assert load({"APILANE_STREAM_REPLICAS": "3"}).stream_replicas == 3
+    for bad in ("0", "6", "three"):
+        with pytest.raises(ConfigError, match="APILANE_STREAM_REPLICAS"):
+            load({"APILANE_STREAM_REPLICAS": bad})

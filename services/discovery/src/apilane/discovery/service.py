@@ -252,9 +252,13 @@ async def main(
     client = await KubeClient.from_config(settings.common.kubeconfig or None)
     try:
         client_name = f"{COMPONENT}-{settings.identity}"
+
         # Discovery is the provisioner: its identity alone may create the streams.
+        async def provision(bus: Bus) -> None:
+            await bus.create_streams(replicas=settings.stream_replicas)
+
         async with bus_session(
-            ctx, settings.common, client_name=client_name, setup=Bus.create_streams
+            ctx, settings.common, client_name=client_name, setup=provision
         ) as bus:
             if bus is None:
                 return  # stopped before NATS was there

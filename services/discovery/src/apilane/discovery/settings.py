@@ -34,6 +34,7 @@ class DiscoverySettings:
     kube_proxy_name: str = "kube-proxy"
     coalesce_window: float = 0.1
     publish_retry_max: float = 5.0
+    stream_replicas: int = 1  # copies of each stream in a JetStream cluster (3 survives one)
     watch_backoff_max: float = 10.0
     # Anti-entropy: how often the leader reads its KV key besides being told of each write,
     # and how often it may put its snapshot back (`antientropy.ReassertPace`).
@@ -78,6 +79,7 @@ def load(environ: Mapping[str, str] | None = None) -> DiscoverySettings:
         kube_proxy_name=env.str("KUBE_PROXY_NAME", "kube-proxy"),
         coalesce_window=env.seconds("COALESCE_WINDOW", 0.1),
         publish_retry_max=env.seconds("PUBLISH_RETRY_MAX", 5.0, low=0.05),
+        stream_replicas=env.int("STREAM_REPLICAS", 1, low=1, high=5),
         watch_backoff_max=env.seconds("WATCH_BACKOFF_MAX", 10.0, low=0.05),
         key_check_interval=env.seconds("KEY_CHECK_INTERVAL", 1.0, low=0.05),
         reassert_interval=reassert_interval,

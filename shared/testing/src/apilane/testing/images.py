@@ -169,11 +169,13 @@ def build_order(images: dict[str, Image], wanted: Iterable[str]) -> list[str]:
 
 
 PROGRESS_INTERVAL = 30.0
+STEP_TIMEOUT = 1800.0
 
 
-def _run(argv: Sequence[str], **kwargs: object) -> None:
+def _run(argv: Sequence[str], *, timeout: float = STEP_TIMEOUT, **kwargs: object) -> None:
     """Run argv to completion, its output kept for the error; a line on stderr every 30 s
-    says it is still going (debootstrap and image builds take minutes the first time)."""
+    says it is still going (debootstrap and image builds take minutes the first time).
+    Killed after `timeout`: a stalled mirror must fail the build, not hang it."""
     command = list(argv[3:] if list(argv[:2]) == ["nice", "-n"] else argv)
     started = time.monotonic()
     with subprocess.Popen(
@@ -185,6 +187,12 @@ def _run(argv: Sequence[str], **kwargs: object) -> None:
                 break
             except subprocess.TimeoutExpired:
                 elapsed = time.monotonic() - started
+                if elapsed > timeout:
+                    process.kill()
+                    process.communicate()
+                    raise RuntimeError(
+                        f"{' '.join(argv)} did not finish in {timeout:.0f} s"
+                    ) from None
                 print(
                     f"  {' '.join(command[:2])}: still running, {elapsed:.0f} s",
                     file=sys.stderr,

@@ -97,10 +97,11 @@ class VipClient:
 
 def programmed_apiservers(pins: Path) -> set[str]:
     """The apiserver addresses the node's pinned maps hold behind the VIP (read by bpftool);
-    empty while nothing is pinned yet or mid-update."""
+    empty while nothing is pinned yet or mid-update (an entry deleted between bpftool's
+    next-key and lookup dumps as an error instead of bytes: a ValueError here)."""
     try:
         backends = pinned_v4_nat(pins).get((VIP, VIP_PORT), set())
-    except (subprocess.CalledProcessError, FileNotFoundError, KeyError):
+    except (subprocess.CalledProcessError, FileNotFoundError, KeyError, ValueError):
         return set()
     return {ip for ip, port in backends if port == APISERVER_PORT}
 

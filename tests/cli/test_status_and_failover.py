@@ -7,9 +7,16 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 
-from apilane.cli.failover import DEMO_RANGE, done, next_address, replaced_endpoints
+from apilane.cli.failover import (
+    DEMO_RANGE,
+    done,
+    next_address,
+    probe_changes,
+    replaced_endpoints,
+)
 from apilane.cli.status import Seal, View, open_value, render_view, view_as_json
 from apilane.cli.target import StackInfo
 from apilane.model import events
@@ -76,6 +83,20 @@ def test_a_change_is_done_only_when_snapshot_daemonset_and_every_node_have_it() 
         view(generation=2, ips=new_ips, env=env, nodes=[node(2), node(1)]), 1, "198.18.0.13"
     )
     assert not done(view(generation=2, ips=new_ips, env=env, nodes=[]), 1, "198.18.0.13")
+
+
+def test_failover_shows_when_a_node_s_probes_take_a_backend_out_and_back() -> None:
+    ips = ("198.18.0.10", "198.18.0.11")
+    dead = msgspec.structs.replace(node(1), unhealthy_backends=("198.18.0.10:6443",))
+    shown: set[tuple[str, str]] = set()
+    assert probe_changes(view(generation=1, ips=ips, env="", nodes=[node(1)]), shown) == []
+    assert probe_changes(view(generation=1, ips=ips, env="", nodes=[dead]), shown) == [
+        "local-node: probes took 198.18.0.10:6443 out of its maps"
+    ]
+    assert probe_changes(view(generation=1, ips=ips, env="", nodes=[dead]), shown) == []
+    assert probe_changes(view(generation=1, ips=ips, env="", nodes=[node(1)]), shown) == [
+        "local-node: 198.18.0.10:6443 passes its probes again"
+    ]
 
 
 def test_status_names_generations_endpoints_and_the_trace() -> None:

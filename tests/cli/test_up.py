@@ -5,6 +5,7 @@ tests/harness."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -135,6 +136,24 @@ def test_on_real_ebpf_the_node_loader_gets_a_dedicated_cgroup_and_pin_dir(tmp_pa
     assert loader["APILANE_BPF_PIN_DIR"] == "/sys/fs/bpf/apilane-local"
     assert loader["APILANE_BPF_DIR"] == str(tmp_path / "bpf")
     assert "APILANE_ALLOW_ROOT_CGROUP" not in loader
+
+
+def test_without_real_apiservers_the_node_loader_does_not_probe(tmp_path: Path) -> None:
+    # The demo endpoints are addresses nothing may contact.
+    loader = up.service_env(wiring(tmp_path, up.DataPlane(backend="memory")), "node-loader")
+    assert loader["APILANE_BACKEND_PROBE"] == "off"
+
+
+def test_against_the_ha_plane_the_node_loader_probes_what_it_was_told(tmp_path: Path) -> None:
+    probes = {
+        "APILANE_BACKEND_PROBE": "https",
+        "APILANE_PROBE_NETNS": "/run/netns/alkube-abc123-c0",
+        "APILANE_PROBE_CA_FILE": str(tmp_path / "ca.pem"),
+    }
+    base = wiring(tmp_path, up.DataPlane(backend="memory"))
+    loader = up.service_env(dataclasses.replace(base, probe_env=probes), "node-loader")
+    assert {k: loader[k] for k in probes} == probes
+    assert "APILANE_BACKEND_PROBE" not in up.service_env(base, "discovery")
 
 
 def test_forcing_memory_maps_skips_the_ebpf_checks() -> None:

@@ -7,15 +7,16 @@ One apiserver is SIGKILLed (it leaves the endpoints only when its lease expires)
 is stopped gracefully (it removes its own lease): the client's requests recover each time, the
 dead backends leave the snapshot and the pinned maps, and failures stay bounded. The timings
 (kill → lease expiry → snapshot → maps; failure window) are printed for the record.
+
+Twice: with the node-loader's backend probes off (the maps follow the snapshot alone), and with
+https probes (GET /readyz, verified against the plane's CA) from a namespace on the plane's
+bridge. With probes the killed apiserver leaves the maps before its lease expires, and once the
+last apiserver is killed too it stays programmed (fail static: the last backend never goes).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,15 +25,20 @@ from typing import Any
 
 import pytest
 
-from apilane.cli.demo import Answer
 from apilane.model import subjects
 from apilane.model.signing import TrustedKeys, open_snapshot
 from apilane.runtime.bus import Bus
 from apilane.runtime.natsauth import Role
-from apilane.testing.bpf import BpfLab, pinned_v4_nat
-from apilane.testing.ha import ClientNamespace, HAControlPlane
+from apilane.testing.bpf import BpfLab
+from apilane.testing.failover import (
+    APISERVER_PORT,
+    VipAnswer,
+    VipClient,
+    probe_environment,
+    programmed_apiservers,
+)
+from apilane.testing.ha import HAControlPlane
 from apilane.testing.nats import NatsServer
-from apilane.testing.procs import end_process
 from apilane.testing.sealing import signing_environment
 from apilane.testing.stack import ServiceProcesses, base_environment
 
@@ -40,59 +46,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.kube, pytest.mark.nats, pytest.mark.b
 
 CLUSTER = "ha"
 NODE = "node-ha"
-VIP, VIP_PORT = "10.96.0.1", 443
-APISERVER_PORT = 6443
-INTERVAL = 0.05
 CLIENT_DURATION = 150.0  # the client's own bound; the test ends it sooner
 # The killed apiserver's lease has at most 15 s left and another apiserver's reconcile loop
 # runs every 10 s; the bound adds a margin for a loaded machine, it is not a target.
 KILL_REMOVAL_BOUND = 60.0
 GRACEFUL_REMOVAL_BOUND = 15.0
 SETTLE_AFTER_REMOVAL = 1.0
-
-
-class VipClient:
-    """`python -m apilane.cli.demo --json` in the client namespace and the loader's cgroup;
-    collects its answers from a reader thread."""
-
-    def __init__(self, namespace: ClientNamespace, cgroup: Path, ca: Path) -> None:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "apilane.cli.demo",
-                f"--netns={namespace.path}",
-                f"--cgroup={cgroup}",
-                f"--ca={ca}",
-                f"--vip={VIP}",
-                f"--port={VIP_PORT}",
-                f"--interval={INTERVAL}",
-                f"--duration={CLIENT_DURATION}",
-                "--json",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        self.answers: list[Answer] = []
-        self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            with self._lock:
-                self.answers.append(Answer(**json.loads(line)))
-
-    def seen(self) -> list[Answer]:
-        with self._lock:
-            return list(self.answers)
-
-    def stop(self) -> str:
-        end_process(self.process, grace=5.0)  # type: ignore[arg-type]
-        self._reader.join(timeout=5)
-        assert self.process.stderr is not None
-        return self.process.stderr.read().decode(errors="replace")
+# With probes: how long the last apiserver, killed too, must stay programmed. The loader's
+# defaults mark a backend unhealthy after 3 failed probes 300 ms apart; this is several times that.
+LAST_BACKEND_WATCH = 4.0
 
 
 @dataclass
@@ -106,7 +68,7 @@ class Removal:
     lease_ttl_at_stop: float | None = None
     left_snapshot_at: float = 0.0
     left_maps_at: float = 0.0
-    failures: list[Answer] = field(default_factory=list)
+    failures: list[VipAnswer] = field(default_factory=list)
     requests: int = 0
 
     def report(self) -> str:
@@ -142,11 +104,13 @@ async def eventually(
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})\n{stack.logs_text()}")
 
 
+@pytest.mark.parametrize("probe", ["off", "https"])
 async def test_apiservers_fail_behind_the_vip_and_the_client_recovers(
     plane: HAControlPlane,
     nats_server_tls: NatsServer,
     bpf_lab: BpfLab,
     tmp_path: Path,
+    probe: str,
 ) -> None:
     nats_server = nats_server_tls
     env = base_environment(
@@ -155,6 +119,10 @@ async def test_apiservers_fail_behind_the_vip_and_the_client_recovers(
     cgroup, pins = bpf_lab.child_cgroup(), bpf_lab.pin_dir()
     state_dir = tmp_path / "state"
     state_dir.mkdir()
+    # Probes leave from a namespace on the plane's bridge: they reach the apiservers only.
+    probes = probe_environment(
+        plane.ca_path, plane.client_namespace() if probe != "off" else None, kind=probe
+    )
     stack = ServiceProcesses(tmp_path)
     try:
         stack.start(
@@ -179,11 +147,12 @@ async def test_apiservers_fail_behind_the_vip_and_the_client_recovers(
                 "APILANE_CGROUP_PATH": str(cgroup),
                 "APILANE_BPF_PIN_DIR": str(pins),
                 "APILANE_STATE_DIR": str(state_dir),
-            },
+            }
+            | probes,
         )
         bus = await nats_server.connect(Role.OPERATOR, CLUSTER, name="ha-test")
         try:
-            await run_failover(
+            removals = await run_failover(
                 plane=plane,
                 bus=bus,
                 trusted=TrustedKeys.parse(env["APILANE_TRUSTED_KEYS"]),
@@ -191,10 +160,47 @@ async def test_apiservers_fail_behind_the_vip_and_the_client_recovers(
                 cgroup=cgroup,
                 pins=pins,
             )
+            if probe == "off":
+                for removal in removals:
+                    # Without probes the maps follow the snapshot, never ahead of it.
+                    assert removal.left_maps_at >= removal.left_snapshot_at, removal.report()
+            else:
+                check_probed_removal(removals[0])
+                await check_last_backend_stays(plane, stack, pins)
         finally:
             await bus.drain()
     finally:
         stack.stop()
+
+
+def check_probed_removal(killed: Removal) -> None:
+    """The probes took the SIGKILLed apiserver out of the maps before its lease expired."""
+    assert killed.how == "SIGKILL"
+    assert killed.lease_ttl_at_stop is not None, "the killed apiserver had no lease"
+    assert killed.left_maps_at - killed.stopped_at < killed.lease_ttl_at_stop, killed.report()
+    assert killed.left_maps_at < killed.left_snapshot_at, killed.report()
+
+
+async def check_last_backend_stays(
+    plane: HAControlPlane, stack: ServiceProcesses, pins: Path
+) -> None:
+    """Kill the last apiserver too: its probes fail, and it stays programmed (fail static)."""
+    last = plane.addresses[0]
+    assert programmed_apiservers(pins) == {last}
+    await asyncio.to_thread(plane.kill_apiserver, 0)
+    deadline = time.monotonic() + LAST_BACKEND_WATCH
+    while time.monotonic() < deadline:
+        programmed = programmed_apiservers(pins)
+        # An empty read is bpftool mid-update; what was read must be the last backend.
+        assert programmed in ({last}, set()), programmed
+        await asyncio.sleep(0.05)
+    assert programmed_apiservers(pins) == {last}
+    unhealthy = [
+        line
+        for line in stack.log(NODE, lines=400).splitlines()
+        if "backend health changed" in line and f"{last}:{APISERVER_PORT}" in line
+    ]
+    assert unhealthy, f"the loader never saw {last} fail\n{stack.log(NODE)}"
 
 
 async def run_failover(
@@ -205,7 +211,7 @@ async def run_failover(
     stack: ServiceProcesses,
     cgroup: Path,
     pins: Path,
-) -> None:
+) -> list[Removal]:
     async def snapshot_addresses() -> set[str]:
         entry = await bus.kv_get(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(CLUSTER))
         if entry is None:
@@ -213,11 +219,7 @@ async def run_failover(
         return {e.ip for e in open_snapshot(entry.value, trusted).snapshot.apiserver_endpoints}
 
     def map_addresses() -> set[str]:
-        try:
-            backends = pinned_v4_nat(pins).get((VIP, VIP_PORT), set())
-        except (subprocess.CalledProcessError, FileNotFoundError, KeyError):
-            return set()  # not pinned yet, or mid-update
-        return {ip for ip, port in backends if port == APISERVER_PORT}
+        return programmed_apiservers(pins)
 
     everyone = set(plane.addresses)
     await eventually(
@@ -226,7 +228,7 @@ async def run_failover(
         stack=stack,
         timeout=60,
     )
-    client = VipClient(plane.client_namespace(), cgroup, plane.ca_path)
+    client = VipClient(plane.client_namespace(), cgroup, plane.ca_path, duration=CLIENT_DURATION)
     try:
         await eventually(
             lambda: _true_when(
@@ -249,6 +251,7 @@ async def run_failover(
     answers = client.seen()
     assert answers, stderr
     check_answers(plane, answers, [killed, stopped])
+    return [killed, stopped]
 
 
 async def remove(
@@ -259,7 +262,8 @@ async def remove(
     stack: ServiceProcesses,
     bound: float,
 ) -> None:
-    """Take one apiserver away and record when it left discovery's snapshot and the maps."""
+    """Take one apiserver away and record when it left discovery's snapshot and the maps
+    (with probes, the maps may lose it first)."""
     await asyncio.sleep(1.0)  # requests before the change, for contrast
     removal.lease_ttl_at_stop = plane.lease_ttl(removal.index)
     removal.stopped_at = time.time()
@@ -271,12 +275,14 @@ async def remove(
         )
     )
     deadline = time.monotonic() + bound
-    while time.monotonic() < deadline and not removal.left_maps_at:
+    while time.monotonic() < deadline and not (removal.left_maps_at and removal.left_snapshot_at):
         stack.check_alive()
         now = time.time()
         if not removal.left_snapshot_at and removal.address not in await snapshot_addresses():
             removal.left_snapshot_at = now
-        if removal.left_snapshot_at and removal.address not in map_addresses():
+        programmed = map_addresses()
+        # An empty read is bpftool mid-update (the last backend never leaves the maps).
+        if not removal.left_maps_at and programmed and removal.address not in programmed:
             removal.left_maps_at = time.time()
         await asyncio.sleep(0.05)
     await stopping
@@ -285,7 +291,7 @@ async def remove(
     await asyncio.sleep(SETTLE_AFTER_REMOVAL)
 
 
-def check_answers(plane: HAControlPlane, answers: list[Answer], removals: list[Removal]) -> None:
+def check_answers(plane: HAControlPlane, answers: list[VipAnswer], removals: list[Removal]) -> None:
     """Failures only while a dead backend was still in the maps; bounded there; none after."""
     windows = [(r.stopped_at, r.left_maps_at + SETTLE_AFTER_REMOVAL, r) for r in removals]
     for answer in answers:

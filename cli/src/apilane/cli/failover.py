@@ -176,6 +176,19 @@ def left_everywhere(view: View, gone: str) -> bool:
     return bool(view.nodes) and all(n.generation >= snapshot.generation for n in view.nodes)
 
 
+def probe_changes(view: View, shown: set[tuple[str, str]]) -> list[str]:
+    """PURE: what changed in the nodes' probe verdicts since `shown` (updated in place): a
+    node's probes take a dead backend out of its maps before the snapshot loses it."""
+    now = {(n.node, backend) for n in view.nodes for backend in n.unhealthy_backends}
+    lines = [
+        f"{node}: probes took {backend} out of its maps" for node, backend in sorted(now - shown)
+    ]
+    lines += [f"{node}: {backend} passes its probes again" for node, backend in sorted(shown - now)]
+    shown.clear()
+    shown.update(now)
+    return lines
+
+
 async def follow(
     bus: Bus,
     kube: KubeClient,
@@ -186,8 +199,10 @@ async def follow(
     started: float,
     out: TextIO,
 ) -> View | None:
-    """Poll the stack's view until `until(view)`; print each change of the endpoint set."""
+    """Poll the stack's view until `until(view)`; print each change of the endpoint set and
+    of the nodes' probe verdicts."""
     shown: set[str] | None = None
+    unhealthy: set[tuple[str, str]] = set()
     while time.monotonic() < started + timeout:
         try:
             view = await read_view(bus, kube, info)
@@ -204,6 +219,8 @@ async def follow(
                 f"{', '.join(sorted(addresses)) or '-'}",
                 file=out,
             )
+        for line in probe_changes(view, unhealthy):
+            print(f"  +{time.monotonic() - started:5.1f}s  {line}", file=out)
         if until(view):
             return view
         await asyncio.sleep(POLL_INTERVAL)
@@ -295,7 +312,11 @@ async def kill_and_follow(session: Session, victim: RecordedApiServer) -> View |
     started = time.monotonic()
     kill_recorded(victim)
     print(f"failover: SIGKILL {victim.name} at {victim.address} (pid {victim.pid})", file=out)
-    print("its lease expires in up to 15 s; another apiserver then removes it …", file=out)
+    print(
+        "the node's probes take it out of its maps within about a second; its lease expires"
+        " in up to 15 s, then another apiserver removes it from the endpoints …",
+        file=out,
+    )
     view = await session.follow(
         lambda v: left_everywhere(v, victim.address),
         timeout=REAL_REMOVAL_TIMEOUT,

@@ -62,6 +62,7 @@ from apilane.model.errors import ApilaneError
 from apilane.model.signing import SigningKey
 from apilane.runtime.natsauth import Role
 from apilane.testing import bpf, procs
+from apilane.testing.failover import probe_environment
 from apilane.testing.ha import HAControlPlane
 from apilane.testing.kube import ControlPlane, object_path, resource_paths
 from apilane.testing.nats import StackNats, start_stack_nats
@@ -196,6 +197,9 @@ class Wiring:
     # "node-loader:<node>"), as `start_stack_nats` made them.
     nats_roles: dict[str, dict[str, str]] = field(default_factory=dict)
     kubeconfigs: dict[str, Path] = field(default_factory=dict)
+    # The node-loader's APILANE_BACKEND_PROBE and APILANE_PROBE_*: empty, probes off (the
+    # demo endpoints of the one-apiserver stack are addresses nothing may contact).
+    probe_env: dict[str, str] = field(default_factory=dict)
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
@@ -262,6 +266,7 @@ def node_loader_env(wiring: Wiring) -> dict[str, str]:
         "APILANE_CONNECT_TIME_LB": "true",
         "APILANE_BPF_DIR": str(wiring.layout.repo / "bpf"),
     }
+    env.update(wiring.probe_env or {"APILANE_BACKEND_PROBE": "off"})
     if wiring.data_plane.cgroup is not None:
         env["APILANE_BPF_PIN_DIR"] = str(PIN_DIR)
         env["APILANE_CGROUP_PATH"] = str(wiring.data_plane.cgroup)
@@ -417,8 +422,12 @@ class LocalStack:
         self.nats = start_nats(self.layout, self.ports["nats"])
         self.control_plane, kubeconfigs = start_control_plane(self.layout, ha=os.geteuid() == 0)
         ha = isinstance(self.control_plane, HAControlPlane)
+        probes: dict[str, str] = {}
         if isinstance(self.control_plane, HAControlPlane):
-            self.control_plane.client_namespace()  # for `apilane demo`
+            # For `apilane demo`; on the plane's bridge, so the node-loader probes the
+            # apiservers' /readyz from there too and drops a dead one within about a second.
+            demo_namespace = self.control_plane.client_namespace()
+            probes = probe_environment(self.control_plane.ca_path, demo_namespace, kind="https")
         asyncio.run(seed(kubeconfigs["admin"], self.layout.repo, demo_endpoints=not ha))
         keys = StackKeys.generate(self.layout.keys)
         wiring = Wiring(
@@ -429,6 +438,7 @@ class LocalStack:
             keys,
             nats_roles=self.nats.roles,
             kubeconfigs=kubeconfigs,
+            probe_env=probes,
         )
         self.start_services(wiring)
         self.processes.wait_ready(

@@ -102,6 +102,22 @@ scrape without that label still works (it is then empty on both sides).
           endpoints in the last {{ $alerts.failStatic.window }}: the EndpointSlices of
           Service default/kubernetes list no ready API server. Every node keeps the last good
           set; check the API servers and the endpoint reconciler.
+    - alert: ApilaneSnapshotKeyReasserted
+      # The snapshot key did not hold discovery's snapshot (removed, purged, overwritten,
+      # or a stale copy): discovery healed it, but something else writes there.
+      expr: |
+        sum by (namespace, reason) (increase(apilane_discovery_reasserts_total[{{ $alerts.snapshotKeyReasserted.window }}])) > 0
+      labels:
+        severity: {{ $alerts.snapshotKeyReasserted.severity }}
+        {{- with $extra }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      annotations:
+        summary: "The snapshot key was changed by someone other than discovery"
+        description: >-
+          discovery put its snapshot back into the KV key in the last
+          {{ $alerts.snapshotKeyReasserted.window }} (reason {{`{{ $labels.reason }}`}}).
+          Nodes kept their maps; find who writes to or purges the snapshot bucket.
     - alert: ApilaneNodeFailStatic
       # A node-loader rejected a snapshot without endpoints and kept its maps.
       expr: |

@@ -77,3 +77,40 @@ def test_many_laggards_are_named_up_to_a_limit() -> None:
     )
     behind = next(line for line in node_lines(view, NOW) if "behind" in line)
     assert behind.startswith("    100 behind: n0, n1") and behind.endswith("and 80 more")
+
+
+def test_backend_health_shows_per_node_and_in_the_summary() -> None:
+    sick = node("node-a", 7, unhealthy_backends=("10.0.0.12:6443",))
+    cut_off = node(
+        "node-b",
+        7,
+        unhealthy_backends=("10.0.0.11:6443", "10.0.0.12:6443"),
+        health_fail_static=True,
+    )
+    few = View(
+        snapshot=make_snapshot(generation=7),
+        trace_id="",
+        nodes=[sick, cut_off, node("node-c", 7)],
+        calico_env={},
+        daemonset_generation=1,
+    )
+    lines = node_lines(few, NOW)
+    assert lines[1].endswith("UNHEALTHY (left out): 10.0.0.12:6443")
+    assert lines[2].endswith("every backend UNHEALTHY to its probes (kept them all)")
+    assert "UNHEALTHY" not in lines[3]
+    summary = summarise([sick, cut_off, *fleet()], 7, NOW)
+    assert summary.unhealthy == {
+        "10.0.0.11:6443": ["node-b"],
+        "10.0.0.12:6443": ["node-a", "node-b"],
+    }
+    assert summary.health_fail_static == ["node-b"]
+    many = View(
+        snapshot=make_snapshot(generation=7),
+        trace_id="",
+        nodes=[sick, cut_off, *fleet()],
+        calico_env={},
+        daemonset_generation=1,
+    )
+    text = node_lines(many, NOW)
+    assert "    backend 10.0.0.12:6443 UNHEALTHY on 2 node(s): node-a, node-b" in text
+    assert "    1 finding every backend unhealthy (kept them all): node-b" in text

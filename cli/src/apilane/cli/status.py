@@ -248,12 +248,18 @@ class NodeSummary:
     silent: list[str]  # no state written for STALE_AFTER: gone, or cut off from NATS
     expired: list[str]  # holding a snapshot whose signature expired (fail static)
     with_errors: list[str]
+    # backend -> the nodes whose probes find it unhealthy (they left it out of their maps)
+    unhealthy: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    health_fail_static: list[str] = dataclasses.field(default_factory=list)
 
 
 def summarise(nodes: list[events.NodeState], generation: int | None, now: datetime) -> NodeSummary:
     by_generation: dict[int, int] = {}
+    unhealthy: dict[str, list[str]] = {}
     for node in nodes:
         by_generation[node.generation] = by_generation.get(node.generation, 0) + 1
+        for backend in node.unhealthy_backends:
+            unhealthy.setdefault(backend, []).append(node.node)
     return NodeSummary(
         total=len(nodes),
         by_generation=dict(sorted(by_generation.items(), reverse=True)),
@@ -261,6 +267,8 @@ def summarise(nodes: list[events.NodeState], generation: int | None, now: dateti
         silent=[n.node for n in nodes if now - _aware(n.updated_at) > STALE_AFTER],
         expired=[n.node for n in nodes if n.stale],
         with_errors=[n.node for n in nodes if n.last_error],
+        unhealthy=dict(sorted(unhealthy.items())),
+        health_fail_static=[n.node for n in nodes if n.health_fail_static],
     )
 
 
@@ -284,6 +292,13 @@ def summary_lines(summary: NodeSummary) -> list[str]:
     ):
         if names:
             lines.append(f"    {len(names)} {label}: {_names(names)}")
+    for backend, names in summary.unhealthy.items():
+        lines.append(f"    backend {backend} UNHEALTHY on {len(names)} node(s): {_names(names)}")
+    if summary.health_fail_static:
+        names = summary.health_fail_static
+        lines.append(
+            f"    {len(names)} finding every backend unhealthy (kept them all): {_names(names)}"
+        )
     if not (summary.laggards or summary.silent or summary.expired):
         lines.append("    every node in sync")
     return lines
@@ -307,8 +322,17 @@ def node_lines(view: View, now: datetime | None = None) -> list[str]:
             f"{programs} programs attached, applied {age(node.applied_at)}"
             + ("  STALE (its snapshot expired)" if node.stale else "")
             + (f"  last error: {node.last_error}" if node.last_error else "")
+            + _health_note(node)
         )
     return lines
+
+
+def _health_note(node: events.NodeState) -> str:
+    if node.health_fail_static:
+        return "  every backend UNHEALTHY to its probes (kept them all)"
+    if node.unhealthy_backends:
+        return f"  UNHEALTHY (left out): {', '.join(node.unhealthy_backends)}"
+    return ""
 
 
 def view_as_json(view: View, info: StackInfo) -> str:

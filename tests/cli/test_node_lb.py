@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -24,34 +22,17 @@ from apilane.model.signing import SigningKey, TrustedKeys
 from apilane.node_loader import settings as loader_settings
 from apilane.node_loader.memmaps import MemoryNatMaps
 from apilane.node_loader.service import DataPlane, NodeLoader
+from apilane.node_loader.testing import RecordedPrograms, running
 from apilane.runtime import natsauth
 from apilane.runtime.bus import Bus
 from apilane.runtime.natsauth import Role
+from apilane.testing.loaders import loader_env
 from apilane.testing.nats import NatsServer
 from apilane.testing.sealing import trusted_env
 
 CLUSTER = "lb-test"
 NODE = "node-a.example"
 NOW = signing.utcnow()
-
-
-class Programs:
-    """Records attach and detach calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def enable(self) -> None:
-        self.calls.append("enable")
-
-    def disable(self) -> None:
-        self.calls.append("disable")
-
-    def attached_programs(self) -> list[str]:
-        return ["apilane_connect4"] if self.calls and self.calls[-1] == "enable" else []
-
-    def close(self) -> None:
-        pass
 
 
 # --------------------------------------------------------------------------- pure
@@ -123,45 +104,24 @@ class Node:
     """One node-loader in-process, trusting `operator` for control requests."""
 
     def __init__(self, nats_server: NatsServer, operator: SigningKey, tmp_path: Path) -> None:
-        self.env = {
-            **nats_server.env(Role.NODE_LOADER, CLUSTER, NODE),
-            "APILANE_CLUSTER": CLUSTER,
-            "APILANE_NODE_NAME": NODE,
-            # Backends here are addresses no probe may reach from this host: probing is off.
-            "APILANE_BACKEND_PROBE": "off",
-            "APILANE_MAP_BACKEND": "memory",
-            "APILANE_BPF_PIN_DIR": str(tmp_path / "pins"),
-            "APILANE_STATE_DIR": str(tmp_path / "state"),
-            **trusted_env(),
+        self.env = loader_env(
+            nats_server.env(Role.NODE_LOADER, CLUSTER, NODE),
+            cluster=CLUSTER,
+            node=NODE,
+            workdir=tmp_path,
+            heartbeat="30s",
             **trusted_env(operator, name="APILANE_OPERATOR_KEYS"),
-        }
+        )
         self.maps = MemoryNatMaps()
-        self.programs = Programs()
+        self.programs = RecordedPrograms(names=("apilane_connect4",))
 
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[NodeLoader]:
-        stopping = asyncio.Event()
+    def running(self) -> contextlib.AbstractAsyncContextManager[NodeLoader]:
         loader = NodeLoader(
             settings=loader_settings.load(self.env),
             data_plane=DataPlane(maps=self.maps, programs=self.programs),
             registry=CollectorRegistry(),
         )
-        task = asyncio.create_task(loader.run(stopping))
-        try:
-            await eventually(lambda: loader.first_reconcile_done, what="first reconcile")
-            yield loader
-        finally:
-            stopping.set()
-            await asyncio.wait_for(task, timeout=10)
-
-
-async def eventually(check: Callable[[], bool], *, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        return running(loader)
 
 
 def write_key(tmp_path: Path, key: SigningKey, name: str) -> Path:

@@ -9,7 +9,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,11 +20,14 @@ from apilane.model import subjects
 from apilane.node_loader import settings as loader_settings
 from apilane.node_loader.memmaps import MemoryNatMaps
 from apilane.node_loader.service import DataPlane, NodeLoader
+from apilane.node_loader.testing import running
 from apilane.runtime.bus import Bus
 from apilane.runtime.natsauth import Identity, Role
+from apilane.testing.loaders import loader_env
 from apilane.testing.nats import NatsTopology
-from apilane.testing.sealing import put_sealed, seal, trusted_env
+from apilane.testing.sealing import put_sealed, seal
 from apilane.testing.snapshots import make_snapshot
+from apilane.testing.waiting import until
 
 pytestmark = [pytest.mark.integration, pytest.mark.nats]
 
@@ -41,40 +44,22 @@ def topology() -> Iterator[NatsTopology]:
         yield topology
 
 
-async def eventually(check: Callable[[], bool], *, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 @contextlib.asynccontextmanager
 async def loader_on_leaf(topology: NatsTopology, tmp_path: Path) -> AsyncIterator[NodeLoader]:
-    env = {
-        **topology.env(Role.NODE_LOADER, NODE, via=topology.leaf()),
-        "APILANE_CLUSTER": CLUSTER,
-        "APILANE_NODE_NAME": NODE,
-        "APILANE_MAP_BACKEND": "memory",
-        "APILANE_BPF_PIN_DIR": str(tmp_path / "pins"),
-        "APILANE_STATE_DIR": str(tmp_path / "state"),
-        "APILANE_NODE_STATE_INTERVAL": "1s",
-        **trusted_env(),
-    }
+    env = loader_env(
+        topology.env(Role.NODE_LOADER, NODE, via=topology.leaf()),
+        cluster=CLUSTER,
+        node=NODE,
+        workdir=tmp_path,
+        heartbeat="1s",
+    )
     loader = NodeLoader(
         settings=loader_settings.load(env),
         data_plane=DataPlane(maps=MemoryNatMaps()),
         registry=CollectorRegistry(),
     )
-    stopping = asyncio.Event()
-    task = asyncio.create_task(loader.run(stopping))
-    try:
-        await eventually(lambda: loader.first_reconcile_done, what="the first reconcile")
-        yield loader
-    finally:
-        stopping.set()
-        await asyncio.wait_for(task, timeout=15)
+    async with running(loader) as started:
+        yield started
 
 
 async def put_retrying(bus: Bus, data: bytes, *, within: float = 20.0) -> int:
@@ -119,7 +104,7 @@ async def test_a_loader_on_the_leaf_is_programmed_from_discovery_on_the_hub(
     try:
         async with loader_on_leaf(topology, tmp_path) as loader:
             await put_sealed(discovery, seal(make_snapshot(generation=1)))
-            await eventually(
+            await until(
                 lambda: loader.reconciler.applied_generation == 1, what="generation 1 applied"
             )
             # Its node state crossed the leaf into the hub's bucket.
@@ -142,7 +127,7 @@ async def test_killing_one_hub_server_keeps_publishing_and_consuming(
     try:
         async with loader_on_leaf(topology, tmp_path) as loader:
             await put_sealed(discovery, seal(make_snapshot(generation=1)))
-            await eventually(
+            await until(
                 lambda: loader.reconciler.applied_generation == 1, what="generation 1 applied"
             )
             victim = topology.hub.servers[0]
@@ -154,7 +139,7 @@ async def test_killing_one_hub_server_keeps_publishing_and_consuming(
             await put_retrying(
                 discovery, seal(make_snapshot(generation=2, apiservers=("10.0.0.2:6443",)))
             )
-            await eventually(
+            await until(
                 lambda: loader.reconciler.applied_generation == 2,
                 what="generation 2 applied with one hub server down",
                 timeout=40,

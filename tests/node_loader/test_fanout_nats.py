@@ -26,20 +26,12 @@ from apilane.runtime.natsauth import Identity, Role
 from apilane.testing.nats import NatsServer
 from apilane.testing.sealing import put_sealed, seal, trusted_env
 from apilane.testing.snapshots import make_snapshot
+from apilane.testing.waiting import until
 
 pytestmark = [pytest.mark.integration, pytest.mark.nats]
 
 CLUSTER = "default"
 SNAPSHOTS = f"KV_{subjects.SNAPSHOT_BUCKET}"
-
-
-async def eventually(check: Callable[[], bool], *, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @contextlib.asynccontextmanager
@@ -73,9 +65,7 @@ async def loaders(
     stopping = asyncio.Event()
     tasks = [asyncio.create_task(loader.run(stopping)) for loader in started]
     try:
-        await eventually(
-            lambda: all(x.first_reconcile_done for x in started), what="first reconciles"
-        )
+        await until(lambda: all(x.first_reconcile_done for x in started), what="first reconciles")
         yield started
     finally:
         stopping.set()
@@ -117,15 +107,15 @@ async def test_after_a_nats_restart_every_loader_catches_up_and_no_consumer_leak
     try:
         async with loaders(nats_server, tmp_path, count=20, fanout=fanout) as fleet:
             await put(discovery, 2)
-            await eventually(generation_everywhere(fleet, 2), what="generation 2 everywhere")
+            await until(generation_everywhere(fleet, 2), what="generation 2 everywhere")
             steady = await consumers(discovery)
             # One ordered consumer per loader for the watch; none for the republished copies.
             assert steady == (20 if fanout == "watch" else 0)
 
             await asyncio.to_thread(nats_server.restart)
-            await eventually(lambda: discovery.connected, what="discovery reconnected")
+            await until(lambda: discovery.connected, what="discovery reconnected")
             await put(discovery, 3)
-            await eventually(
+            await until(
                 generation_everywhere(fleet, 3), what="generation 3 after the restart", timeout=40
             )
             # Consumers lost with the server and recreated: back to the steady count (the
@@ -145,11 +135,11 @@ async def test_a_loader_on_republished_copies_refuses_an_unsigned_value_and_keep
         async with loaders(nats_server, tmp_path, count=1, fanout="republish") as [loader]:
             held = loader.reconciler.applied_digest
             await put_sealed(discovery, b'{"generation": 9}')  # not signed
-            await eventually(lambda: bool(loader.intake.refusal), what="the refusal")
+            await until(lambda: bool(loader.intake.refusal), what="the refusal")
             assert loader.reconciler.applied_generation == 1
             assert loader.reconciler.applied_digest == held
             await put(discovery, 2)
-            await eventually(generation_everywhere([loader], 2), what="generation 2")
+            await until(generation_everywhere([loader], 2), what="generation 2")
     finally:
         await discovery.drain()
 
@@ -178,11 +168,11 @@ async def test_republished_copies_chain_per_key_so_other_keys_cause_no_resync(
     task = asyncio.create_task(follow())
     try:
         first = await put_sealed(ours, b"east-1", cluster="east")
-        await eventually(lambda: len(seen) == 1, what="the first value")
+        await until(lambda: len(seen) == 1, what="the first value")
         await put_sealed(theirs, b"west-1", cluster="west")
         await put_sealed(theirs, b"west-2", cluster="west")
         second = await put_sealed(ours, b"east-2", cluster="east")
-        await eventually(lambda: len(seen) == 2, what="the second value")
+        await until(lambda: len(seen) == 2, what="the second value")
         assert [(e.revision, e.value) for e in seen] == [(first, b"east-1"), (second, b"east-2")]
         assert feed.resyncs <= 1  # the read at start (which may see the first value) only
     finally:
@@ -207,7 +197,7 @@ async def test_republish_falls_back_to_the_watch_on_a_bucket_made_without_republ
     try:
         async with loaders(nats_server, tmp_path, count=1, fanout="republish") as fleet:
             await put(discovery, 2)
-            await eventually(generation_everywhere(fleet, 2), what="generation 2 by the watch")
+            await until(generation_everywhere(fleet, 2), what="generation 2 by the watch")
             assert await consumers(discovery) == 1
         assert "does not republish its values" in caplog.text
     finally:

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,8 +29,10 @@ from apilane.node_loader.nat import BackendValue
 from apilane.node_loader.service import NodeLoader, open_data_plane
 from apilane.runtime.natsauth import Role
 from apilane.testing.bpf import SERVICE_VIP4, BpfLab, NetNamespace, entered_netns
-from apilane.testing.sealing import put_sealed, seal, trusted_env
+from apilane.testing.loaders import loader_env
+from apilane.testing.sealing import put_sealed, seal
 from apilane.testing.snapshots import make_snapshot
+from apilane.testing.waiting import until
 
 pytestmark = [pytest.mark.integration, pytest.mark.bpf, pytest.mark.nats]
 
@@ -78,15 +79,6 @@ class EchoBackend:
             self.server.close()
 
 
-async def until(check: Callable[[], bool], *, what: str, timeout: float = 20.0) -> float:
-    began = time.monotonic()
-    while time.monotonic() - began < timeout:
-        if check():
-            return time.monotonic() - began
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 async def in_thread(function: Callable[..., object], *args: object) -> object:
     """Agent calls block: keep the event loop (the backend B, the loader) running."""
     return await asyncio.to_thread(function, *args)
@@ -107,18 +99,19 @@ async def test_a_dead_backend_leaves_the_maps_and_only_its_service_connections_a
     echo = EchoBackend(b.netns, b.ipv4)
     await echo.listen()
     cgroup, pin_dir = lab.child_cgroup(), lab.pin_dir()
-    env = {
-        **nats_server.env(Role.NODE_LOADER, CLUSTER, NODE),
-        "APILANE_CLUSTER": CLUSTER,
-        "APILANE_NODE_NAME": NODE,
-        "APILANE_MAP_BACKEND": "bpf",
-        "APILANE_CGROUP_PATH": str(cgroup),
-        "APILANE_BPF_PIN_DIR": str(pin_dir),
-        "APILANE_STATE_DIR": str(tmp_path / "state"),
-        "APILANE_NODE_STATE_INTERVAL": "1s",
-        "APILANE_PROBE_NETNS": str(topology.client.path),
-        **trusted_env(),
-    }
+    # Probing on (its default, tcp): the backends are this test's own, inside its namespaces.
+    env = loader_env(
+        nats_server.env(Role.NODE_LOADER, CLUSTER, NODE),
+        cluster=CLUSTER,
+        node=NODE,
+        workdir=tmp_path,
+        heartbeat="1s",
+        APILANE_BACKEND_PROBE="tcp",
+        APILANE_MAP_BACKEND="bpf",
+        APILANE_CGROUP_PATH=str(cgroup),
+        APILANE_BPF_PIN_DIR=str(pin_dir),
+        APILANE_PROBE_NETNS=str(topology.client.path),
+    )
     settings = loader_settings.load(env)
     data_plane = open_data_plane(settings)
     registry = CollectorRegistry()

@@ -8,8 +8,7 @@ import asyncio
 import contextlib
 import ssl
 import statistics
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -26,12 +25,14 @@ from apilane.node_loader.memmaps import MemoryNatMaps
 from apilane.node_loader.nat import BackendValue
 from apilane.node_loader.prober import HealthMonitor
 from apilane.node_loader.service import DataPlane, NodeLoader
-from apilane.node_loader.testing import contents_of
+from apilane.node_loader.testing import contents_of, running
 from apilane.runtime.bus import Bus
 from apilane.runtime.natsauth import Role
+from apilane.testing.loaders import loader_env
 from apilane.testing.pki import Pki
-from apilane.testing.sealing import put_sealed, seal, trusted_env
+from apilane.testing.sealing import put_sealed, seal
 from apilane.testing.snapshots import make_snapshot
+from apilane.testing.waiting import until
 
 CLUSTER = "default"
 NODE = "probe-node"
@@ -82,16 +83,6 @@ def programmed(maps: MemoryNatMaps) -> set[BackendValue]:
     }
 
 
-async def until(check: Callable[[], bool], *, what: str, timeout: float = 15.0) -> float:
-    """Poll every 5 ms; returns the seconds it took."""
-    began = time.monotonic()
-    while time.monotonic() - began < timeout:
-        if check():
-            return time.monotonic() - began
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 async def node_state(bus: Bus) -> NodeState | None:
     entry = await bus.kv_get(subjects.NODE_STATE_BUCKET, subjects.node_state_key(CLUSTER, NODE))
     decoded = events.decode(entry.value) if entry else None
@@ -103,17 +94,14 @@ async def node_state(bus: Bus) -> NodeState | None:
 async def running_loader(
     nats_server, tmp_path: Path, maps: MemoryNatMaps, **extra: str
 ) -> AsyncIterator[tuple[NodeLoader, CollectorRegistry, InMemorySpanExporter]]:
-    env = {
-        **nats_server.env(Role.NODE_LOADER, CLUSTER, NODE),
-        "APILANE_CLUSTER": CLUSTER,
-        "APILANE_NODE_NAME": NODE,
-        "APILANE_MAP_BACKEND": "memory",
-        "APILANE_BPF_PIN_DIR": str(tmp_path / "pins"),
-        "APILANE_STATE_DIR": str(tmp_path / "state"),
-        "APILANE_NODE_STATE_INTERVAL": "300ms",
-        **trusted_env(),
-        **extra,
-    }
+    # Probing on (its default, tcp): the backends are this test's own listeners on loopback.
+    env = loader_env(
+        nats_server.env(Role.NODE_LOADER, CLUSTER, NODE),
+        cluster=CLUSTER,
+        node=NODE,
+        workdir=tmp_path,
+        **{"APILANE_BACKEND_PROBE": "tcp", **extra},
+    )
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -124,14 +112,8 @@ async def running_loader(
         registry=registry,
         tracer=provider.get_tracer("test"),
     )
-    stopping = asyncio.Event()
-    task = asyncio.create_task(loader.run(stopping))
-    try:
-        await until(lambda: loader.first_reconcile_done, what="first reconcile")
+    async with running(loader):
         yield loader, registry, exporter
-    finally:
-        stopping.set()
-        await asyncio.wait_for(task, timeout=10)
 
 
 @pytest.mark.integration

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,9 +27,10 @@ from apilane.node_loader.memmaps import MemoryNatMaps, render_resolved
 from apilane.node_loader.plan import check_invariants
 from apilane.node_loader.service import DataPlane, NodeLoader
 from apilane.node_loader.statefile import PersistedState, StateFile
-from apilane.node_loader.testing import contents_of
+from apilane.node_loader.testing import RecordedPrograms, contents_of, running
 from apilane.runtime.bus import Bus
 from apilane.runtime.natsauth import Role
+from apilane.testing.loaders import loader_env
 from apilane.testing.nats import NatsServer
 from apilane.testing.nats_fixtures import ConnectAs
 from apilane.testing.sealing import (
@@ -40,6 +41,7 @@ from apilane.testing.sealing import (
     trusted_env,
 )
 from apilane.testing.snapshots import make_snapshot
+from apilane.testing.waiting import until
 
 pytestmark = [pytest.mark.integration, pytest.mark.nats]
 
@@ -52,20 +54,14 @@ OPERATOR = SigningKey.generate()
 class Harness:
     def __init__(self, nats_server: NatsServer, tmp_path: Path) -> None:
         self.nats_server = nats_server
-        self.env = {
-            # This node's own identity: it may write only its own node-state key.
-            **nats_server.env(Role.NODE_LOADER, CLUSTER, NODE),
-            "APILANE_CLUSTER": CLUSTER,
-            "APILANE_NODE_NAME": NODE,
-            # Backends here are addresses no probe may reach from this host: probing is off.
-            "APILANE_BACKEND_PROBE": "off",
-            "APILANE_MAP_BACKEND": "memory",
-            "APILANE_BPF_PIN_DIR": str(tmp_path / "pins"),
-            "APILANE_STATE_DIR": str(tmp_path / "state"),
-            "APILANE_NODE_STATE_INTERVAL": "300ms",
-            **trusted_env(),
+        # This node's own identity: it may write only its own node-state key.
+        self.env = loader_env(
+            nats_server.env(Role.NODE_LOADER, CLUSTER, NODE),
+            cluster=CLUSTER,
+            node=NODE,
+            workdir=tmp_path,
             **trusted_env(OPERATOR, name="APILANE_OPERATOR_KEYS"),
-        }
+        )
         self.settings = loader_settings.load(self.env)
         self.maps = MemoryNatMaps()  # survives loader restarts, like pinned maps
         self.exporter = InMemorySpanExporter()
@@ -75,9 +71,7 @@ class Harness:
         self.loader: NodeLoader | None = None
         self.registry = CollectorRegistry()
 
-    @contextlib.asynccontextmanager
-    async def running(self, programs=None) -> AsyncIterator[NodeLoader]:
-        stopping = asyncio.Event()
+    def running(self, programs=None) -> contextlib.AbstractAsyncContextManager[NodeLoader]:
         self.registry = CollectorRegistry()
         self.loader = NodeLoader(
             settings=self.settings,
@@ -85,13 +79,7 @@ class Harness:
             registry=self.registry,
             tracer=self.tracer,
         )
-        task = asyncio.create_task(self.loader.run(stopping))
-        try:
-            await eventually(lambda: self.loader.first_reconcile_done, what="first reconcile")
-            yield self.loader
-        finally:
-            stopping.set()
-            await asyncio.wait_for(task, timeout=10)
+        return running(self.loader)
 
     def configure(self, **env: str) -> None:
         """Change APILANE_* variables for the next start (a DaemonSet edit); another node
@@ -110,15 +98,6 @@ class Harness:
 
     def metric(self, name: str, **labels: str) -> float:
         return self.registry.get_sample_value(name, labels) or 0.0
-
-
-async def eventually(check: Callable[[], bool], *, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 async def node_state(bus: Bus) -> NodeState | None:
@@ -195,7 +174,7 @@ async def test_latest_value_is_applied_at_start_then_every_new_one(bus, discover
         assert state.programs_attached == () and state.last_error == ""
 
         await put(discovery, make_snapshot(generation=2, apiservers=HA3))
-        await eventually(lambda: len(harness.resolved()[0].split(",")) == 3, what="three backends")
+        await until(lambda: len(harness.resolved()[0].split(",")) == 3, what="three backends")
         assert harness.resolved() == [
             "IPv4 10.96.0.1:443/6 -> [10.0.0.1:6443, 10.0.0.2:6443, 10.0.0.3:6443]"
         ]
@@ -221,7 +200,7 @@ async def test_an_old_generation_replayed_is_ignored(bus, discovery, harness):
         await wait_node_generation(bus, 5)
         before = harness.resolved()
         await put(discovery, make_snapshot(generation=4, apiservers=("10.0.0.9:6443",)))
-        await eventually(
+        await until(
             lambda: harness.metric("apilane_node_snapshots_ignored_total") == 1, what="ignored"
         )
         assert harness.resolved() == before
@@ -242,7 +221,7 @@ async def test_invalid_empty_and_malformed_snapshots_leave_the_maps_and_warn(
         # is opened: a bad one is a refused signature, see test_signed_nats.py).
         await put(discovery, make_snapshot(generation=3, cluster="elsewhere"))
         await put_sealed(discovery, seal_payload(b'{"truncated', generation=4), cluster=CLUSTER)
-        await eventually(
+        await until(
             lambda: (
                 harness.metric("apilane_node_applies_total", outcome="malformed") == 1
                 and harness.metric("apilane_node_applies_total", outcome="rejected") == 2
@@ -281,7 +260,7 @@ async def test_a_restarted_loader_resumes_from_its_state_file(bus, discovery, ha
     async with harness.running() as loader:
         assert loader.reconciler.applied_generation == 3
         # The same KV value again: ignored, not re-written.
-        await eventually(
+        await until(
             lambda: harness.metric("apilane_node_snapshots_ignored_total") == 1, what="ignored"
         )
         assert harness.maps.operations == ops
@@ -314,7 +293,7 @@ async def test_a_restart_while_nats_is_down_keeps_and_repairs_the_maps(
             registry=CollectorRegistry(),
         )
         task = asyncio.create_task(loader.run(stopping))
-        await eventually(lambda: loader.maps_loaded, what="maps recovered")
+        await until(lambda: loader.maps_loaded, what="maps recovered")
         assert harness.resolved() == expected  # from the state file, without NATS
         assert not loader.health.ready()[0]  # no first reconcile from NATS yet
         stopping.set()
@@ -338,9 +317,9 @@ async def test_nats_restart_keeps_the_data_plane_and_the_loader_catches_up(nats_
             assert harness.resolved() == before  # NATS down: the maps stay as they are
             nats_server.start()
 
-            await eventually(lambda: publisher.connected, what="publisher reconnected")
+            await until(lambda: publisher.connected, what="publisher reconnected")
             await put(publisher, make_snapshot(generation=2, apiservers=("10.0.0.4:6443",)))
-            await eventually(
+            await until(
                 lambda: harness.resolved() == ["IPv4 10.96.0.1:443/6 -> [10.0.0.4:6443]"],
                 what="catch-up after the NATS restart",
                 timeout=30,
@@ -357,7 +336,7 @@ async def test_one_trace_from_the_publisher_through_apply_to_the_map_writes(
     async with harness.running():
         with harness.tracer.start_as_current_span("discovery publish") as producer:
             await put(discovery, make_snapshot(generation=1, apiservers=HA3))
-        await eventually(
+        await until(
             lambda: any(
                 s.name == "map writes" and s.attributes.get("entries_written")
                 for s in harness.exporter.get_finished_spans()
@@ -378,32 +357,10 @@ async def test_one_trace_from_the_publisher_through_apply_to_the_map_writes(
     assert consume.attributes["apilane.generation"] == 1
 
 
-class RecordingPrograms:
-    """Stands in for ConnectTimeLB's attach/detach (the kernel test covers the real one)."""
-
-    def __init__(self) -> None:
-        self.attached = False
-        self.calls: list[str] = []
-
-    def enable(self) -> None:
-        self.calls.append("enable")
-        self.attached = True
-
-    def disable(self) -> None:
-        self.calls.append("disable")
-        self.attached = False
-
-    def attached_programs(self):
-        return ["apilane_connect4", "apilane_connect6"] if self.attached else []
-
-    def close(self) -> None:
-        self.calls.append("close")
-
-
 async def test_the_control_subject_switches_the_connect_time_lb_and_keeps_the_maps(
     bus, discovery, harness
 ):
-    programs = RecordingPrograms()
+    programs = RecordedPrograms()
     await put(discovery, make_snapshot(generation=1))
     async with harness.running(programs=programs) as loader:
         before = harness.resolved()
@@ -449,14 +406,14 @@ async def test_a_live_switch_holds_across_restarts_until_switched_back(
 ):
     caplog.set_level(logging.INFO, logger="apilane.node_loader.control")
     # Switched off before any snapshot was applied: the state file keeps the switch alone.
-    async with harness.running(programs=RecordingPrograms()):
+    async with harness.running(programs=RecordedPrograms()):
         await switch_lb(bus, False)
     recorded = harness.persisted()
     assert recorded is not None and recorded.applied is None
     assert recorded.lb_switch is not None and recorded.lb_switch.enabled is False
     assert recorded.lb_switch.env_value is True
 
-    programs = RecordingPrograms()
+    programs = RecordedPrograms()
     caplog.clear()
     async with harness.running(programs=programs) as loader:
         assert programs.calls == ["disable"]  # never attached, not even for a moment
@@ -474,7 +431,7 @@ async def test_a_live_switch_holds_across_restarts_until_switched_back(
     assert recorded.lb_switch is not None and recorded.lb_switch.enabled is False
     maps = harness.resolved()
 
-    programs = RecordingPrograms()
+    programs = RecordedPrograms()
     async with harness.running(programs=programs) as loader:
         assert programs.calls == ["disable"] and loader.reconciler.applied_generation == 1
         assert harness.resolved() == maps  # the maps are untouched by any of it
@@ -484,7 +441,7 @@ async def test_a_live_switch_holds_across_restarts_until_switched_back(
     recorded = harness.persisted()
     assert recorded is not None and recorded.lb_switch is None and recorded.generation == 1
 
-    programs = RecordingPrograms()
+    programs = RecordedPrograms()
     async with harness.running(programs=programs) as loader:
         assert programs.calls == ["enable"] and loader.connect_time_lb is True
 
@@ -492,13 +449,13 @@ async def test_a_live_switch_holds_across_restarts_until_switched_back(
 async def test_a_changed_variable_wins_over_an_earlier_live_switch(bus, discovery, harness, caplog):
     caplog.set_level(logging.INFO, logger="apilane.node_loader.control")
     await put(discovery, make_snapshot(generation=1))
-    async with harness.running(programs=RecordingPrograms()):
+    async with harness.running(programs=RecordedPrograms()):
         await switch_lb(bus, False)
 
     # The operator then edits the DaemonSet: APILANE_CONNECT_TIME_LB=false. The variable is
     # the newer decision; the switch record is dropped.
     harness.configure(APILANE_CONNECT_TIME_LB="false")
-    programs = RecordingPrograms()
+    programs = RecordedPrograms()
     caplog.clear()
     async with harness.running(programs=programs) as loader:
         assert programs.calls == ["disable"] and loader.connect_time_lb is False
@@ -510,7 +467,7 @@ async def test_a_changed_variable_wins_over_an_earlier_live_switch(bus, discover
 
     # And back to true: the old switch does not come back to life.
     harness.configure(APILANE_CONNECT_TIME_LB="true")
-    programs = RecordingPrograms()
+    programs = RecordedPrograms()
     async with harness.running(programs=programs) as loader:
         assert programs.calls == ["enable"] and loader.connect_time_lb is True
         await wait_node_state(bus, lambda s: s.connect_time_lb and bool(s.programs_attached))
@@ -522,7 +479,7 @@ async def test_a_node_name_of_253_characters_works_for_state_and_control(bus, di
     longest = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
     harness.configure(APILANE_NODE_NAME=longest)
     await put(discovery, make_snapshot(generation=3))
-    async with harness.running(programs=RecordingPrograms()) as loader:
+    async with harness.running(programs=RecordedPrograms()) as loader:
         key = subjects.node_state_key(CLUSTER, longest)
         deadline = time.monotonic() + 15
         entry = None

@@ -24,8 +24,9 @@ from apilane.node_loader.testing import contents_of
 from apilane.runtime.bus import Bus
 from apilane.runtime.natsauth import Role
 from apilane.testing.bpf import SERVICE_VIP4, Agent, BpfLab
+from apilane.testing.loaders import loader_env
 from apilane.testing.nats_fixtures import ConnectAs
-from apilane.testing.sealing import put_sealed, reseal, seal, trusted_env
+from apilane.testing.sealing import put_sealed, reseal, seal
 from apilane.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.bpf, pytest.mark.nats]
@@ -123,21 +124,16 @@ async def test_only_signed_snapshots_reach_the_kernel_maps_across_a_restart(
     node = KernelNode(
         bus,
         await connect_as(Role.DISCOVERY, CLUSTER),
-        {
-            # This node's own NATS identity.
-            **nats_server.env(Role.NODE_LOADER, CLUSTER, NODE),
-            "APILANE_CLUSTER": CLUSTER,
-            "APILANE_NODE_NAME": NODE,
-            # Backends here are addresses no probe may reach from this host: probing is off.
-            "APILANE_BACKEND_PROBE": "off",
-            "APILANE_MAP_BACKEND": "bpf",
-            "APILANE_CGROUP_PATH": str(cgroup),
-            "APILANE_BPF_PIN_DIR": str(pin_dir),
-            "APILANE_STATE_DIR": str(tmp_path / "state"),
-            "APILANE_NODE_STATE_INTERVAL": "300ms",
-            "APILANE_DESTROY_STALE_SOCKETS": "false",
-            **trusted_env(),
-        },
+        loader_env(
+            nats_server.env(Role.NODE_LOADER, CLUSTER, NODE),  # this node's own identity
+            cluster=CLUSTER,
+            node=NODE,
+            workdir=tmp_path,
+            APILANE_MAP_BACKEND="bpf",
+            APILANE_CGROUP_PATH=str(cgroup),
+            APILANE_BPF_PIN_DIR=str(pin_dir),
+            APILANE_DESTROY_STALE_SOCKETS="false",
+        ),
     )
     try:
         # Valid for a few seconds only, so that it expires while the test watches.

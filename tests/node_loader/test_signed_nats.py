@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,9 +24,10 @@ from apilane.model.signing import SigningKey
 from apilane.node_loader import settings as loader_settings
 from apilane.node_loader.memmaps import MemoryNatMaps, render_resolved
 from apilane.node_loader.service import DataPlane, NodeLoader
-from apilane.node_loader.testing import contents_of
+from apilane.node_loader.testing import RecordedPrograms, contents_of, running
 from apilane.runtime.bus import Bus
 from apilane.runtime.natsauth import Role
+from apilane.testing.loaders import loader_env
 from apilane.testing.nats import NatsServer
 from apilane.testing.nats_fixtures import ConnectAs
 from apilane.testing.sealing import (
@@ -38,6 +39,7 @@ from apilane.testing.sealing import (
     trusted_env,
 )
 from apilane.testing.snapshots import make_snapshot
+from apilane.testing.waiting import until
 
 pytestmark = [pytest.mark.integration, pytest.mark.nats]
 
@@ -48,65 +50,32 @@ OPERATOR = SigningKey.generate()
 HOUR = timedelta(hours=1)
 
 
-class Programs:
-    """Records attach and detach calls (the kernel tests cover the real programs)."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def enable(self) -> None:
-        self.calls.append("enable")
-
-    def disable(self) -> None:
-        self.calls.append("disable")
-
-    def attached_programs(self) -> list[str]:
-        return ["apilane_connect4"] if self.calls and self.calls[-1] == "enable" else []
-
-    def close(self) -> None:
-        pass
-
-
 class Node:
     """One node-loader (restartable: maps and state file outlive it) and its view on NATS."""
 
     def __init__(self, bus: Bus, discovery: Bus, nats_server: NatsServer, tmp_path: Path) -> None:
         self.bus = bus  # the operator: reads node states and warnings, sends control requests
         self.discovery = discovery  # the snapshot key's writer
-        self.env = {
-            **nats_server.env(Role.NODE_LOADER, CLUSTER, NODE),
-            "APILANE_CLUSTER": CLUSTER,
-            "APILANE_NODE_NAME": NODE,
-            # Backends here are addresses no probe may reach from this host: probing is off.
-            "APILANE_BACKEND_PROBE": "off",
-            "APILANE_MAP_BACKEND": "memory",
-            "APILANE_BPF_PIN_DIR": str(tmp_path / "pins"),
-            "APILANE_STATE_DIR": str(tmp_path / "state"),
-            "APILANE_NODE_STATE_INTERVAL": "300ms",
-            **trusted_env(),
+        self.env = loader_env(
+            nats_server.env(Role.NODE_LOADER, CLUSTER, NODE),
+            cluster=CLUSTER,
+            node=NODE,
+            workdir=tmp_path,
             **trusted_env(OPERATOR, name="APILANE_OPERATOR_KEYS"),
-        }
+        )
         self.maps = MemoryNatMaps()
-        self.programs = Programs()
+        self.programs = RecordedPrograms(names=("apilane_connect4",))
         self.registry = CollectorRegistry()
         self.loader: NodeLoader | None = None
 
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[NodeLoader]:
-        stopping = asyncio.Event()
+    def running(self) -> contextlib.AbstractAsyncContextManager[NodeLoader]:
         self.registry = CollectorRegistry()
         self.loader = NodeLoader(
             settings=loader_settings.load(self.env),
             data_plane=DataPlane(maps=self.maps, programs=self.programs),
             registry=self.registry,
         )
-        task = asyncio.create_task(self.loader.run(stopping))
-        try:
-            await eventually(lambda: self.loader.first_reconcile_done, what="first reconcile")
-            yield self.loader
-        finally:
-            stopping.set()
-            await asyncio.wait_for(task, timeout=10)
+        return running(self.loader)
 
     async def put(self, data: bytes) -> int:
         return await put_sealed(self.discovery, data, cluster=CLUSTER)
@@ -155,15 +124,6 @@ class Node:
         return found
 
 
-async def eventually(check: Callable[[], bool], *, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 @pytest.fixture
 async def node(bus: Bus, connect_as: ConnectAs, nats_server, tmp_path: Path) -> Node:
     discovery = await connect_as(Role.DISCOVERY, CLUSTER)
@@ -204,7 +164,7 @@ async def test_what_no_trusted_key_signed_is_refused_and_changes_nothing(node: N
         await node.put(tampered(seal(snapshot(4))))
         bad_digest = msgspec.structs.replace(snapshot(5), digest="sha256:0")
         await node.put(seal(bad_digest))
-        await eventually(
+        await until(
             lambda: (
                 node.refused("unknown-key") == 1
                 and node.refused("unsigned") == 1
@@ -245,7 +205,7 @@ async def test_a_replayed_older_generation_is_refused_also_after_a_restart(node:
         await node.put(old)
         other = seal(snapshot(5, ("10.0.0.9:6443",)))  # the held generation, other content
         await node.put(other)
-        await eventually(
+        await until(
             lambda: node.refused("rollback") == 1 and node.refused("equivocation") == 1,
             what="rollback and equivocation refused",
         )
@@ -254,7 +214,7 @@ async def test_a_replayed_older_generation_is_refused_also_after_a_restart(node:
     # While the loader is down, the KV's latest value becomes the old, validly signed one.
     await node.put(old)
     async with node.running() as loader:
-        await eventually(lambda: node.refused("rollback") == 1, what="rollback after restart")
+        await until(lambda: node.refused("rollback") == 1, what="rollback after restart")
         assert loader.reconciler.applied_generation == 5
         assert node.resolved() == held and node.maps.operations == operations
         state = await node.state(lambda s: "rollback" in s.last_error)
@@ -280,7 +240,7 @@ async def test_an_expired_snapshot_is_kept_the_node_stale_until_a_refresh(node: 
         # A newer generation that has expired already is not applied as new.
         expired = seal(snapshot(2, ("10.0.0.9:6443",)), issued_at=signing.utcnow() - 2 * HOUR)
         await node.put(expired)
-        await eventually(lambda: node.refused("expired") == 1, what="expired refused")
+        await until(lambda: node.refused("expired") == 1, what="expired refused")
         assert node.resolved() == held and node.maps.operations == operations
         assert (await node.state(lambda s: "expired" in s.last_error)).stale is True
 
@@ -347,7 +307,7 @@ async def test_a_replayed_control_request_is_refused_also_after_a_restart(node: 
         assert refusal(await node.control(switch_off)) == "replay"
         assert loader.connect_time_lb is True
         assert node.metric("apilane_node_control_requests_total", outcome="replay") == 1
-    assert node.programs.calls == [*calls, "enable"]  # the restart's own attach, nothing else
+    assert node.programs.calls == [*calls, "enable", "close"]  # the restart's own attach only
 
 
 async def test_control_requests_an_operator_did_not_sign_are_refused(node: Node) -> None:

@@ -1,7 +1,13 @@
 """Test helpers that ship with the package (pytest's importlib mode cannot import helpers
-from tests/): the `NatMaps` contract, run on `MemoryNatMaps` and on the kernel adapter."""
+from tests/): the `NatMaps` contract, run on `MemoryNatMaps` and on the kernel adapter; a
+recording stand-in for the connect-time programs; a loader run for the length of a block."""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
 
 from apilane.node_loader.nat import (
     PROTO_TCP,
@@ -14,6 +20,7 @@ from apilane.node_loader.nat import (
     MapContents,
     NatMaps,
 )
+from apilane.node_loader.service import NodeLoader
 
 
 def _empty(maps: NatMaps, family: Family) -> bool:
@@ -103,3 +110,47 @@ def _check_large_batches(maps: NatMaps) -> None:
 
 def contents_of(maps: NatMaps) -> dict[Family, MapContents]:
     return {family: maps.dump(family) for family in ("IPv4", "IPv6")}
+
+
+class RecordedPrograms:
+    """Stands in for the connect-time programs' attach and detach, recording each call (the
+    kernel tests cover the real programs); `names` are what it reports attached."""
+
+    def __init__(self, names: tuple[str, ...] = ("apilane_connect4", "apilane_connect6")) -> None:
+        self.names = names
+        self.attached = False
+        self.calls: list[str] = []
+
+    def enable(self) -> None:
+        self.calls.append("enable")
+        self.attached = True
+
+    def disable(self) -> None:
+        self.calls.append("disable")
+        self.attached = False
+
+    def attached_programs(self) -> list[str]:
+        return list(self.names) if self.attached else []
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+@contextlib.asynccontextmanager
+async def running(loader: NodeLoader, *, timeout: float = 15.0) -> AsyncIterator[NodeLoader]:
+    """`loader` run until the block ends, entered once its first reconcile is done."""
+    stopping = asyncio.Event()
+    task = asyncio.create_task(loader.run(stopping))
+    try:
+        deadline = time.monotonic() + timeout
+        while not loader.first_reconcile_done:
+            if task.done():
+                task.result()  # its error, not a timeout
+                raise AssertionError("the loader stopped before its first reconcile")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no first reconcile within {timeout}s")
+            await asyncio.sleep(0.02)
+        yield loader
+    finally:
+        stopping.set()
+        await asyncio.wait_for(task, timeout=10)

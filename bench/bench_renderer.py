@@ -31,6 +31,7 @@ from apilane.runtime.natsauth import Role
 from apilane.testing.benchstats import percentile, resident_kib
 from apilane.testing.kube import ControlPlane
 from apilane.testing.nats import NatsServer
+from apilane.testing.observe import Observed
 from apilane.testing.procs import end_process
 from apilane.testing.sealing import seal
 from apilane.testing.snapshots import make_snapshot
@@ -100,15 +101,9 @@ async def measure(plane: ControlPlane, nats: NatsServer, work: Path) -> None:
                 raise
     await kube.create(f"/apis/apps/v1/namespaces/{namespace}/daemonsets", daemonset(namespace))
 
-    results: asyncio.Queue[events.RenderResult] = asyncio.Queue()
-
-    async def on_result(msg: Any) -> None:
-        event = events.decode(msg.data)
-        if isinstance(event, events.RenderResult):
-            results.put_nowait(event)
-
-    await observer.nc.subscribe(subjects.renders_subject(cluster), cb=on_result)
-    await observer.nc.flush()
+    results = await Observed(events.RenderResult).subscribe(
+        observer, subjects.renders_subject(cluster)
+    )
     kubeconfig = plane.write_kubeconfig(
         work / "kubeconfig", user="admin", groups=("system:masters",)
     )
@@ -136,7 +131,7 @@ async def measure(plane: ControlPlane, nats: NatsServer, work: Path) -> None:
         await bus.kv_put(
             subjects.SNAPSHOT_BUCKET, key, seal(snapshot(cluster, 1, 1), key=signing_key)
         )
-        first = await asyncio.wait_for(results.get(), timeout=60)
+        first = await results.next(60)
         assert first.outcome == "applied", first
 
         def timed_runs(start_generation: int, changing: bool) -> Any:
@@ -148,7 +143,7 @@ async def measure(plane: ControlPlane, nats: NatsServer, work: Path) -> None:
                     value = seal(snapshot(cluster, generation, count), key=signing_key)
                     began = time.perf_counter()
                     await bus.kv_put(subjects.SNAPSHOT_BUCKET, key, value)
-                    result = await asyncio.wait_for(results.get(), timeout=TIMEOUT)
+                    result = await results.next(TIMEOUT)
                     latencies.append(time.perf_counter() - began)
                     expected = "applied" if changing else "unchanged"
                     if result.generation != generation or result.outcome != expected:

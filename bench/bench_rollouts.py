@@ -38,6 +38,7 @@ from apilane.runtime.natsauth import Role
 from apilane.testing.calico import container_env
 from apilane.testing.kube import ControlPlane
 from apilane.testing.nats import NatsServer
+from apilane.testing.observe import Observed
 from apilane.testing.procs import end_process
 from apilane.testing.sealing import seal
 from apilane.testing.snapshots import make_snapshot
@@ -127,15 +128,9 @@ async def run_case(case: Case, plane: ControlPlane, nats: NatsServer, work: Path
     path = f"/apis/apps/v1/namespaces/{namespace}/daemonsets"
     created = await kube.create(path, daemonset(namespace, operator_owned=case.operator_owned))
     ds_path = f"{path}/calico-node"
-    results: asyncio.Queue[events.RenderResult] = asyncio.Queue()
-
-    async def on_result(msg: Any) -> None:
-        event = events.decode(msg.data)
-        if isinstance(event, events.RenderResult):
-            results.put_nowait(event)
-
-    await observer.nc.subscribe(subjects.renders_subject(cluster), cb=on_result)
-    await observer.nc.flush()
+    results = await Observed(events.RenderResult).subscribe(
+        observer, subjects.renders_subject(cluster)
+    )
     key = SigningKey.generate()
     env = renderer_env(
         case, cluster=cluster, namespace=namespace, key=key, nats=nats, plane=plane, work=work
@@ -173,7 +168,7 @@ async def settle(
     bus: Bus,
     kube: KubeClient,
     *,
-    results: asyncio.Queue[events.RenderResult],
+    results: Observed[events.RenderResult],
     cluster: str,
     key: SigningKey,
     ds_path: str,
@@ -183,7 +178,7 @@ async def settle(
     calico-node's init container reads them (unless nobody may put them there)."""
     sealed = seal(snapshot(cluster, generation), key=key)
     await bus.kv_put(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(cluster), sealed)
-    result = await asyncio.wait_for(results.get(), timeout=TIMEOUT)
+    result = await results.next(TIMEOUT)
     if result.generation != generation or result.outcome not in ("applied", "unchanged"):
         raise RuntimeError(f"unexpected result {result.generation} {result.outcome}: {result}")
     live = await kube.get(ds_path)

@@ -55,6 +55,7 @@ from apilane.testing.calico import container_env
 from apilane.testing.kube import ControlPlane
 from apilane.testing.nats import NatsServer
 from apilane.testing.nats_fixtures import ConnectAs
+from apilane.testing.observe import Observed
 from apilane.testing.sealing import seal, seal_payload
 from apilane.testing.snapshots import make_snapshot
 
@@ -157,10 +158,9 @@ class Harness:
         self.cluster = f"c-{secrets.token_hex(4)}"
         self.key = SigningKey.generate()  # discovery's, as far as these tests go
         self.registry = CollectorRegistry()  # the metrics of the renderer started last
-        self.results: asyncio.Queue[RenderResult] = asyncio.Queue()
-        self.warnings: asyncio.Queue[events.ClusterWarning] = asyncio.Queue()
+        self.results = Observed(RenderResult)
+        self.warnings = Observed(events.ClusterWarning)
         self._renderers: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
-        self._subs: list[Any] = []
 
     @property
     def ds_path(self) -> str:
@@ -171,23 +171,8 @@ class Harness:
         self.discovery = await connect_as(Role.DISCOVERY, self.cluster)
 
     async def subscribe(self) -> None:
-        async def on_result(msg: Any) -> None:
-            event = events.decode(msg.data)
-            assert isinstance(event, RenderResult)
-            self.results.put_nowait(event)
-
-        async def on_warning(msg: Any) -> None:
-            event = events.decode(msg.data)
-            assert isinstance(event, events.ClusterWarning)
-            self.warnings.put_nowait(event)
-
-        self._subs.append(
-            await self.observer.nc.subscribe(subjects.renders_subject(self.cluster), cb=on_result)
-        )
-        self._subs.append(
-            await self.observer.nc.subscribe(subjects.warnings_subject(self.cluster), cb=on_warning)
-        )
-        await self.observer.nc.flush()
+        await self.results.subscribe(self.observer, subjects.renders_subject(self.cluster))
+        await self.warnings.subscribe(self.observer, subjects.warnings_subject(self.cluster))
 
     def settings(self, **overrides: Any) -> RendererSettings:
         values: dict[str, Any] = {
@@ -229,9 +214,11 @@ class Harness:
 
     async def close(self) -> None:
         await self.stop()
-        for sub in self._subs:
+        for observed in (self.results, self.warnings):
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                await observed.close()
+        assert not self.results.unexpected, self.results.unexpected
+        assert not self.warnings.unexpected, self.warnings.unexpected
 
     async def publish(
         self, snap: EndpointSnapshot, *, key: SigningKey | None = None, **sealing: Any
@@ -252,11 +239,11 @@ class Harness:
         return self.registry.get_sample_value(name, labels) or 0.0
 
     async def result(self, timeout: float = RESULT_TIMEOUT) -> RenderResult:
-        return await asyncio.wait_for(self.results.get(), timeout=timeout)
+        return await self.results.next(timeout)
 
     async def no_more_results(self, within: float = 0.5) -> None:
         with contextlib.suppress(TimeoutError):
-            extra = await asyncio.wait_for(self.results.get(), timeout=within)
+            extra = await self.results.next(within)
             raise AssertionError(f"unexpected render result: {extra}")
 
     async def create_daemonset(
@@ -542,14 +529,14 @@ async def test_malformed_and_unrenderable_snapshots_are_reported_without_a_crash
     await world.discovery.js.publish(
         subjects.kv_subject(subjects.SNAPSHOT_BUCKET, world.cluster), b'{"not": "a snapshot"'
     )
-    warning = await asyncio.wait_for(world.warnings.get(), timeout=RESULT_TIMEOUT)
+    warning = await world.warnings.next(RESULT_TIMEOUT)
     assert warning.reason == events.WarningReason.SNAPSHOT_REFUSED
     assert "(unsigned)" in warning.message
     # Validly signed, but not a snapshot: a producer bug, reported as invalid.
     await world.put(
         seal_payload(b'{"not": "a snapshot"', generation=1, cluster=world.cluster, key=world.key)
     )
-    warning = await asyncio.wait_for(world.warnings.get(), timeout=RESULT_TIMEOUT)
+    warning = await world.warnings.next(RESULT_TIMEOUT)
     assert warning.reason == events.WarningReason.INVALID_SNAPSHOT
 
     await world.publish(snapshot(world.cluster, 1, endpoints=()))
@@ -884,7 +871,7 @@ async def test_readiness_is_false_while_nats_is_unreachable_at_start(
 
 async def wait_warning(world: Harness, reason: str) -> events.ClusterWarning:
     while True:
-        warning = await asyncio.wait_for(world.warnings.get(), timeout=RESULT_TIMEOUT)
+        warning = await world.warnings.next(RESULT_TIMEOUT)
         if warning.reason == reason:
             return warning
 

@@ -49,6 +49,22 @@ def node_state(cluster: str, node: str, generation: int) -> events.NodeState:
     return events.NodeState(cluster=cluster, node=node, generation=generation, digest="sha256:x")
 
 
+def target_flags(bus: Bus, control_plane: ControlPlane, cluster: str, namespace: str) -> list[str]:
+    """The command line's flags naming this test's NATS, API server, cluster and DaemonSet."""
+    url = bus.nc.connected_url
+    assert url is not None
+    return [
+        "--nats-url",
+        f"nats://{url.hostname}:{url.port}",
+        "--kubeconfig",
+        str(control_plane.kubeconfig_path),
+        "--cluster",
+        cluster,
+        "--daemonset",
+        f"{namespace}/calico-node",
+    ]
+
+
 def as_operator(monkeypatch: pytest.MonkeyPatch, nats_server: NatsServer, cluster: str) -> None:
     """The command connects as the identity its environment names: the operator's."""
     for name, value in nats_server.env(Role.OPERATOR, cluster).items():
@@ -93,18 +109,7 @@ async def test_status_shows_the_snapshot_its_trace_the_env_and_this_clusters_nod
     await garbage.js.publish(
         subjects.kv_subject(subjects.NODE_STATE_BUCKET, f"{cluster}.garbage"), b"not json"
     )
-    url = bus.nc.connected_url
-    assert url is not None
-    stack = [
-        "--nats-url",
-        f"nats://{url.hostname}:{url.port}",
-        "--kubeconfig",
-        str(control_plane.kubeconfig_path),
-        "--cluster",
-        cluster,
-        "--daemonset",
-        f"{kube_namespace}/calico-node",
-    ]
+    stack = target_flags(bus, control_plane, cluster, kube_namespace)
 
     assert await asyncio.to_thread(main, [*stack, "status", "--json"]) == 0
     view = json.loads(capsys.readouterr().out)
@@ -146,18 +151,7 @@ async def test_status_shows_a_snapshot_signed_by_an_unknown_key_as_untrusted(
     forged = make_snapshot(cluster=cluster, generation=9, apiservers=["198.18.0.99:6443"])
     intruder = await connect_as(Role.DISCOVERY, cluster)
     await put_sealed(intruder, seal(forged, key=SigningKey.generate()), cluster=cluster)
-    url = bus.nc.connected_url
-    assert url is not None
-    stack = [
-        "--nats-url",
-        f"nats://{url.hostname}:{url.port}",
-        "--kubeconfig",
-        str(control_plane.kubeconfig_path),
-        "--cluster",
-        cluster,
-        "--daemonset",
-        f"{kube_namespace}/calico-node",
-    ]
+    stack = target_flags(bus, control_plane, cluster, kube_namespace)
     assert await asyncio.to_thread(main, [*stack, "status"]) == 0
     text = capsys.readouterr().out
     assert "snapshot: UNTRUSTED, not shown (unknown-key: signed by ed25519:" in text

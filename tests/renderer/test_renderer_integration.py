@@ -1318,6 +1318,28 @@ async def calico_node_in(kube: KubeClient, namespace: str) -> AsyncIterator[str]
                 await kube.delete(leftover)
 
 
+async def test_auto_detection_looks_again_until_a_layout_appears_and_applies_what_waits(
+    world: Harness,
+) -> None:
+    """Calico installed after the renderer started: no restart, the waiting snapshot lands."""
+    renderer = await world.start(render_mode="configmap", detect_target=True)
+    await world.publish(snapshot(world.cluster, 1))
+    waiting = await world.result()
+    assert (waiting.outcome, waiting.daemonset) == ("waiting", f"{world.namespace}/calico-node")
+    async with calico_node_in(world.kube, "kube-system") as manifest_ds:
+        result = await world.result(timeout=20.0)  # looks again within 1-2 s, then 2-4 s
+        assert (result.generation, result.outcome) == (1, "applied"), result.reason
+        assert result.daemonset == "kube-system/calico-node"
+        assert renderer.settings.target_preset == "manifest"
+        live = await world.kube.get(manifest_ds)
+        env = await container_env(world.kube, live, "containers", "calico-node")
+        assert env[APISERVER_ENDPOINTS] == "192.168.5.4:6443"
+        await world.publish(snapshot(world.cluster, 2, endpoints=("192.168.5.5",)))
+        second = await world.result()
+        assert (second.generation, second.outcome) == (2, "applied"), second.reason
+        await world.stop()
+
+
 async def test_auto_detection_takes_the_layout_whose_daemonset_exists(world: Harness) -> None:
     async with calico_node_in(world.kube, "kube-system") as manifest_ds:
         renderer = await world.start(render_mode="configmap", detect_target=True)

@@ -4,7 +4,8 @@ literal mode: DaemonSet patches) and render results out.
 Flow, while this replica leads:
 
 0. With no target configured (`APILANE_TARGET_PRESET` auto), find which Calico layout's
-   calico-node DaemonSet exists (operator's calico-system, else manifest's kube-system).
+   calico-node DaemonSet exists (operator's calico-system, else manifest's kube-system);
+   when neither does yet, follow the operator's and look again, backing off, until one does.
 1. Read the DaemonSet and the ConfigMap once to recover what they hold: the applied snapshot
    generation and its signed content digest (annotations written by our writes).
 2. Render the latest snapshot in the KV bucket, before anything else.
@@ -32,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
@@ -84,6 +86,9 @@ SOURCE: Final = "renderer"
 # API server was unavailable, or the DaemonSet watch is not delivering).
 RETRY_DELAY_INITIAL: Final = 1.0
 RETRY_DELAY_MAX: Final = 30.0
+# Looking again for a Calico layout that did not exist at start.
+DETECT_RETRY_INITIAL: Final = 2.0
+DETECT_RETRY_MAX: Final = 60.0
 WAITING_BACKSTOP: Final = 30.0
 
 
@@ -137,6 +142,7 @@ class Renderer:
         self._last_revision = 0
         self._wake_queued = False
         self._background: set[asyncio.Task[Any]] = set()
+        self._daemonset_follower: asyncio.Task[None] | None = None
 
     @property
     def settings(self) -> RendererSettings:
@@ -159,9 +165,10 @@ class Renderer:
             latest = await self._kv_get_latest(stop)
             if latest is not None:
                 await self.handle_entry(latest)
+            self._daemonset_follower = self._follow(self._follow_daemonset(), "daemonset")
             tasks = [
-                asyncio.create_task(self._follow_bucket(stop), name="renderer-follow-bucket"),
-                asyncio.create_task(self._follow_daemonset(), name="renderer-follow-daemonset"),
+                self._follow(self._follow_bucket(stop), "bucket"),
+                self._follow(self._detect_until_found(stop), "layout"),
             ]
             self.running = True
             await self._process(stop)
@@ -169,16 +176,56 @@ class Renderer:
             self.running = False
             if self._background:  # Kubernetes Events still being written: give them a moment
                 await asyncio.wait(self._background, timeout=2.0)
+            if self._daemonset_follower is not None:
+                tasks.append(self._daemonset_follower)
+                self._daemonset_follower = None
             for task in tasks:
                 task.cancel()
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
-    async def _detect_target(self) -> None:
-        """With no target configured, take the layout whose calico-node DaemonSet exists."""
+    @staticmethod
+    def _follow(work: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
+        return asyncio.create_task(work, name=f"renderer-follow-{what}")
+
+    async def _detect_until_found(self, stop: asyncio.Event) -> None:
+        """Neither layout existed at start: look again, backing off, until one does, then aim
+        at it and try what is held there (no restart needed after installing Calico)."""
+        backoff = Backoff(initial=DETECT_RETRY_INITIAL, maximum=DETECT_RETRY_MAX)
+        while self.settings.detect_target:
+            if await backoff.sleep(stop):
+                return
+            if not await self._detect_target(quiet=True):
+                continue
+            if self._daemonset_follower is not None:
+                self._daemonset_follower.cancel()
+            self._daemonset_follower = self._follow(self._follow_daemonset(), "daemonset")
+            await self._recover()
+            self._wake()
+
+    async def _detect_target(self, *, quiet: bool = False) -> bool:
+        """With no target configured, take the layout whose calico-node DaemonSet exists;
+        True once one is taken. `quiet`: a look again, which says nothing when none is."""
         if not self.settings.detect_target:
-            return
+            return False
+        found = choose_preset(await self._existing_layouts())
+        if found is None:
+            if not quiet:
+                log.warning(
+                    "no calico-node DaemonSet found in either layout; following the operator's"
+                    " and looking again until one appears",
+                    extra={"daemonset": self.settings.daemonset_ref},
+                )
+            return False
+        self.applier.settings = self.settings.with_preset(found)
+        log.info(
+            "detected the Calico layout",
+            extra={"preset": found.name, "daemonset": self.settings.daemonset_ref},
+        )
+        return True
+
+    async def _existing_layouts(self) -> frozenset[str]:
         existing = set()
         for name in DETECTION_ORDER:
             preset = PRESETS[name]
@@ -195,19 +242,7 @@ class Renderer:
                 )
                 continue
             existing.add(ref)
-        found = choose_preset(frozenset(existing))
-        if found is None:
-            log.warning(
-                "no calico-node DaemonSet found in either layout; following the operator's until"
-                " one appears (restart the renderer after installing calico.yaml)",
-                extra={"daemonset": self.settings.daemonset_ref},
-            )
-            return
-        self.applier.settings = self.settings.with_preset(found)
-        log.info(
-            "detected the Calico layout",
-            extra={"preset": found.name, "daemonset": self.settings.daemonset_ref},
-        )
+        return frozenset(existing)
 
     async def _recover(self) -> None:
         """What the DaemonSet holds, from its annotations (nothing when they are absent).

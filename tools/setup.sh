@@ -49,8 +49,15 @@ UV=$(command -v uv)
 say "python venv (uv sync --frozen)"
 timed "uv sync" "$UV" sync --frozen --quiet --python "$(python_for_venv)"
 
-# 2. The eBPF side: Debian packages, kernel headers, bpffs, bcc importable from the venv.
-timed "eBPF packages" bash tools/setup-bpf.sh
+# 2. The Debian packages, in the background while the Go builds below use the CPU (apt waits
+#    on the network and the disk): the eBPF side (bcc, kernel headers, bpffs, bcc importable
+#    from the venv), then the run modes' docker daemon packages.
+packages() {
+  timed "eBPF packages" bash tools/setup-bpf.sh
+  timed "docker packages" bash tools/setup-docker.sh
+}
+packages &
+packages_pid=$!
 
 # 3. kube-apiserver and etcd for the test harness and the local stack.
 timed "kube-apiserver and etcd" bash tools/install-kube-binaries.sh >/dev/null
@@ -58,9 +65,8 @@ timed "kube-apiserver and etcd" bash tools/install-kube-binaries.sh >/dev/null
 # 4. helm and promtool for the chart and alert tests (progress on stderr when building).
 timed "helm and promtool" bash tools/install-chart-tools.sh >/dev/null
 
-# 5. The run modes: docker daemon packages, the compose CLI plugin, and what the one-node
-#    test cluster adds (kubelet, kube-controller-manager, kube-scheduler, CoreDNS).
-timed "docker packages" bash tools/setup-docker.sh
+# 5. The run modes: the compose CLI plugin, and what the one-node test cluster adds (kubelet,
+#    kube-controller-manager, kube-scheduler, CoreDNS).
 timed "kubelet, kube-controller-manager, kube-scheduler" bash tools/install-kube-binaries.sh node >/dev/null
 timed CoreDNS bash tools/install-coredns.sh >/dev/null
 compose=$(timed "docker compose" bash tools/install-compose.sh)
@@ -72,6 +78,10 @@ if [ "$(readlink -f "$plugin_dir/docker-compose" 2>/dev/null)" != "$compose" ]; 
     mkdir -p "$plugin_dir" && ln -sfn "$compose" "$plugin_dir/docker-compose"
     say "docker compose plugin -> $compose"
   fi
+fi
+if ! wait "$packages_pid"; then
+  say "installing the Debian packages failed (see setup-bpf/setup-docker above)" >&2
+  exit 1
 fi
 wait
 say "done in $SECONDS s"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from apilane.kube import client as kube_module
+from apilane.kube import recorder as recorder_module
 from apilane.kube.client import (
     Conflict,
     Forbidden,
@@ -228,6 +229,80 @@ async def test_events_are_recorded_and_repeats_count_up(
     assert second["involvedObject"]["uid"] == involved["metadata"]["uid"]
     events = await kube.list(f"/api/v1/namespaces/{kube_namespace}/events")
     assert len(events["items"]) == 1
+
+
+async def test_repeats_count_up_with_only_create_and_patch_on_events(
+    control_plane: ControlPlane,
+    kube: KubeClient,
+    kube_namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The services' grant on Events: create and patch, never get or update. A restart (the
+    counts this process knows forgotten) and a replica counting the same Event continue the
+    count instead of restarting it."""
+    rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{kube_namespace}"
+    rule = {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]}
+    await kube.create(
+        f"{rbac}/roles",
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "events"},
+            "rules": [rule],
+        },
+    )
+    await kube.create(
+        f"{rbac}/rolebindings",
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "events"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "events"},
+            "subjects": [
+                {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "recorder"}
+            ],
+        },
+    )
+    involved = await kube.create(
+        f"/api/v1/namespaces/{kube_namespace}/configmaps", configmap("subject")
+    )
+    kubeconfig = control_plane.write_kubeconfig(tmp_path / "recorder", user="recorder")
+    recorder = await KubeClient.from_config(str(kubeconfig))
+
+    async def record() -> int:
+        event = await record_event(
+            recorder,
+            involved=involved,
+            reason="Repeated",
+            message="again",
+            type_="Warning",
+            component="apilane-test",
+            api_version="v1",
+            kind="ConfigMap",
+        )
+        assert event is not None, "not recorded (see the log)"
+        return int(event["count"])
+
+    try:
+        with pytest.raises(Forbidden):
+            await recorder.list(f"/api/v1/namespaces/{kube_namespace}/events")
+        assert [await record() for _ in range(3)] == [1, 2, 3]
+        monkeypatch.setattr(recorder_module, "_KNOWN", recorder_module._KnownCounts())  # restarted
+        assert await record() == 4
+        events = await kube.list(f"/api/v1/namespaces/{kube_namespace}/events")
+        [stored] = events["items"]
+        stored["count"] = 10  # another replica counted meanwhile
+        await kube.replace(
+            f"/api/v1/namespaces/{kube_namespace}/events/{stored['metadata']['name']}", stored
+        )
+        assert await record() == 11
+        await kube.delete(
+            f"/api/v1/namespaces/{kube_namespace}/events/{stored['metadata']['name']}"
+        )
+        assert await record() == 1  # expired: recorded afresh
+    finally:
+        await recorder.close()
 
 
 async def test_recording_an_event_never_raises(kube: KubeClient) -> None:

@@ -4,6 +4,11 @@ Events are best effort: `record_event` never raises, it logs. A repeat of the sa
 (same object, reason, message and component) reuses one Event whose name is derived from
 those, and increments its `count`, as `kubectl describe` expects, instead of piling up new
 Events.
+
+Only `create` and `patch` are needed on Events (the chart grants no more: reading Events
+would show every component's): a repeat is a JSON patch that tests the count this process
+last wrote and increments it. A count not known here (a restart, another replica) is learnt
+from the answer to a patch of `lastTimestamp` alone.
 """
 
 from __future__ import annotations
@@ -13,14 +18,38 @@ import hashlib
 import logging
 import os
 import socket
+from collections import OrderedDict
 from typing import Any, Literal
 
-from apilane.kube.client import Conflict, KubeClient, KubeError, NotFound
+from apilane.kube.client import Conflict, Invalid, KubeClient, KubeError, NotFound
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 1024  # what the API server's events.k8s.io view accepts; longer text is cut
 _UPDATE_ATTEMPTS = 3
+_KNOWN_COUNTS_MAX = 4096  # Events whose count this process remembers (the oldest forgotten)
+
+
+class _KnownCounts:
+    """The count this process last wrote to each Event, bounded."""
+
+    def __init__(self) -> None:
+        self._counts: OrderedDict[str, int] = OrderedDict()
+
+    def get(self, path: str) -> int | None:
+        return self._counts.get(path)
+
+    def remember(self, path: str, count: int) -> None:
+        self._counts[path] = count
+        self._counts.move_to_end(path)
+        while len(self._counts) > _KNOWN_COUNTS_MAX:
+            self._counts.popitem(last=False)
+
+    def forget(self, path: str) -> None:
+        self._counts.pop(path, None)
+
+
+_KNOWN = _KnownCounts()
 
 
 def _now() -> str:
@@ -122,26 +151,43 @@ async def _record(
         "lastTimestamp": now,
         "count": 1,
     }
-    try:
-        return await client.create(events_path, body, field_manager=component)
-    except Conflict:
-        pass  # already recorded: count it up below
+    return await _create_or_count_up(client, events_path, body, component)
+
+
+async def _create_or_count_up(
+    client: KubeClient, events_path: str, body: dict[str, Any], component: str
+) -> dict[str, Any]:
+    path = f"{events_path}/{body['metadata']['name']}"
     for _ in range(_UPDATE_ATTEMPTS):
-        try:
-            existing = await client.get(f"{events_path}/{event_name}")
-        except NotFound:
+        if _KNOWN.get(path) is None:
             try:
-                return await client.create(events_path, body, field_manager=component)
+                created = await client.create(events_path, body, field_manager=component)
             except Conflict:
-                continue
-        existing["count"] = int(existing.get("count") or 1) + 1
-        existing["lastTimestamp"] = now
+                pass  # recorded before: count it up
+            else:
+                _KNOWN.remember(path, 1)
+                return created
         try:
-            return await client.replace(
-                f"{events_path}/{event_name}", existing, field_manager=component
-            )
-        except (Conflict, NotFound):
-            continue  # raced with another recorder or the event expired: look again
-    raise KubeError(
-        f"event {namespace}/{event_name}: gave up after {_UPDATE_ATTEMPTS} update conflicts"
-    )
+            return await _count_up(client, path, body["lastTimestamp"], component)
+        except NotFound:
+            _KNOWN.forget(path)  # expired meanwhile: create it again
+        except Invalid:
+            _KNOWN.forget(path)  # someone else counted it up: learn its count again
+    raise KubeError(f"event {path}: gave up after {_UPDATE_ATTEMPTS} attempts")
+
+
+async def _count_up(client: KubeClient, path: str, now: str, component: str) -> dict[str, Any]:
+    known = _KNOWN.get(path)
+    if known is None:
+        touched = await client.patch(
+            path, {"lastTimestamp": now}, patch_type="merge", field_manager=component
+        )
+        known = int(touched.get("count") or 1)
+    operations = [
+        {"op": "test", "path": "/count", "value": known},  # a failed test is a 422
+        {"op": "replace", "path": "/count", "value": known + 1},
+        {"op": "replace", "path": "/lastTimestamp", "value": now},
+    ]
+    counted = await client.patch(path, operations, patch_type="json", field_manager=component)
+    _KNOWN.remember(path, known + 1)
+    return counted

@@ -3,7 +3,7 @@ each ServiceAccount can do exactly what its service needs (a SubjectAccessReview
 
 Uses the harness's etcd and kube-apiserver through the `kube` fixture (an admin client); the
 dry-run and matrix helpers are apilane.testing.manifests, shared with the chart's tests
-(test_chart_apiserver.py). The static checks of the manifests' contents are in
+(test_chart.py). The static checks of the manifests' contents are in
 test_manifest_contents.py.
 """
 

@@ -83,3 +83,53 @@ def test_each_service_section_lists_what_that_service_reads(
     LOADERS[service](required)
     section = documented(lambda name: name in (service, "Every service"))
     assert read_names == section
+
+
+# What each service's settings are loaded from when its documented defaults are checked:
+# what it cannot start without, a fixed Lease identity (discovery's default is random) and,
+# for the renderer, a named preset (auto-detection is switched off by any APILANE_TARGET_*,
+# which would make giving a target variable its default value look like a change).
+DEFAULTS_BASE: dict[str, dict[str, str]] = {
+    "discovery": {"APILANE_POD_NAME": "doc-check"},
+    "renderer": {"APILANE_TARGET_PRESET": "operator"},
+    "node-loader": {"APILANE_CGROUP_PATH": "/sys/fs/cgroup/apilane-doc-check"},
+}
+DEFAULT_LOADERS: dict[str, Callable[[dict[str, str]], Any]] = {
+    "discovery": discovery_settings.load,
+    "renderer": renderer_settings.load,
+    "node-loader": node_loader_settings.load,
+}
+
+
+def literal_defaults(section_filter: Callable[[str], bool]) -> dict[str, str]:
+    """Variable → its documented default, for rows whose default is one literal value in
+    backticks (not a placeholder such as `_INBOX_<public key>` or `$HOSTNAME`)."""
+    found: dict[str, str] = {}
+    section = ""
+    for line in DOC.read_text().splitlines():
+        if line.startswith("## "):
+            section = line[3:]
+        elif line.startswith("| `APILANE_") and section_filter(section):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            value = re.fullmatch(r"`([^`<>$]+)`", cells[1])
+            if value:
+                found[re.findall(r"`(APILANE_[A-Z_]+)`", cells[0])[0]] = value.group(1)
+    return found
+
+
+@pytest.mark.parametrize("service", sorted(DEFAULT_LOADERS))
+def test_each_documented_default_is_what_the_service_uses_when_the_variable_is_unset(
+    service: str, required: dict[str, str]
+) -> None:
+    defaults = literal_defaults(lambda name: name in (service, "Every service"))
+    assert len(defaults) >= 8, defaults  # the parsing found the table
+    base = required | DEFAULTS_BASE[service]
+    load = DEFAULT_LOADERS[service]
+    wrong = {}
+    for name, value in defaults.items():
+        without = {key: val for key, val in base.items() if key != name}
+        unset = config.describe(load(without))
+        given = config.describe(load(without | {name: value}))
+        if given != unset:
+            wrong[name] = value
+    assert wrong == {}, "documented defaults that are not the defaults"

@@ -183,6 +183,8 @@ async def test_restart_and_kill_minus_9_mid_apply_converge(
         # The long-running process works on the pins: bcc and LLVM stay in the compile child.
         assert loader.proc is not None
         assert mapped_compiler_libraries(loader.proc.pid) == []
+        # __main__ started the compile child before its own imports, and the loader used it.
+        assert '"started_early": true' in loader.log.read_text()
         servers = {r["server"][0] for r in agent.tcp_request(SERVICE_VIP4, SERVICE_PORT, count=30)}
         assert servers == set(backends)
 

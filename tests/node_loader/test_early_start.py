@@ -29,6 +29,7 @@ BPF = {"APILANE_MAP_BACKEND": "bpf", "APILANE_CGROUP_PATH": "/sys/fs/cgroup/x", 
         {"APILANE_ALLOW_ROOT_CGROUP": "0"},
         {"APILANE_ALLOW_ROOT_CGROUP": "Off"},
         {"APILANE_ALLOW_ROOT_CGROUP": ""},
+        {"APILANE_STATE_DIR": "/var/run/loader-state"},
     ],
 )
 def test_the_early_read_gives_what_the_settings_give(extra: dict[str, str]) -> None:
@@ -38,7 +39,10 @@ def test_the_early_read_gives_what_the_settings_give(extra: dict[str, str]) -> N
         cgroup_path=loaded.cgroup_path,
         pin_dir=loaded.pin_dir,
         allow_root_cgroup=loaded.allow_root_cgroup,
+        state_dir=loaded.state_dir,
     )
+    target = compile_target(environ)
+    assert target is not None and target.build_stamp == loaded.build_stamp
 
 
 @pytest.mark.parametrize(
@@ -48,6 +52,7 @@ def test_the_early_read_gives_what_the_settings_give(extra: dict[str, str]) -> N
         {"APILANE_MAP_BACKEND": "BPF"},  # not a backend settings.py knows
         {"APILANE_CGROUP_PATH": ""},
         {"APILANE_BPF_PIN_DIR": "relative/pins"},
+        {"APILANE_STATE_DIR": "relative/state"},
         {"APILANE_ALLOW_ROOT_CGROUP": "maybe"},
     ],
 )

@@ -212,6 +212,67 @@ def test_a_failing_early_compiler_is_a_typed_error(bpf_module_lab: BpfLab, tmp_p
     assert early.taken
 
 
+def test_a_restart_reuses_the_pins_and_programs_its_build_stamp_matches(
+    bpf_module_lab: BpfLab, tmp_path: Path
+) -> None:
+    cgroup, pin_dir, stamp = bpf_module_lab.child_cgroup(), bpf_module_lab.pin_dir(), tmp_path / "s"
+    first = PinnedLB(cgroup_path=cgroup, pin_dir=pin_dir, build_stamp=stamp)
+    try:
+        assert not first.reused and stamp.is_file()
+        first.enable()
+        compiled_ids = dict(first.program_ids)
+    finally:
+        first.close()
+    try:
+        restarted = PinnedLB(cgroup_path=cgroup, pin_dir=pin_dir, build_stamp=stamp)
+        try:
+            assert restarted.reused and restarted.load_error is None
+            assert dict(restarted.program_ids) == compiled_ids
+            assert restarted.pins == first.pins
+            restarted.enable()  # the same programs: the links stay on them
+            attached = {p.hook: p.program_id for p in restarted.attached_programs()}
+            assert attached == compiled_ids
+        finally:
+            restarted.close()
+
+        # Changed sources compile again (and stamp the new programs once attached).
+        changed = tmp_path / "bpf"
+        shutil.copytree(default_source_dir(), changed)
+        source = changed / "connect_lb.c"
+        source.write_text(source.read_text() + "\n/* changed */\n")
+        recompiled = PinnedLB(
+            cgroup_path=cgroup, pin_dir=pin_dir, source_dir=changed, build_stamp=stamp
+        )
+        try:
+            assert not recompiled.reused
+            assert set(recompiled.program_ids.values()).isdisjoint(compiled_ids.values())
+        finally:
+            recompiled.close()
+        # Its programs were never attached: the stamp does not match the links.
+        again = PinnedLB(cgroup_path=cgroup, pin_dir=pin_dir, source_dir=changed, build_stamp=stamp)
+        try:
+            assert not again.reused
+        finally:
+            again.close()
+
+        # Programs replaced by another loader (no stamp of its own): never taken for ours.
+        other = PinnedLB(cgroup_path=cgroup, pin_dir=pin_dir)
+        try:
+            other.enable()
+        finally:
+            other.close()
+        after_other = PinnedLB(
+            cgroup_path=cgroup, pin_dir=pin_dir, source_dir=changed, build_stamp=stamp
+        )
+        try:
+            assert not after_other.reused
+        finally:
+            after_other.disable()
+            after_other.close()
+    finally:
+        first.disable()
+
+
 _PROBE = """
 import json, sys
 from pathlib import Path

@@ -8,7 +8,8 @@ Cold start: compiling the programs (a child running clang, ~1 s) and this interp
 imports (nats, aiohttp, opentelemetry, prometheus, and the settings' msgspec and
 cryptography: ~1 s) are the two long steps. `serve` with the bpf backend starts the compile
 child first, from the few variables it needs (early.py) and with only pinned.py imported,
-so the two overlap; the service takes the child's result when it opens the data plane.
+so the two overlap; the service takes the child's result when it opens the data plane. A restart whose pins and attached programs match the last compile's build
+stamp (reuse.py) starts no child at all.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from apilane.node_loader.early import compile_target
@@ -34,9 +36,21 @@ def start_compiler_early(arguments: Sequence[str]) -> CompilerRun | None:
     if target is None:
         return None
     from apilane.model.errors import ApilaneError
-    from apilane.node_loader.pinned import start_compiler
+    from apilane.node_loader import reuse
+    from apilane.node_loader.pinned import existing_pins, start_compiler
+    from apilane.node_loader.programs import default_source_dir
 
     try:
+        pin_dir = Path(target.pin_dir)
+        _, why = reuse.check(
+            target.build_stamp,
+            digest=reuse.build_digest(default_source_dir(), pin_dir),
+            pins=existing_pins(pin_dir),
+            pin_dir=pin_dir,
+            cgroup_path=Path(target.cgroup_path),
+        )
+        if not why:
+            return None  # a restart: the loader reuses what is pinned, nothing to compile
         return start_compiler(
             cgroup_path=target.cgroup_path,
             pin_dir=target.pin_dir,

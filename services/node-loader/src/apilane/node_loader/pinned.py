@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from apilane.node_loader import reuse
 from apilane.node_loader.bpfmaps import CONNECTION_TABLE_NAME
 from apilane.node_loader.libbpf import ProgramError
 from apilane.node_loader.mounts import check_cgroup, check_pin_dir
@@ -40,6 +41,7 @@ from apilane.node_loader.programs import (
     AttachedProgram,
     attach_all,
     attached_programs,
+    default_source_dir,
     detach_all,
 )
 
@@ -276,10 +278,14 @@ class PinnedLB:
         allow_root_cgroup: bool = False,
         use_batch: bool | None = None,
         compiling: CompilerRun | None = None,
+        build_stamp: Path | None = None,
     ) -> None:
         """`compiling`: a compile child already started for the same settings
         (`start_compiler`); its result is used instead of running another. One started for
-        other settings is ended and a fresh one runs."""
+        other settings is ended and a fresh one runs.
+
+        `build_stamp`: where to record each compile, and, with no child started, what lets a
+        restart reuse the pinned maps and attached programs without compiling (reuse.py)."""
         self.cgroup_path = Path(cgroup_path)
         self.pin_dir = Path(pin_dir)
         check_cgroup(self.cgroup_path, allow_root_cgroup=allow_root_cgroup)
@@ -290,10 +296,18 @@ class PinnedLB:
             source_dir=Path(source_dir) if source_dir is not None else None,
             allow_root_cgroup=allow_root_cgroup,
         )
+        self._source_dir = Path(source_dir) if source_dir is not None else default_source_dir()
+        self._build_stamp = build_stamp
         self._compiled: Compiled | None = None
         self.load_error: CompilerError | None = None
+        self.reused = False
         try:
-            self._compiled = self._take(compiling)
+            if compiling is None and build_stamp is not None:
+                self._compiled = self._reuse(build_stamp)
+                self.reused = self._compiled is not None
+            if self._compiled is None:
+                self._compiled = self._take(compiling)
+                self._stamp(self._compiled)
             pins = self._compiled.pins
         except CompilerError as exc:
             found = existing_pins(self.pin_dir)
@@ -309,6 +323,49 @@ class PinnedLB:
         self.pins: dict[str, Path] = dict(pins)  # map name -> the pin this loader uses
         self.nat_maps = PinnedNatMaps(pins, use_batch=use_batch)
         self.connections = PinnedConnections(pins[CONNECTION_TABLE_NAME])
+
+    def _reuse(self, stamp_file: Path) -> Compiled | None:
+        pins = existing_pins(self.pin_dir)
+        stamp, why = reuse.check(
+            stamp_file,
+            digest=reuse.build_digest(self._source_dir, self.pin_dir),
+            pins=pins,
+            pin_dir=self.pin_dir,
+            cgroup_path=self.cgroup_path,
+        )
+        reused = reuse.reuse(stamp, pins) if stamp is not None and pins is not None else None
+        if reused is None:
+            log.info("compiling the programs", extra={"why": why or "a program is gone"})
+            return None
+        log.info(
+            "reusing the pinned maps and the attached programs: they match the build stamp",
+            extra={"build_stamp": str(stamp_file), "programs": reused.program_ids},
+        )
+        compiled = Compiled(
+            pins=reused.pins,
+            layout_versions=dict(LAYOUT_VERSIONS),
+            program_ids=reused.program_ids,
+            removed_pins=[],
+        )
+        compiled.program_fds = reused.program_fds
+        return compiled
+
+    def _stamp(self, compiled: Compiled) -> None:
+        """Record this compile for the next start; failing to is only a slower restart."""
+        if self._build_stamp is None:
+            return
+        try:
+            stamp = reuse.make_stamp(
+                reuse.build_digest(self._source_dir, self.pin_dir),
+                program_ids=compiled.program_ids,
+                pins=compiled.pins,
+            )
+            reuse.write_stamp(self._build_stamp, stamp)
+        except (OSError, ProgramError) as exc:
+            log.warning(
+                "cannot write the build stamp: the next start compiles again",
+                extra={"build_stamp": str(self._build_stamp), "error": str(exc)},
+            )
 
     def _take(self, compiling: CompilerRun | None) -> Compiled:
         if compiling is not None and compiling.command != self._command:

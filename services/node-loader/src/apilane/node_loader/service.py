@@ -92,6 +92,7 @@ def open_data_plane(
         pin_dir=Path(settings.pin_dir),
         allow_root_cgroup=settings.allow_root_cgroup,
         compiling=compiling,
+        build_stamp=settings.build_stamp,
     )
     return DataPlane(maps=lb.nat_maps, programs=lb, connections=lb.connections)
 

@@ -11,8 +11,9 @@
 - VmRSS (and VmHWM, the peak) of that process from /proc/<pid>/status: right after the first
   apply, and after SNAPSHOTS more snapshots, each waited for (first run).
 
-Run it with another checkout's interpreter (`/path/to/.venv/bin/python bench/bench_loader.py`)
-to compare: the loader measured is the one that interpreter imports.
+BEFORE_PYTHON=/path/to/other/.venv/bin/python compares with another checkout's loader (the
+one that interpreter imports), run for run: this loader's cold start and restart, then the
+other's, RUNS times, so both see the same load.
 
 Targets: cold start <= 3 s; steady VmRSS <= 64 MB.
 """
@@ -76,10 +77,10 @@ async def wait_generation(
     raise TimeoutError(f"generation {generation} never applied:\n{tail(log, 40)}")
 
 
-def start_loader(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def start_loader(env: dict[str, str], log: Path, python: str) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "apilane.node_loader"],
+            [python, "-m", "apilane.node_loader"],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -124,12 +125,14 @@ class Runs:
         self.nats, self.discovery, self.bus = nats, discovery, bus
         self.generation = 0
 
-    async def start(self, env: dict[str, str], log: Path) -> tuple[float, subprocess.Popen[bytes]]:
+    async def start(
+        self, env: dict[str, str], log: Path, python: str
+    ) -> tuple[float, subprocess.Popen[bytes]]:
         """Put a newer snapshot, start the loader: seconds until it applied that snapshot."""
         self.generation += 1
         await put_sealed(self.discovery, snapshot(self.generation), cluster=CLUSTER)
         began = time.perf_counter()
-        proc = start_loader(env, log)
+        proc = start_loader(env, log, python)
         try:
             state = await wait_generation(self.bus, proc, self.generation, log)
         except BaseException:
@@ -152,36 +155,50 @@ class Runs:
         }
 
 
-async def measure(lab: BpfLab, workdir: Path) -> dict[str, Any]:
-    """RUNS times, side by side: a cold start on fresh pins, then a restart on those pins."""
+def interpreters() -> dict[str, str]:
+    """The loaders compared: this interpreter's ("this"), and BEFORE_PYTHON's ("before")."""
+    chosen = {"this": sys.executable}
+    if os.environ.get("BEFORE_PYTHON"):
+        chosen["before"] = os.environ["BEFORE_PYTHON"]
+    return chosen
+
+
+async def measure(lab: BpfLab, workdir: Path) -> dict[str, dict[str, Any]]:
+    """RUNS times, side by side: for each loader, a cold start on fresh pins, then a restart
+    on those pins."""
     nats = NatsServer(store_dir=workdir / "nats")
     nats.identities.add_all(natsauth.identities_for(CLUSTER, [NODE]))
     nats.start()
     discovery = await nats.connect(Role.DISCOVERY, CLUSTER, name="bench-discovery")
     bus = await nats.connect(Role.OPERATOR, CLUSTER, name="bench")
     runs = Runs(nats, discovery, bus)
-    figures: dict[str, Any] = {"cold": [], "restart": []}
+    chosen = interpreters()
+    figures: dict[str, dict[str, Any]] = {
+        label: {"cold": [], "restart": [], "logs": []} for label in chosen
+    }
     try:
         await discovery.create_streams()
         for run in range(RUNS):
-            env = loader_env(
-                nats,
-                cgroup=lab.child_cgroup(),
-                pin_dir=lab.pin_dir(),
-                state_dir=workdir / f"s{run}",
-            )
-            log = workdir / f"loader-{run}.log"
-            cold, proc = await runs.start(env, log)
-            try:
-                if run == 0:
-                    figures.update(await runs.memory(proc, log))
-            finally:
+            for label, python in chosen.items():
+                mine = figures[label]
+                env = loader_env(
+                    nats,
+                    cgroup=lab.child_cgroup(),
+                    pin_dir=lab.pin_dir(),
+                    state_dir=workdir / f"{label}-{run}",
+                )
+                log = workdir / f"{label}-{run}.log"
+                cold, proc = await runs.start(env, log, python)
+                try:
+                    if run == 0:
+                        mine.update(await runs.memory(proc, log))
+                finally:
+                    end_process(proc)
+                restart, proc = await runs.start(env, log, python)
                 end_process(proc)
-            restart, proc = await runs.start(env, log)
-            end_process(proc)
-            figures["cold"].append(cold)
-            figures["restart"].append(restart)
-            figures.setdefault("logs", []).append(log)
+                mine["cold"].append(cold)
+                mine["restart"].append(restart)
+                mine["logs"].append(log)
     finally:
         await discovery.drain()
         await bus.drain()
@@ -211,16 +228,9 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} s ({min(values):.2f}-{max(values):.2f})"
 
 
-async def main() -> int:
-    check_bpf_environment()
-    before = load_average()
-    with tempfile.TemporaryDirectory(prefix="apilane-bench-loader-") as tmp, BpfLab() as lab:
-        figures = await measure(lab, Path(tmp))
-        child, waited = compile_timings(figures["logs"])
-    print(
-        f"The real loader process on BPF, programs attached; {RUNS} runs, median (min-max); "
-        f"load average before {before}, after {load_average()}\n"
-    )
+def report(label: str, figures: dict[str, Any]) -> None:
+    child, waited = compile_timings(figures["logs"])
+    print(f"\n{label}:\n")
     print("| measure | value | target | met? |")
     print("|---|---:|---|---|")
     cold, restart = statistics.median(figures["cold"]), statistics.median(figures["restart"])
@@ -243,6 +253,19 @@ async def main() -> int:
         f"| <= {TARGET_RSS_MB:.0f} MB | {_met(steady, TARGET_RSS_MB)} |"
     )
     print(f"| VmHWM (peak of the loader process) | {figures['hwm_mb']:.1f} MB | - | |")
+
+
+async def main() -> int:
+    check_bpf_environment()
+    before = load_average()
+    with tempfile.TemporaryDirectory(prefix="apilane-bench-loader-") as tmp, BpfLab() as lab:
+        figures = await measure(lab, Path(tmp))
+        print(
+            f"The real loader process on BPF, programs attached; {RUNS} runs, median (min-max);"
+            f" load average before {before}, after {load_average()}"
+        )
+        for label, python in interpreters().items():
+            report(f"{label} ({python})", figures[label])
     return 0
 
 

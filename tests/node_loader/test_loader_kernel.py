@@ -137,6 +137,15 @@ async def wait_generation(
     )
 
 
+async def wait_log(loader: LoaderProcess, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in loader.log.read_text():
+        loader.check_alive()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never logged {text!r}:\n{tail(loader.log, 40)}")
+        await asyncio.sleep(0.05)
+
+
 async def put(discovery: Bus, snapshot) -> None:
     await put_sealed(discovery, seal(snapshot), cluster=CLUSTER)
 
@@ -183,6 +192,8 @@ async def test_restart_and_kill_minus_9_mid_apply_converge(
         # The long-running process works on the pins: bcc and LLVM stay in the compile child.
         assert loader.proc is not None
         assert mapped_compiler_libraries(loader.proc.pid) == []
+        # __main__ started the compile child before its own imports, and the loader used it.
+        assert '"started_early": true' in loader.log.read_text()
         servers = {r["server"][0] for r in agent.tcp_request(SERVICE_VIP4, SERVICE_PORT, count=30)}
         assert servers == set(backends)
 
@@ -194,6 +205,9 @@ async def test_restart_and_kill_minus_9_mid_apply_converge(
         await asyncio.sleep(0.5)
         await wait_generation(bus, loader, 1)
         await asyncio.sleep(1.0)  # it has read the KV value (same generation: ignored)
+        # The restart compiled nothing: pins and attached programs matched its build stamp.
+        await wait_log(loader, "reusing the pinned maps and the attached programs")
+        assert loader.log.read_text().count('"msg": "compile child done"') == 1
         assert contents_of(reader.nat_maps) == before
         assert_unique_ids(before)
 

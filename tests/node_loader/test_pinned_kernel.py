@@ -18,7 +18,13 @@ import pytest
 
 from apilane.node_loader.memmaps import MapWriteError
 from apilane.node_loader.nat import BackendKey, BackendValue, FrontendKey, FrontendValue
-from apilane.node_loader.pinned import CompilerError, PinnedLB, compiler_command, run_compiler
+from apilane.node_loader.pinned import (
+    CompilerError,
+    PinnedLB,
+    compiler_command,
+    run_compiler,
+    start_compiler,
+)
 from apilane.node_loader.pinnedmaps import PinnedNatMaps
 from apilane.node_loader.programs import HOOKS, default_source_dir
 from apilane.node_loader.testing import check_nat_maps_contract, contents_of
@@ -141,6 +147,130 @@ def test_a_failing_compile_is_a_typed_error_and_leaves_the_maps_as_they_were(
         survivor.close()
     assert contents_of(pinned.nat_maps) == before
     pinned.nat_maps.clear()
+
+
+def test_a_compiler_started_early_gives_what_one_run_at_open_gives(
+    bpf_module_lab: BpfLab, pinned: PinnedLB
+) -> None:
+    early = start_compiler(cgroup_path=pinned.cgroup_path, pin_dir=pinned.pin_dir)
+    assert early.pid is not None and not early.taken
+    loaded = PinnedLB(cgroup_path=pinned.cgroup_path, pin_dir=pinned.pin_dir, compiling=early)
+    try:
+        assert early.taken and loaded.load_error is None
+        assert loaded.pins == pinned.pins  # the same pinned maps, reused
+        assert set(loaded.program_ids) == set(pinned.program_ids) == {h.name for h in HOOKS}
+        loaded.enable()
+        attached = loaded.attached_programs()
+        assert {p.hook: p.program_id for p in attached} == dict(loaded.program_ids)
+    finally:
+        loaded.disable()
+        loaded.close()
+    with pytest.raises(CompilerError, match="already taken"):
+        early.result()
+
+
+def test_a_compiler_started_for_other_settings_is_ended_and_compiled_again(
+    bpf_module_lab: BpfLab, pinned: PinnedLB, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "bpf"
+    shutil.copytree(default_source_dir(), elsewhere)
+    other = start_compiler(
+        cgroup_path=pinned.cgroup_path, pin_dir=pinned.pin_dir, source_dir=elsewhere
+    )
+    loaded = PinnedLB(cgroup_path=pinned.cgroup_path, pin_dir=pinned.pin_dir, compiling=other)
+    try:
+        assert other.taken and loaded.load_error is None
+        assert set(loaded.program_ids) == {h.name for h in HOOKS}
+        assert loaded.pins == pinned.pins
+    finally:
+        loaded.close()
+
+
+def test_abandoning_a_running_compiler_ends_it(bpf_module_lab: BpfLab) -> None:
+    early = start_compiler(
+        cgroup_path=bpf_module_lab.child_cgroup(), pin_dir=bpf_module_lab.pin_dir()
+    )
+    pid = early.pid
+    assert pid is not None
+    early.abandon()
+    assert early.taken
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # ended and reaped: the pid is gone
+    early.abandon()  # again: nothing left to do
+
+
+def test_a_failing_early_compiler_is_a_typed_error(bpf_module_lab: BpfLab, tmp_path: Path) -> None:
+    broken = tmp_path / "bpf"
+    shutil.copytree(default_source_dir(), broken)
+    (broken / "connect_lb.c").write_text("this is not C;\n")
+    cgroup, pins = bpf_module_lab.child_cgroup(), bpf_module_lab.pin_dir()
+    early = start_compiler(cgroup_path=cgroup, pin_dir=pins, source_dir=broken)
+    with pytest.raises(CompilerError) as raised:
+        PinnedLB(cgroup_path=cgroup, pin_dir=pins, source_dir=broken, compiling=early)
+    assert raised.value.returncode == 1
+    assert "connect_lb.c" in raised.value.stderr
+    assert early.taken
+
+
+def test_a_restart_reuses_the_pins_and_programs_its_build_stamp_matches(
+    bpf_module_lab: BpfLab, tmp_path: Path
+) -> None:
+    cgroup, pin_dir, stamp = bpf_module_lab.child_cgroup(), bpf_module_lab.pin_dir(), tmp_path / "s"
+    first = PinnedLB(cgroup_path=cgroup, pin_dir=pin_dir, build_stamp=stamp)
+    try:
+        assert not first.reused and stamp.is_file()
+        first.enable()
+        compiled_ids = dict(first.program_ids)
+    finally:
+        first.close()
+    try:
+        restarted = PinnedLB(cgroup_path=cgroup, pin_dir=pin_dir, build_stamp=stamp)
+        try:
+            assert restarted.reused and restarted.load_error is None
+            assert dict(restarted.program_ids) == compiled_ids
+            assert restarted.pins == first.pins
+            restarted.enable()  # the same programs: the links stay on them
+            attached = {p.hook: p.program_id for p in restarted.attached_programs()}
+            assert attached == compiled_ids
+        finally:
+            restarted.close()
+
+        # Changed sources compile again (and stamp the new programs once attached).
+        changed = tmp_path / "bpf"
+        shutil.copytree(default_source_dir(), changed)
+        source = changed / "connect_lb.c"
+        source.write_text(source.read_text() + "\n/* changed */\n")
+        recompiled = PinnedLB(
+            cgroup_path=cgroup, pin_dir=pin_dir, source_dir=changed, build_stamp=stamp
+        )
+        try:
+            assert not recompiled.reused
+            assert set(recompiled.program_ids.values()).isdisjoint(compiled_ids.values())
+        finally:
+            recompiled.close()
+        # Its programs were never attached: the stamp does not match the links.
+        again = PinnedLB(cgroup_path=cgroup, pin_dir=pin_dir, source_dir=changed, build_stamp=stamp)
+        try:
+            assert not again.reused
+        finally:
+            again.close()
+
+        # Programs replaced by another loader (no stamp of its own): never taken for ours.
+        other = PinnedLB(cgroup_path=cgroup, pin_dir=pin_dir)
+        try:
+            other.enable()
+        finally:
+            other.close()
+        after_other = PinnedLB(
+            cgroup_path=cgroup, pin_dir=pin_dir, source_dir=changed, build_stamp=stamp
+        )
+        try:
+            assert not after_other.reused
+        finally:
+            after_other.disable()
+            after_other.close()
+    finally:
+        first.disable()
 
 
 _PROBE = """

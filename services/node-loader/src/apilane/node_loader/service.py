@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -58,6 +58,9 @@ from apilane.runtime.bus import Bus, BusError, KvEntry
 from apilane.runtime.lifecycle import bus_session
 from apilane.runtime.serve import Health, ServiceContext
 
+if TYPE_CHECKING:
+    from apilane.node_loader.pinned import CompilerRun
+
 log = logging.getLogger(__name__)
 
 _TICK = 1.0  # the housekeeping loop's period: liveness heartbeat, retries, state writes
@@ -72,9 +75,12 @@ class DataPlane:
     connections: ConnectionLookup | None = None
 
 
-def open_data_plane(settings: NodeLoaderSettings) -> DataPlane:
+def open_data_plane(
+    settings: NodeLoaderSettings, *, compiling: CompilerRun | None = None
+) -> DataPlane:
     """The maps (and programs, for `bpf`) the settings ask for. bcc is never imported in this
-    process: a child compiles and loads (pinned.py), this one works on the pins."""
+    process: a child compiles and loads (pinned.py), this one works on the pins.
+    `compiling`: that child, when `__main__` started it early."""
     if settings.map_backend == "memory":
         from apilane.node_loader.memmaps import MemoryNatMaps
 
@@ -85,6 +91,8 @@ def open_data_plane(settings: NodeLoaderSettings) -> DataPlane:
         cgroup_path=Path(settings.cgroup_path),
         pin_dir=Path(settings.pin_dir),
         allow_root_cgroup=settings.allow_root_cgroup,
+        compiling=compiling,
+        build_stamp=settings.build_stamp,
     )
     return DataPlane(maps=lb.nat_maps, programs=lb, connections=lb.connections)
 

@@ -60,7 +60,6 @@ for a lasting choice, set the variable.
 
 from __future__ import annotations
 
-import hashlib
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -73,6 +72,7 @@ import msgspec
 from apilane.model import subjects
 from apilane.model.errors import ConfigError
 from apilane.model.signing import TrustedKeys, public_text
+from apilane.node_loader import early
 from apilane.runtime.config import (
     CommonSettings,
     Env,
@@ -86,9 +86,6 @@ SERVICE_NAME: Final = "apilane-node-loader"
 MAP_BACKENDS = ("bpf", "memory")
 PROBE_KINDS = ("tcp", "https", "off")
 SNAPSHOT_FANOUTS = ("watch", "republish")
-# The state file's name without ".state.json" (and the temporary file's prefix and suffix)
-# must fit a 255-byte file name.
-_MAX_SLUG = 200
 
 
 class ProbeSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,8 +105,8 @@ class ProbeSettings(msgspec.Struct, frozen=True, kw_only=True):
 class NodeLoaderSettings(msgspec.Struct, frozen=True, kw_only=True):
     common: CommonSettings
     node_name: str
-    pin_dir: str = "/sys/fs/bpf/apilane"
-    state_dir: str = "/run/apilane/node-loader"
+    pin_dir: str = early.DEFAULT_PIN_DIR
+    state_dir: str = early.DEFAULT_STATE_DIR
     cgroup_path: str = ""
     allow_root_cgroup: bool = False
     connect_time_lb: bool = True
@@ -133,12 +130,12 @@ class NodeLoaderSettings(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def state_file(self) -> Path:
-        slug = self.pin_dir.strip("/").replace("/", "_") or "root"
-        if len(slug) > _MAX_SLUG:
-            # A file name holds 255 bytes: a long pin dir keeps its tail, made unique by a hash.
-            digest = hashlib.sha256(slug.encode()).hexdigest()[:16]
-            slug = f"{digest}_{slug[-(_MAX_SLUG - 17) :]}"
-        return Path(self.state_dir) / f"{slug}.state.json"
+        return early.state_file(self.state_dir, self.pin_dir)
+
+    @property
+    def build_stamp(self) -> Path:
+        """What the last compile produced (reuse.py): next to the state file."""
+        return early.build_stamp(self.state_file)
 
 
 def load_probe(env: Env) -> ProbeSettings:
@@ -224,10 +221,10 @@ def load(environ: Mapping[str, str] | None = None, *, serving: bool = True) -> N
     except ConfigError as exc:
         raise ConfigError(f"APILANE_NODE_NAME={node_name!r}: {exc}") from exc
     map_backend = env.choice("MAP_BACKEND", "bpf", MAP_BACKENDS)
-    pin_dir = env.str("BPF_PIN_DIR", "/sys/fs/bpf/apilane")
+    pin_dir = env.str("BPF_PIN_DIR", early.DEFAULT_PIN_DIR)
     if not pin_dir.startswith("/"):
         raise ConfigError(f"APILANE_BPF_PIN_DIR={pin_dir!r}: expected an absolute path")
-    state_dir = env.str("STATE_DIR", "/run/apilane/node-loader")
+    state_dir = env.str("STATE_DIR", early.DEFAULT_STATE_DIR)
     if not state_dir.startswith("/"):
         raise ConfigError(f"APILANE_STATE_DIR={state_dir!r}: expected an absolute path")
     cgroup_path = env.str("CGROUP_PATH", "")

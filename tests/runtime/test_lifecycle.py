@@ -4,12 +4,15 @@ authenticates every client (each test connects as the identity it plays)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from apilane.model import subjects
-from apilane.model.errors import ConfigError
+from apilane.model.errors import ApilaneError, ConfigError
 from apilane.runtime.bus import Bus
 from apilane.runtime.config import CommonSettings
 from apilane.runtime.lifecycle import bus_session, command_line, connect_bus
@@ -51,6 +54,32 @@ def test_a_one_shot_command_runs_instead_of_the_service() -> None:
     assert len(ran) == 1
     with pytest.raises(SystemExit):
         command_line("apilane-test", Loaded, body, ["unknown"], commands=commands)
+
+
+@pytest.mark.unit
+def test_a_typed_error_that_ends_the_service_is_a_log_line_and_exit_1(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    class ProgramError(ApilaneError):
+        """As the node-loader's, when its programs cannot be compiled."""
+
+    class Loaded(msgspec.Struct):
+        common: CommonSettings = CommonSettings()
+
+    async def body(ctx: ServiceContext, settings: Loaded) -> None:
+        raise ProgramError("compiling the connect-time programs failed: clang: not found")
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # serve.run sets the service's logging up
+    try:
+        assert command_line("apilane-test", Loaded, body, []) == 1
+    finally:
+        root.handlers[:], root.level = handlers, level
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line]
+    [stopped] = [line for line in lines if line.get("msg") == "stopped: it cannot go on"]
+    assert stopped["level"] == "ERROR"
+    assert stopped["error_type"] == "ProgramError"
+    assert "clang: not found" in stopped["error"]
 
 
 @pytest.mark.integration

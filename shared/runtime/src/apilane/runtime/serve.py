@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
+from apilane.model.errors import ApilaneError
 from apilane.runtime import tracing
 from apilane.runtime.config import CommonSettings
 
@@ -200,9 +201,18 @@ async def _until_done_or_stopped(
 def run(
     name: str, settings: CommonSettings, main: Callable[[ServiceContext], Coroutine[Any, Any, None]]
 ) -> int:
-    """The body of every `__main__`: logs, tracing, then `serve` in a fresh event loop."""
+    """The body of every `__main__`: logs, tracing, then `serve` in a fresh event loop.
+    A typed error that ends the service (it cannot do its job: no programs, no API server
+    credentials) is one log line and exit status 1, not a traceback."""
     setup_logging(name, settings.log_level)
     tracing.setup(name)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(name, settings, main))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(name, settings, main))
+    except ApilaneError as exc:
+        log.error(
+            "stopped: it cannot go on",
+            extra={"error": str(exc), "error_type": type(exc).__name__},
+        )
+        return 1
     return 0

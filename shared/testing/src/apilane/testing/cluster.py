@@ -55,7 +55,7 @@ from apilane.testing.kube import (
     stop_process,
 )
 from apilane.testing.pki import Pki
-from apilane.testing.procs import ComponentMissing, start_process, tail
+from apilane.testing.procs import ComponentMissing, pid_alive, start_process, tail
 
 REPO = Path(__file__).resolve().parents[5]
 CGROUP2 = Path("/sys/fs/cgroup/unified")
@@ -442,6 +442,7 @@ class OneNodeCluster:
         self.etcd: Etcd | None = None
         # The first is `apiserver`, the one the node's components use; all in start order.
         self.apiservers: list[ApiServer] = []
+        self.apiserver_pids: list[int] = []
 
     # ----------------------------------------------------------------- start
 
@@ -535,6 +536,8 @@ class OneNodeCluster:
         )
         self.apiservers.append(apiserver)
         apiserver.start()
+        assert apiserver.proc is not None
+        self.apiserver_pids.append(apiserver.proc.pid)
         return apiserver
 
     def _await_apiservers(self) -> None:
@@ -565,7 +568,7 @@ class OneNodeCluster:
         # etcd together race on the `kubernetes` ClusterIP), and ready by the end of start().
         for _ in range(1, self.apiserver_count):
             self._launch_apiserver(sa_keys)
-        sa_private = sa_keys[0]
+        sa_private, _ = sa_keys
         self.admin_kubeconfig = self.kubeconfig("admin", ("system:masters",))
         kcm = self.kubeconfig("system:kube-controller-manager")
         self._spawn(
@@ -808,7 +811,7 @@ class OneNodeCluster:
     def leftovers(self) -> dict[str, list[str]]:
         found: dict[str, list[str]] = {
             "processes": [n for n, p in self.procs.items() if p.poll() is None]
-            + [f"kube-apiserver {a.bind_address}" for a in self.apiservers if a.running],
+            + [f"kube-apiserver pid {pid}" for pid in self.apiserver_pids if pid_alive(pid)],
             "cgroups": [str(p) for p in child_cgroups(self.cgroup_name)],
             "pins": [str(self.pin_dir)] if self.pin_dir.exists() else [],
             "bridge": [self.bridge] if Path("/sys/class/net", self.bridge).exists() else [],

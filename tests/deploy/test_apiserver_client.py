@@ -94,9 +94,17 @@ def test_recovery_after_the_kill_of_the_apiserver_the_client_was_on() -> None:
     assert found.after == tuple(lines[4:])
 
 
-def test_a_success_on_the_old_connection_after_the_kill_is_no_break() -> None:
-    lines = [ok(1, 1.0, 1, KILLED), ok(2, 2.5, 1, KILLED), ok(3, 3.0, 1, KILLED)]
-    found = recovery(lines, connection=1, killed_at=2.0, run=2)
+def test_a_request_ending_well_as_the_kill_is_sent_then_the_break() -> None:
+    lines = [ok(1, 1.0, 1, KILLED), ok(2, 2.01, 1, KILLED), failed(3, 2.5, 1)]
+    lines += [ok(4, 3.0, 4, "kube-apiserver-0")]
+    found = recovery(lines, connection=1, killed_at=2.0, run=1)
+    assert found is not None and found.broken and found.errors == 1
+    assert found.first_ok == lines[3]
+
+
+def test_a_connection_still_serving_after_the_kill_is_no_break() -> None:
+    lines = [ok(1, 1.0, 1, KILLED), ok(2, 2.5, 1, KILLED), ok(3, 3.0, 3, "kube-apiserver-0")]
+    found = recovery(lines, connection=1, killed_at=2.0, run=1)
     assert found is not None and not found.broken and found.errors == 0
 
 

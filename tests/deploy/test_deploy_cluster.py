@@ -611,8 +611,8 @@ async def check_apiserver_kill(
     talking = await eventually(on_killable, what="the client on an apiserver that may be killed")
     index = names.index(talking.server)
     killed_address = cluster.apiservers[index].bind_address
+    killed_at = time.time()  # when the kill is sent: the client may see it before it returns
     pid = cluster.kill_apiserver(index)
-    killed_at = time.time()
     live = {name for name, a in zip(names, cluster.apiservers, strict=True) if a.running}
     print(
         f"apiserver kill: SIGKILLed {talking.server} (pid {pid}, {killed_address}) while the"

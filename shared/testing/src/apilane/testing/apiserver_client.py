@@ -171,9 +171,9 @@ def served_on(lines: Sequence[ClientLine], connection: int) -> int:
 class Recovery:
     """What the client's lines after the kill of the apiserver it was on say."""
 
-    broken: bool  # the connection that was on the killed apiserver failed, and only failed
+    broken: bool  # the connection that was on the killed apiserver ended in an error
     errors: int  # failed requests after the kill, before the first success
-    first_ok: ClientLine  # the first request served after the kill
+    first_ok: ClientLine  # the first request served after the kill on another connection
     after: tuple[ClientLine, ...]  # every request from the first success on
 
 
@@ -181,16 +181,20 @@ def recovery(
     lines: Iterable[ClientLine], *, connection: int, killed_at: float, run: int
 ) -> Recovery | None:
     """The recovery once `run` requests have ended since the first one served after the kill
-    (None until then). `connection` is the one that was on the killed apiserver: a success on
-    it after the kill would have come from a dead process, so it is no break."""
+    on a connection made after it (None until then). `killed_at` is when the kill was sent
+    (a request to the dying process may still end well just after); `connection` is the one
+    that was on the killed apiserver, which must end in an error (the client replaces a
+    connection at its first error)."""
     later = [line for line in lines if line.at > killed_at]
-    first = next((i for i, line in enumerate(later) if line.ok), None)
+    first = next(
+        (i for i, line in enumerate(later) if line.ok and line.connection != connection), None
+    )
     if first is None or len(later) - first < run:
         return None
     on_old = [line for line in later if line.connection == connection]
     return Recovery(
-        broken=bool(on_old) and not on_old[-1].ok and not any(line.ok for line in on_old),
-        errors=first,
+        broken=bool(on_old) and not on_old[-1].ok,
+        errors=sum(1 for line in later[:first] if not line.ok),
         first_ok=later[first],
         after=tuple(later[first:]),
     )

@@ -191,12 +191,11 @@ def cluster(
         pytest.fail(f"the one-node cluster cannot run here: {exc}")
     node.start()
     print(f"one-node cluster ready in {node.timings['ready']:.1f} s ({node.timings})")
-    failed = True
     try:
         yield node
-        failed = False
     finally:
-        if failed or os.environ.get("APILANE_KEEP_POD_LOGS"):
+        # A failing test keeps them itself: pytest does not raise its failure in here.
+        if os.environ.get("APILANE_KEEP_POD_LOGS"):
             keep_logs(node, tmp_path / "cluster-logs")
         node.stop()
         assert node.leftovers() == {}
@@ -271,6 +270,9 @@ async def test_deploy_runs_as_real_pods_and_an_endpoint_change_flows_through(
             + [doc for doc in docs if doc["kind"] != "Namespace"],
         )
         await check_workloads(kube, cluster, secrets)
+    except BaseException:
+        keep_logs(cluster, tmp_path / "cluster-logs")
+        raise
     finally:
         await kube.close()
 

@@ -5,6 +5,7 @@ what iptables-save and the cgroup tree look like."""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +141,25 @@ def test_running_calico_node_runs_every_container_and_keeps_the_env_as_shipped()
         d for d in before if d["metadata"]["name"] != "calico-node"
     ]
     assert by_name(before, "DaemonSet", "calico-node")["spec"]["template"]["spec"]["nodeSelector"]
+
+
+def test_apiserver_addresses_are_on_the_subnet_and_never_a_pods() -> None:
+    subnet = ipaddress.IPv4Network("198.18.9.0/24")
+    conflist = cluster.cni_conflist(name="n", bridge="b", subnet=str(subnet), ipam_dir=Path("/x"))
+    [[pod_range]] = conflist["plugins"][0]["ipam"]["ranges"]
+    pod_end = ipaddress.IPv4Address(pod_range["rangeEnd"])
+    addresses = [cluster.apiserver_address(subnet, i) for i in range(cluster.MAX_APISERVERS)]
+    assert addresses[0] == "198.18.9.1"  # the bridge's own, the pods' gateway
+    assert len(set(addresses)) == cluster.MAX_APISERVERS
+    assert all(ipaddress.IPv4Address(a) in subnet for a in addresses)
+    assert all(ipaddress.IPv4Address(a) > pod_end for a in addresses[1:])
+    # The last host stays free for a test's own address.
+    assert str(subnet.broadcast_address - 1) not in addresses
+    assert int(pod_end) - int(subnet.network_address) > 200
+
+
+def test_a_cluster_runs_one_to_max_apiservers() -> None:
+    with pytest.raises(ValueError, match="apiservers"):
+        cluster.OneNodeCluster(None, apiservers=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="apiservers"):
+        cluster.OneNodeCluster(None, apiservers=cluster.MAX_APISERVERS + 1)  # type: ignore[arg-type]

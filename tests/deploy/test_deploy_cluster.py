@@ -14,6 +14,14 @@ is its one rollout, and the endpoint change then updates the ConfigMap only: the
 runs on, unrestarted, the DaemonSet's generation unchanged. Switched to literal mode (the
 renderer Deployment's APILANE_RENDER_MODE), the next change (the second address removed)
 patches the pod template, and a new pod starts with the new value.
+
+The control plane runs three kube-apiservers (lease endpoint reconciler); the node's own
+components use the first. Before the switch to literal mode, a client pod
+(apilane.testing.apiserver_client) talks to the API server at the `kubernetes` ClusterIP; the
+apiserver its connection is on (by the serving certificate it saw, and by the host's view of
+the connection) is SIGKILLed, and its next requests are served by a live one within
+KILL_RECOVERY (the node-loader's probes), no pod restarted; the dead one then leaves the
+endpoints (its lease expired) in the snapshot, calico-node's env and the node's state.
 Pod and component logs are kept under the test's tmp_path when it fails.
 """
 
@@ -40,8 +48,11 @@ from apilane.kube.client import KubeClient, NotFound
 from apilane.model import envformat, events, subjects
 from apilane.model.signing import TrustedKeys, open_snapshot
 from apilane.runtime.bus import Bus
+from apilane.testing import apiserver_client
+from apilane.testing.apiserver_client import ClientLine, client_objects, recovery, served_on
 from apilane.testing.calico import container_env
 from apilane.testing.cluster import (
+    API_PORT,
     IMAGE_NAMES,
     OneNodeCluster,
     local_values,
@@ -50,6 +61,7 @@ from apilane.testing.cluster import (
 )
 from apilane.testing.deploy_secrets import DeploySecrets, make_deploy_secrets
 from apilane.testing.docker import DockerDaemon
+from apilane.testing.ha import HAControlPlane
 from apilane.testing.images import BuildReport
 from apilane.testing.kube import endpoint_slice
 from apilane.testing.procs import ComponentMissing
@@ -69,6 +81,15 @@ ENDPOINTS_CONFIGMAP = "apilane-kubernetes-endpoints"  # APILANE_CONFIGMAP_NAME i
 RENDERER_DEPLOYMENT = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/apilane-renderer"
 # After an endpoint change has settled: how long a restart of calico-node would have to show.
 QUIET = 10.0
+# The control plane: the node's apiserver and two more, the ones a kill may hit.
+APISERVERS = 3
+# From the SIGKILL of the apiserver the client pod talks to until a live one serves its next
+# request: the node-loader's tcp probes (deploy/'s default: every 300 ms, 3 failures) leave
+# the dead backend out long before its endpoint lease expires.
+KILL_RECOVERY = 10.0
+# Requests in a row served after the recovery: two new connections at least (the client opens
+# one every PER_CONNECTION requests), each a new pick of the load balancer.
+RECOVERED_RUN = 2 * apiserver_client.PER_CONNECTION
 T = TypeVar("T")
 
 # The order `kubectl apply` would need on a fresh cluster (deploy/README.md).
@@ -165,17 +186,16 @@ def cluster(
     docker_daemon: DockerDaemon, local_images: BuildReport, tmp_path: Path
 ) -> Iterator[OneNodeCluster]:
     try:
-        node = OneNodeCluster(docker_daemon)
+        node = OneNodeCluster(docker_daemon, apiservers=APISERVERS)
     except ComponentMissing as exc:
         pytest.fail(f"the one-node cluster cannot run here: {exc}")
     node.start()
     print(f"one-node cluster ready in {node.timings['ready']:.1f} s ({node.timings})")
-    failed = True
     try:
         yield node
-        failed = False
     finally:
-        if failed or os.environ.get("APILANE_KEEP_POD_LOGS"):
+        # A failing test keeps them itself: pytest does not raise its failure in here.
+        if os.environ.get("APILANE_KEEP_POD_LOGS"):
             keep_logs(node, tmp_path / "cluster-logs")
         node.stop()
         assert node.leftovers() == {}
@@ -225,7 +245,7 @@ def attached_programs(cgroup: Path) -> list[str]:
 
 
 # Cluster start, deploy/ Ready, then three rollouts (calico-node's adoption, the renderer's
-# switch of modes, calico-node's literal patch) on a 2-core machine.
+# switch of modes, calico-node's literal patch) and an apiserver's kill on a 2-core machine.
 @pytest.mark.timeout(600)
 async def test_deploy_runs_as_real_pods_and_an_endpoint_change_flows_through(
     cluster: OneNodeCluster, tmp_path: Path
@@ -250,6 +270,9 @@ async def test_deploy_runs_as_real_pods_and_an_endpoint_change_flows_through(
             + [doc for doc in docs if doc["kind"] != "Namespace"],
         )
         await check_workloads(kube, cluster, secrets)
+    except BaseException:
+        keep_logs(cluster, tmp_path / "cluster-logs")
+        raise
     finally:
         await kube.close()
 
@@ -435,7 +458,8 @@ async def check_endpoint_change(
             return snapshot if node is not None and node.generation == snapshot.generation else None
 
         # configmap mode (deploy/'s default): adopting calico-node is its one rollout.
-        first = await eventually(lambda: settled({cluster.address}), what="the initial endpoints")
+        apiservers = set(cluster.apiserver_addresses)
+        first = await eventually(lambda: settled(apiservers), what="the initial endpoints")
         adopted = await eventually(lambda: calico_rolled_out(kube), what="calico-node adopted")
         ds = await kube.get(CALICO_DS)
         assert reads_configmap(ds, "initContainers", INIT)
@@ -448,19 +472,20 @@ async def check_endpoint_change(
             endpoint_slice("kubernetes-second", addresses=[second], port=6443),
         )
         changed = await eventually(
-            lambda: settled({cluster.address, second}), what="the second API server everywhere"
+            lambda: settled(apiservers | {second}), what="the second API server everywhere"
         )
         assert changed.generation > first.generation
         print(f"configmap mode: the change settled in {time.monotonic() - started:.1f} s")
         configmap = await kube.get(
             f"/api/v1/namespaces/{CALICO_NAMESPACE}/configmaps/{ENDPOINTS_CONFIGMAP}"
         )
-        assert set(envformat_hosts(configmap["data"][APISERVER_ENDPOINTS])) == {
-            cluster.address,
-            second,
-        }
+        assert set(envformat_hosts(configmap["data"][APISERVER_ENDPOINTS])) == apiservers | {second}
         await asyncio.sleep(QUIET)
         assert await calico_rolled_out(kube) == adopted, "configmap mode restarted calico-node"
+
+        # Still in configmap mode: the dead apiserver leaving the endpoints restarts nothing.
+        changed = await check_apiserver_kill(kube, cluster, settled, extra={second})
+        assert await calico_rolled_out(kube) == adopted, "the apiserver kill restarted calico-node"
 
         await check_literal_mode(
             kube, cluster, settled, second=second, after=changed, adopted=adopted
@@ -502,7 +527,8 @@ async def check_literal_mode(
         "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices/kubernetes-second"
     )
     removed = await eventually(
-        lambda: settled({cluster.address}), what="the second API server gone everywhere"
+        lambda: settled(set(cluster.apiserver_addresses)),
+        what="the second API server gone everywhere",
     )
     assert removed.generation > after.generation
     ds = await kube.get(CALICO_DS)
@@ -518,3 +544,115 @@ async def check_literal_mode(
     assert rolled.generation > before.generation
     saw = calico_saw(cluster, rolled)
     assert cluster.address in saw and second not in saw, saw
+
+
+def client_log(cluster: OneNodeCluster) -> list[ClientLine]:
+    """The client pod's requests so far (from the log file the kubelet writes)."""
+    pattern = f"{NAMESPACE}_{apiserver_client.NAME}_*/client/*.log"
+    files = sorted((cluster.work / "pod-logs").glob(pattern))
+    return apiserver_client.parse_lines("".join(f.read_text(errors="replace") for f in files))
+
+
+def established(local: str, peer: str) -> bool:
+    """Whether the host (where the apiservers run) holds an established connection local-peer."""
+    shown = subprocess.run(
+        ["ss", "-Htn", "state", "established", "src", local, "dst", peer],
+        capture_output=True, text=True, timeout=10, check=True,
+    )  # fmt: skip
+    return bool(shown.stdout.strip())
+
+
+async def pod_restarts(kube: KubeClient) -> dict[str, tuple[str, int]]:
+    """Every pod of the cluster by uid: its name and its containers' restarts."""
+    listing = await kube.get("/api/v1/pods")
+    return {
+        p["metadata"]["uid"]: (
+            f"{p['metadata']['namespace']}/{p['metadata']['name']}",
+            sum(int(c["restartCount"]) for c in p["status"].get("containerStatuses", [])),
+        )
+        for p in listing["items"]
+        if p["metadata"].get("deletionTimestamp") is None
+    }
+
+
+async def check_apiserver_kill(
+    kube: KubeClient,
+    cluster: OneNodeCluster,
+    settled: Callable[[set[str]], Awaitable[events.EndpointSnapshot | None]],
+    *,
+    extra: set[str],
+) -> events.EndpointSnapshot:
+    """A client pod talks to the API server at the ClusterIP; the apiserver its connection is
+    on is SIGKILLed; its next requests are served by a live one within KILL_RECOVERY, with no
+    pod restarted, and once the dead one's lease expires it leaves the endpoints everywhere
+    (`settled`: the snapshot, calico-node's env, the node's state; `extra` are the endpoints
+    that are no apiserver's). Returns that snapshot."""
+    started = time.monotonic()
+    names = [HAControlPlane.apiserver_name(i) for i in range(len(cluster.apiservers))]
+    await apply_all(kube, client_objects(namespace=NAMESPACE, image=IMAGE_NAMES["renderer"]))
+    ready_pods = await eventually(
+        lambda: all_ready(kube, f"app.kubernetes.io/name={apiserver_client.NAME}", 1),
+        what="the API client pod Ready",
+    )
+    pod_ip = ready_pods[0]["status"]["podIP"]
+    before = await pod_restarts(kube)
+
+    async def on_killable() -> ClientLine | None:
+        """The client's last request, if served by an apiserver but the node's, on a connection
+        with requests to go, which the host sees established (pod address to apiserver)."""
+        lines = client_log(cluster)
+        last = lines[-1] if lines else None
+        if last is None or not last.ok or last.server not in names[1:]:
+            return None
+        if served_on(lines, last.connection) > apiserver_client.PER_CONNECTION - 3:
+            return None
+        address = cluster.apiservers[names.index(last.server)].bind_address
+        local, peer = f"{address}:{API_PORT}", f"{pod_ip}:{last.local_port}"
+        return last if await asyncio.to_thread(established, local, peer) else None
+
+    talking = await eventually(on_killable, what="the client on an apiserver that may be killed")
+    index = names.index(talking.server)
+    killed_address = cluster.apiservers[index].bind_address
+    killed_at = time.time()  # when the kill is sent: the client may see it before it returns
+    pid = cluster.kill_apiserver(index)
+    live = {name for name, a in zip(names, cluster.apiservers, strict=True) if a.running}
+    print(
+        f"apiserver kill: SIGKILLed {talking.server} (pid {pid}, {killed_address}) while the"
+        f" client's connection {talking.connection} (port {talking.local_port}) was on it"
+    )
+
+    async def recovered() -> apiserver_client.Recovery | None:
+        return recovery(
+            client_log(cluster), connection=talking.connection,
+            killed_at=killed_at, run=RECOVERED_RUN,
+        )  # fmt: skip
+
+    result = await eventually(recovered, what="the client served again after the kill")
+    took = result.first_ok.at - killed_at
+    print(
+        f"apiserver kill: {talking.server} -> {result.first_ok.server} in {took:.2f} s,"
+        f" {result.errors} failed request(s) in between"
+    )
+    assert result.broken, "the client's connection to the killed apiserver broke"
+    assert took < KILL_RECOVERY, f"{took:.1f} s until a live apiserver served the client"
+    assert result.first_ok.server in live and result.first_ok.status == 200
+    assert [line for line in result.after if not line.ok] == []
+    assert {line.server for line in result.after} <= live
+    assert len({line.connection for line in result.after}) >= 2
+
+    # The dead apiserver's lease expires: discovery drops it, the client sees it gone.
+    snapshot = await eventually(
+        lambda: settled(set(cluster.apiserver_addresses) | extra),
+        what="the killed apiserver gone everywhere",
+    )
+    print(f"apiserver kill: gone from the endpoints everywhere {time.time() - killed_at:.1f} s on")
+
+    async def client_sees_it_gone() -> ClientLine | None:
+        last = client_log(cluster)[-1]
+        return last if last.ok and killed_address not in last.endpoints else None
+
+    seen = await eventually(client_sees_it_gone, what="the client reading the endpoints without it")
+    assert set(seen.endpoints) == set(cluster.apiserver_addresses), seen
+    assert await pod_restarts(kube) == before, "a pod restarted"
+    print(f"apiserver kill: the whole step took {time.monotonic() - started:.1f} s")
+    return snapshot

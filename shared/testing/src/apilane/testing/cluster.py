@@ -1,6 +1,7 @@
 """A one-node Kubernetes cluster for the run-mode test of deploy/: real pods, real probes.
 
-    etcd (loopback) + kube-apiserver (on a test bridge's address, lease endpoint reconciler)
+    etcd (loopback) + N kube-apiservers (each on an address of the test bridge, lease endpoint
+    reconciler: the `kubernetes` Service lists every live one)
     kube-controller-manager, kube-scheduler, CoreDNS (on the bridge address, no forwarding)
     a kubelet on a containerd of its own (CRI), pods on a bridge CNI on a test-only subnet
 
@@ -10,6 +11,12 @@ names deploy/ uses. There is no kube-proxy: containerd, and so every pod, runs i
 dedicated child cgroup of the host's cgroup2 hierarchy (the kubelet's cgroupRoot), which is
 where the node-loader pod attaches its connect-time programs. Pods reach the API server's
 ClusterIP through apilane's own load balancer, and nothing is translated outside that cgroup.
+
+The node's own components (kubelet, controller-manager, scheduler, CoreDNS) and the test's
+admin client talk to the first apiserver at the bridge's own address; the others serve only
+what reaches them through the `kubernetes` ClusterIP, so `kill_apiserver` can crash any but
+the first while the node goes on. Each serving certificate names its apiserver
+(`apilane.testing.ha.HAControlPlane.apiserver_name`), so a client can tell which one answered.
 
 The pod network has no default route: pods reach each other, the bridge address (API server,
 DNS) and the service range, nothing else. The host changes the kubelet makes (sysctls,
@@ -37,6 +44,7 @@ from typing import Any
 import yaml
 
 from apilane.testing.docker import DockerDaemon
+from apilane.testing.ha import HAControlPlane
 from apilane.testing.kube import (
     KUBERNETES_SANS,
     SERVICE_IPS,
@@ -47,13 +55,17 @@ from apilane.testing.kube import (
     stop_process,
 )
 from apilane.testing.pki import Pki
-from apilane.testing.procs import ComponentMissing, start_process, tail
+from apilane.testing.procs import ComponentMissing, pid_alive, start_process, tail
 
 REPO = Path(__file__).resolve().parents[5]
 CGROUP2 = Path("/sys/fs/cgroup/unified")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 SERVICE_RANGE = "10.96.0.0/16"
 API_PORT = 6443
+# The top addresses of the test subnet are never a pod's: the apiservers after the first, and
+# addresses a test adds to the bridge (counted from the last host down).
+RESERVED_ADDRESSES = 16
+MAX_APISERVERS = 4
 # The kubelet turns these on when it does not protect the kernel defaults; put back at stop.
 KUBELET_SYSCTLS = ("kernel/panic", "kernel/panic_on_oops", "vm/overcommit_memory")
 # Paths the kubelet and containerd's CNI use whatever their configuration says.
@@ -124,12 +136,25 @@ def cni_conflist(*, name: str, bridge: str, subnet: str, ipam_dir: Path) -> dict
                 "ipam": {
                     "type": "host-local",
                     "dataDir": str(ipam_dir),
-                    "ranges": [[{"subnet": subnet}]],
+                    "ranges": [[{"subnet": subnet, "rangeEnd": str(pod_range_end(subnet))}]],
                     "routes": [{"dst": subnet}, {"dst": SERVICE_RANGE}],
                 },
             }
         ],
     }
+
+
+def pod_range_end(subnet: str) -> ipaddress.IPv4Address:
+    """The last pod address: the RESERVED_ADDRESSES top hosts of the subnet are kept free."""
+    return ipaddress.IPv4Network(subnet).broadcast_address - 1 - RESERVED_ADDRESSES
+
+
+def apiserver_address(subnet: ipaddress.IPv4Network, index: int) -> str:
+    """Apiserver `index`'s address: the first is the bridge's own (the subnet's first host),
+    the others count down from the top reserved address (the last host stays a test's)."""
+    if index == 0:
+        return str(subnet.network_address + 1)
+    return str(subnet.broadcast_address - 1 - index)
 
 
 def kubelet_config(
@@ -390,7 +415,11 @@ class HostRecord:
 class OneNodeCluster:
     """Start with `start()` (or as a context manager); `stop()` undoes everything."""
 
-    def __init__(self, daemon: DockerDaemon, *, node: str = "apilane-node") -> None:
+    def __init__(
+        self, daemon: DockerDaemon, *, node: str = "apilane-node", apiservers: int = 1
+    ) -> None:
+        if not 1 <= apiservers <= MAX_APISERVERS:
+            raise ValueError(f"apiservers must be between 1 and {MAX_APISERVERS}")
         self.daemon = daemon
         self.node = node
         self.binaries = find_node_binaries()
@@ -399,7 +428,8 @@ class OneNodeCluster:
         self.work = Path(tempfile.mkdtemp(prefix="apilane-cluster-", dir="/var/tmp"))
         self.bridge = f"apl{self.id}"
         self.subnet = pick_test_subnet()
-        self.address = str(next(self.subnet.hosts()))
+        self.address = apiserver_address(self.subnet, 0)
+        self.apiserver_count = apiservers
         self.cgroup_name = f"apilane-cluster-{self.id}"
         self.cgroup = CGROUP2 / self.cgroup_name
         self.pin_dir = Path("/sys/fs/bpf") / self.cgroup_name
@@ -410,7 +440,9 @@ class OneNodeCluster:
         self.forward_rule = ["FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
         self.timings: dict[str, float] = {}
         self.etcd: Etcd | None = None
-        self.apiserver: ApiServer | None = None
+        # The first is `apiserver`, the one the node's components use; all in start order.
+        self.apiservers: list[ApiServer] = []
+        self.apiserver_pids: list[int] = []
 
     # ----------------------------------------------------------------- start
 
@@ -423,6 +455,7 @@ class OneNodeCluster:
             self._containerd()
             self._import_images()
             self._node()
+            self._await_apiservers()
         except BaseException:
             self.stop()
             raise
@@ -463,31 +496,79 @@ class OneNodeCluster:
             path, server=f"https://{self.address}:{API_PORT}", user=user, groups=groups
         )
 
-    def _control_plane(self) -> None:
-        sa_private, sa_public = self.pki.service_account_keys()
+    @property
+    def apiserver(self) -> ApiServer | None:
+        """The first apiserver: the node's components and the admin kubeconfig use it."""
+        return self.apiservers[0] if self.apiservers else None
+
+    @property
+    def apiserver_addresses(self) -> list[str]:
+        """The addresses of the apiservers running now, in start order."""
+        return [a.bind_address for a in self.apiservers if a.running]
+
+    def _launch_apiserver(self, sa_keys: tuple[Path, Path]) -> ApiServer:
+        assert self.etcd is not None
+        index = len(self.apiservers)
+        address = apiserver_address(self.subnet, index)
+        if index > 0:  # the first is the bridge's own address
+            _run(["ip", "addr", "add", f"{address}/32", "dev", self.bridge])
+        name = HAControlPlane.apiserver_name(index)
         serving = self.pki.issue(
-            "apiserver",
-            common_name="kube-apiserver",
+            name,
+            common_name=name,
             dns_names=KUBERNETES_SANS,
-            ip_addresses=(self.address, "127.0.0.1", *SERVICE_IPS),
+            ip_addresses=(address, "127.0.0.1", *SERVICE_IPS),
             server=True,
         )
-        self.etcd = Etcd(binary_dir=self.kube_dir, data_dir=self.work / "etcd")
-        self.etcd.start()
-        self.apiserver = ApiServer(
+        apiserver = ApiServer(
             binary_dir=self.kube_dir,
             work_dir=self.work,
             etcd_url=self.etcd.url,
             pki=self.pki,
             serving=serving,
-            sa_private=sa_private,
-            sa_public=sa_public,
-            bind_address=self.address,
+            sa_private=sa_keys[0],
+            sa_public=sa_keys[1],
+            bind_address=address,
             port=API_PORT,
             reconciler="lease",
+            # Its identity Lease is named after its hostname: one of its own but for the first.
+            hostname=name if index > 0 else None,
         )
-        self.apiserver.start()
-        self.apiserver.wait_ready()
+        self.apiservers.append(apiserver)
+        apiserver.start()
+        assert apiserver.proc is not None
+        self.apiserver_pids.append(apiserver.proc.pid)
+        return apiserver
+
+    def _await_apiservers(self) -> None:
+        """The apiservers after the first (launched with it, ready by now, as a rule)."""
+        started = time.monotonic()
+        for apiserver in self.apiservers[1:]:
+            apiserver.wait_ready()
+        self.timings["other apiservers"] = time.monotonic() - started
+
+    def kill_apiserver(self, index: int) -> int:
+        """SIGKILL apiserver `index` (by the pid the cluster started): a crash. Returns the pid.
+        Never the first: the node's components would lose their API server."""
+        if index == 0:
+            raise ValueError("the first apiserver is the node's: kill another one")
+        proc = self.apiservers[index].proc
+        if proc is None or proc.poll() is not None:
+            raise RuntimeError(f"apiserver {index} is not running")
+        self.apiservers[index].stop(graceful=False)
+        return proc.pid
+
+    def _control_plane(self) -> None:
+        sa_keys = self.pki.service_account_keys()
+        self.etcd = Etcd(binary_dir=self.kube_dir, data_dir=self.work / "etcd")
+        self.etcd.start()
+        first = self._launch_apiserver(sa_keys)
+        first.wait_ready()
+        # The others only once the first has bootstrapped etcd (apiservers bootstrapping a fresh
+        # etcd together race on the `kubernetes` ClusterIP), and ready by the end of start().
+        for _ in range(1, self.apiserver_count):
+            self._launch_apiserver(sa_keys)
+        sa_private, _ = sa_keys
         self.admin_kubeconfig = self.kubeconfig("admin", ("system:masters",))
         kcm = self.kubeconfig("system:kube-controller-manager")
         self._spawn(
@@ -659,8 +740,8 @@ class OneNodeCluster:
             stop_process(self.procs.pop(name, None))
         self._remove_containers()
         stop_process(self.procs.pop("containerd", None))
-        if self.apiserver is not None:
-            self.apiserver.stop()
+        for apiserver in self.apiservers:
+            apiserver.stop()
         if self.etcd is not None:
             self.etcd.stop()
         self._uninstall_data_plane()
@@ -729,7 +810,8 @@ class OneNodeCluster:
 
     def leftovers(self) -> dict[str, list[str]]:
         found: dict[str, list[str]] = {
-            "processes": [n for n, p in self.procs.items() if p.poll() is None],
+            "processes": [n for n, p in self.procs.items() if p.poll() is None]
+            + [f"kube-apiserver pid {pid}" for pid in self.apiserver_pids if pid_alive(pid)],
             "cgroups": [str(p) for p in child_cgroups(self.cgroup_name)],
             "pins": [str(self.pin_dir)] if self.pin_dir.exists() else [],
             "bridge": [self.bridge] if Path("/sys/class/net", self.bridge).exists() else [],

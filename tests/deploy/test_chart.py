@@ -259,6 +259,28 @@ def test_stream_replicas_follow_the_bundled_servers_unless_set(helm: str) -> Non
     assert replicas({"nats": {"streamReplicas": 5}}) == "5"
 
 
+def test_the_node_loaders_backend_probes_follow_their_values(helm: str) -> None:
+    def probes(values: Mapping[str, Any]) -> dict[str, str]:
+        env = env_of(rendered(values, helm), "DaemonSet", "apilane-node-loader")
+        return {name: str(value) for name, value in env.items() if "PROBE" in name}
+
+    assert probes({}) == {
+        "APILANE_BACKEND_PROBE": "tcp",
+        "APILANE_PROBE_INTERVAL": "300ms",
+        "APILANE_PROBE_TIMEOUT": "1s",
+        "APILANE_PROBE_FAILURES": "3",
+        "APILANE_PROBE_PASSES": "2",
+    }
+    https = {"kind": "https", "interval": "1s", "failures": 5}
+    assert probes({"nodeLoader": {"backendProbe": https}}) == {
+        "APILANE_BACKEND_PROBE": "https",
+        "APILANE_PROBE_INTERVAL": "1s",
+        "APILANE_PROBE_TIMEOUT": "1s",
+        "APILANE_PROBE_FAILURES": "5",
+        "APILANE_PROBE_PASSES": "2",
+    }
+
+
 def test_tracing_off_and_on(helm: str) -> None:
     off = named(rendered(VALUE_SETS["tracing-off"], helm), "ConfigMap", "apilane-config")["data"]
     assert off["OTEL_TRACES_EXPORTER"] == "none"
@@ -384,6 +406,8 @@ def test_optional_objects_follow_their_values(helm: str) -> None:
         ({"clustername": "typo"}, "'clustername' not allowed"),
         ({"nats": {"urls": ["nats-0:4222"]}}, "/nats/urls/0"),
         ({"leaderElection": {"leaseDuration": "15 seconds"}}, "/leaderElection/leaseDuration"),
+        ({"nodeLoader": {"backendProbe": {"kind": "icmp"}}}, "/nodeLoader/backendProbe/kind"),
+        ({"nodeLoader": {"backendProbe": {"failures": 0}}}, "/nodeLoader/backendProbe/failures"),
         # the templates' checks across values
         ({"namespace": {"name": "kube-system"}}, "namespace.name"),
         ({"renderer": {"target": {"namespace": "apilane"}}}, "renderer.target.namespace"),

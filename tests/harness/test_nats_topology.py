@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from nats.errors import Error as NatsError
 from prometheus_client import CollectorRegistry
 
 from apilane.model import subjects
@@ -23,7 +22,7 @@ from apilane.node_loader.service import DataPlane, NodeLoader
 from apilane.runtime.bus import Bus
 from apilane.runtime.natsauth import Identity, Role
 from apilane.testing.nats import NatsTopology
-from apilane.testing.sealing import put_sealed, seal, trusted_env
+from apilane.testing.sealing import put_retrying, put_sealed, seal, trusted_env
 from apilane.testing.snapshots import make_snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.nats]
@@ -75,18 +74,6 @@ async def loader_on_leaf(topology: NatsTopology, tmp_path: Path) -> AsyncIterato
     finally:
         stopping.set()
         await asyncio.wait_for(task, timeout=15)
-
-
-async def put_retrying(bus: Bus, data: bytes, *, within: float = 20.0) -> int:
-    """Publish as discovery's publisher does: retried while the cluster fails over."""
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            return await put_sealed(bus, data)
-        except (NatsError, TimeoutError):
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
 
 
 async def provisioned_discovery(topology: NatsTopology) -> Bus:

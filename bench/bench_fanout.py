@@ -345,9 +345,10 @@ async def measure_fleet(run: Run, nats: Nats, discovery: Bus, fleet: Fleet) -> d
 HEADER = (
     "| N | processes | changes | start all s | write→arrived p50 / p99 ms "
     "| write→applied p50 / p99 / max ms | CPU % of a core: loaders / nats / bench (s) "
+    "| loader CPU ms a change "
     "| loaders' RSS MiB | nats RSS MiB | consumers | restart→all current s "
     "| consumers after restart | status s | load |\n"
-    "|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---|---|---:|---|"
+    "|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|---|---|---:|---|"
 )
 
 
@@ -358,10 +359,16 @@ def table_row(run: Run, row: dict[str, Any]) -> str:
         f"| {row['arrive_p50_ms']:.1f} / {row['arrive_p99_ms']:.1f} "
         f"| {row['p50_ms']:.1f} / {row['p99_ms']:.1f} / {row['max_ms']:.1f} "
         f"| {row['cpu_loaders']:.0f} / {row['cpu_nats']:.0f} / {row['cpu_bench']:.0f} "
-        f"({row['wall_s']:.1f}) | {row['loaders_rss_kib'] / 1024:.0f} | {servers} "
+        f"({row['wall_s']:.1f}) | {per_change_ms(run, row):.2f} "
+        f"| {row['loaders_rss_kib'] / 1024:.0f} | {servers} "
         f"| {row['consumers']} | {row['restart']} | {row['consumers_after_restart']} "
         f"| {row['status_s']:.3f} | {load_average()} |"
     )
+
+
+def per_change_ms(run: Run, row: dict[str, Any]) -> float:
+    """The loaders' CPU time for one change on one loader (the whole pass, averaged)."""
+    return float(row["cpu_loaders"] / 100 * row["wall_s"] / (run.changes * run.size) * 1000)
 
 
 def total_kib(row: dict[str, Any]) -> int:
@@ -407,11 +414,8 @@ def run_topology(args: argparse.Namespace, topology: str, fanout: str, work: Pat
         try:
             row = asyncio.run(measure(run))
         except (RuntimeError, TimeoutError) as exc:
-            print(
-                f"| {size} | {args.processes} | {changes} | stopped: {exc} | | | | | | | | | | "
-                f"{load_average()} |",
-                flush=True,
-            )
+            cells = [size, args.processes, changes, f"stopped: {exc}", *[""] * 10, load_average()]
+            print("| " + " | ".join(map(str, cells)) + " |", flush=True)
             break
         print(table_row(run, row), flush=True)
         measured.append((size, total_kib(row)))

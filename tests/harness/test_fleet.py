@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from apilane.model import subjects
+from apilane.node_loader import settings as loader_settings
+from apilane.runtime.config import NatsAuth
 from apilane.runtime.natsauth import Identity, Role
 from apilane.testing.fleet import LoaderSpec, ProcessFleet, loader_env, split
 from apilane.testing.nats import NatsServer
@@ -26,6 +28,19 @@ def test_loaders_are_dealt_round_robin_into_non_empty_shares() -> None:
     ]
     assert len(split(specs, 8)) == 5
     assert len(split(specs, 0)) == 1
+
+
+@pytest.mark.unit
+def test_bench_loaders_never_probe_their_backends() -> None:
+    env = loader_env(
+        url="nats://127.0.0.1:4222",
+        auth=NatsAuth(nkey_seed_file="/nonexistent.nk"),
+        cluster=CLUSTER,
+        node="n0",
+        state_dir=Path("/nonexistent"),
+        fanout="republish",
+    )
+    assert not loader_settings.load(env).probe.enabled
 
 
 def specs_for(server: NatsServer, nodes: list[str], state_dir: Path) -> list[LoaderSpec]:

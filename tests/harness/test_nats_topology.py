@@ -59,6 +59,7 @@ async def loader_on_leaf(topology: NatsTopology, tmp_path: Path) -> AsyncIterato
         "APILANE_BPF_PIN_DIR": str(tmp_path / "pins"),
         "APILANE_STATE_DIR": str(tmp_path / "state"),
         "APILANE_NODE_STATE_INTERVAL": "1s",
+        "APILANE_BACKEND_PROBE": "off",  # the backends are addresses nothing may reach
         **trusted_env(),
     }
     loader = NodeLoader(

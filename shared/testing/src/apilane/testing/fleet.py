@@ -59,7 +59,8 @@ class LoaderSpec(msgspec.Struct, frozen=True):
 def loader_env(
     *, url: str, auth: NatsAuth, cluster: str, node: str, state_dir: Path, fanout: str
 ) -> dict[str, str]:
-    """A bench loader's settings: memory maps, node state every 30 s, trusting TEST_KEY."""
+    """A bench loader's settings: memory maps, node state every 30 s, trusting TEST_KEY, and
+    no backend probes: the snapshots' backends are addresses nothing here may connect to."""
     return {
         "APILANE_NATS_URL": url,
         **auth_env(auth),
@@ -70,6 +71,7 @@ def loader_env(
         "APILANE_STATE_DIR": str(state_dir),
         "APILANE_NODE_STATE_INTERVAL": "30s",
         "APILANE_SNAPSHOT_FANOUT": fanout,
+        "APILANE_BACKEND_PROBE": "off",
         **trusted_env(),
     }
 

@@ -9,10 +9,9 @@ import pytest
 
 from apilane.model import subjects
 from apilane.node_loader import settings as loader_settings
-from apilane.runtime.config import NatsAuth
 from apilane.runtime.natsauth import Identity, Role
 from apilane.testing.fleet import LoaderSpec, ProcessFleet, loader_env, split
-from apilane.testing.nats import NatsServer
+from apilane.testing.nats import NatsIdentities, NatsServer
 from apilane.testing.sealing import put_sealed, seal
 from apilane.testing.snapshots import make_snapshot
 
@@ -31,13 +30,14 @@ def test_loaders_are_dealt_round_robin_into_non_empty_shares() -> None:
 
 
 @pytest.mark.unit
-def test_bench_loaders_never_probe_their_backends() -> None:
+def test_bench_loaders_never_probe_their_backends(tmp_path: Path) -> None:
+    identities = NatsIdentities(tmp_path / "auth")
     env = loader_env(
         url="nats://127.0.0.1:4222",
-        auth=NatsAuth(nkey_seed_file="/nonexistent.nk"),
+        auth=identities.auth(identities.identity(Role.NODE_LOADER, CLUSTER, "n0")),
         cluster=CLUSTER,
         node="n0",
-        state_dir=Path("/nonexistent"),
+        state_dir=tmp_path / "state",
         fanout="republish",
     )
     assert not loader_settings.load(env).probe.enabled

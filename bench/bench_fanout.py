@@ -15,6 +15,7 @@ For each N (`--sizes`):
 - change → applied: a signed snapshot is written as discovery; each loader's latency is its
   `applied_at` minus the write time (wall clock, the same in every process); p50/p99/max
   over every (change, loader) pair; "arrived" is when the value reached the loader's intake;
+- CPU used by the loaders' processes over 10 s with no change (housekeeping, pings);
 - CPU used during the changes, by the loaders' processes, the nats-servers and this one, as
   a share of one core (the machine has `os.cpu_count()`: near that sum, it is CPU-bound);
 - RSS of the loaders' processes and of each nats-server, the consumer count on the snapshot
@@ -72,6 +73,7 @@ from apilane.testing.snapshots import make_snapshot
 CLUSTER = "default"
 SETTLE_TIMEOUT = 60.0
 RESTART_TIMEOUT = 120.0
+IDLE_S = 10.0
 RESERVE_KIB = 2 * 1024 * 1024  # left free for everything else on the machine
 
 
@@ -323,6 +325,9 @@ async def measure_fleet(run: Run, nats: Nats, discovery: Bus, fleet: Fleet) -> d
     gc.collect()
     meter = CpuMeter(fleet, nats)
     await meter.mark()
+    await asyncio.sleep(IDLE_S)  # no change: what the loaders cost doing nothing
+    row["idle_cpu_loaders"] = (await meter.shares())["cpu_loaders"]
+    await meter.mark()
     stats, generation = await changes_pass(discovery, fleet, 1, run.changes)
     row |= stats | await meter.shares()
     row |= footprint(await fleet.usage(), nats)
@@ -345,10 +350,10 @@ async def measure_fleet(run: Run, nats: Nats, discovery: Bus, fleet: Fleet) -> d
 HEADER = (
     "| N | processes | changes | start all s | write→arrived p50 / p99 ms "
     "| write→applied p50 / p99 / max ms | CPU % of a core: loaders / nats / bench (s) "
-    "| loader CPU ms a change "
+    "| loader CPU ms a change | idle CPU % (loaders) "
     "| loaders' RSS MiB | nats RSS MiB | consumers | restart→all current s "
     "| consumers after restart | status s | load |\n"
-    "|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|---|---|---:|---|"
+    "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---|---|---:|---|"
 )
 
 
@@ -359,7 +364,7 @@ def table_row(run: Run, row: dict[str, Any]) -> str:
         f"| {row['arrive_p50_ms']:.1f} / {row['arrive_p99_ms']:.1f} "
         f"| {row['p50_ms']:.1f} / {row['p99_ms']:.1f} / {row['max_ms']:.1f} "
         f"| {row['cpu_loaders']:.0f} / {row['cpu_nats']:.0f} / {row['cpu_bench']:.0f} "
-        f"({row['wall_s']:.1f}) | {per_change_ms(run, row):.2f} "
+        f"({row['wall_s']:.1f}) | {per_change_ms(run, row):.2f} | {row['idle_cpu_loaders']:.0f} "
         f"| {row['loaders_rss_kib'] / 1024:.0f} | {servers} "
         f"| {row['consumers']} | {row['restart']} | {row['consumers_after_restart']} "
         f"| {row['status_s']:.3f} | {load_average()} |"
@@ -414,7 +419,7 @@ def run_topology(args: argparse.Namespace, topology: str, fanout: str, work: Pat
         try:
             row = asyncio.run(measure(run))
         except (RuntimeError, TimeoutError) as exc:
-            cells = [size, args.processes, changes, f"stopped: {exc}", *[""] * 10, load_average()]
+            cells = [size, args.processes, changes, f"stopped: {exc}", *[""] * 11, load_average()]
             print("| " + " | ".join(map(str, cells)) + " |", flush=True)
             break
         print(table_row(run, row), flush=True)

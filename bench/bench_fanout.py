@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import resource
+import signal
 import sys
 import tempfile
 import time
@@ -459,6 +460,8 @@ def arguments() -> argparse.Namespace:
 def main() -> int:
     args = arguments()
     logging.basicConfig(level=logging.ERROR)
+    # SIGTERM unwinds like Ctrl-C: every size's `finally` ends its workers and servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by workers, servers
     print(

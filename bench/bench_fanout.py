@@ -2,8 +2,9 @@
 
 N `NodeLoader`s (service.py: intake, admission, reconcile, node-state reporting) on
 `MemoryNatMaps`, each with its own NATS connection and its own node identity (a per-node
-nkey), spread over `--processes` worker processes (`apilane.testing.fleet`; 0 runs them
-all on this process's one event loop, as the first version of this bench did). Against
+nkey), spread over `--processes` worker processes (`apilane.testing.fleet`, each worker
+`fleet_worker.py` on its own event loop; 1 puts them all in one process, as the first
+version of this bench did, the writer and status reader then in this one). Against
 `--topology`:
 
 - `single`: one authenticated nats-server;
@@ -65,13 +66,14 @@ from apilane.testing.benchstats import (
     percentile,
     resident_kib,
 )
-from apilane.testing.fleet import Fleet, LoaderSpec, Usage, loader_env, open_fleet
+from apilane.testing.fleet import LoaderSpec, ProcessFleet, Usage, loader_env
 from apilane.testing.nats import NatsServer, NatsTopology
 from apilane.testing.procs import wait_until
 from apilane.testing.sealing import put_retrying, put_sealed, seal
 from apilane.testing.snapshots import make_snapshot
 
 CLUSTER = "default"
+WORKER = [sys.executable, str(Path(__file__).resolve().parent / "fleet_worker.py")]
 SETTLE_TIMEOUT = 60.0
 RESTART_TIMEOUT = 120.0
 IDLE_S = 10.0
@@ -210,7 +212,7 @@ class CpuMeter:
     """CPU seconds used by the loaders' processes, the servers and this process, between
     `mark()` and `shares()`, each as a share of one core over the wall time between."""
 
-    def __init__(self, fleet: Fleet, nats: Nats) -> None:
+    def __init__(self, fleet: ProcessFleet, nats: Nats) -> None:
         self.fleet, self.nats = fleet, nats
 
     async def _now(self) -> tuple[float, float, float, float]:
@@ -233,7 +235,7 @@ def server_pids(nats: Nats) -> list[int]:
 
 
 async def changes_pass(
-    discovery: Bus, fleet: Fleet, last: int, changes: int
+    discovery: Bus, fleet: ProcessFleet, last: int, changes: int
 ) -> tuple[dict[str, float], int]:
     """`changes` new generations after `last`, each waited for on every loader."""
     applied: list[float] = []
@@ -277,7 +279,7 @@ async def status_pass(nats: Nats, size: int, generation: int) -> tuple[float, st
 
 
 async def restart(
-    nats: Nats, fleet: Fleet, label: str, restart_server: Callable[[], None], generation: int
+    nats: Nats, fleet: ProcessFleet, label: str, restart_server: Callable[[], None], generation: int
 ) -> tuple[str, str]:
     """Restart a server, write a new generation once it is up, time until all have it.
     Returns (label: seconds, consumers 8 s later)."""
@@ -312,7 +314,12 @@ async def measure(run: Run) -> dict[str, Any]:
         discovery = await nats.connect(Role.DISCOVERY)
         await discovery.create_streams(replicas=nats.replicas)
         await put_sealed(discovery, snapshot(1))
-        fleet = open_fleet(specs(nats, nodes, run), run.processes, run.work / "logs")
+        fleet = ProcessFleet(
+            specs(nats, nodes, run),
+            processes=run.processes,
+            worker=WORKER,
+            log_dir=run.work / "logs",
+        )
         try:
             return await measure_fleet(run, nats, discovery, fleet)
         finally:
@@ -321,7 +328,9 @@ async def measure(run: Run) -> dict[str, Any]:
         await asyncio.to_thread(nats.close)
 
 
-async def measure_fleet(run: Run, nats: Nats, discovery: Bus, fleet: Fleet) -> dict[str, Any]:
+async def measure_fleet(
+    run: Run, nats: Nats, discovery: Bus, fleet: ProcessFleet
+) -> dict[str, Any]:
     row: dict[str, Any] = {"start_s": await fleet.start()}
     gc.collect()
     meter = CpuMeter(fleet, nats)
@@ -450,6 +459,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--changes", type=int, default=50)
     parser.add_argument("--changes-at", type=sizes_at, default={}, help="e.g. 5000=20")
     parser.add_argument("--processes", type=int, default=max(2, os.cpu_count() or 1))
+    # (1 and up: the loaders are always in worker processes, the bench in its own)
     parser.add_argument("--topology", default="single,cluster-leaf")
     parser.add_argument("--fanouts", default="republish")
     args = parser.parse_args()

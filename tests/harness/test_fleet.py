@@ -1,7 +1,9 @@
-"""The fan-out bench's fleet: real node-loaders spread over worker processes."""
+"""The fan-out bench's fleet: real node-loaders spread over worker processes
+(apilane.testing.fleet driving bench/fleet_worker.py)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from apilane.testing.sealing import put_sealed, seal
 from apilane.testing.snapshots import make_snapshot
 
 CLUSTER = "default"
+# The worker lives with the bench: the harness imports no service.
+WORKER = [sys.executable, str(Path(__file__).resolve().parents[2] / "bench" / "fleet_worker.py")]
 
 
 @pytest.mark.unit
@@ -77,7 +81,7 @@ async def test_two_workers_apply_a_change_on_every_loader_and_are_gone_after(
         discovery = await server.connect(Role.DISCOVERY, CLUSTER)
         await discovery.create_streams()
         await put_sealed(discovery, seal(make_snapshot(generation=1)))
-        fleet = ProcessFleet(specs, processes=2, log_dir=tmp_path / "logs")
+        fleet = ProcessFleet(specs, processes=2, worker=WORKER, log_dir=tmp_path / "logs")
         try:
             await fleet.start()
             written = time.time()

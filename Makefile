@@ -3,6 +3,7 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: help setup up images test lint typecheck pytest bench clean manifests
 
@@ -42,7 +43,7 @@ manifests:
 	$(PY) tools/render_manifests.py
 
 bench: setup
-	BENCH=$(BENCH) $(PY) bench/run.py
+	BENCH=$(BENCH) BENCH_ARGS='$(BENCH_ARGS)' $(PY) bench/run.py
 
 clean:
 	rm -rf .apilane

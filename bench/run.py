@@ -1,12 +1,14 @@
 """`make bench`: run every bench/bench_*.py in turn and print their tables.
 
 Each benchmark prints its own markdown table (median and p99, and ratios measured side by
-side in one run: the machine is shared and noisy). Select some with `make bench BENCH=apply`.
+side in one run: the machine is shared and noisy). Select some with `make bench BENCH=apply`; give the selected one arguments with
+`make bench BENCH=fanout BENCH_ARGS="--sizes 50,500"`.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -17,6 +19,8 @@ HERE = Path(__file__).resolve().parent
 
 def main() -> int:
     wanted = os.environ.get("BENCH", "")
+    # Passed to each selected script: meant for one (`BENCH=fanout BENCH_ARGS="--sizes 50"`).
+    arguments = shlex.split(os.environ.get("BENCH_ARGS", ""))
     # The end-to-end run starts dozens of processes and leaves the load average high for a
     # while: it goes last so it does not disturb the others' figures.
     scripts = sorted(
@@ -27,7 +31,7 @@ def main() -> int:
     for script in scripts:
         print(f"\n## {script.stem}\n", flush=True)
         began = time.monotonic()
-        result = subprocess.run([sys.executable, str(script)], check=False)
+        result = subprocess.run([sys.executable, str(script), *arguments], check=False)
         print(
             f"\n({script.name}: {time.monotonic() - began:.1f}s, exit {result.returncode})",
             flush=True,

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
-from apilane.testing.benchstats import load_average, percentile, resident_kib
+from apilane.testing.benchstats import (
+    available_kib,
+    cpu_seconds,
+    load_average,
+    percentile,
+    resident_kib,
+)
 
 pytestmark = [pytest.mark.unit]
 
@@ -34,3 +41,17 @@ def test_resident_memory_of_this_process_and_by_pid() -> None:
 
 def test_load_average_names_the_cpu_count() -> None:
     assert load_average().endswith(f"({os.cpu_count()} CPUs)")
+
+
+def test_cpu_seconds_grow_with_work_done() -> None:
+    before = cpu_seconds()
+    deadline = time.process_time() + 0.1
+    while time.process_time() < deadline:
+        pass
+    after = cpu_seconds(os.getpid())
+    assert after >= before + 0.05  # 100 Hz ticks: some slack
+
+
+def test_available_memory_is_some_of_the_total() -> None:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 1024
+    assert 0 < available_kib() <= total

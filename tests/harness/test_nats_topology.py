@@ -4,16 +4,13 @@ nkeys; the leaf itself authenticates to the hub as its zone's LEAF identity)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from nats.errors import Error as NatsError
 from prometheus_client import CollectorRegistry
 
 from apilane.model import subjects
@@ -25,7 +22,7 @@ from apilane.runtime.bus import Bus
 from apilane.runtime.natsauth import Identity, Role
 from apilane.testing.loaders import loader_env
 from apilane.testing.nats import NatsTopology
-from apilane.testing.sealing import put_sealed, seal
+from apilane.testing.sealing import put_retrying, put_sealed, seal
 from apilane.testing.snapshots import make_snapshot
 from apilane.testing.waiting import until
 
@@ -60,18 +57,6 @@ async def loader_on_leaf(topology: NatsTopology, tmp_path: Path) -> AsyncIterato
     )
     async with running(loader) as started:
         yield started
-
-
-async def put_retrying(bus: Bus, data: bytes, *, within: float = 20.0) -> int:
-    """Publish as discovery's publisher does: retried while the cluster fails over."""
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            return await put_sealed(bus, data)
-        except (NatsError, TimeoutError):
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
 
 
 async def provisioned_discovery(topology: NatsTopology) -> Bus:

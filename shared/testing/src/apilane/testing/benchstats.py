@@ -32,3 +32,20 @@ def resident_kib(pid: int | str = "self") -> tuple[int, int]:
         if ":" in line
     )
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """User plus system CPU time a process has used so far, in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # Fields after the command name (which may hold spaces): utime and stime are 14th and 15th.
+    fields = stat.rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def available_kib() -> int:
+    """The memory the kernel says could be allocated without swapping (MemAvailable), KiB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1])
+    raise RuntimeError("no MemAvailable in /proc/meminfo")

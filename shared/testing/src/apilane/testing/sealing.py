@@ -7,10 +7,13 @@ get a key of their own from `signing_environment`.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import msgspec
+from nats.errors import Error as NatsError
 
 from apilane.model import events, signing, subjects
 from apilane.model.signing import ControlRequest, SigningKey
@@ -106,6 +109,21 @@ async def put_sealed(bus: Bus, data: bytes, *, cluster: str = "default") -> int:
         timeout=5.0,
     )
     return int(ack.seq)
+
+
+async def put_retrying(
+    bus: Bus, data: bytes, *, within: float = 20.0, cluster: str = "default"
+) -> int:
+    """`put_sealed` as discovery's publisher does it: retried while the servers restart or
+    a JetStream cluster elects a new stream leader, for at most `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await put_sealed(bus, data, cluster=cluster)
+        except (NatsError, TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 def control_request(

@@ -48,6 +48,7 @@ from apilane.runtime.config import CommonSettings
 from apilane.runtime.natsauth import Role
 from apilane.runtime.serve import Health, ServiceContext, start_http
 from apilane.testing.kube import ControlPlane, endpoint_slice
+from apilane.testing.loaders import loader_env
 from apilane.testing.nats import NatsServer
 from apilane.testing.nats_fixtures import ConnectAs
 from apilane.testing.sealing import seal
@@ -1457,15 +1458,14 @@ class LateNode:
     """A node-loader in-process on in-memory maps, trusting discovery's key."""
 
     def __init__(self, nats_server: NatsServer, cluster: str, node: str, tmp_path: Path) -> None:
-        self.env = {
-            **nats_server.env(Role.NODE_LOADER, cluster, node),
-            "APILANE_CLUSTER": cluster,
-            "APILANE_NODE_NAME": node,
-            "APILANE_MAP_BACKEND": "memory",
-            "APILANE_BPF_PIN_DIR": str(tmp_path / node / "pins"),
-            "APILANE_STATE_DIR": str(tmp_path / node / "state"),
-            "APILANE_TRUSTED_KEYS": DISCOVERY_KEY.public_text,
-        }
+        self.env = loader_env(
+            nats_server.env(Role.NODE_LOADER, cluster, node),
+            cluster=cluster,
+            node=node,
+            workdir=tmp_path / node,
+            heartbeat="30s",  # the default
+            APILANE_TRUSTED_KEYS=DISCOVERY_KEY.public_text,
+        )
         self.maps = MemoryNatMaps()
         self.registry = CollectorRegistry()
         self.loader: NodeLoader | None = None

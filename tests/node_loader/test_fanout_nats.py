@@ -23,8 +23,9 @@ from apilane.node_loader.memmaps import MemoryNatMaps
 from apilane.node_loader.service import DataPlane, NodeLoader
 from apilane.runtime.bus import Bus, KvEntry
 from apilane.runtime.natsauth import Identity, Role
+from apilane.testing.loaders import loader_env
 from apilane.testing.nats import NatsServer
-from apilane.testing.sealing import put_sealed, seal, trusted_env
+from apilane.testing.sealing import put_sealed, seal
 from apilane.testing.snapshots import make_snapshot
 from apilane.testing.waiting import until
 
@@ -45,16 +46,15 @@ async def loaders(
         server.reload()
     started = []
     for node in nodes:
-        env = {
-            **server.env(Role.NODE_LOADER, CLUSTER, node),
-            "APILANE_CLUSTER": CLUSTER,
-            "APILANE_NODE_NAME": node,
-            "APILANE_MAP_BACKEND": "memory",
-            "APILANE_BPF_PIN_DIR": f"/test/{node}",
-            "APILANE_STATE_DIR": str(tmp_path / "state"),
-            "APILANE_SNAPSHOT_FANOUT": fanout,
-            **trusted_env(),
-        }
+        env = loader_env(
+            server.env(Role.NODE_LOADER, CLUSTER, node),
+            cluster=CLUSTER,
+            node=node,
+            workdir=tmp_path,
+            heartbeat="30s",
+            APILANE_BPF_PIN_DIR=f"/test/{node}",
+            APILANE_SNAPSHOT_FANOUT=fanout,
+        )
         started.append(
             NodeLoader(
                 settings=loader_settings.load(env),

@@ -82,6 +82,8 @@ class Fleet:
             "APILANE_STATE_DIR": str(work / f"state-{self.fanout}-{size}"),
             "APILANE_NODE_STATE_INTERVAL": "30s",
             "APILANE_SNAPSHOT_FANOUT": self.fanout,
+            # The snapshots name made-up backends (10.0.1.x): nothing here may connect to them.
+            "APILANE_BACKEND_PROBE": "off",
             **trusted_env(),
         }
         loader = NodeLoader(

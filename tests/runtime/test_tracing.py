@@ -64,3 +64,36 @@ def test_the_trace_id_is_read_from_headers_through_the_propagator() -> None:
     assert len(tracing.trace_id(headers)) == 32
     for carries_none in ({"traceparent": "garbage"}, {"traceparent": "00-0-0-01"}, {}, None):
         assert tracing.trace_id(carries_none) == ""
+
+
+def test_without_an_exporter_spans_carry_trace_ids_but_record_nothing() -> None:
+    tracer = tracing.provider("unit", {"OTEL_TRACES_EXPORTER": "none"}).get_tracer("test")
+    headers: dict[str, str] = {}
+    with tracer.start_as_current_span("publish", kind=trace.SpanKind.PRODUCER) as producer:
+        assert not producer.is_recording()
+        assert producer.get_span_context().is_valid
+        tracing.inject_headers(headers)
+    trace_id = f"{producer.get_span_context().trace_id:032x}"
+    assert tracing.trace_id(headers) == trace_id, "history and status still show the trace"
+    flags = int(headers["traceparent"].rsplit("-", 1)[1], 16)
+    assert not flags & trace.TraceFlags.SAMPLED, "sent unsampled: nothing records it"
+    with tracing.consuming(tracer, "consume", headers, {"generation": 3}) as consumer:
+        assert not consumer.is_recording()
+        assert consumer.get_span_context().trace_id == producer.get_span_context().trace_id
+
+
+def test_with_an_exporter_spans_are_recorded_and_exported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    receiver = OtlpReceiver().start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    sdk_provider = tracing.provider("unit", {"OTEL_TRACES_EXPORTER": "none, otlp"})
+    try:
+        with sdk_provider.get_tracer("test").start_as_current_span("publish") as span:
+            assert span.is_recording()
+        sdk_provider.force_flush()
+        (exported,) = receiver.wait_for(lambda s: len(s) == 1, timeout=5)
+        assert (exported.name, exported.service) == ("publish", "unit")
+    finally:
+        sdk_provider.shutdown()
+        receiver.stop()

@@ -30,6 +30,7 @@ from apilane.node_loader.nat import BackendValue
 from apilane.node_loader.reconcile import ApplyResult, Outcome, Reconciler
 from apilane.node_loader.reporting import Reporter
 from apilane.node_loader.sockets import ConnectionLookup
+from apilane.node_loader.statefile import Seal
 from apilane.runtime import tracing
 from apilane.runtime.aio import Backoff
 from apilane.runtime.bus import KvEntry
@@ -179,37 +180,46 @@ class SnapshotIntake:
         attrs: dict[str, str | int] | None = None,
     ) -> ApplyResult:
         snapshot = admitted.signed.snapshot
-        span_attrs = {
-            **(attrs or {}),
-            "apilane.generation": snapshot.generation,
-            "apilane.digest": snapshot.digest,
-            "apilane.node": self.node,
-        }
-        with tracing.consuming(self.tracer, _CONSUME, headers, span_attrs) as span:
+        seal = admitted.seal
+        with tracing.consuming(self.tracer, _CONSUME, headers) as span:
+            if span.is_recording():  # tracing off: the attributes would be built for nothing
+                span.set_attributes(
+                    {
+                        **(attrs or {}),
+                        "apilane.generation": snapshot.generation,
+                        "apilane.digest": snapshot.digest,
+                        "apilane.node": self.node,
+                    }
+                )
             with self.tracer.start_as_current_span("apply") as apply_span:
-                result = self.reconciler.apply(snapshot, seal=admitted.seal)
-                apply_span.set_attribute("apilane.outcome", str(result.outcome))
-                apply_span.set_attribute("entries_written", result.entries_written)
-                set_health_attributes(apply_span, result)
+                result = self.reconciler.apply(snapshot, seal=seal)
+                if apply_span.is_recording():
+                    apply_span.set_attribute("apilane.outcome", str(result.outcome))
+                    apply_span.set_attribute("entries_written", result.entries_written)
+                    set_health_attributes(apply_span, result)
                 if result.outcome in (Outcome.REJECTED, Outcome.FAILED):
                     apply_span.set_status(trace.Status(trace.StatusCode.ERROR, result.reason))
             span.set_attribute("apilane.outcome", str(result.outcome))
         self.refusal = ""
-        await self._after_apply(admitted, result)
+        await self._after_apply(admitted, seal, result)
         return result
 
-    async def _after_apply(self, admitted: Admitted, result: ApplyResult) -> None:
+    async def _after_apply(self, admitted: Admitted, seal: Seal, result: ApplyResult) -> None:
         self.metrics.applies.labels(outcome=str(result.outcome)).inc()
         self.metrics.count_violations(result.violations_before)
-        log_extra = _log_extra(admitted, result)
         if result.outcome is Outcome.IGNORED:
             self.metrics.ignored.inc()
-            log.info("snapshot ignored", extra=log_extra)
+            if log.isEnabledFor(logging.INFO):
+                log.info("snapshot ignored", extra=_log_extra(admitted, seal, result))
         elif result.outcome in (Outcome.REJECTED, Outcome.FAILED):
-            log.warning("snapshot not applied; the maps keep the last good state", extra=log_extra)
+            log.warning(
+                "snapshot not applied; the maps keep the last good state",
+                extra=_log_extra(admitted, seal, result),
+            )
             await self._not_applied(admitted, result)
         else:
-            log.info("snapshot applied", extra=log_extra)
+            if log.isEnabledFor(logging.INFO):
+                log.info("snapshot applied", extra=_log_extra(admitted, seal, result))
             await self._applied(admitted, result)
 
     async def _not_applied(self, admitted: Admitted, result: ApplyResult) -> None:
@@ -331,13 +341,13 @@ def set_health_attributes(span: trace.Span, result: ApplyResult) -> None:
         )
 
 
-def _log_extra(admitted: Admitted, result: ApplyResult) -> dict[str, Any]:
+def _log_extra(admitted: Admitted, seal: Seal, result: ApplyResult) -> dict[str, Any]:
     snapshot = admitted.signed.snapshot
     return {
         "generation": snapshot.generation,
         "digest": snapshot.digest,
-        "key_id": admitted.seal.key_id,
-        "expires_at": admitted.seal.expires_at.isoformat(),
+        "key_id": seal.key_id,
+        "expires_at": seal.expires_at.isoformat(),
         "outcome": str(result.outcome),
         "entries_written": result.entries_written,
         "reason": result.reason,

@@ -493,8 +493,9 @@ class Reconciler:
     def _write(self, steps: Plan) -> int:
         # Always one span, also for no writes, so every apply has the same trace shape.
         with self.tracer.start_as_current_span("map writes") as span:
-            span.set_attribute("entries_written", steps.entries)
-            span.set_attribute("steps", len(steps.steps))
+            if span.is_recording():
+                span.set_attribute("entries_written", steps.entries)
+                span.set_attribute("steps", len(steps.steps))
             for step in steps.steps:
                 execute_step(self.maps, step)
         return steps.entries

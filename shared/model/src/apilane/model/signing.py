@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -208,9 +209,10 @@ class Opened:
     header: Header
     payload: bytes
 
-    @property
+    @functools.cached_property
     def content_digest(self) -> str:
-        """Identifies the signed content, whatever the validity window it was signed for."""
+        """Identifies the signed content, whatever the validity window it was signed for
+        (hashed once: admission, the seal and the logs all ask for it)."""
         return "sha256:" + hashlib.sha256(self.payload).hexdigest()
 
 

@@ -64,6 +64,8 @@ def setup_logging(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # The JSON lines leave these out: not looked up for every record either.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     # nats-py logs every reconnect attempt at ERROR with a traceback; our callbacks say it once.
     logging.getLogger("nats").setLevel(logging.CRITICAL)
 

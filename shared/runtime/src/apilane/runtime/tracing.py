@@ -11,10 +11,15 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Mapping, MutableMapping
+from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import SpanProcessor
+    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -26,33 +31,57 @@ def setup(service_name: str) -> None:
     global _provider_installed  # noqa: PLW0603 - one provider per process, by OTel's design
     if _provider_installed or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return
+    trace.set_tracer_provider(provider(service_name, os.environ))
+    _provider_installed = True
+
+
+def provider(service_name: str, env: Mapping[str, str]) -> SdkTracerProvider:
+    """The TracerProvider the OTEL_* variables in `env` ask for.
+
+    With no exporter (OTEL_TRACES_EXPORTER=none), spans still carry trace ids (a
+    snapshot's traceparent is what `apilane history` and `status` show) but none is
+    recorded: an SDK span that no processor receives costs tens of microseconds for
+    nothing, several times per snapshot change on every node (docs/benchmarks.md). Its
+    traces go out unsampled, so a consumer that does export drops them as well."""
     from opentelemetry.sdk.resources import OTELResourceDetector, Resource
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", service_name)})
+    resource = resource.merge(OTELResourceDetector().detect())
+    processors = [
+        p
+        for name in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",")
+        if (p := _processor(name.strip())) is not None
+    ]
+    if not processors:
+        return TracerProvider(resource=resource, sampler=ALWAYS_OFF)
+    sdk_provider = TracerProvider(resource=resource)
+    for processor in processors:
+        sdk_provider.add_span_processor(processor)
+    return sdk_provider
+
+
+def _processor(name: str) -> SpanProcessor | None:
+    """The batch processor for one OTEL_TRACES_EXPORTER entry; None for none (or unknown)."""
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    resource = resource.merge(OTELResourceDetector().detect())
-    provider = TracerProvider(resource=resource)
-    exporters = [e.strip() for e in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")]
-    for name in exporters:
-        if name in ("", "none"):
-            continue
-        if name == "otlp":
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    if name in ("", "none"):
+        return None
+    if name == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        elif name == "zipkin":
-            # Zipkin's JSON v2 API; the endpoint is OTEL_EXPORTER_ZIPKIN_ENDPOINT (the SDK's
-            # default is http://localhost:9411/api/v2/spans). Used by `make up`'s tracing UI.
-            from opentelemetry.exporter.zipkin.json import ZipkinExporter
+        return BatchSpanProcessor(OTLPSpanExporter())
+    if name == "zipkin":
+        # Zipkin's JSON v2 API; the endpoint is OTEL_EXPORTER_ZIPKIN_ENDPOINT (the SDK's
+        # default is http://localhost:9411/api/v2/spans). Used by `make up`'s tracing UI.
+        from opentelemetry.exporter.zipkin.json import ZipkinExporter
 
-            provider.add_span_processor(BatchSpanProcessor(ZipkinExporter()))
-        elif name == "console":
-            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-        else:
-            log.warning("unknown OTEL_TRACES_EXPORTER entry ignored", extra={"exporter": name})
-    trace.set_tracer_provider(provider)
-    _provider_installed = True
+        return BatchSpanProcessor(ZipkinExporter())
+    if name == "console":
+        return BatchSpanProcessor(ConsoleSpanExporter())
+    log.warning("unknown OTEL_TRACES_EXPORTER entry ignored", extra={"exporter": name})
+    return None
 
 
 def shutdown() -> None:

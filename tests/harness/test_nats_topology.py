@@ -47,13 +47,10 @@ def topology() -> Iterator[NatsTopology]:
 async def loader_on_leaf(
     topology: NatsTopology, tmp_path: Path, node: str = NODE
 ) -> AsyncIterator[NodeLoader]:
-    env = loader_env(
-        topology.env(Role.NODE_LOADER, node, via=topology.leaf()),
-        cluster=CLUSTER,
-        node=node,
-        workdir=tmp_path,
-        heartbeat="1s",
-    )
+    credentials = topology.env(Role.NODE_LOADER, node, via=topology.leaf())
+    # Derived by the service from its role and APILANE_CLUSTER, as in production.
+    del credentials["APILANE_NATS_INBOX_PREFIX"]
+    env = loader_env(credentials, cluster=CLUSTER, node=node, workdir=tmp_path, heartbeat="1s")
     loader = NodeLoader(
         settings=loader_settings.load(env),
         data_plane=DataPlane(maps=MemoryNatMaps()),

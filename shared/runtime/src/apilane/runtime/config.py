@@ -53,7 +53,10 @@ class NatsAuth(msgspec.Struct, frozen=True, kw_only=True):
 
     def as_identity(self, role: str, cluster: str) -> NatsAuth:
         """The same credentials, as the identity `role` of `cluster` (what a service or the
-        CLI knows of itself; the environment holds only files)."""
+        CLI knows of itself; the environment holds only files). Without a seed there is no
+        identity (an unauthenticated client): unchanged."""
+        if not self.nkey_seed_file:
+            return self
         return msgspec.structs.replace(self, role=str(natsauth.Role(role)), cluster=cluster)
 
     def resolved_inbox_prefix(self) -> str:

@@ -168,13 +168,15 @@ def issue_server_certificate(pki: Pki, hosts: Sequence[str]) -> KeyPair:
 
 
 def auth_env(auth: NatsAuth) -> dict[str, str]:
-    """The APILANE_NATS_* variables that make a service process connect as `auth`."""
+    """The APILANE_NATS_* variables that make a process connect as `auth`, its inbox prefix
+    included (a CLI run as an operator of another cluster than it reads, say, needs it; a
+    service derives the same one from its role and APILANE_CLUSTER)."""
     variables = {
         "APILANE_NATS_NKEY_SEED_FILE": auth.nkey_seed_file,
         "APILANE_NATS_TLS_CA_FILE": auth.tls_ca_file,
         "APILANE_NATS_TLS_CERT_FILE": auth.tls_cert_file,
         "APILANE_NATS_TLS_KEY_FILE": auth.tls_key_file,
-        "APILANE_NATS_INBOX_PREFIX": auth.inbox_prefix,
+        "APILANE_NATS_INBOX_PREFIX": auth.resolved_inbox_prefix(),
     }
     return {name: value for name, value in variables.items() if value}
 

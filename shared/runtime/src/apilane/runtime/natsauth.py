@@ -15,13 +15,14 @@ touch them (a deny wins over any allow, so a later widening cannot undo them).
 
 Every identity may subscribe only to its own inbox prefix,
 `_INBOX.apilane.<cluster>.<role>.<public key>` (`inbox_prefix_for`), so no identity can read
-another's replies. The cluster and role tokens let one pattern name every inbox of a role in a
-cluster (`inbox_pattern`): a leaf's hub side allows its cluster's node-loaders' inboxes with one
-wildcard, so a node added later is reachable through a leaf that connected before it. Consumers may be created
-only on streams the role reads, and for the renderer and node-loader only on the snapshot
-stream: nats-server 2.15 does not check a push consumer's deliver subject against its
-creator's permissions, so a consumer on a stream whose messages the creator can write would
-let it deliver its own bytes onto any subject (a node's control subject, say).
+another's replies. The cluster and role tokens let one pattern name every inbox of a role in
+a cluster (`inbox_pattern`): a leaf's hub side allows its cluster's node-loaders' inboxes
+with one wildcard, so a node added later is reachable through a leaf that connected before
+it. Consumers may be created only on streams the role reads, and for the renderer and
+node-loader only on the snapshot stream: nats-server 2.15 does not check a push consumer's
+deliver subject against its creator's permissions, so a consumer on a stream whose messages
+the creator can write would let it deliver its own bytes onto any subject (a node's control
+subject, say).
 
 `render_server_config` is a pure function of the identities and the server options; the
 harness, docker-compose and deploy/ all run its output. Seeds are never part of it: they

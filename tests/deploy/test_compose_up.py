@@ -28,6 +28,7 @@ from apilane.model import events, subjects
 from apilane.model.signing import TrustedKeys, open_snapshot
 from apilane.runtime.bus import Bus
 from apilane.runtime.config import NatsAuth
+from apilane.runtime.natsauth import Role
 from apilane.testing.calico import container_env
 from apilane.testing.compose import ComposeStack, host_kubeconfig
 from apilane.testing.docker import DockerDaemon
@@ -148,7 +149,7 @@ async def change_flows_through(stack: ComposeStack, tmp_path: Path) -> None:
             tls_ca_file=str(operator / "ca.crt"),
             tls_cert_file=str(operator / "client.crt"),
             tls_key_file=str(operator / "client.key"),
-        )
+        ).as_identity(Role.OPERATOR, "compose")
         bus = await Bus.connect(
             [f"tls://127.0.0.1:{stack.port('nats', 4222)}"], name="compose-test", auth=auth
         )

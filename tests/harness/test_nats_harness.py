@@ -265,7 +265,8 @@ async def test_the_local_stack_nats_gives_every_role_its_credentials(tmp_path: P
 
         async def as_role(name: str) -> Bus:
             env = stack.roles[name]
-            auth = load_nats_auth(env)
+            # What a service knows of itself: its role, and its cluster (APILANE_CLUSTER).
+            auth = load_nats_auth(env).as_identity(name, "local")
             return await Bus.connect([env["APILANE_NATS_URL"]], name=name, auth=auth)
 
         discovery = await as_role("discovery")
@@ -313,24 +314,27 @@ def test_compose_credentials_run_a_mutual_tls_server_as_compose_does(tmp_path: P
     )
     url = f"tls://127.0.0.1:{port}"
 
-    def credentials(directory: str) -> NatsAuth:
+    def credentials(directory: str, role: Role) -> NatsAuth:
         folder = out / directory
         return NatsAuth(
             nkey_seed_file=str(folder / "seed.nk"),
             tls_ca_file=str(folder / "ca.crt"),
             tls_cert_file=str(folder / "client.crt"),
             tls_key_file=str(folder / "client.key"),
-        )
+        ).as_identity(role, "compose")
 
     async def check() -> None:
         discovery = await Bus.connect(
-            [url], name="d", auth=credentials("discovery"), initial_attempt_deadline=15
+            [url],
+            name="d",
+            auth=credentials("discovery", Role.DISCOVERY),
+            initial_attempt_deadline=15,
         )
         await discovery.create_streams()
         loader = await Bus.connect(
             [url],
             name="n",
-            auth=credentials("node-loader-compose-node"),
+            auth=credentials("node-loader-compose-node", Role.NODE_LOADER),
             initial_attempt_deadline=5,
         )
         assert await loader.wait_for_streams()

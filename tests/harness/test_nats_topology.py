@@ -35,21 +35,19 @@ NODE = "node-on-leaf"
 @pytest.fixture
 def topology() -> Iterator[NatsTopology]:
     topology = NatsTopology(cluster=CLUSTER, zones=("zone-a",))
-    # Provisioned before the leaf connects: its hub-side permissions list the loader's inbox.
     topology.identities.add_all([Identity(role=Role.NODE_LOADER, cluster=CLUSTER, node=NODE)])
     with topology:
         yield topology
 
 
 @contextlib.asynccontextmanager
-async def loader_on_leaf(topology: NatsTopology, tmp_path: Path) -> AsyncIterator[NodeLoader]:
-    env = loader_env(
-        topology.env(Role.NODE_LOADER, NODE, via=topology.leaf()),
-        cluster=CLUSTER,
-        node=NODE,
-        workdir=tmp_path,
-        heartbeat="1s",
-    )
+async def loader_on_leaf(
+    topology: NatsTopology, tmp_path: Path, node: str = NODE
+) -> AsyncIterator[NodeLoader]:
+    credentials = topology.env(Role.NODE_LOADER, node, via=topology.leaf())
+    # Derived by the service from its role and APILANE_CLUSTER, as in production.
+    del credentials["APILANE_NATS_INBOX_PREFIX"]
+    env = loader_env(credentials, cluster=CLUSTER, node=node, workdir=tmp_path, heartbeat="1s")
     loader = NodeLoader(
         settings=loader_settings.load(env),
         data_plane=DataPlane(maps=MemoryNatMaps()),
@@ -129,5 +127,58 @@ async def test_killing_one_hub_server_keeps_publishing_and_consuming(
                 what="generation 2 applied with one hub server down",
                 timeout=40,
             )
+    finally:
+        await discovery.drain()
+
+
+def leaf_connections(topology: NatsTopology) -> set[tuple[str, str, int]]:
+    """The hub's ends of the leaves' connections: (hub server, leaf's address, leaf's port).
+    A reconnect comes from a new source port."""
+    found = set()
+    for server in topology.hub.servers:
+        for leaf in (server.monitor("leafz") or {}).get("leafs") or []:
+            found.add((str(server.server_name), str(leaf["ip"]), int(leaf["port"])))
+    return found
+
+
+async def test_a_node_added_after_the_leaf_connected_is_served_through_the_same_connection(
+    topology: NatsTopology, tmp_path: Path
+) -> None:
+    """The leaf's hub side allows every inbox of the cluster's node-loaders with one pattern:
+    a node-loader added later gets its replies (a direct get, the KV watch) through the
+    connection the leaf made before it existed. Every server reloads its accounts (SIGHUP);
+    the leaf neither restarts nor reconnects."""
+    discovery = await provisioned_discovery(topology)
+    leaf = topology.leaf()
+    try:
+        await put_sealed(discovery, seal(make_snapshot(generation=1)))
+        assert leaf.proc is not None
+        pid, connections = leaf.proc.pid, leaf_connections(topology)
+        assert len(connections) == 1
+        loaded_before = [s.monitor("varz")["config_load_time"] for s in topology.servers]
+
+        late = "node-added-later"
+        topology.provision([Identity(role=Role.NODE_LOADER, cluster=CLUSTER, node=late)])
+        loaded_after = [s.monitor("varz")["config_load_time"] for s in topology.servers]
+        assert all(a != b for a, b in zip(loaded_before, loaded_after, strict=True))
+
+        # Its snapshot, by a direct get answered to its inbox through the leaf.
+        bus = await topology.connect(Role.NODE_LOADER, late, via=leaf)
+        try:
+            entry = await bus.kv_get(subjects.SNAPSHOT_BUCKET, subjects.snapshot_key(CLUSTER))
+            assert entry is not None and entry.value
+        finally:
+            await bus.drain()
+        # And the service itself: its first reconcile (a KV get), then the watch.
+        async with loader_on_leaf(topology, tmp_path, late) as loader:
+            assert loader.reconciler.applied_generation == 1
+            await put_sealed(
+                discovery, seal(make_snapshot(generation=2, apiservers=("10.0.0.2:6443",)))
+            )
+            await until(
+                lambda: loader.reconciler.applied_generation == 2, what="generation 2 watched"
+            )
+        assert leaf.proc is not None and leaf.proc.pid == pid and leaf.running
+        assert leaf_connections(topology) == connections
     finally:
         await discovery.drain()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from apilane.model.errors import ConfigError
@@ -160,7 +161,10 @@ def test_nats_credentials_and_tls_files_are_read_and_must_exist(tmp_path) -> Non
     [
         ({"APILANE_NATS_NKEY_SEED_FILE": "/nonexistent/seed.nk"}, "APILANE_NATS_NKEY_SEED_FILE"),
         ({"APILANE_NATS_TLS_CA_FILE": "/nonexistent/ca.crt"}, "APILANE_NATS_TLS_CA_FILE"),
-        ({"APILANE_NATS_INBOX_PREFIX": "two.tokens"}, "APILANE_NATS_INBOX_PREFIX"),
+        ({"APILANE_NATS_INBOX_PREFIX": "_INBOX.*"}, "APILANE_NATS_INBOX_PREFIX"),
+        ({"APILANE_NATS_INBOX_PREFIX": "_INBOX.apilane.>"}, "APILANE_NATS_INBOX_PREFIX"),
+        ({"APILANE_NATS_INBOX_PREFIX": "_INBOX..x"}, "APILANE_NATS_INBOX_PREFIX"),
+        ({"APILANE_NATS_INBOX_PREFIX": "_INBOX.a b"}, "APILANE_NATS_INBOX_PREFIX"),
         # Readable, but not a user nkey seed (a file of the wrong kind mounted there).
         ({"APILANE_NATS_NKEY_SEED_FILE": __file__}, "APILANE_NATS_NKEY_SEED_FILE"),
     ],
@@ -188,9 +192,18 @@ def test_the_bus_connects_with_the_seed_its_own_inbox_and_tls_first(tmp_path) ->
     natsauth.write_seed(tmp_path / "seed.nk", seed)
     pki = Pki(tmp_path / "tls")
     auth = NatsAuth(nkey_seed_file=str(tmp_path / "seed.nk"), tls_ca_file=str(pki.ca_path))
-    options = connect_options(["nats://127.0.0.1:4222"], auth)
+    options = connect_options(["nats://127.0.0.1:4222"], auth.as_identity("node-loader", "c1"))
     assert options["nkeys_seed"] == str(tmp_path / "seed.nk")
-    assert options["inbox_prefix"] == f"_INBOX_{natsauth.public_key(seed)}"
+    key = natsauth.public_key(seed)
+    assert options["inbox_prefix"] == f"_INBOX.apilane.c1.node-loader.{key}"
     assert options["tls_handshake_first"] is True and options["tls"] is not None
+    everywhere = connect_options([], auth.as_identity("operator", "*"))
+    assert everywhere["inbox_prefix"] == f"_INBOX.apilane.~all.operator.{key}"
+    # Given, the prefix is used as it is (a server configured by hand).
+    given = msgspec.structs.replace(auth, inbox_prefix="_INBOX.mine")
+    assert connect_options([], given.as_identity("renderer", "c1"))["inbox_prefix"] == "_INBOX.mine"
+    # A seed whose role nobody said has no inbox it may use: refused before connecting.
+    with pytest.raises(ConfigError, match="no role"):
+        connect_options([], auth)
     assert connect_options(["nats://127.0.0.1:4222"], NatsAuth()) == {}
     assert "tls" in connect_options(["tls://nats:4222"], NatsAuth())

@@ -101,7 +101,7 @@ async def test_bus_session_waits_for_nats_started_later_and_sets_streams_up(
     starter = asyncio.create_task(start_later())
     try:
         async with bus_session(
-            ctx, common, client_name="lifecycle-test", setup=Bus.create_streams
+            ctx, common, role=Role.DISCOVERY, client_name="lifecycle-test", setup=Bus.create_streams
         ) as bus:
             assert bus is not None and bus.connected
             assert ctx.health.ready()[0]
@@ -126,7 +126,9 @@ async def test_setup_is_retried_until_it_succeeds(nats_server: NatsServer) -> No
     stop = asyncio.Event()
     auth = nats_server.credentials(Role.RENDERER)
     common = CommonSettings(nats_urls=(nats_server.url,), nats_auth=auth)
-    bus = await connect_bus(common, client_name="t", setup=flaky_setup, stop=stop)
+    bus = await connect_bus(
+        common, role=Role.RENDERER, client_name="t", setup=flaky_setup, stop=stop
+    )
     assert bus is not None and len(attempts) == 3
     await bus.drain()
 
@@ -138,7 +140,7 @@ async def test_a_stop_while_nats_is_away_ends_the_session_promptly() -> None:
     asyncio.get_running_loop().call_later(0.3, stopping.set)
     async with asyncio.timeout(10):
         async with bus_session(
-            _ctx(stopping), common, client_name="t", setup=Bus.wait_for_streams
+            _ctx(stopping), common, role=Role.RENDERER, client_name="t", setup=Bus.wait_for_streams
         ) as bus:
             assert bus is None
 
@@ -157,7 +159,11 @@ async def test_a_consumer_waits_for_the_streams_the_provisioner_creates(
     asyncio.get_running_loop().call_later(0.5, stopping.set)
     async with asyncio.timeout(10):
         async with bus_session(
-            _ctx(stopping), renderer, client_name="early", setup=Bus.wait_for_streams
+            _ctx(stopping),
+            renderer,
+            role=Role.RENDERER,
+            client_name="early",
+            setup=Bus.wait_for_streams,
         ) as bus:
             assert bus is None  # stopped while the streams were still missing
 
@@ -172,7 +178,7 @@ async def test_a_consumer_waits_for_the_streams_the_provisioner_creates(
     try:
         async with asyncio.timeout(30):
             async with bus_session(
-                ctx, renderer, client_name="waiting", setup=Bus.wait_for_streams
+                ctx, renderer, role=Role.RENDERER, client_name="waiting", setup=Bus.wait_for_streams
             ) as bus:
                 assert creating.done() and bus is not None and bus.connected
                 info = await bus.js.stream_info(subjects.EVENTS_STREAM)

@@ -389,6 +389,19 @@ async def test_no_identity_can_read_another_identitys_replies(
     assert await snoop.subscribe_refused(">")
 
 
+async def test_a_node_loader_cannot_read_another_node_loaders_replies_in_its_cluster(
+    nats_server: NatsServer, raw: dict[tuple[Role, str, str], RawClient]
+) -> None:
+    """The cluster and role tokens of the inbox prefix name a pattern for the leaf's hub
+    side; they give a node-loader nothing beyond its own key's inbox."""
+    other = nats_server.identities.identity(Role.NODE_LOADER, CLUSTER, OTHER_NODE)
+    snoop = await client_for(raw, nats_server, Role.NODE_LOADER, CLUSTER, NODE)
+    assert await snoop.subscribe_refused(f"{other.inbox_prefix}.>")
+    assert await snoop.subscribe_refused(f"_INBOX.apilane.{CLUSTER}.node-loader.>")
+    assert await snoop.subscribe_refused(f"_INBOX.apilane.{CLUSTER}.*.>")
+    assert await snoop.subscribe_refused("_INBOX.apilane.>")
+
+
 # --------------------------------------------------------------------------- what each role needs
 
 

@@ -17,6 +17,7 @@ from apilane.model.errors import ConfigError
 from apilane.runtime import natsauth
 from apilane.runtime.natsauth import ALL_CLUSTERS, Identity, NatsAuthError, Role
 from apilane.testing.nats import find_nats_server
+from apilane.testing.nats import subject_matches as matches
 from apilane.testing.pki import Pki
 
 pytestmark = [pytest.mark.unit]
@@ -127,8 +128,60 @@ def test_each_identity_subscribes_to_its_own_inbox_only(
         inboxes = [
             s for s in natsauth.permissions(identity).subscribe_allow if s.startswith("_INBOX")
         ]
-        assert inboxes == [f"_INBOX_{identity.public_key}.>"]
+        scope = "~all" if identity.cluster == ALL_CLUSTERS else identity.cluster
+        assert inboxes == [f"_INBOX.apilane.{scope}.{identity.role}.{identity.public_key}.>"]
         assert ">" not in natsauth.permissions(identity).subscribe_allow
+
+
+def test_no_identitys_inbox_pattern_covers_another_identitys_replies(
+    two_clusters: tuple[Identity, ...],
+) -> None:
+    """Each own-inbox allow covers what nats-py makes under the prefix (`<prefix>.<nuid>`,
+    and `<prefix>.<nuid>.*` for requests), and nobody else's inbox."""
+    for identity in two_clusters:
+        [own] = [s for s in natsauth.permissions(identity).subscribe_allow if s.startswith("_")]
+        for other in two_clusters:
+            reply = f"{other.inbox_prefix}.Nuid0123456789abcdefgh"
+            assert matches(own, reply) is (other == identity), (identity.name, other.name)
+            assert matches(own, f"{reply}.7") is (other == identity)
+
+
+def test_a_role_pattern_covers_that_role_of_that_cluster_only(
+    two_clusters: tuple[Identity, ...],
+) -> None:
+    scopes = {(i.role, i.cluster) for i in two_clusters}
+    for role, cluster in scopes:
+        pattern = natsauth.inbox_pattern(role, cluster)
+        for identity in two_clusters:
+            covered = matches(pattern, f"{identity.inbox_prefix}.x")
+            assert covered is ((identity.role, identity.cluster) == (role, cluster)), (
+                pattern,
+                identity.name,
+            )
+
+
+@pytest.mark.parametrize("cluster", ["a.b", "a*", "*.x", ">", "a b", "", "~all"])
+def test_an_inbox_scope_is_one_literal_cluster_token(cluster: str) -> None:
+    """Nobody widens a pattern through the cluster name: a dot, a wildcard, a space or the
+    every-cluster scope token is not a cluster name."""
+    key = natsauth.public_key(natsauth.new_user_seed())
+    with pytest.raises(ConfigError, match="cluster name"):
+        natsauth.inbox_pattern(Role.NODE_LOADER, cluster)
+    with pytest.raises(ConfigError, match="cluster name"):
+        natsauth.inbox_prefix_for(Role.NODE_LOADER, cluster, key)
+    with pytest.raises(ConfigError, match="cluster name"):
+        natsauth.identities_for(cluster, ["n"])
+
+
+def test_only_an_operator_has_an_every_cluster_inbox() -> None:
+    key = natsauth.public_key(natsauth.new_user_seed())
+    prefix = natsauth.inbox_prefix_for(Role.OPERATOR, ALL_CLUSTERS, key)
+    assert prefix == f"_INBOX.apilane.~all.operator.{key}"
+    assert natsauth.inbox_pattern(Role.OPERATOR, ALL_CLUSTERS) == "_INBOX.apilane.~all.operator.>"
+    with pytest.raises(NatsAuthError, match="only an operator"):
+        natsauth.inbox_pattern(Role.NODE_LOADER, ALL_CLUSTERS)
+    with pytest.raises(NatsAuthError, match="public key"):
+        natsauth.inbox_prefix_for(Role.NODE_LOADER, "c", "U-not-a-key")
 
 
 def test_only_discovery_subscribes_to_a_snapshot_key_and_only_to_its_own(

@@ -7,6 +7,7 @@ import pytest
 from apilane.model import subjects
 from apilane.runtime import natsauth
 from apilane.runtime.natsauth import ALL_CLUSTERS, Identity, NatsAuthError, Role
+from apilane.testing.nats import subject_matches as matches
 
 pytestmark = pytest.mark.unit
 
@@ -38,24 +39,60 @@ def test_a_leaf_carries_its_clusters_node_loader_traffic_only(
     listed: tuple[Identity, ...],
 ) -> None:
     leaf = next(i for i in listed if i.role is Role.LEAF)
-    allowed = natsauth.permissions(leaf, listed)
+    allowed = natsauth.permissions(leaf)
     east_loaders = [i for i in listed if i.role is Role.NODE_LOADER and i.cluster == "east"]
     west_loader = next(i for i in listed if i.role is Role.NODE_LOADER and i.cluster == "west")
-    inboxes = [s for s in allowed.subscribe_allow if s.startswith("_INBOX_")]
-    assert inboxes == [f"{i.inbox_prefix}.>" for i in east_loaders]
-    assert f"{west_loader.inbox_prefix}.>" not in allowed.subscribe_allow
+    # Every inbox of east's node-loaders, with one pattern; nobody else's.
+    inboxes = [s for s in allowed.subscribe_allow if s.startswith("_INBOX")]
+    assert inboxes == ["_INBOX.apilane.east.node-loader.>"]
+    for loader in east_loaders:
+        assert matches(inboxes[0], f"{loader.inbox_prefix}.Nuid0123456789abcdefgh")
+    for other in listed:
+        if other not in east_loaders:
+            assert not matches(inboxes[0], f"{other.inbox_prefix}.x"), other.name
+    assert not matches(inboxes[0], f"{west_loader.inbox_prefix}.x")
     assert subjects.snapshot_republish_subject("east") in allowed.subscribe_allow
     # Node state of its cluster, through the hub's domain; never a snapshot, never admin.
     assert "$JS.hub.API.$KV.apilane_v1_nodes.east.>" in allowed.publish_allow
     assert "$JS.hub.API.$KV.apilane_v1_snapshots.>" in allowed.publish_deny
     assert "$JS.hub.API.STREAM.CREATE.>" in allowed.publish_deny
     assert not [s for s in allowed.publish_allow if "west" in s or s in (">", "$JS.hub.API.>")]
-    # Replies to both operators that may control east's nodes.
-    operators = [i for i in listed if i.role is Role.OPERATOR]
-    for operator in operators:
-        assert (f"{operator.inbox_prefix}.>" in allowed.publish_allow) == (
-            operator.cluster in ("east", ALL_CLUSTERS)
+    # Replies to both operators that may control east's nodes, and to no other inbox.
+    replies = [s for s in allowed.publish_allow if s.startswith("_INBOX")]
+    assert replies == ["_INBOX.apilane.east.operator.>", "_INBOX.apilane.~all.operator.>"]
+    for other in listed:
+        may_control_east = other.role is Role.OPERATOR and other.cluster in ("east", ALL_CLUSTERS)
+        reaches = any(matches(r, f"{other.inbox_prefix}.x") for r in replies)
+        assert reaches is may_control_east, other.name
+
+
+def test_a_leafs_permissions_do_not_change_when_identities_are_added(
+    listed: tuple[Identity, ...],
+) -> None:
+    """What keeps a connected leaf current: its hub-side user is a function of its own
+    identity, so adding a node (or an operator) renders the same leaf user."""
+    leaf = next(i for i in listed if i.role is Role.LEAF)
+    later = keyed(
+        (
+            Identity(role=Role.NODE_LOADER, cluster="east", node="node-new"),
+            Identity(role=Role.OPERATOR, cluster="east"),
         )
+    )
+    listed = tuple(i for i in listed if i.name != "operator:east")
+    before = leaf_user(natsauth.render_accounts(listed), leaf)
+    after = leaf_user(natsauth.render_accounts((*listed, *later)), leaf)
+    assert before == after and '"_INBOX.apilane.east.node-loader.>"' in before
+    assert matches(
+        "_INBOX.apilane.east.node-loader.>", f"{later[0].inbox_prefix}.Nuid0123456789abcdefgh"
+    )
+    assert matches("_INBOX.apilane.east.operator.>", f"{later[1].inbox_prefix}.x")
+
+
+def leaf_user(accounts: str, leaf: Identity) -> str:
+    """The rendered user block of `leaf`, from its name comment to its closing brace."""
+    start = accounts.index(f"# {leaf.name}\n")
+    ends = [accounts.find(mark, start + 1) for mark in ("\n      # ", "\n    ]")]
+    return accounts[start : min(end for end in ends if end > 0)]
 
 
 def test_a_leaf_config_maps_jetstream_into_the_hub_domain_and_keeps_its_seed_out(

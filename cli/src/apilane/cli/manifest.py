@@ -6,7 +6,7 @@
 Prints the two env lines, then a YAML snippet for the calico-node DaemonSet. With neither
 option it uses APILANE_NATS_URL when set, else KUBECONFIG (or the in-cluster account). A
 snapshot from the bus is used only when it verifies against APILANE_TRUSTED_KEYS(_FILE); the
-bus is read as the identity APILANE_NATS_* names. For the local stack's NATS (`apilane up`),
+bus is read as the operator identity APILANE_NATS_* names (of that cluster). For the local stack's NATS (`apilane up`),
 its operator identity and trusted keys serve when the environment names none. The snapshot is rendered by the renderer's own pure core (`apilane.renderer.render`), and read
 from the API objects by `apilane.model.endpoints.build_snapshot`: the rules discovery
 publishes by. Exit codes: 0 printed, 1 nothing usable to print (no snapshot, no endpoints),
@@ -34,6 +34,7 @@ from apilane.renderer.settings import RendererSettings
 from apilane.renderer.settings import load as load_settings
 from apilane.runtime.bus import Bus, BusError
 from apilane.runtime.config import NatsAuth
+from apilane.runtime.natsauth import Role
 
 Format = Literal["all", "env", "yaml"]
 FORMATS: tuple[Format, ...] = ("all", "env", "yaml")
@@ -112,6 +113,8 @@ async def manifest(flags: Flags, *, fmt: Format, out: TextIO) -> int:
         auth = settings.common.nats_auth
         if local is not None and auth == NatsAuth():
             auth = local.nats_auth
+        elif auth.nkey_seed_file:
+            auth = auth.as_identity(Role.OPERATOR, cluster)
         trusted = settings.trusted_keys or (local.trusted_keys if local else TrustedKeys({}))
         snapshot = await from_bus(source.nats_urls, cluster, auth, trusted)
         origin = f"cluster {cluster}: snapshot generation {snapshot.generation} from NATS"

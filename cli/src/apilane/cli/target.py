@@ -15,6 +15,7 @@ from apilane.model.errors import ConfigError
 from apilane.model.signing import TrustedKeys
 from apilane.runtime import config
 from apilane.runtime.config import NatsAuth
+from apilane.runtime.natsauth import Role
 
 CALICO_NODE = "calico-system/calico-node"
 STATE_DIR = ".apilane"
@@ -88,15 +89,18 @@ class StackInfo:
         if flags.nats_urls or environ.get("APILANE_NATS_URL"):
             common = config.load_common(environ)
             env = config.Env(environ)
+            cluster = flags.cluster or common.cluster
             return cls(
-                cluster=flags.cluster or common.cluster,
+                cluster=cluster,
                 nats_urls=flags.nats_urls or common.nats_urls,
                 kubeconfig=flags.kubeconfig or common.kubeconfig,
                 zipkin_url="",
                 daemonset=daemonset,
                 trusted_keys=config.load_trusted_keys(env),
                 operator_key_file=env.str("OPERATOR_KEY_FILE", ""),
-                nats_auth=common.nats_auth,
+                # The operator of the cluster it works on (of every cluster: its inbox prefix
+                # in APILANE_NATS_INBOX_PREFIX).
+                nats_auth=common.nats_auth.as_identity(Role.OPERATOR, cluster),
             )
         data = read_stack_file(checkout or find_checkout())
         return cls(
@@ -107,7 +111,7 @@ class StackInfo:
             daemonset=daemonset,
             trusted_keys=stack_trusted_keys(data),
             operator_key_file=data.get("operator_key_file", ""),
-            nats_auth=stack_nats_auth(data),
+            nats_auth=stack_nats_auth(data).as_identity(Role.OPERATOR, data["cluster"]),
         )
 
 

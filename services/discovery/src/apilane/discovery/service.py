@@ -31,6 +31,7 @@ from apilane.model.events import Finding
 from apilane.model.objects import as_dict, as_str
 from apilane.runtime.bus import Bus
 from apilane.runtime.lifecycle import bus_session
+from apilane.runtime.natsauth import Role
 from apilane.runtime.serve import Health, ServiceContext
 
 from .antientropy import KeyGuard, ReassertPace
@@ -258,7 +259,7 @@ async def main(
             await bus.create_streams(replicas=settings.stream_replicas)
 
         async with bus_session(
-            ctx, settings.common, client_name=client_name, setup=provision
+            ctx, settings.common, role=Role.DISCOVERY, client_name=client_name, setup=provision
         ) as bus:
             if bus is None:
                 return  # stopped before NATS was there

@@ -56,6 +56,7 @@ from apilane.runtime import tracing
 from apilane.runtime.aio import Backoff, first_of
 from apilane.runtime.bus import Bus, BusError, KvEntry
 from apilane.runtime.lifecycle import bus_session
+from apilane.runtime.natsauth import Role
 from apilane.runtime.serve import Health, ServiceContext
 
 if TYPE_CHECKING:
@@ -183,6 +184,7 @@ class NodeLoader:
             async with bus_session(
                 self._context(stopping),
                 self.settings.common,
+                role=Role.NODE_LOADER,
                 client_name=f"{SOURCE}-{self.node}",
                 setup=Bus.wait_for_streams,
             ) as bus:

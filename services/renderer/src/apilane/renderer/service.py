@@ -77,6 +77,7 @@ from apilane.runtime import tracing
 from apilane.runtime.aio import Backoff
 from apilane.runtime.bus import Bus, BusError, KvEntry
 from apilane.runtime.lifecycle import bus_session
+from apilane.runtime.natsauth import Role
 from apilane.runtime.serve import ServiceContext
 
 log = logging.getLogger(__name__)
@@ -695,7 +696,11 @@ async def main(ctx: ServiceContext, settings: RendererSettings) -> None:
     try:
         # Discovery provisions the streams; the renderer's identity may only look them up.
         async with bus_session(
-            ctx, settings.common, client_name=SERVICE_NAME, setup=Bus.wait_for_streams
+            ctx,
+            settings.common,
+            role=Role.RENDERER,
+            client_name=SERVICE_NAME,
+            setup=Bus.wait_for_streams,
         ) as bus:
             if bus is None:
                 return  # stopped before NATS was there

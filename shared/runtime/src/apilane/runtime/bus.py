@@ -22,7 +22,6 @@ import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -44,7 +43,7 @@ from nats.js.api import (
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from apilane.model import events, subjects
-from apilane.model.errors import ApilaneError, ConfigError
+from apilane.model.errors import ApilaneError
 from apilane.runtime import natsauth, tracing
 from apilane.runtime.aio import Backoff
 from apilane.runtime.config import NatsAuth, load_nats_auth
@@ -172,14 +171,13 @@ class Bus:
         `auth` is the identity to connect as; None means this process's own, from
         APILANE_NATS_* (what a command-line tool wants).
         """
-        if auth is None:
-            try:
-                auth = load_nats_auth()
-            except ConfigError as exc:
-                raise BusError(str(exc)) from exc
+        try:
+            base = connect_options(servers, load_nats_auth() if auth is None else auth)
+        except ApilaneError as exc:  # a setting, a seed or the identity's role
+            raise BusError(str(exc)) from exc
         violations = _Violations()
         reconnect_listeners: list[Callable[[], None]] = []
-        options = connect_options(servers, auth) | {
+        options = base | {
             "name": name,
             "connect_timeout": connect_timeout,
             "allow_reconnect": True,
@@ -765,10 +763,7 @@ def connect_options(servers: Sequence[str], auth: NatsAuth) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if auth.nkey_seed_file:
         options["nkeys_seed"] = auth.nkey_seed_file
-    inbox = auth.inbox_prefix
-    if not inbox and auth.nkey_seed_file:
-        seed = natsauth.read_seed(Path(auth.nkey_seed_file))
-        inbox = natsauth.inbox_prefix_for(natsauth.public_key(seed))
+    inbox = auth.resolved_inbox_prefix()
     if inbox:
         options["inbox_prefix"] = inbox
     if auth.wants_tls or any(url.startswith("tls://") for url in servers):

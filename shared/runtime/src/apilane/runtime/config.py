@@ -25,6 +25,8 @@ from apilane.runtime import natsauth
 PREFIX = "APILANE_"
 T = TypeVar("T")
 
+# Literal subject tokens: a wildcard or an empty token would make no inbox at all.
+_INBOX_PREFIX = re.compile(r"^[A-Za-z0-9_~-]+(\.[A-Za-z0-9_~-]+)*$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -34,17 +36,41 @@ class NatsAuth(msgspec.Struct, frozen=True, kw_only=True):
 
     Paths only: the seed itself is read when connecting, never kept in settings or logs.
     Empty means not used; TLS is used when a CA, a client certificate or a `tls://` URL is
-    given."""
+    given. `role` and `cluster` name the identity the seed is (`as_identity`): with the
+    seed's public key they make its inbox prefix, unless `inbox_prefix` gives it."""
 
     nkey_seed_file: str = ""
     tls_ca_file: str = ""  # empty with TLS: the system's trust store
     tls_cert_file: str = ""  # with tls_key_file: mutual TLS
     tls_key_file: str = ""
-    inbox_prefix: str = ""  # empty: derived from the seed's public key (natsauth)
+    inbox_prefix: str = ""  # empty: `natsauth.inbox_prefix_for(role, cluster, public key)`
+    role: str = ""  # a natsauth.Role
+    cluster: str = ""  # the identity's cluster, `*` for an operator over every cluster
 
     @property
     def wants_tls(self) -> bool:
         return bool(self.tls_ca_file or self.tls_cert_file)
+
+    def as_identity(self, role: str, cluster: str) -> NatsAuth:
+        """The same credentials, as the identity `role` of `cluster` (what a service or the
+        CLI knows of itself; the environment holds only files). Without a seed there is no
+        identity (an unauthenticated client): unchanged."""
+        if not self.nkey_seed_file:
+            return self
+        return msgspec.structs.replace(self, role=str(natsauth.Role(role)), cluster=cluster)
+
+    def resolved_inbox_prefix(self) -> str:
+        """The inbox prefix to connect with: `inbox_prefix`, else the identity's own (which
+        needs `role` and `cluster`); empty without a seed (an unauthenticated client)."""
+        if self.inbox_prefix or not self.nkey_seed_file:
+            return self.inbox_prefix
+        if not self.role:
+            raise ConfigError(
+                f"the NATS identity of {self.nkey_seed_file} has no role: its inbox prefix "
+                f"is unknown (NatsAuth.as_identity, or {PREFIX}NATS_INBOX_PREFIX)"
+            )
+        key = natsauth.public_key(natsauth.read_seed(Path(self.nkey_seed_file)))
+        return natsauth.inbox_prefix_for(natsauth.Role(self.role), self.cluster, key)
 
 
 class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -208,9 +234,10 @@ def load_nats_auth(environ: Mapping[str, str] | None = None) -> NatsAuth:
         raise ConfigError(
             f"{PREFIX}NATS_TLS_CERT_FILE and {PREFIX}NATS_TLS_KEY_FILE go together (mutual TLS)"
         )
-    if auth.inbox_prefix and not re.match(r"^[A-Za-z0-9_-]+$", auth.inbox_prefix):
+    if auth.inbox_prefix and not _INBOX_PREFIX.match(auth.inbox_prefix):
         raise ConfigError(
-            f"{PREFIX}NATS_INBOX_PREFIX={auth.inbox_prefix!r}: expected one subject token"
+            f"{PREFIX}NATS_INBOX_PREFIX={auth.inbox_prefix!r}: expected dot-separated subject "
+            "tokens of letters, digits, '-', '_' or '~' (no wildcard)"
         )
     return auth
 

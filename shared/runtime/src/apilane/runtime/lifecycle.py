@@ -23,6 +23,7 @@ from apilane.runtime import serve
 from apilane.runtime.aio import Backoff, unless_stopped
 from apilane.runtime.bus import Bus
 from apilane.runtime.config import CommonSettings, describe
+from apilane.runtime.natsauth import Role
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +80,18 @@ def _module_of(name: str) -> str:
 async def connect_bus(
     common: CommonSettings,
     *,
+    role: Role,
     client_name: str,
     setup: StreamSetup,
     stop: asyncio.Event,
 ) -> Bus | None:
-    """Connect as the service's NATS identity (`common.nats_auth`) and set up the streams
-    (`setup`: `Bus.create_streams` for the provisioner, `Bus.wait_for_streams` for the
-    others), each retried with backoff; None if `stop` came first. A service started before
-    NATS, or before JetStream or the streams are there, waits instead of exiting."""
-    connecting = Bus.connect(common.nats_urls, name=client_name, auth=common.nats_auth)
+    """Connect as the service's NATS identity (`common.nats_auth`, the `role` of
+    `common.cluster`: they name its inbox) and set up the streams (`setup`:
+    `Bus.create_streams` for the provisioner, `Bus.wait_for_streams` for the others), each
+    retried with backoff; None if `stop` came first. A service started before NATS, or
+    before JetStream or the streams are there, waits instead of exiting."""
+    auth = common.nats_auth.as_identity(role, common.cluster)
+    connecting = Bus.connect(common.nats_urls, name=client_name, auth=auth)
     bus = await unless_stopped(connecting, stop)
     if bus is None:
         return None
@@ -111,6 +115,7 @@ async def bus_session(
     ctx: serve.ServiceContext,
     common: CommonSettings,
     *,
+    role: Role,
     client_name: str,
     setup: StreamSetup,
 ) -> AsyncIterator[Bus | None]:
@@ -120,7 +125,9 @@ async def bus_session(
     "not ready" while NATS is away rather than "no checks"."""
     bus: Bus | None = None
     ctx.health.add_ready("nats-connected", lambda: bus is not None and bus.connected)
-    bus = await connect_bus(common, client_name=client_name, setup=setup, stop=ctx.stopping)
+    bus = await connect_bus(
+        common, role=role, client_name=client_name, setup=setup, stop=ctx.stopping
+    )
     try:
         yield bus
     finally:

@@ -13,12 +13,16 @@ touch them (a deny wins over any allow, so a later widening cannot undo them).
   and warnings; receives its own control subject and answers on it.
 - operator (the CLI), per cluster or `*` for all: reads every stream, sends control requests.
 
-Every identity may subscribe only to its own inbox prefix, derived from its public key
-(`inbox_prefix_for`), so no identity can read another's replies. Consumers may be created
-only on streams the role reads, and for the renderer and node-loader only on the snapshot
-stream: nats-server 2.15 does not check a push consumer's deliver subject against its
-creator's permissions, so a consumer on a stream whose messages the creator can write would
-let it deliver its own bytes onto any subject (a node's control subject, say).
+Every identity may subscribe only to its own inbox prefix,
+`_INBOX.apilane.<cluster>.<role>.<public key>` (`inbox_prefix_for`), so no identity can read
+another's replies. The cluster and role tokens let one pattern name every inbox of a role in
+a cluster (`inbox_pattern`): a leaf's hub side allows its cluster's node-loaders' inboxes
+with one wildcard, so a node added later is reachable through a leaf that connected before
+it. Consumers may be created only on streams the role reads, and for the renderer and
+node-loader only on the snapshot stream: nats-server 2.15 does not check a push consumer's
+deliver subject against its creator's permissions, so a consumer on a stream whose messages
+the creator can write would let it deliver its own bytes onto any subject (a node's control
+subject, say).
 
 `render_server_config` is a pure function of the identities and the server options; the
 harness, docker-compose and deploy/ all run its output. Seeds are never part of it: they
@@ -101,7 +105,7 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def inbox_prefix(self) -> str:
-        return inbox_prefix_for(self.public_key)
+        return inbox_prefix_for(self.role, self.cluster, self.public_key)
 
     def with_key(self, public_key: str) -> Identity:
         return msgspec.structs.replace(self, public_key=check_public_key(public_key))
@@ -185,16 +189,15 @@ def _check_scope(identity: Identity) -> None:
 # --------------------------------------------------------------------------- permissions
 
 
-def permissions(identity: Identity, others: Sequence[Identity] = ()) -> Permissions:
-    """Exactly what the identity's role uses (see the module docstring). A leaf's depend
-    on `others`, the identities listed with it (its cluster's node-loaders' inboxes)."""
-    if identity.role is Role.LEAF:
-        return _leaf(identity, others)
+def permissions(identity: Identity) -> Permissions:
+    """Exactly what the identity's role uses (see the module docstring): a function of the
+    identity alone, so adding an identity never changes another's permissions."""
     builders = {
         Role.DISCOVERY: _discovery,
         Role.RENDERER: _renderer,
         Role.NODE_LOADER: _node_loader,
         Role.OPERATOR: _operator,
+        Role.LEAF: _leaf,
     }
     return builders[identity.role](identity)
 
@@ -287,21 +290,15 @@ def _node_loader(identity: Identity) -> Permissions:
     )
 
 
-def _leaf(identity: Identity, others: Sequence[Identity]) -> Permissions:
+def _leaf(identity: Identity) -> Permissions:
     """A leaf server's connection to the hub carries only node-loader traffic of its cluster:
     the union of what those loaders may do (cluster-wide node-state and control subjects),
-    their inboxes listed one by one (an inbox token cannot be wildcarded by prefix), and
-    replies to the operators' inboxes. The leaf enforces each loader's own permissions on
-    its clients; this bounds what the leaf itself may send into and receive from the hub."""
+    every inbox of its cluster's node-loaders (one pattern: a loader added after the leaf
+    connected is covered, and a connection keeps the permissions it connected with), and
+    replies to the inboxes of the operators that may control its cluster. The leaf enforces
+    each loader's own permissions on its clients; this bounds what the leaf itself may send
+    into and receive from the hub."""
     cluster = identity.cluster
-    node_loaders = [
-        o for o in others if o.role is Role.NODE_LOADER and o.cluster == cluster and o.public_key
-    ]
-    operators = [
-        o
-        for o in others
-        if o.role is Role.OPERATOR and o.cluster in (cluster, ALL_CLUSTERS) and o.public_key
-    ]
     # The leaf's account maps its clients' $JS.API and $KV subjects into the hub's domain.
     publish = [
         *map(
@@ -314,12 +311,13 @@ def _leaf(identity: Identity, others: Sequence[Identity]) -> Permissions:
             ],
         ),
         subjects.warnings_subject(cluster),
-        *(_inbox(o) for o in operators),
+        inbox_pattern(Role.OPERATOR, cluster),
+        inbox_pattern(Role.OPERATOR, ALL_CLUSTERS),
     ]
     subscribe = [
         f"{subjects.PREFIX}.{cluster}.nodes.*.control",
         subjects.snapshot_republish_subject(cluster),
-        *(_inbox(o) for o in node_loaders),
+        inbox_pattern(Role.NODE_LOADER, cluster),
     ]
     return Permissions(
         publish_allow=tuple(publish),
@@ -516,7 +514,7 @@ def render_accounts(identities: Sequence[Identity], *, jetstream: bool = True) -
     account has no JetStream of its own: with it, the hub would not answer the leaf's
     clients' JetStream requests (both sides would claim the same, empty, domain)."""
     validate(identities)
-    users = [_user(identity, identities, on_leaf=not jetstream) for identity in identities]
+    users = [_user(identity, on_leaf=not jetstream) for identity in identities]
     settings = ["jetstream: enabled"]
     if not jetstream:
         mapped = [f"{_quote(k)}: {_quote(v)}" for k, v in _LEAF_MAPPINGS.items()]
@@ -544,8 +542,8 @@ def _in_hub_domain(subjects_: Sequence[str]) -> tuple[str, ...]:
     return (*subjects_, *mapped)
 
 
-def _user(identity: Identity, others: Sequence[Identity], *, on_leaf: bool = False) -> str:
-    allowed = permissions(identity, others)
+def _user(identity: Identity, *, on_leaf: bool = False) -> str:
+    allowed = permissions(identity)
     if on_leaf:
         # A leaf checks a client's publish after its account's mapping into the hub domain.
         allowed = msgspec.structs.replace(
@@ -632,9 +630,31 @@ def read_seed(path: Path) -> str:
         raise NatsAuthError(f"cannot read the nkey seed {path}: {exc.strerror}") from exc
 
 
-def inbox_prefix_for(key: str) -> str:
-    """The only inbox an identity may subscribe to (nats-py's `inbox_prefix`)."""
-    return f"_INBOX_{check_public_key(key)}"
+# Every apilane inbox starts here; nats-py makes `<prefix>.<nuid>` (and `<prefix>.<nuid>.*`
+# for its request multiplexer), so an identity's `<prefix>.>` covers all of them.
+INBOX_ROOT: Final = "_INBOX.apilane"
+# The scope token of an operator over every cluster: not a cluster name (those are letters,
+# digits, '-' and '_'), so no cluster's pattern can cover it, nor it a cluster's.
+_ALL_CLUSTERS_SCOPE: Final = "~all"
+
+
+def inbox_prefix_for(role: Role, cluster: str, key: str) -> str:
+    """The only inbox an identity may subscribe to (nats-py's `inbox_prefix`):
+    `_INBOX.apilane.<cluster>.<role>.<public key>`, `_INBOX.apilane.~all.operator.<key>` for
+    an operator over every cluster."""
+    return f"{inbox_pattern(role, cluster).removesuffix('>')}{check_public_key(key)}"
+
+
+def inbox_pattern(role: Role, cluster: str) -> str:
+    """Every inbox of `role`'s identities in `cluster` (of every-cluster operators for `*`)."""
+    if cluster == ALL_CLUSTERS:
+        if role is not Role.OPERATOR:
+            raise NatsAuthError(f"{role}: only an operator may span every cluster")
+        scope = _ALL_CLUSTERS_SCOPE
+    else:
+        # One token, no wildcard: nobody can widen a pattern built from it.
+        scope = subjects.check_token(cluster, "cluster name")
+    return f"{INBOX_ROOT}.{scope}.{Role(role)}.>"
 
 
 def provision(identities: Sequence[Identity], seeds_dir: Path) -> tuple[Identity, ...]:

@@ -106,7 +106,9 @@ def nats_objects(
     }
     objects = [*items, _object("Secret", NATS_TLS_SECRET, namespace, type="Opaque", data=tls)]
     operator = Identity(role=Role.OPERATOR, cluster=cluster)
-    auth = NatsAuth(nkey_seed_file=str(seeds / operator.seed_path), tls_ca_file=str(pki.ca_path))
+    auth = NatsAuth(
+        nkey_seed_file=str(seeds / operator.seed_path), tls_ca_file=str(pki.ca_path)
+    ).as_identity(operator.role, operator.cluster)
     return objects, auth
 
 

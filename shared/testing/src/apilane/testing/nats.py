@@ -60,6 +60,18 @@ def find_nats_server() -> str:
     )
 
 
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether a permission `pattern` covers a literal `subject`, as nats-server matches:
+    `*` is one token, a final `>` one or more."""
+    wanted, tokens = pattern.split("."), subject.split(".")
+    for i, token in enumerate(wanted):
+        if token == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or token not in ("*", tokens[i]):
+            return False
+    return len(tokens) == len(wanted)
+
+
 # --------------------------------------------------------------------------- identities
 
 
@@ -108,16 +120,17 @@ class NatsIdentities:
         return self._by_name[wanted.name]
 
     def auth(self, identity: Identity) -> NatsAuth:
-        """The client settings of an identity: its seed, the CA, its certificate (mTLS)."""
+        """The client settings of an identity: its seed, the CA, its certificate (mTLS), and
+        whose they are (its role and cluster name its inbox)."""
         listed = self._by_name[identity.name]
         settings = NatsAuth(nkey_seed_file=str(self.seeds / listed.seed_path))
-        if self.pki is None:
-            return settings
-        tls = {"tls_ca_file": str(self.pki.ca_path)}
-        if self.mutual_tls:
-            pair = self._client_pair(listed)
-            tls |= {"tls_cert_file": str(pair.cert_path), "tls_key_file": str(pair.key_path)}
-        return NatsAuth(nkey_seed_file=settings.nkey_seed_file, **tls)
+        if self.pki is not None:
+            tls = {"tls_ca_file": str(self.pki.ca_path)}
+            if self.mutual_tls:
+                pair = self._client_pair(listed)
+                tls |= {"tls_cert_file": str(pair.cert_path), "tls_key_file": str(pair.key_path)}
+            settings = NatsAuth(nkey_seed_file=settings.nkey_seed_file, **tls)
+        return settings.as_identity(listed.role, listed.cluster)
 
     def _client_pair(self, identity: Identity) -> KeyPair:
         if identity.name not in self._client_pairs:
@@ -155,13 +168,15 @@ def issue_server_certificate(pki: Pki, hosts: Sequence[str]) -> KeyPair:
 
 
 def auth_env(auth: NatsAuth) -> dict[str, str]:
-    """The APILANE_NATS_* variables that make a service process connect as `auth`."""
+    """The APILANE_NATS_* variables that make a process connect as `auth`, its inbox prefix
+    included (a CLI run as an operator of another cluster than it reads, say, needs it; a
+    service derives the same one from its role and APILANE_CLUSTER)."""
     variables = {
         "APILANE_NATS_NKEY_SEED_FILE": auth.nkey_seed_file,
         "APILANE_NATS_TLS_CA_FILE": auth.tls_ca_file,
         "APILANE_NATS_TLS_CERT_FILE": auth.tls_cert_file,
         "APILANE_NATS_TLS_KEY_FILE": auth.tls_key_file,
-        "APILANE_NATS_INBOX_PREFIX": auth.inbox_prefix,
+        "APILANE_NATS_INBOX_PREFIX": auth.resolved_inbox_prefix(),
     }
     return {name: value for name, value in variables.items() if value}
 
@@ -514,23 +529,12 @@ class NatsTopology:
             self.reload()
 
     def reload(self) -> None:
-        """Every server loads the current identities. A leaf connection keeps the hub-side
-        permissions it connected with (a reload does not renew them), and those list each
-        node-loader's inbox: when they changed, the leaves reconnect (they hold no state;
-        their clients reconnect by themselves). Provision ahead (`provision`) to avoid it."""
-        hub_changed = False
-        for server in self.hub.servers:
+        """Every server loads the current identities (SIGHUP), the hub first. No leaf
+        reconnects: its hub-side permissions depend on its own identity only (its cluster's
+        node-loader inboxes are one pattern), so a new identity needs no new leaf connection."""
+        for server in [*self.hub.servers, *self.leaves.values()]:
             if server.running and server._config_stale():
                 server.reload()
-                hub_changed = True
-        for leaf in self.leaves.values():
-            if not leaf.running:
-                continue
-            if hub_changed:
-                leaf.restart()
-                self._wait_connected(leaf)
-            elif leaf._config_stale():
-                leaf.reload()
 
     def _wait_connected(self, leaf: NatsServer, timeout: float = 30.0) -> None:
         wait_until(

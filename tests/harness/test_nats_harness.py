@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from pathlib import Path
 
 import msgspec
@@ -14,7 +15,7 @@ import pytest
 
 from apilane.model import events, subjects
 from apilane.runtime import natsauth
-from apilane.runtime.bus import Bus, PermissionDenied
+from apilane.runtime.bus import Bus, BusError, PermissionDenied
 from apilane.runtime.config import NatsAuth, load_nats_auth
 from apilane.runtime.natsauth import Role
 from apilane.testing.nats import NatsCluster, NatsServer, find_nats_server, start_stack_nats
@@ -362,7 +363,19 @@ def test_a_mutual_tls_cluster_routes_over_mutual_tls_too() -> None:
                 subjects=list(subjects.EVENTS_STREAM_SUBJECTS),
                 num_replicas=3,
             )
-            sequence = await discovery.publish(subjects.warnings_subject("c1"), _warning(1))
+            # A new replicated stream answers once its leader is elected: retried as
+            # discovery's publisher does, with a message id so a retry is never a second copy.
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    sequence = await discovery.publish(
+                        subjects.warnings_subject("c1"), _warning(1), msg_id="w1"
+                    )
+                    break
+                except BusError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
             await discovery.drain()
             return sequence
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 
-from apilane.runtime.aio import Backoff, first_of, set_when_any, unless_stopped
+from apilane.runtime.aio import CANCEL_RETRY, Backoff, first_of, set_when_any, unless_stopped
 
 pytestmark = [pytest.mark.unit]
 
@@ -63,6 +64,30 @@ async def test_unless_stopped_gives_the_result_or_none_when_stopped_first() -> N
     stop = asyncio.Event()
     stop.set()
     assert await unless_stopped(asyncio.sleep(30, result=1), stop) is None
+
+
+async def test_unless_stopped_cancels_again_work_that_lost_a_cancellation() -> None:
+    """As nats-py's connect loop does when Python 3.11's wait_for drops a cancellation that
+    raced a failed attempt: the work carries on as if never cancelled."""
+    cancellations = 0
+
+    async def retries_forever() -> int:
+        nonlocal cancellations
+        while True:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancellations += 1
+                if cancellations == 1:
+                    continue  # the first cancellation is lost
+                raise
+
+    stop = asyncio.Event()
+    stop.set()
+    began = time.monotonic()
+    assert await unless_stopped(retries_forever(), stop) is None
+    assert cancellations == 2
+    assert time.monotonic() - began < 5 * CANCEL_RETRY
 
 
 async def test_set_when_any_sets_the_target_once_one_source_is_set() -> None:

@@ -7,7 +7,7 @@ import contextlib
 import random
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -76,16 +76,27 @@ async def unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
         stopper.cancel()
     if task.done():
         return task.result()
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
-    except Exception:  # the work was abandoned: its failure is moot
-        pass
+    await _cancel_until_done(task)
     return None
+
+
+CANCEL_RETRY = 0.5  # seconds between two cancellations of work that has not ended yet
+
+
+async def _cancel_until_done(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` and wait until it has ended, cancelling it again while it runs on: a
+    cancellation can be lost (Python 3.11's `wait_for` drops one that races the inner
+    result, and nats-py's connect loop then retries as if nothing happened)."""
+    try:
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=CANCEL_RETRY)
+    except asyncio.CancelledError:
+        task.cancel()  # the caller was cancelled meanwhile: so is the work, and it propagates
+        raise
+    if not task.cancelled():
+        with contextlib.suppress(Exception):  # the work was abandoned: its failure is moot
+            task.result()
 
 
 async def set_when_any(target: asyncio.Event, *sources: asyncio.Event) -> None:

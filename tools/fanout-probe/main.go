@@ -195,9 +195,14 @@ func (p *prober) result() map[string]any {
 		}
 		deliveries[strconv.FormatUint(seq, 10)] = times
 	}
+	subscribed := make([]bool, len(p.conns))
+	for index, conn := range p.conns {
+		subscribed[index] = conn != nil
+	}
 	p.errMu.Lock()
 	defer p.errMu.Unlock()
 	return map[string]any{
+		"subscribed":  subscribed,
 		"event":       "result",
 		"connections": len(p.spec.Connections),
 		"connected":   p.got.connected,

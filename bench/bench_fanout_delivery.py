@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import resource
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from apilane.runtime.bus import Bus
 from apilane.runtime.natsauth import Identity, Role
-from apilane.testing.benchstats import load_average, percentile, resident_kib
+from apilane.testing.benchstats import cpu_seconds, load_average, percentile, resident_kib
 from apilane.testing.fanout_probe import (
     FanoutProbe,
     ProbeError,
@@ -64,15 +65,23 @@ class Row:
     max_ms: float = float("nan")
     missing: int = 0
     rss: dict[str, float] = field(default_factory=dict)
+    nats_cpu_ms: float = float("nan")  # every server's CPU per measured change
+    probe_cpu_ms: float = float("nan")
     note: str = ""
 
     def line(self) -> str:
         rss = ", ".join(f"{name} {mib:.0f}" for name, mib in self.rss.items()) or "—"
+        figures = (self.p50_ms, self.p99_ms, self.max_ms)
+        latencies = " | ".join(_figure(value) for value in figures)
         return (
             f"| {self.topology} | {self.n} | {self.connected} | {self.connect_s:.1f} "
-            f"| {self.p50_ms:.1f} | {self.p99_ms:.1f} | {self.max_ms:.1f} | {self.missing} "
-            f"| {rss} | {load_average()} | {self.note} |"
+            f"| {latencies} | {self.missing} | {rss} | {_figure(self.nats_cpu_ms)} "
+            f"| {_figure(self.probe_cpu_ms)} | {load_average()} | {self.note} |"
         )
+
+
+def _figure(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.1f}"
 
 
 def snapshot(generation: int) -> bytes:
@@ -119,13 +128,27 @@ async def warm_up(probe: FanoutProbe, changes: Changes) -> bool:
     return False
 
 
+def cpu_of(servers: dict[str, NatsServer], probe: FanoutProbe) -> tuple[float, float]:
+    """CPU seconds used so far by the servers (together) and by the probe."""
+    assert probe.proc is not None
+    pids = [server.proc.pid for server in servers.values() if server.proc is not None]
+    return sum(cpu_seconds(pid) for pid in pids), cpu_seconds(probe.proc.pid)
+
+
 async def deliver(
-    row: Row, probe: FanoutProbe, changes: Changes, count: int, spacing: float
+    row: Row,
+    probe: FanoutProbe,
+    changes: Changes,
+    servers: dict[str, NatsServer],
+    args: argparse.Namespace,
 ) -> None:
-    """`count` changes `spacing` apart, then the latencies of every delivery into `row`."""
+    """`--changes` changes `--spacing` apart, until each is on every connection; the CPU
+    the servers and the probe used for them into `row`."""
     if not await warm_up(probe, changes):
         row.note = "warm-up change not delivered to every connection: stopped"
         return
+    count, spacing = args.changes, args.spacing
+    nats_before, probe_before = cpu_of(servers, probe)
     for _ in range(count):
         began = time.monotonic()
         await changes.write()
@@ -134,6 +157,9 @@ async def deliver(
         if not await asyncio.to_thread(probe.wait_complete, revision, CHANGE_TIMEOUT):
             row.note = f"revision {revision} not on every connection in {CHANGE_TIMEOUT:.0f} s"
             break
+    nats_after, probe_after = cpu_of(servers, probe)
+    row.nats_cpu_ms = (nats_after - nats_before) / count * 1000
+    row.probe_cpu_ms = (probe_after - probe_before) / count * 1000
 
 
 def finish(row: Row, probe: FanoutProbe, changes: Changes) -> None:
@@ -166,7 +192,7 @@ async def run_probe(
         ready = await asyncio.to_thread(probe.start, timeout=READY_TIMEOUT)
         row.connected, row.connect_s = ready.connected, ready.connect_s
         changes = Changes(discovery)
-        await deliver(row, probe, changes, args.changes, args.spacing)
+        await deliver(row, probe, changes, servers, args)
         row.rss = rss_mib(servers)  # with the N connections still open
         finish(row, probe, changes)
 
@@ -260,9 +286,10 @@ def main() -> int:
     print(f"load before: {load_average()}; fd limit {soft} -> {hard}; probe {args.probe}")
     print(
         "| topology | N | subscribed | connect s | write→delivered p50 ms | p99 ms | max ms "
-        "| missing | nats RSS MiB | load (1/5/15 min) | note |"
+        "| missing | nats RSS MiB | nats CPU ms/change | probe CPU ms/change "
+        "| load (1/5/15 min) | note |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|")
     measures = {"single": measure_single, "leaf": measure_leaf}
     shm = "/dev/shm" if Path("/dev/shm").is_dir() else None  # tmpfs, like /run
     with tempfile.TemporaryDirectory(prefix="apilane-bench-delivery-", dir=shm) as work:

@@ -27,6 +27,10 @@ def main() -> int:
         (p for p in HERE.glob("bench_*.py") if wanted in p.stem),
         key=lambda p: (p.stem == "bench_e2e", p.stem),
     )
+    # A name that is a script's own selects that script alone (BENCH=fanout is not also
+    # bench_fanout_delivery, whose options differ); any other part of a name selects all.
+    exact = [p for p in scripts if p.stem == f"bench_{wanted}"]
+    scripts = exact or scripts
     failures = []
     for script in scripts:
         print(f"\n## {script.stem}\n", flush=True)

@@ -64,6 +64,7 @@ timed "kube-apiserver and etcd" bash tools/install-kube-binaries.sh >/dev/null
 
 # 4. helm and promtool for the chart and alert tests (progress on stderr when building).
 timed "helm and promtool" bash tools/install-chart-tools.sh >/dev/null
+timed "the fan-out probe" bash tools/install-fanout-probe.sh >/dev/null
 
 # 5. The run modes: the compose CLI plugin, and what the one-node test cluster adds (kubelet,
 #    kube-controller-manager, kube-scheduler, CoreDNS).

@@ -51,8 +51,10 @@ def start_process(
     log_path: Path,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    stdin_pipe: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start `argv` with stdout and stderr appended to `log_path` and no stdin."""
+    """Start `argv` with stdout and stderr appended to `log_path`; no stdin unless
+    `stdin_pipe` (a pipe the caller closes to tell the process to finish)."""
 
     def spawn() -> subprocess.Popen[bytes]:
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +63,7 @@ def start_process(
                 list(argv),
                 env=None if env is None else dict(env),
                 cwd=cwd,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

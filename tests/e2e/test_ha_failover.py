@@ -277,13 +277,18 @@ async def remove(
     deadline = time.monotonic() + bound
     while time.monotonic() < deadline and not (removal.left_maps_at and removal.left_snapshot_at):
         stack.check_alive()
-        now = time.time()
-        if not removal.left_snapshot_at and removal.address not in await snapshot_addresses():
-            removal.left_snapshot_at = now
+        # The maps are read before the snapshot, both stamped with one time: the snapshot
+        # changing between two reads in the other order looked like maps ahead of it. Read
+        # this way, maps without the address are followed by a snapshot without it unless
+        # the maps really are ahead (then the snapshot's time comes from a later round).
+        checked_at = time.time()
         programmed = map_addresses()
+        in_snapshot = removal.address in await snapshot_addresses()
+        if not removal.left_snapshot_at and not in_snapshot:
+            removal.left_snapshot_at = checked_at
         # An empty read is bpftool mid-update (the last backend never leaves the maps).
         if not removal.left_maps_at and programmed and removal.address not in programmed:
-            removal.left_maps_at = time.time()
+            removal.left_maps_at = checked_at
         await asyncio.sleep(0.05)
     await stopping
     assert removal.left_snapshot_at, f"{removal.address} still in the snapshot after {bound}s"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
 
 import pytest
@@ -261,8 +262,14 @@ async def test_ha_apiservers_each_serve_their_own_certificate_to_client_namespac
     # No default route: the service VIP is unreachable without a connect-time translation.
     vip = await asyncio.to_thread(_ask_from, client.name, "10.96.0.1", 443, ca)
     assert vip.error == "ENETUNREACH", vip
-    # Each apiserver holds an endpoint lease in etcd (the reconciler's TTL is 15 s).
-    ttls = [plane.lease_ttl(index) for index in range(plane.count)]
+    # Each apiserver holds an endpoint lease in etcd (the reconciler's TTL is 15 s); one
+    # that has just become ready may write its first lease a moment later.
+    deadline = time.monotonic() + 20
+    while True:
+        ttls = [plane.lease_ttl(index) for index in range(plane.count)]
+        if all(ttl is not None for ttl in ttls) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
     assert all(ttl is not None and 0 < ttl <= 15 for ttl in ttls), ttls
     # Each has an identity Lease of its own (they are named after the hostname).
     kube = await plane.client(0)
